@@ -1,0 +1,280 @@
+"""What the dashboard and CLI report about a quantized model: per-layer tables, weight histograms,
+SQNR, bit-width sweeps, per-layer sensitivity and a full float-vs-quantized report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from qcore.config import QuantConfig
+from qcore.data import Mnist, Split
+from qcore.evaluate import EvalResult, evaluate, flipped_indices
+from qcore.model import LAYER_NAMES, Net, layer
+from qcore.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
+from qcore.quant import fake_quantize, sqnr_db
+
+SQNR_SAMPLES = 1000  # activation SQNR is measured on the first this-many test images
+MAX_LEVELS_SHOWN = 256
+
+
+@dataclass(frozen=True)
+class WeightHistogram:
+    """Float and quantized weights counted on the same bins, and the quantization levels."""
+
+    layer: str
+    channel: int | None
+    edges: list[float]
+    float_counts: list[int]
+    quant_counts: list[int]
+    levels: list[float]  # the representable values inside the float range (empty when too many)
+    errors: list[float]  # quantized minus float, per weight
+
+
+def _channel_view(quant: LayerQuant, channel: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    weight, effective = quant.weight, quant.effective_weight()
+    if channel is None:
+        return weight.flatten(), effective.flatten()
+    if not 0 <= channel < weight.shape[0]:
+        raise ValueError(f"{quant.name} has channels 0..{weight.shape[0] - 1} (got {channel})")
+    return weight[channel].flatten(), effective[channel].flatten()
+
+
+def quantization_levels(quant: LayerQuant, channel: int | None) -> list[float]:
+    """s * (q - z) for every integer q, for the tensor (or the channel when per-channel)."""
+    qparams = quant.weight_qparams
+    if qparams is None or qparams.qmax - qparams.qmin + 1 > MAX_LEVELS_SHOWN:
+        return []
+    index = channel if (qparams.axis is not None and channel is not None) else 0
+    scale = float(qparams.scale.flatten()[index]) if qparams.scale.ndim else float(qparams.scale)
+    zero = int(qparams.zero_point.flatten()[index]) if qparams.zero_point.ndim else int(qparams.zero_point)
+    return [scale * (q - zero) for q in range(qparams.qmin, qparams.qmax + 1)]
+
+
+def weight_histogram(quant: LayerQuant, channel: int | None = None, bins: int = 80) -> WeightHistogram:
+    weight, effective = _channel_view(quant, channel)
+    low = float(torch.minimum(weight.min(), effective.min()))
+    high = float(torch.maximum(weight.max(), effective.max()))
+    if high <= low:
+        high = low + 1e-8
+    edges = torch.linspace(low, high, bins + 1)
+    float_counts = torch.histogram(weight, bins=edges).hist
+    quant_counts = torch.histogram(effective, bins=edges).hist
+    return WeightHistogram(
+        quant.name, channel, edges.tolist(), [int(c) for c in float_counts], [int(c) for c in quant_counts],
+        quantization_levels(quant, channel), (effective - weight).tolist(),
+    )
+
+
+@torch.inference_mode()
+def layer_inputs(model: Net, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float input tensor of every layer for `images`."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            captured[name] = inputs[0].detach().clone()
+
+        return hook
+
+    handles = [layer(model, name).register_forward_pre_hook(hook_for(name)) for name in LAYER_NAMES]
+    try:
+        model.eval()
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One row of the per-layer table."""
+
+    layer: str
+    quantized: bool
+    weight_scale: list[float]
+    weight_zero_point: list[int]
+    input_quantized: bool
+    act_observed_min: float | None
+    act_observed_max: float | None
+    act_clip_min: float | None
+    act_clip_max: float | None
+    act_scale: float | None
+    act_zero_point: int | None
+    weight_sqnr_db: float | None
+    act_sqnr_db: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {key: _json_number(value) for key, value in self.__dict__.items()}
+
+    def summary(self) -> dict[str, object]:
+        """Flat values for a table: per-channel scales summarised by their range."""
+        scales = self.weight_scale
+        return {
+            "layer": self.layer,
+            "weights": "quantized" if self.quantized else "float",
+            "weight scale": _span(scales),
+            "weight zero point": _span(self.weight_zero_point),
+            "input": "quantized" if self.input_quantized else "float",
+            "observed min": self.act_observed_min,
+            "observed max": self.act_observed_max,
+            "clip min": self.act_clip_min,
+            "clip max": self.act_clip_max,
+            "act scale": self.act_scale,
+            "act zero point": self.act_zero_point,
+            "weight SQNR (dB)": self.weight_sqnr_db,
+            "act SQNR (dB)": self.act_sqnr_db,
+        }
+
+
+def _span(values: list[float] | list[int]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.6g}"
+    return f"{min(values):.4g} .. {max(values):.4g} ({len(values)} ch)"
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def layer_rows(qnet: QuantizedNet, inputs: dict[str, torch.Tensor]) -> list[LayerRow]:
+    rows = []
+    for name in LAYER_NAMES:
+        quant = qnet.layers[name]
+        wq, iq, stats = quant.weight_qparams, quant.input_qparams, quant.activation
+        rows.append(
+            LayerRow(
+                layer=name,
+                quantized=wq is not None,
+                weight_scale=[] if wq is None else wq.scale.flatten().tolist(),
+                weight_zero_point=[] if wq is None else wq.zero_point.flatten().tolist(),
+                input_quantized=iq is not None,
+                act_observed_min=None if stats is None else stats.observed_min,
+                act_observed_max=None if stats is None else stats.observed_max,
+                act_clip_min=None if stats is None else stats.clip_min,
+                act_clip_max=None if stats is None else stats.clip_max,
+                act_scale=None if iq is None else float(iq.scale),
+                act_zero_point=None if iq is None else int(iq.zero_point),
+                weight_sqnr_db=None if wq is None else sqnr_db(quant.weight, quant.effective_weight()),
+                act_sqnr_db=None if iq is None else sqnr_db(inputs[name], fake_quantize(inputs[name], iq)),
+            )
+        )
+    return rows
+
+
+@dataclass
+class Report:
+    """Float vs quantized for one model and config: everything `evaluate` prints."""
+
+    config: QuantConfig
+    float_result: EvalResult
+    quant_result: EvalResult
+    layers: list[LayerRow]
+    qnet: QuantizedNet = field(repr=False)
+    flips: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.float_result.accuracy - self.quant_result.accuracy
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "config": self.config.to_dict(),
+            "float_accuracy": self.float_result.accuracy,
+            "quant_accuracy": self.quant_result.accuracy,
+            "float_loss": self.float_result.loss,
+            "quant_loss": self.quant_result.loss,
+            "float_per_class_accuracy": list(self.float_result.per_class_accuracy),
+            "quant_per_class_accuracy": list(self.quant_result.per_class_accuracy),
+            "flipped": {key: len(value) for key, value in self.flips.items()},
+            "layers": [row.to_dict() for row in self.layers],
+            "activation_stats": {
+                name: quant.activation.to_dict()
+                for name, quant in self.qnet.layers.items()
+                if quant.activation is not None
+            },
+        }
+
+
+def quantize_for(model: Net, data: Mnist, config: QuantConfig) -> QuantizedNet:
+    return quantize_model(model, config, calibration_data(data.train, config))
+
+
+def build_report(
+    model: Net, data: Mnist, config: QuantConfig, float_result: EvalResult | None = None
+) -> Report:
+    """Quantize `model` under `config`, evaluate both on the full test set, and tabulate layers.
+    Pass `float_result` to reuse a float evaluation already made for this model."""
+    qnet = quantize_for(model, data, config)
+    float_result = float_result or evaluate(model, data.test)
+    quant_result = evaluate(qnet, data.test)
+    inputs = layer_inputs(model, data.test.images[:SQNR_SAMPLES])
+    flips = flipped_indices(float_result, quant_result, data.test.labels)
+    return Report(config, float_result, quant_result, layer_rows(qnet, inputs), qnet, flips)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    weight_bits: int
+    act_bits: int
+    accuracy: float
+    loss: float
+
+
+SWEEP_TARGETS = ("both", "weights", "activations")
+
+
+def bit_sweep(
+    model: Net,
+    data: Mnist,
+    base: QuantConfig,
+    bits: Iterable[int] = range(2, 9),
+    target: str = "both",
+    test: Split | None = None,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> list[SweepPoint]:
+    """Accuracy as the weight bits, the activation bits, or both (`target`) take each value in
+    `bits`; the other settings come from `base`."""
+    if target not in SWEEP_TARGETS:
+        raise ValueError(f"sweep target must be one of {', '.join(SWEEP_TARGETS)} (got {target!r})")
+    split = test or data.test
+    points = []
+    for value in bits:
+        weight_bits = value if target in ("both", "weights") else base.weight_bits
+        act_bits = value if target in ("both", "activations") else base.act_bits
+        config = base.with_changes(weight_bits=weight_bits, act_bits=act_bits)
+        result = evaluate(quantize_for(model, data, config), split)
+        point = SweepPoint(weight_bits, act_bits, result.accuracy, result.loss)
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    return points
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    layer: str
+    accuracy: float  # only this layer quantized, the rest float
+    drop: float  # float accuracy minus that
+
+
+def layer_sensitivity(
+    model: Net, data: Mnist, config: QuantConfig, float_accuracy: float | None = None
+) -> list[Sensitivity]:
+    """Quantize one layer at a time (its weights and its input), every other layer float."""
+    if float_accuracy is None:
+        float_accuracy = evaluate(model, data.test).accuracy
+    rows = []
+    for name in LAYER_NAMES:
+        only = replace(config, float_layers=tuple(n for n in LAYER_NAMES if n != name)).validate()
+        accuracy = evaluate(quantize_for(model, data, only), data.test).accuracy
+        rows.append(Sensitivity(name, accuracy, float_accuracy - accuracy))
+    return rows

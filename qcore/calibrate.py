@@ -1,0 +1,319 @@
+"""Observers (one class per range rule, after torch.ao.quantization.observer) and per-layer
+activation calibration through forward pre-hooks.
+
+Each observer records statistics batch by batch in `observe` and turns them into a clipping range
+in `clipping_range`. Exact running min and max are always kept; rules that need the distribution
+(percentile, MSE) work on a bounded uniform subsample of the values seen (every value while few).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from qcore.model import LAYER_NAMES, Net, layer
+from qcore.quant import Scheme, choose_qparams, fake_quantize
+
+# Subsample bounds: per batch at most SAMPLES_PER_BATCH values, at most SAMPLE_CAP overall (when the
+# store overflows, every stored batch is halved and later batches keep half as many, so each batch
+# keeps an equal share).
+SAMPLES_PER_BATCH = 8192
+SAMPLE_CAP = 2**18
+
+
+class ValueSample:
+    """A deterministic, bounded, per-batch-uniform subsample of the values observed."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._chunks: list[torch.Tensor] = []
+        self._per_batch = SAMPLES_PER_BATCH
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).to(torch.float32)
+        if flat.numel() > self._per_batch:
+            picks = torch.randint(0, flat.numel(), (self._per_batch,), generator=self._generator)
+            flat = flat[picks]
+        self._chunks.append(flat.clone())
+        while sum(chunk.numel() for chunk in self._chunks) > SAMPLE_CAP:
+            self._chunks = [chunk[::2] for chunk in self._chunks]
+            self._per_batch = max(1, self._per_batch // 2)
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self._chunks) if self._chunks else torch.zeros(0)
+
+
+class Observer(ABC):
+    """Collects statistics of one tensor stream and proposes a clipping range for it."""
+
+    name: ClassVar[str]
+    needs_sample: ClassVar[bool] = False
+
+    def __init__(self, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC) -> None:
+        self.bits = bits
+        self.scheme = Scheme(scheme)
+        self.observed_min = float("inf")
+        self.observed_max = float("-inf")
+        self.batches = 0
+        self.sample = ValueSample()
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.observed_min = min(self.observed_min, float(x.min()))
+        self.observed_max = max(self.observed_max, float(x.max()))
+        self.batches += 1
+        if self.needs_sample:
+            self.sample.add(x)
+        self._update(x)
+
+    def _update(self, x: torch.Tensor) -> None:
+        """Rule-specific per-batch state; most rules need none beyond min, max and the sample."""
+
+    @abstractmethod
+    def clipping_range(self) -> tuple[float, float]:
+        """The (min, max) the quantizer should cover."""
+
+    def _require_data(self) -> None:
+        if self.batches == 0:
+            raise RuntimeError(f"{self.name} observer has seen no data")
+
+
+class MinMaxObserver(Observer):
+    """The exact range of everything seen."""
+
+    name = "minmax"
+
+    def clipping_range(self) -> tuple[float, float]:
+        self._require_data()
+        return self.observed_min, self.observed_max
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min and max (torch.ao's averaging constant 0.01)."""
+
+    name = "moving-average"
+
+    def __init__(self, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC, averaging_constant: float = 0.01) -> None:
+        super().__init__(bits, scheme)
+        self.averaging_constant = averaging_constant
+        self._min = self._max = 0.0
+
+    def _update(self, x: torch.Tensor) -> None:
+        batch_min, batch_max = float(x.min()), float(x.max())
+        if self.batches == 1:
+            self._min, self._max = batch_min, batch_max
+        else:
+            self._min += self.averaging_constant * (batch_min - self._min)
+            self._max += self.averaging_constant * (batch_max - self._max)
+
+    def clipping_range(self) -> tuple[float, float]:
+        self._require_data()
+        return self._min, self._max
+
+
+class PercentileObserver(Observer):
+    """Clips to the given percentile at the top (and the mirror percentile at the bottom)."""
+
+    name = "percentile"
+    needs_sample = True
+
+    def __init__(self, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC, percentile: float = 99.99) -> None:
+        super().__init__(bits, scheme)
+        self.percentile = percentile
+
+    def clipping_range(self) -> tuple[float, float]:
+        self._require_data()
+        values = self.sample.values()
+        return percentile_range(values, self.percentile)
+
+
+def percentile_range(values: torch.Tensor, percentile: float) -> tuple[float, float]:
+    """(value at 100-p, value at p) by nearest rank on the sorted values."""
+    ordered = torch.sort(values).values
+    last = ordered.numel() - 1
+    high_rank = round(last * percentile / 100.0)
+    low_rank = last - high_rank
+    return float(ordered[low_rank]), float(ordered[high_rank])
+
+
+class MseObserver(Observer):
+    """The clipping range, shrunk from the observed one by a grid search over factors, that
+    minimises the mean squared error between values and their fake-quantized copies."""
+
+    name = "mse"
+    needs_sample = True
+    GRID = 100  # factors k/GRID for k = 1..GRID
+
+    def clipping_range(self) -> tuple[float, float]:
+        self._require_data()
+        return mse_optimal_range(self.sample.values(), self.bits, self.scheme, self.GRID)
+
+
+def mse_optimal_range(values: torch.Tensor, bits: int, scheme: Scheme, grid: int = 100) -> tuple[float, float]:
+    """Search (f*min, f*max) for f in {1/grid, ..., 1}; the smallest error wins (ties: wider)."""
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    best, best_error = (low, high), float("inf")
+    for step in range(grid, 0, -1):
+        factor = step / grid
+        qparams = choose_qparams(low * factor, high * factor, bits, scheme)
+        error = float((fake_quantize(values, qparams) - values).pow(2).mean())
+        if error < best_error:
+            best, best_error = (low * factor, high * factor), error
+    return best
+
+
+def mse_optimal_weight_range(
+    weight: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, grid: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like mse_optimal_range, for weights: one search per output channel (axis 0) when
+    `per_channel`, else one for the whole tensor. Returns (min, max) tensors."""
+    rows = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
+    low = torch.clamp(rows.min(dim=1).values, max=0.0)
+    high = torch.clamp(rows.max(dim=1).values, min=0.0)
+    best_low, best_high = low.clone(), high.clone()
+    best_error = torch.full_like(low, float("inf"))
+    for step in range(grid, 0, -1):
+        factor = step / grid
+        qparams = choose_qparams(low * factor, high * factor, bits, scheme, axis=0)
+        error = (fake_quantize(rows, qparams) - rows).pow(2).mean(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_low = torch.where(better, low * factor, best_low)
+        best_high = torch.where(better, high * factor, best_high)
+    if per_channel:
+        return best_low, best_high
+    return best_low[0], best_high[0]
+
+
+class NotebookObserver(Observer):
+    """The original notebook's rule, kept to reproduce it: per batch the SUM over samples of each
+    sample's max (and min), averaged over batches, so the range is about batch-size times too wide."""
+
+    name = "notebook"
+
+    def __init__(self, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC) -> None:
+        super().__init__(bits, scheme)
+        self._sum_min = self._sum_max = 0.0
+
+    def _update(self, x: torch.Tensor) -> None:
+        per_sample = x.reshape(x.shape[0], -1)
+        self._sum_min += float(per_sample.min(dim=1).values.sum())
+        self._sum_max += float(per_sample.max(dim=1).values.sum())
+
+    def clipping_range(self) -> tuple[float, float]:
+        self._require_data()
+        return self._sum_min / self.batches, self._sum_max / self.batches
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    cls.name: cls
+    for cls in (MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MseObserver, NotebookObserver)
+}
+
+
+def make_observer(name: str, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC) -> Observer:
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown observer {name!r}; choose from {', '.join(OBSERVERS)}")
+    return OBSERVERS[name](bits, scheme)
+
+
+@dataclass(frozen=True)
+class RangeSnapshot:
+    """The ranges after `batches` calibration batches."""
+
+    batches: int
+    observed_min: float
+    observed_max: float
+    clip_min: float
+    clip_max: float
+
+
+@dataclass
+class ActivationStats:
+    """What calibration learned about the input of one layer."""
+
+    layer: str
+    observer: str
+    observed_min: float
+    observed_max: float
+    clip_min: float
+    clip_max: float
+    histogram_counts: list[int]
+    histogram_edges: list[float]
+    history: list[RangeSnapshot] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "observer": self.observer,
+            "observed_min": self.observed_min,
+            "observed_max": self.observed_max,
+            "clip_min": self.clip_min,
+            "clip_max": self.clip_max,
+            "history": [snapshot.__dict__ for snapshot in self.history],
+        }
+
+
+def snapshot_points(num_batches: int) -> list[int]:
+    """Batch counts at which the range is recorded: every batch up to 16, then powers of two and the last."""
+    if num_batches <= 16:
+        return list(range(1, num_batches + 1))
+    points = [2**k for k in range(num_batches.bit_length()) if 2**k <= num_batches]
+    return sorted(set(points + [num_batches]))
+
+
+@torch.inference_mode()
+def calibrate(
+    model: Net,
+    batches: Sequence[torch.Tensor],
+    observer: str,
+    bits: int,
+    layers: Sequence[str] = LAYER_NAMES,
+    histogram_bins: int = 64,
+) -> dict[str, ActivationStats]:
+    """Run the float model over `batches` and observe the input of each named layer."""
+    if not batches:
+        raise ValueError("calibration needs at least one batch")
+    observers = {name: make_observer(observer, bits, Scheme.ASYMMETRIC) for name in layers}
+    # Histograms always come from a sample, whichever rule chooses the range.
+    samples = {name: ValueSample() for name in layers}
+
+    def hook_for(name: str):  # noqa: ANN202 - torch hook signature
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            observers[name].observe(inputs[0])
+            samples[name].add(inputs[0])
+
+        return hook
+
+    handles = [layer(model, name).register_forward_pre_hook(hook_for(name)) for name in layers]
+    points = set(snapshot_points(len(batches)))
+    history: dict[str, list[RangeSnapshot]] = {name: [] for name in layers}
+    was_training = model.training
+    model.eval()
+    try:
+        for index, images in enumerate(batches, start=1):
+            model(images)
+            if index in points:
+                for name, obs in observers.items():
+                    clip_min, clip_max = obs.clipping_range()
+                    history[name].append(
+                        RangeSnapshot(index, obs.observed_min, obs.observed_max, clip_min, clip_max)
+                    )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    stats = {}
+    for name, obs in observers.items():
+        last = history[name][-1]
+        values = samples[name].values()
+        counts, edges = torch.histogram(values, bins=histogram_bins)
+        stats[name] = ActivationStats(
+            name, observer, obs.observed_min, obs.observed_max, last.clip_min, last.clip_max,
+            [int(c) for c in counts], [float(e) for e in edges], history[name],
+        )
+    return stats

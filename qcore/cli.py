@@ -1,0 +1,224 @@
+"""`python -m qcore`: train, evaluate, sweep and sensitivity from the command line.
+
+Every command prints readable tables, or one JSON object with --json. Bad flags, bad files and
+missing data end with exit code 2 and a one-line error on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import NoReturn
+
+from qcore.calibrate import OBSERVERS
+from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, load_model, save_checkpoint
+from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, make_config
+from qcore.data import DataNotFoundError, data_dir, load_mnist
+from qcore.model import LAYER_NAMES
+from qcore.quant import Granularity, Scheme
+from qcore.train import TrainConfig, TrainProgress, train
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _bits_list(text: str) -> list[int]:
+    """'2-8' or '2,4,8'."""
+    try:
+        if "-" in text:
+            low, high = (int(part) for part in text.split("-", 1))
+            return list(range(low, high + 1))
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range like 2-8 or a list like 2,4,8 (got {text!r})") from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder holding MNIST/raw (default: $QCORE_DATA_DIR or ./data)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
+    default = QuantConfig()
+    parser.add_argument("--checkpoint", help=f"a Net state_dict (default: the bundled {PRETRAINED_PATH.name})")
+    parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
+    parser.add_argument("--act-bits", type=int, default=default.act_bits)
+    parser.add_argument("--calib-batches", type=int, default=default.calib_batches)
+    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="calibration batch size")
+    parser.add_argument("--observer", choices=list(OBSERVERS), default=default.observer)
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=default.granularity)
+    parser.add_argument("--scheme", choices=[s.value for s in Scheme], default=default.scheme, help="weights' scheme")
+    parser.add_argument("--weight-range", choices=list(WEIGHT_RANGES), default=default.weight_range)
+    parser.add_argument("--float-input", action="store_true", help="leave the network's input unquantized")
+    parser.add_argument("--float-layers", default="", help=f"comma-separated, from {','.join(LAYER_NAMES)}")
+    parser.add_argument("--seed", type=int, default=default.seed, help="calibration sample seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m qcore", description="Quantization Lab engine: MNIST CNN post-training quantization")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    recipe = TrainConfig()
+    train_cmd = commands.add_parser("train", help="train a Net (the notebook's recipe by default)")
+    train_cmd.add_argument("--out", default="model.pt", help="where to write the state_dict")
+    train_cmd.add_argument("--epochs", type=int, default=recipe.epochs)
+    train_cmd.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    train_cmd.add_argument("--lr", type=float, default=recipe.lr)
+    train_cmd.add_argument("--momentum", type=float, default=recipe.momentum)
+    train_cmd.add_argument("--seed", type=int, default=recipe.seed)
+    train_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
+    train_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=recipe.device)
+    _add_common(train_cmd)
+
+    for name, text in (
+        ("evaluate", "float vs quantized accuracy and per-layer details for one config"),
+        ("sweep", "accuracy by bit-width"),
+        ("sensitivity", "accuracy with one layer quantized at a time"),
+    ):
+        command = commands.add_parser(name, help=text)
+        _add_quant_flags(command)
+        _add_common(command)
+        if name == "sweep":
+            command.add_argument("--bits", type=_bits_list, default=list(range(2, 9)), help="e.g. 2-8 or 2,4,8")
+            command.add_argument("--target", choices=["both", "weights", "activations"], default="both")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    return make_config(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        calib_batches=args.calib_batches,
+        batch_size=args.batch_size,
+        observer=args.observer,
+        granularity=args.granularity,
+        scheme=args.scheme,
+        weight_range=args.weight_range,
+        quantize_input=not args.float_input,
+        float_layers=args.float_layers,
+        seed=args.seed,
+    )
+
+
+def _table(rows: Sequence[dict[str, object]]) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.6g}".format):
+        return pd.DataFrame(list(rows)).to_string(index=False)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, object]:
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        seed=args.seed, train_samples=args.train_samples, device=args.device,
+    )
+    try:
+        config.validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    data = load_mnist(args.data_dir)
+
+    def report(progress: TrainProgress) -> None:
+        if progress.step % 100 == 0 or progress.step == progress.steps_per_epoch:
+            print(
+                f"epoch {progress.epoch}/{progress.epochs} step {progress.step}/{progress.steps_per_epoch} "
+                f"loss {progress.loss:.4f} running acc {_percent(progress.running_accuracy)}",
+                file=sys.stderr,
+            )
+
+    started = time.perf_counter()
+    result = train(data.train, config, on_progress=report)
+    seconds = time.perf_counter() - started
+    save_checkpoint(result.model, args.out)
+    from qcore.evaluate import evaluate
+
+    test = evaluate(result.model, data.test)
+    summary = {"checkpoint": args.out, "config": asdict(config), "seconds": seconds, **test.to_dict()}
+    if not args.json:
+        print(f"wrote {args.out}: test accuracy {_percent(test.accuracy)}, loss {test.loss:.4f}, {seconds:.1f} s")
+    return summary
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis import build_report
+
+    config = config_from_args(args)
+    model = load_model(args.checkpoint)
+    report = build_report(model, load_mnist(args.data_dir), config)
+    result = {"checkpoint": args.checkpoint or str(PRETRAINED_PATH), **report.to_dict()}
+    if not args.json:
+        print(f"config: {config.to_json()}")
+        print(
+            f"float accuracy {_percent(report.float_result.accuracy)}  quantized {_percent(report.quant_result.accuracy)}"
+            f"  difference {100 * -report.accuracy_drop:+.2f} points"
+            f"  (loss {report.float_result.loss:.4f} -> {report.quant_result.loss:.4f})"
+        )
+        print(_table([row.summary() for row in report.layers]))
+    return result
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis import bit_sweep
+    from qcore.evaluate import evaluate
+
+    config = config_from_args(args)
+    model = load_model(args.checkpoint)
+    data = load_mnist(args.data_dir)
+    float_accuracy = evaluate(model, data.test).accuracy
+    try:
+        points = bit_sweep(model, data, config, args.bits, args.target)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+    rows = [asdict(point) for point in points]
+    if not args.json:
+        print(f"float accuracy {_percent(float_accuracy)}; sweeping {args.target} over bits {args.bits}")
+        print(_table(rows))
+    return {"config": config.to_dict(), "target": args.target, "float_accuracy": float_accuracy, "points": rows}
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis import layer_sensitivity
+    from qcore.evaluate import evaluate
+
+    config = config_from_args(args)
+    model = load_model(args.checkpoint)
+    data = load_mnist(args.data_dir)
+    float_accuracy = evaluate(model, data.test).accuracy
+    rows = [asdict(row) for row in layer_sensitivity(model, data, config, float_accuracy)]
+    if not args.json:
+        print(f"float accuracy {_percent(float_accuracy)}; one layer quantized at a time")
+        print(_table(rows))
+    return {"config": config.to_dict(), "float_accuracy": float_accuracy, "layers": rows}
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "sensitivity": cmd_sensitivity}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.data_dir is not None and not data_dir(args.data_dir).is_dir():
+            raise UsageError(f"--data-dir {args.data_dir}: no such folder")
+        result = COMMANDS[args.command](args)
+    except (UsageError, ConfigError, CheckpointError, DataNotFoundError) as error:
+        print(f"qcore: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0

@@ -1,0 +1,184 @@
+"""QuantConfig: every choice the user makes, frozen and hashable, round-tripping JSON and URLs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+
+from qcore.calibrate import OBSERVERS
+from qcore.model import LAYER_NAMES
+from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
+
+TRAIN_SIZE = 60000
+WEIGHT_RANGES = ("minmax", "mse")
+
+
+class ConfigError(ValueError):
+    """A QuantConfig value out of range; `problems` lists each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Post-training quantization settings. The defaults are the best this project knows:
+    per-channel symmetric weights, MSE-clipped activations, every layer (input included) quantized,
+    bias as int32 at s_in * s_w."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    calib_batches: int = 16
+    batch_size: int = 64
+    observer: str = "mse"
+    granularity: str = Granularity.PER_CHANNEL.value
+    scheme: str = Scheme.SYMMETRIC.value  # the weights' scheme; activations are always affine
+    weight_range: str = "mse"  # "minmax" or "mse": how each weight tensor (or channel) is clipped
+    quantize_input: bool = True
+    float_layers: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Normalize order (network order, unknown names last for problems() to report) so equal
+        # choices hash equally whatever order they were given in.
+        def rank(name: str) -> tuple[int, str]:
+            return (LAYER_NAMES.index(name) if name in LAYER_NAMES else len(LAYER_NAMES), name)
+
+        object.__setattr__(self, "float_layers", tuple(sorted(set(self.float_layers), key=rank)))
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("weight_bits", "act_bits"):
+            value = getattr(self, name)
+            if not MIN_BITS <= value <= MAX_BITS:
+                found.append(f"{name} must be between {MIN_BITS} and {MAX_BITS} (got {value})")
+        if self.batch_size < 1:
+            found.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.calib_batches < 1:
+            found.append(f"calib_batches must be >= 1 (got {self.calib_batches})")
+        elif self.batch_size >= 1 and self.calib_batches > max_calib_batches(self.batch_size):
+            found.append(
+                f"calib_batches must be <= {max_calib_batches(self.batch_size)} at batch size "
+                f"{self.batch_size} (the training split has {TRAIN_SIZE} images; got {self.calib_batches})"
+            )
+        if self.observer not in OBSERVERS:
+            found.append(f"observer must be one of {', '.join(OBSERVERS)} (got {self.observer!r})")
+        if self.granularity not in {g.value for g in Granularity}:
+            found.append(f"granularity must be per-tensor or per-channel (got {self.granularity!r})")
+        if self.weight_range not in WEIGHT_RANGES:
+            found.append(f"weight_range must be one of {', '.join(WEIGHT_RANGES)} (got {self.weight_range!r})")
+        if self.scheme not in {s.value for s in Scheme}:
+            found.append(f"scheme must be asymmetric or symmetric (got {self.scheme!r})")
+        unknown = [name for name in self.float_layers if name not in LAYER_NAMES]
+        if unknown:
+            found.append(f"float_layers: unknown layer(s) {', '.join(unknown)}; layers are {', '.join(LAYER_NAMES)}")
+        return found
+
+    def validate(self) -> QuantConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["float_layers"] = list(self.float_layers)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> QuantConfig:
+        """Strict: unknown keys or bad values raise ConfigError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"unknown setting(s): {', '.join(unknown)}"])
+        return make_config(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_query(self) -> dict[str, str]:
+        """URL query parameters for the settings that differ from the defaults."""
+        default = QuantConfig()
+        query = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                query[f.name] = _query_text(value)
+        return query
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> tuple[QuantConfig, list[str]]:
+        """A config from URL query parameters, lenient: each bad or unknown value is replaced by the
+        default and explained in the returned warnings."""
+        warnings: list[str] = []
+        config = cls()
+        known = {f.name: f for f in fields(cls)}
+        for key, text in query.items():
+            if key not in known:
+                continue  # other pages' parameters share the query string
+            try:
+                value = _parse_query_value(key, str(text), type(getattr(config, key)))
+                candidate = make_config(**{**config.to_dict(), key: value})
+            except (ValueError, ConfigError) as error:
+                warnings.append(f"ignored {key}={text!r}: {error}; using {_query_text(getattr(config, key)) or 'none'}")
+                continue
+            config = candidate
+        return config, warnings
+
+    def with_changes(self, **changes: object) -> QuantConfig:
+        return replace(self, **changes).validate()
+
+
+def max_calib_batches(batch_size: int) -> int:
+    return -(-TRAIN_SIZE // batch_size)
+
+
+def make_config(**values: object) -> QuantConfig:
+    """QuantConfig(**values), validated."""
+    if "float_layers" in values:
+        values["float_layers"] = _as_layers(values["float_layers"])
+    try:
+        config = QuantConfig(**values)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise ConfigError([str(error)]) from error
+    return config.validate()
+
+
+def _as_layers(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(str(part) for part in value)
+    raise ConfigError([f"float_layers must be a list of layer names (got {value!r})"])
+
+
+def _query_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _parse_query_value(key: str, text: str, kind: type) -> object:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError("expected 1 or 0")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+    if kind is tuple:
+        return _as_layers(text)
+    return text

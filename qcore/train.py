@@ -1,0 +1,137 @@
+"""Training with the notebook's recipe by default, on in-memory tensors (no per-sample transforms)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from qcore.data import Split
+from qcore.model import Net
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The notebook's recipe: SGD lr 0.01, momentum 0.5, batch 64, 3 epochs, seed 1."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.5
+    seed: int = 1
+    train_samples: int | None = None  # None: the whole training split
+    device: str = "auto"  # "auto": cuda when present, else cpu
+
+    def validate(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1 (got {self.batch_size})")
+        if not self.lr > 0:
+            problems.append(f"learning rate must be > 0 (got {self.lr})")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
+        if self.train_samples is not None and self.train_samples < 1:
+            problems.append(f"train samples must be >= 1 (got {self.train_samples})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("device cuda was asked for but no CUDA device is available")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One optimizer step's report, for a live curve."""
+
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # 1-based within the epoch
+    steps_per_epoch: int
+    loss: float  # this step's mean loss
+    running_accuracy: float  # fraction correct so far in this epoch
+
+    @property
+    def fraction_done(self) -> float:
+        return ((self.epoch - 1) * self.steps_per_epoch + self.step) / (self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class TrainResult:
+    model: Net
+    config: TrainConfig
+    cancelled: bool
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per step
+
+    def to_dict(self) -> dict[str, object]:
+        return {"config": asdict(self.config), "cancelled": self.cancelled, "steps": len(self.history)}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seeded_start(seed: int, count: int, epochs: int) -> tuple[Net, list[torch.Tensor]]:
+    """The initial Net and every epoch's sample order, drawn exactly as the notebook's script draws
+    them: torch.manual_seed(seed), Net(), then per epoch DataLoader(shuffle=True)'s two draws from
+    the global generator (the iterator's base seed, then RandomSampler's seed for randperm). So a
+    run here sees the same batches as the notebook's DataLoader loop. The global generator state is
+    restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Net()
+        orders = []
+        for _ in range(epochs):
+            torch.empty((), dtype=torch.int64).random_()  # DataLoader iterator's base seed
+            sampler_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            orders.append(torch.randperm(count, generator=torch.Generator().manual_seed(sampler_seed)))
+    return model, orders
+
+
+def train(
+    train_split: Split,
+    config: TrainConfig = TrainConfig(),
+    on_progress: Callable[[TrainProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train a fresh Net. `should_stop` is polled between steps; when it returns True training
+    ends early and the result says `cancelled` (the caller decides whether to keep the model)."""
+    config.validate()
+    device = resolve_device(config.device)
+    data = train_split if config.train_samples is None else train_split.subset(config.train_samples)
+    count = len(data)
+    model, orders = seeded_start(config.seed, count, config.epochs)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    images, labels = data.images.to(device), data.labels.to(device)
+    steps_per_epoch = (count + config.batch_size - 1) // config.batch_size
+    history: list[dict[str, float]] = []
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        order = orders[epoch - 1].to(device)
+        correct = seen = 0
+        for step in range(1, steps_per_epoch + 1):
+            if should_stop is not None and should_stop():
+                model.eval()
+                return TrainResult(model.cpu(), config, True, history)
+            batch = order[(step - 1) * config.batch_size : step * config.batch_size]
+            x, y = images[batch], labels[batch]
+            optimizer.zero_grad(set_to_none=True)
+            output = model(x)
+            loss = F.nll_loss(output, y)
+            loss.backward()
+            optimizer.step()
+            correct += int((output.argmax(1) == y).sum())
+            seen += len(y)
+            report = TrainProgress(epoch, config.epochs, step, steps_per_epoch, loss.item(), correct / seen)
+            history.append({"epoch": epoch, "step": step, "loss": report.loss, "accuracy": report.running_accuracy})
+            if on_progress is not None:
+                on_progress(report)
+    model.eval()
+    return TrainResult(model.cpu(), config, False, history)
