@@ -64,8 +64,13 @@ def weight_histogram(quant: LayerQuant, channel: int | None = None, bins: int = 
     float_counts = torch.histogram(weight, bins=edges).hist
     quant_counts = torch.histogram(effective, bins=edges).hist
     return WeightHistogram(
-        quant.name, channel, edges.tolist(), [int(c) for c in float_counts], [int(c) for c in quant_counts],
-        quantization_levels(quant, channel), (effective - weight).tolist(),
+        quant.name,
+        channel,
+        edges.tolist(),
+        [int(c) for c in float_counts],
+        [int(c) for c in quant_counts],
+        quantization_levels(quant, channel),
+        (effective - weight).tolist(),
     )
 
 
@@ -208,9 +213,7 @@ def quantize_for(model: Net, data: Mnist, config: QuantConfig) -> QuantizedNet:
     return quantize_model(model, config, calibration_data(data.train, config))
 
 
-def build_report(
-    model: Net, data: Mnist, config: QuantConfig, float_result: EvalResult | None = None
-) -> Report:
+def build_report(model: Net, data: Mnist, config: QuantConfig, float_result: EvalResult | None = None) -> Report:
     """Quantize `model` under `config`, evaluate both on the full test set, and tabulate layers.
     Pass `float_result` to reuse a float evaluation already made for this model."""
     qnet = quantize_for(model, data, config)

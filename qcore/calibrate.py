@@ -70,7 +70,7 @@ class Observer(ABC):
             self.sample.add(x)
         self._update(x)
 
-    def _update(self, x: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Rule-specific per-batch state; most rules need none beyond min, max and the sample."""
 
     @abstractmethod
@@ -102,7 +102,7 @@ class MovingAverageMinMaxObserver(Observer):
         self.averaging_constant = averaging_constant
         self._min = self._max = 0.0
 
-    def _update(self, x: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor) -> None:  # noqa: B027 - optional hook, deliberately empty
         batch_min, batch_max = float(x.min()), float(x.max())
         if self.batches == 1:
             self._min, self._max = batch_min, batch_max
@@ -199,7 +199,7 @@ class NotebookObserver(Observer):
         super().__init__(bits, scheme)
         self._sum_min = self._sum_max = 0.0
 
-    def _update(self, x: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor) -> None:  # noqa: B027 - optional hook, deliberately empty
         per_sample = x.reshape(x.shape[0], -1)
         self._sum_min += float(per_sample.min(dim=1).values.sum())
         self._sum_max += float(per_sample.max(dim=1).values.sum())
@@ -300,9 +300,7 @@ def calibrate(
             if index in points:
                 for name, obs in observers.items():
                     clip_min, clip_max = obs.clipping_range()
-                    history[name].append(
-                        RangeSnapshot(index, obs.observed_min, obs.observed_max, clip_min, clip_max)
-                    )
+                    history[name].append(RangeSnapshot(index, obs.observed_min, obs.observed_max, clip_min, clip_max))
     finally:
         for handle in handles:
             handle.remove()
@@ -313,7 +311,14 @@ def calibrate(
         values = samples[name].values()
         counts, edges = torch.histogram(values, bins=histogram_bins)
         stats[name] = ActivationStats(
-            name, observer, obs.observed_min, obs.observed_max, last.clip_min, last.clip_max,
-            [int(c) for c in counts], [float(e) for e in edges], history[name],
+            name,
+            observer,
+            obs.observed_min,
+            obs.observed_max,
+            last.clip_min,
+            last.clip_max,
+            [int(c) for c in counts],
+            [float(e) for e in edges],
+            history[name],
         )
     return stats

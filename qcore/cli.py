@@ -67,7 +67,7 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m qcore", description="Quantization Lab engine: MNIST CNN post-training quantization")
+    parser = _Parser(prog="python -m qcore", description="Quantization Lab: MNIST CNN post-training quantization")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     recipe = TrainConfig()
@@ -125,8 +125,13 @@ def _percent(fraction: float) -> str:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        seed=args.seed, train_samples=args.train_samples, device=args.device,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        device=args.device,
     )
     try:
         config.validate()
@@ -165,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     if not args.json:
         print(f"config: {config.to_json()}")
         print(
-            f"float accuracy {_percent(report.float_result.accuracy)}  quantized {_percent(report.quant_result.accuracy)}"
+            f"float accuracy {_percent(report.float_result.accuracy)}"
+            f"  quantized {_percent(report.quant_result.accuracy)}"
             f"  difference {100 * -report.accuracy_drop:+.2f} points"
             f"  (loss {report.float_result.loss:.4f} -> {report.quant_result.loss:.4f})"
         )

@@ -113,9 +113,7 @@ def input_is_quantized(name: str, config: QuantConfig) -> bool:
     return config.quantize_input or name != LAYER_NAMES[0]
 
 
-def quantize_layers(
-    model: Net, config: QuantConfig, activations: dict[str, ActivationStats]
-) -> dict[str, LayerQuant]:
+def quantize_layers(model: Net, config: QuantConfig, activations: dict[str, ActivationStats]) -> dict[str, LayerQuant]:
     """Choose every layer's qparams from the float weights and calibrated activation ranges."""
     result = {}
     for name in LAYER_NAMES:

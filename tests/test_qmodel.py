@@ -1,0 +1,105 @@
+"""The quantized twin against an independent fake-quant forward written here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qcore.config import QuantConfig
+from qcore.model import LAYER_NAMES, Net
+from qcore.qmodel import quantize_model
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 1, 28, 28, generator=generator) for _ in range(2)]
+
+
+def ref_fake_quant(x, lo, hi, bits, symmetric, axis=None):
+    """Independent per-tensor / per-channel fake quantization in float64 from DESIGN.md's formulas."""
+    x = x.double()
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float64), max=0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float64), min=0)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin, scale, zero = -qmax, torch.maximum(-lo, hi) / qmax, torch.zeros_like(lo)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        scale = (hi - lo) / qmax
+        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale, scale
+
+
+def reference_forward(net, config, act_ranges, x):
+    """Net's forward with DESIGN.md's quantizer applied by hand at each layer (minmax weights)."""
+    x = x.double()
+    for name in LAYER_NAMES:
+        module = getattr(net, name)
+        weight, bias = module.weight.detach().double(), module.bias.detach().double()
+        if name == "fc1":
+            x = x.flatten(1)
+        lo, hi = act_ranges[name]
+        x, s_in = ref_fake_quant(x, lo, hi, config.act_bits, symmetric=False)
+        rows = weight.reshape(weight.shape[0], -1)
+        weight, s_w = ref_fake_quant(
+            weight, rows.min(1).values, rows.max(1).values, config.weight_bits, symmetric=True, axis=0
+        )
+        s_bias = s_in.flatten() * s_w.flatten()
+        bias = torch.round(bias / s_bias) * s_bias  # int32 at s_in * s_w
+        x = F.conv2d(x, weight, bias) if name.startswith("conv") else F.linear(x, weight, bias)
+        if name != "fc2":
+            x = F.relu(x)
+        if name.startswith("conv"):
+            x = F.max_pool2d(x, 2, 2)
+    return F.log_softmax(x, dim=1)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_matches_independent_reference(net, batches, bits):
+    config = QuantConfig(weight_bits=bits, act_bits=bits, observer="minmax", weight_range="minmax")
+    qnet = quantize_model(net, config, batches)
+    act_ranges = {name: (q.activation.clip_min, q.activation.clip_max) for name, q in qnet.layers.items()}
+    x = batches[0]
+    with torch.no_grad():
+        ours = qnet(x)
+        reference = reference_forward(net, config, act_ranges, x).float()
+    assert torch.equal(ours.argmax(1), reference.argmax(1))
+    assert torch.allclose(ours, reference, atol=1e-3)
+
+
+def test_all_layers_float_is_the_float_model(net, batches):
+    qnet = quantize_model(net, QuantConfig(float_layers=LAYER_NAMES), batches)
+    with torch.no_grad():
+        assert torch.equal(qnet(batches[0]), net(batches[0]))
+
+
+def test_sixteen_bits_is_close_to_float(net, batches):
+    qnet = quantize_model(net, QuantConfig(weight_bits=16, act_bits=16, observer="minmax"), batches)
+    with torch.no_grad():
+        assert torch.allclose(qnet(batches[0]).exp(), net(batches[0]).exp(), atol=1e-3)
+
+
+def test_bias_is_int32_at_input_times_weight_scale(net, batches):
+    qnet = quantize_model(net, QuantConfig(), batches)
+    for name, quant in qnet.layers.items():
+        scale = quant.input_qparams.scale.double() * quant.weight_qparams.scale.double()
+        assert quant.bias_int.tolist() == torch.round(quant.bias.double() / scale).long().tolist(), name
+
+
+def test_float_input_leaves_conv1_input_unquantized(net, batches):
+    qnet = quantize_model(net, QuantConfig(quantize_input=False), batches)
+    assert qnet.layers["conv1"].input_qparams is None and qnet.layers["conv1"].bias_int is None
+    assert qnet.layers["conv1"].weight_qparams is not None
+    assert qnet.layers["conv2"].input_qparams is not None
