@@ -107,9 +107,12 @@ def train(
     data = train_split if config.train_samples is None else train_split.subset(config.train_samples)
     count = len(data)
     model, orders = seeded_start(config.seed, count, config.epochs)
-    model = model.to(device)
+    # channels_last: the CPU (oneDNN) convolution and pooling kernels run about 30% faster in it
+    # than in the default NCHW layout, for the same arithmetic up to float summation order.
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    images, labels = data.images.to(device), data.labels.to(device)
+    images = data.images.to(device).contiguous(memory_format=torch.channels_last)
+    labels = data.labels.to(device)
     steps_per_epoch = (count + config.batch_size - 1) // config.batch_size
     history: list[dict[str, float]] = []
     model.train()
@@ -118,8 +121,7 @@ def train(
         correct = seen = 0
         for step in range(1, steps_per_epoch + 1):
             if should_stop is not None and should_stop():
-                model.eval()
-                return TrainResult(model.cpu(), config, True, history)
+                return _finished(model, config, True, history)
             batch = order[(step - 1) * config.batch_size : step * config.batch_size]
             x, y = images[batch], labels[batch]
             optimizer.zero_grad(set_to_none=True)
@@ -133,5 +135,10 @@ def train(
             history.append({"epoch": epoch, "step": step, "loss": report.loss, "accuracy": report.running_accuracy})
             if on_progress is not None:
                 on_progress(report)
-    model.eval()
-    return TrainResult(model.cpu(), config, False, history)
+    return _finished(model, config, False, history)
+
+
+def _finished(model: Net, config: TrainConfig, cancelled: bool, history: list[dict[str, float]]) -> TrainResult:
+    """Back to CPU, eval mode and the default memory layout, so checkpoints look like the notebook's."""
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    return TrainResult(model, config, cancelled, history)

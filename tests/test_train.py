@@ -28,22 +28,33 @@ def test_seeded_start_matches_dataloader_shuffle():
         assert torch.equal(model.state_dict()[key], value)
 
 
-def test_same_model_as_a_notebook_style_dataloader_loop(small_split):
-    config = TrainConfig(epochs=2, train_samples=640, device="cpu")
-    ours = train(small_split, config).model
-    # The notebook's loop, written out: global seed, Net(), DataLoader(shuffle=True), SGD.
-    torch.manual_seed(config.seed)
-    reference = Net()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=config.lr, momentum=config.momentum)
-    loader = DataLoader(TensorDataset(small_split.images, small_split.labels), batch_size=64, shuffle=True)
-    reference.train()
+def notebook_loop(split: Split, config: TrainConfig, seed: int) -> Net:
+    """The notebook's loop, written out: global seed, Net(), DataLoader(shuffle=True), SGD."""
+    torch.manual_seed(seed)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    loader = DataLoader(TensorDataset(split.images, split.labels), batch_size=config.batch_size, shuffle=True)
+    model.train()
     for _ in range(config.epochs):
         for images, labels in loader:
             optimizer.zero_grad()
-            F.nll_loss(reference(images), labels).backward()
+            F.nll_loss(model(images), labels).backward()
             optimizer.step()
-    for key, value in reference.state_dict().items():
-        assert torch.allclose(ours.state_dict()[key], value, atol=1e-5), key
+    return model
+
+
+def max_weight_difference(a: Net, b: Net) -> float:
+    return max(float((a.state_dict()[k] - v).abs().max()) for k, v in b.state_dict().items())
+
+
+def test_same_model_as_a_notebook_style_dataloader_loop(small_split):
+    config = TrainConfig(epochs=2, train_samples=640, device="cpu")
+    ours = train(small_split, config).model
+    # Same initial weights and batches; only float summation order differs (channels_last kernels),
+    # which leaves differences near 1e-5 after 20 steps. A different batch order (another seed)
+    # moves the weights by far more, so the bound below tells the two apart.
+    assert max_weight_difference(ours, notebook_loop(small_split, config, config.seed)) < 1e-3
+    assert max_weight_difference(ours, notebook_loop(small_split, config, config.seed + 1)) > 1e-2
 
 
 def test_progress_reports_every_step_and_loss_falls(small_split):
