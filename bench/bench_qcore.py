@@ -87,9 +87,8 @@ def main() -> None:
         rows.append(("train 1 epoch, notebook DataLoader", timed(lambda: notebook_epoch(data_dir(), 1), 1)))
 
     seconds = dict(rows)
-    ratios = {
-        "quant_eval_over_float_eval": seconds["quantized-simulation eval, 10k"] / seconds["float eval, 10k test images"],
-    }
+    float_eval = seconds["float eval, 10k test images"]
+    ratios = {"quant_eval_over_float_eval": seconds["quantized-simulation eval, 10k"] / float_eval}
     if not args.skip_training:
         ratios["qcore_epoch_over_notebook_epoch"] = (
             seconds["train 1 epoch, qcore.train"] / seconds["train 1 epoch, notebook DataLoader"]

@@ -3,6 +3,7 @@ SQNR, bit-width sweeps, per-layer sensitivity and a full float-vs-quantized repo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -48,7 +49,9 @@ def quantization_levels(quant: LayerQuant, channel: int | None) -> list[float]:
     qparams = quant.weight_qparams
     if qparams is None or qparams.qmax - qparams.qmin + 1 > MAX_LEVELS_SHOWN:
         return []
-    index = channel if (qparams.axis is not None and channel is not None) else 0
+    if qparams.axis is not None and channel is None:
+        return []  # per-channel: every channel has its own grid, none is "the" levels of the layer
+    index = 0 if channel is None else channel
     scale = float(qparams.scale.flatten()[index]) if qparams.scale.ndim else float(qparams.scale)
     zero = int(qparams.zero_point.flatten()[index]) if qparams.zero_point.ndim else int(qparams.zero_point)
     return [scale * (q - zero) for q in range(qparams.qmin, qparams.qmax + 1)]
@@ -76,7 +79,8 @@ def weight_histogram(quant: LayerQuant, channel: int | None = None, bins: int = 
 
 @torch.inference_mode()
 def layer_inputs(model: Net, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The float input tensor of every layer for `images`."""
+    """The float input tensor of every layer for `images` (hooks on a private copy of the model)."""
+    model = copy.deepcopy(model)
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:

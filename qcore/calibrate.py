@@ -8,6 +8,7 @@ in `clipping_range`. Exact running min and max are always kept; rules that need 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from qcore.quant import Scheme, choose_qparams, fake_quantize
 # keeps an equal share).
 SAMPLES_PER_BATCH = 8192
 SAMPLE_CAP = 2**18
+MSE_CHUNK = 2**14  # values scored per step of the MSE search (bounds its memory to grid x chunk)
 
 
 class ValueSample:
@@ -154,16 +156,17 @@ class MseObserver(Observer):
 
 
 def mse_optimal_range(values: torch.Tensor, bits: int, scheme: Scheme, grid: int = 100) -> tuple[float, float]:
-    """Search (f*min, f*max) for f in {1/grid, ..., 1}; the smallest error wins (ties: wider)."""
+    """Search (f*min, f*max) for f in {1/grid, ..., 1}; the smallest error wins (ties: wider).
+    All candidates are scored at once: one [grid, N] tensor per chunk of values."""
     low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-    best, best_error = (low, high), float("inf")
-    for step in range(grid, 0, -1):
-        factor = step / grid
-        qparams = choose_qparams(low * factor, high * factor, bits, scheme)
-        error = float((fake_quantize(values, qparams) - values).pow(2).mean())
-        if error < best_error:
-            best, best_error = (low * factor, high * factor), error
-    return best
+    factors = torch.arange(grid, 0, -1, dtype=torch.float32) / grid  # widest first, so ties keep it
+    qparams = choose_qparams(low * factors, high * factors, bits, scheme, axis=0)
+    errors = torch.zeros(grid, dtype=torch.float64)
+    for chunk in values.split(MSE_CHUNK):
+        rows = chunk.unsqueeze(0).expand(grid, -1)
+        errors += (fake_quantize(rows, qparams) - rows).pow(2).sum(dim=1, dtype=torch.float64)
+    best = int(torch.argmin(errors))  # first minimum = widest among equals
+    return low * float(factors[best]), high * float(factors[best])
 
 
 def mse_optimal_weight_range(
@@ -223,13 +226,15 @@ def make_observer(name: str, bits: int = 8, scheme: Scheme = Scheme.ASYMMETRIC) 
 
 @dataclass(frozen=True)
 class RangeSnapshot:
-    """The ranges after `batches` calibration batches."""
+    """The ranges after `batches` calibration batches. The clipping range is computed only at
+    snapshot_points (powers of two and the last batch), since MSE and percentile rules are costly;
+    elsewhere it is None."""
 
     batches: int
     observed_min: float
     observed_max: float
-    clip_min: float
-    clip_max: float
+    clip_min: float | None
+    clip_max: float | None
 
 
 @dataclass
@@ -259,9 +264,7 @@ class ActivationStats:
 
 
 def snapshot_points(num_batches: int) -> list[int]:
-    """Batch counts at which the range is recorded: every batch up to 16, then powers of two and the last."""
-    if num_batches <= 16:
-        return list(range(1, num_batches + 1))
+    """Batch counts at which the clipping range is recorded: powers of two and the last."""
     points = [2**k for k in range(num_batches.bit_length()) if 2**k <= num_batches]
     return sorted(set(points + [num_batches]))
 
@@ -275,9 +278,11 @@ def calibrate(
     layers: Sequence[str] = LAYER_NAMES,
     histogram_bins: int = 64,
 ) -> dict[str, ActivationStats]:
-    """Run the float model over `batches` and observe the input of each named layer."""
+    """Run the float model over `batches` and observe the input of each named layer. Hooks go on a
+    private copy, so a model shared between sessions is never touched."""
     if not batches:
         raise ValueError("calibration needs at least one batch")
+    model = copy.deepcopy(model)
     observers = {name: make_observer(observer, bits, Scheme.ASYMMETRIC) for name in layers}
     # Histograms always come from a sample, whichever rule chooses the range.
     samples = {name: ValueSample() for name in layers}
@@ -292,7 +297,6 @@ def calibrate(
     handles = [layer(model, name).register_forward_pre_hook(hook_for(name)) for name in layers]
     points = set(snapshot_points(len(batches)))
     history: dict[str, list[RangeSnapshot]] = {name: [] for name in layers}
-    was_training = model.training
     model.eval()
     try:
         for index, images in enumerate(batches, start=1):
@@ -304,10 +308,10 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     stats = {}
     for name, obs in observers.items():
         last = history[name][-1]
+        assert last.clip_min is not None and last.clip_max is not None  # the last batch is a snapshot point
         values = samples[name].values()
         counts, edges = torch.histogram(values, bins=histogram_bins)
         stats[name] = ActivationStats(

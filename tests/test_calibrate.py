@@ -141,6 +141,7 @@ def test_calibrate_sees_each_layers_input():
     assert stats["conv1"].observed_max == float(every.max())
     assert stats["fc2"].observed_min >= 0.0  # fc2's input follows a ReLU
     assert [s.batches for s in stats["conv2"].history] == [1, 2, 3]
+    assert [s.clip_max is not None for s in stats["conv2"].history] == [True, True, True]
     # the running max never shrinks as batches are added
     maxima = [s.observed_max for s in stats["fc1"].history]
     assert maxima == sorted(maxima)
@@ -149,6 +150,7 @@ def test_calibrate_sees_each_layers_input():
 
 def test_snapshot_points():
     assert snapshot_points(3) == [1, 2, 3]
+    assert snapshot_points(16) == [1, 2, 4, 8, 16]
     assert snapshot_points(100) == [1, 2, 4, 8, 16, 32, 64, 100]
 
 

@@ -1,0 +1,21 @@
+"""Quantization Lab: the entry script builds the navigation; each page lives in pages/."""
+
+import streamlit as st
+
+from ui import session
+
+st.set_page_config(page_title="Quantization Lab", page_icon="🔢", layout="wide")
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
+    st.Page("pages/activations.py", title="Activations", icon="📈"),
+    st.Page("pages/weights.py", title="Weights", icon="⚖️"),
+    st.Page("pages/accuracy.py", title="Accuracy", icon="🎯"),
+]
+
+navigation = st.navigation(PAGES)
+st.sidebar.title("Quantization Lab")
+entry = session.current_model()
+st.session_state["qlab_config"] = session.config_controls()
+session.sidebar_summary(entry, st.session_state["qlab_config"])
+navigation.run()

@@ -1,0 +1,57 @@
+"""Weights: each layer's weights before and after quantization, and the error it adds."""
+
+import streamlit as st
+
+from qcore.analysis import weight_histogram
+from qcore.figures import error_histogram_figure, sqnr_figure, weight_histogram_figure
+from qcore.model import LAYER_NAMES
+from ui import session
+from ui.tables import table_with_csv
+
+st.title("Weights")
+entry, config, report = session.current_report()
+st.markdown(
+    "Weights are known ahead of time, so their range is exact. With the **symmetric** scheme the "
+    "zero point is 0 and the integers run over a restricted signed range; **per-channel** gives every "
+    "output channel its own scale, so a channel of small weights is not crushed by a channel of large ones."
+)
+st.latex(r"q_{\max} = 2^{b-1} - 1, \qquad s = \frac{\max |w|}{q_{\max}}, \qquad "
+         r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{w}{s}\right), -q_{\max}, q_{\max}\right)")
+st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum x^2}{\sum (x - \hat{x})^2}\ \mathrm{dB}")
+
+quantized_layers = [name for name in LAYER_NAMES if not report.qnet.layers[name].is_float]
+if not quantized_layers:
+    st.info("Every layer is kept in float with these settings.")
+    st.stop()
+left, right = st.columns(2)
+layer = left.selectbox("Layer", quantized_layers, key="weights_layer")
+quant = report.qnet.layers[layer]
+channel = None
+if quant.weight_qparams is not None and quant.weight_qparams.axis is not None:
+    channels = quant.weight.shape[0]
+    choice = right.selectbox("Channel", ["all channels"] + list(range(channels)), key="weights_channel")
+    channel = None if choice == "all channels" else int(choice)
+histogram = weight_histogram(quant, channel)
+st.plotly_chart(weight_histogram_figure(histogram), key="weight_hist_chart")
+if not histogram.levels:
+    st.caption("Quantization levels are drawn for one channel (per-channel) and at 8 bits or fewer.")
+st.plotly_chart(error_histogram_figure(histogram.errors, layer), key="weight_error_chart")
+
+st.subheader("SQNR per layer")
+st.plotly_chart(sqnr_figure(report.layers), key="sqnr_chart")
+rows = [
+    {
+        "layer": row.layer,
+        "weights": "quantized" if row.quantized else "float",
+        "weight scale (min)": min(row.weight_scale) if row.weight_scale else None,
+        "weight scale (max)": max(row.weight_scale) if row.weight_scale else None,
+        "weight SQNR (dB)": row.weight_sqnr_db,
+        "activation SQNR (dB)": row.act_sqnr_db,
+    }
+    for row in report.layers
+]
+table_with_csv(rows, "weight SQNR", "weight_sqnr")
+st.info(
+    "Try next: set weight bits to 3, then switch granularity to per-tensor and watch conv1's SQNR "
+    "fall; switch weight range from mse to minmax to see what clipping the outliers buys."
+)

@@ -1,0 +1,159 @@
+"""Plotly figures built from plain data (lists, dicts, qcore results); the pages only place them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from qcore.analysis import LayerRow, Sensitivity, SweepPoint, WeightHistogram
+from qcore.calibrate import ActivationStats
+
+FLOAT_COLOR = "#1f77b4"
+QUANT_COLOR = "#d62728"
+CLIP_COLOR = "#ff7f0e"
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(
+        title=title, xaxis_title=x, yaxis_title=y, margin={"l": 40, "r": 20, "t": 50, "b": 40},
+        legend={"orientation": "h", "y": -0.2}, template="plotly_white",
+    )
+    return fig
+
+
+def activation_ranges_figure(stats: Sequence[ActivationStats]) -> go.Figure:
+    """Per layer: the observed [min, max] as a wide pale bar, the chosen clipping range inside it."""
+    layers = [s.layer for s in stats]
+    fig = go.Figure()
+    fig.add_bar(
+        name="observed range", y=layers, x=[s.observed_max - s.observed_min for s in stats],
+        base=[s.observed_min for s in stats], orientation="h", marker_color="rgba(31,119,180,0.35)", width=0.6,
+    )
+    fig.add_bar(
+        name="clipping range", y=layers, x=[s.clip_max - s.clip_min for s in stats],
+        base=[s.clip_min for s in stats], orientation="h", marker_color=CLIP_COLOR, width=0.25,
+    )
+    fig.update_layout(barmode="overlay")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Activation range at each layer's input", "value", "layer")
+
+
+def range_history_figure(stats: Sequence[ActivationStats]) -> go.Figure:
+    """Observed max (every batch) and clipping max (at snapshot points) against batches seen."""
+    fig = make_subplots(rows=1, cols=len(stats), subplot_titles=[s.layer for s in stats], shared_yaxes=False)
+    for column, layer_stats in enumerate(stats, start=1):
+        batches = [h.batches for h in layer_stats.history]
+        fig.add_scatter(
+            x=batches, y=[h.observed_max for h in layer_stats.history], mode="lines", name="observed max",
+            line_color=FLOAT_COLOR, showlegend=column == 1, row=1, col=column,
+        )
+        points = [h for h in layer_stats.history if h.clip_max is not None]
+        fig.add_scatter(
+            x=[h.batches for h in points], y=[h.clip_max for h in points], mode="lines+markers",
+            name="clipping max", line_color=CLIP_COLOR, showlegend=column == 1, row=1, col=column,
+        )
+        if len(batches) > 16:
+            fig.update_xaxes(type="log", row=1, col=column)
+    return _layout(fig, "How the range grows as calibration batches are added", "batches", "max")
+
+
+def weight_histogram_figure(hist: WeightHistogram) -> go.Figure:
+    """Float and quantized weights on shared bins, the quantization levels as dotted lines."""
+    centers = [(a + b) / 2 for a, b in zip(hist.edges[:-1], hist.edges[1:], strict=True)]
+    width = hist.edges[1] - hist.edges[0]
+    fig = go.Figure()
+    fig.add_bar(x=centers, y=hist.float_counts, width=width, name="float", marker_color=FLOAT_COLOR, opacity=0.6)
+    fig.add_bar(x=centers, y=hist.quant_counts, width=width, name="quantized", marker_color=QUANT_COLOR, opacity=0.6)
+    if hist.levels:
+        # One trace of vertical segments (not one shape per level: plotly re-validates each shape).
+        top = max(max(hist.float_counts), max(hist.quant_counts))
+        xs = [x for level in hist.levels for x in (level, level, None)]
+        ys = [y for _ in hist.levels for y in (0, top, None)]
+        fig.add_scatter(x=xs, y=ys, mode="lines", name="quantization levels",
+                        line={"color": "gray", "width": 1, "dash": "dot"})
+    fig.update_layout(barmode="overlay")
+    where = hist.layer if hist.channel is None else f"{hist.layer}, channel {hist.channel}"
+    return _layout(fig, f"Weights of {where}: before and after quantization", "weight value", "count")
+
+
+def error_histogram_figure(errors: Sequence[float], layer: str) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=list(errors), nbinsx=60, marker_color=QUANT_COLOR))
+    return _layout(fig, f"Quantization error of {layer}'s weights (quantized - float)", "error", "count")
+
+
+def sqnr_figure(rows: Sequence[LayerRow]) -> go.Figure:
+    layers = [r.layer for r in rows]
+
+    def finite(value: float | None) -> float | None:
+        return value if value is not None and value != float("inf") else None
+
+    fig = go.Figure()
+    fig.add_bar(x=layers, y=[finite(r.weight_sqnr_db) for r in rows], name="weights", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=layers, y=[finite(r.act_sqnr_db) for r in rows], name="activations", marker_color=CLIP_COLOR)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Signal-to-quantization-noise ratio per layer (higher is better)", "layer", "SQNR (dB)")
+
+
+def per_class_figure(float_accuracy: Sequence[float], quant_accuracy: Sequence[float]) -> go.Figure:
+    digits = [str(d) for d in range(len(float_accuracy))]
+    fig = go.Figure()
+    fig.add_bar(x=digits, y=[100 * a for a in float_accuracy], name="float", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=digits, y=[100 * a for a in quant_accuracy], name="quantized", marker_color=QUANT_COLOR)
+    low = min(list(float_accuracy) + list(quant_accuracy))
+    fig.update_layout(barmode="group", yaxis_range=[max(0.0, 100 * low - 2), 100])
+    return _layout(fig, "Accuracy per digit", "digit", "accuracy (%)")
+
+
+def sweep_figure(points: Sequence[SweepPoint], float_accuracy: float, target: str) -> go.Figure:
+    bits = [p.weight_bits if target == "weights" else p.act_bits for p in points]
+    fig = go.Figure()
+    fig.add_scatter(x=bits, y=[100 * p.accuracy for p in points], mode="lines+markers", name="quantized")
+    fig.add_hline(y=100 * float_accuracy, line_dash="dash", line_color="gray", annotation_text="float")
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, f"Accuracy by bit-width ({target})", "bits", "accuracy (%)")
+
+
+def sensitivity_figure(rows: Sequence[Sensitivity]) -> go.Figure:
+    fig = go.Figure(go.Bar(x=[r.layer for r in rows], y=[100 * r.drop for r in rows], marker_color=QUANT_COLOR))
+    return _layout(fig, "Accuracy lost when only this layer is quantized", "layer", "drop (points)")
+
+
+def training_curve_figure(history: Sequence[dict[str, float]]) -> go.Figure:
+    steps = list(range(1, len(history) + 1))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=steps, y=[h["loss"] for h in history], name="loss", line_color=QUANT_COLOR)
+    fig.add_scatter(
+        x=steps, y=[100 * h["accuracy"] for h in history], name="running accuracy (%)",
+        line_color=FLOAT_COLOR, secondary_y=True,
+    )
+    return _layout(fig, "Training", "step", "loss")
+
+
+def digits_figure(images: Sequence[Sequence[Sequence[float]]], titles: Sequence[str], columns: int = 6) -> go.Figure:
+    """A grid of 28x28 images (pixel values as given), each with its title."""
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=list(titles), vertical_spacing=0.08)
+    for index, image in enumerate(images):
+        fig.add_heatmap(
+            z=image, colorscale="gray", showscale=False, row=index // columns + 1, col=index % columns + 1
+        )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    fig.update_layout(height=170 * rows, margin={"l": 10, "r": 10, "t": 40, "b": 10}, template="plotly_white")
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def activation_histogram_figure(stats: ActivationStats) -> go.Figure:
+    """The calibration sample of one layer's input (log counts) with the clipping range marked."""
+    edges = stats.histogram_edges
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    fig = go.Figure(go.Bar(x=centers, y=stats.histogram_counts, name="values", marker_color=FLOAT_COLOR))
+    fig.add_vline(x=stats.clip_max, line_dash="dash", line_color=CLIP_COLOR, annotation_text="clip max")
+    if stats.clip_min < 0:
+        fig.add_vline(x=stats.clip_min, line_dash="dash", line_color=CLIP_COLOR, annotation_text="clip min")
+    fig.update_layout(yaxis_type="log")
+    return _layout(fig, f"Values entering {stats.layer} (calibration sample)", "value", "count (log)")

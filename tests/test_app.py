@@ -1,0 +1,187 @@
+"""The dashboard through Streamlit's AppTest: every page, the what-if widgets, uploads, training,
+URL settings and session isolation; displayed numbers are checked against qcore's own results."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import streamlit.testing.v1.app_test as app_test_module
+import torch
+from streamlit.runtime.pages_manager import PagesManager
+from streamlit.testing.v1 import AppTest
+
+from qcore.analysis import build_report
+from qcore.checkpoint import checkpoint_bytes, fingerprint
+from qcore.config import QuantConfig
+from qcore.model import Net
+from tests.conftest import ROOT
+
+APP = str(ROOT / "app.py")
+PAGES = ["pages/model.py", "pages/activations.py", "pages/weights.py", "pages/accuracy.py"]
+TIMEOUT = 180
+
+
+class NavigationPagesManager(PagesManager):
+    """AppTest resets PagesManager's class flag before every run, so with a folder named pages/ it
+    runs each page the legacy way, without app.py (no sidebar). A real server clears the flag on the
+    first st.navigation call and keeps it cleared; this restores that steady state."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+
+@pytest.fixture
+def app(monkeypatch) -> AppTest:
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.sidebar.metric if m.label == label)
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def random_net(seed: int) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.file_uploader(key="qlab_upload").set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained, mnist, float_eval):
+    at = app.run()
+    no_exceptions(at)
+    expected = build_report(pretrained, mnist, QuantConfig(), float_eval)
+    assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
+    assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
+    assert "bundled" in at.sidebar.markdown[0].value and fingerprint(pretrained) in at.sidebar.markdown[0].value
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_charts(app, page):
+    at = app.run()
+    at.switch_page(page).run()
+    no_exceptions(at)
+    assert at.title[0].value == page.split("/")[1].removesuffix(".py").capitalize()
+    assert len(at.latex) >= 1  # each page shows the formula in play
+    if page != "pages/model.py":
+        assert len(at.get("plotly_chart")) >= 2
+
+
+def test_bits_and_calibration_change_shown_numbers_to_qcores(app, pretrained, mnist, float_eval):
+    at = app.run()
+    at.switch_page("pages/activations.py").run()
+    at.select_slider(key="weight_bits").set_value(4)
+    at.select_slider(key="act_bits").set_value(3)
+    at.number_input(key="calib_batches").set_value(3)
+    at.run()
+    no_exceptions(at)
+    config = QuantConfig(weight_bits=4, act_bits=3, calib_batches=3)
+    expected = build_report(pretrained, mnist, config, float_eval)
+    assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
+    assert at.query_params["weight_bits"] == "4" and at.query_params["calib_batches"] == "3"
+    shown = at.dataframe[0].value
+    assert list(shown["layer"]) == ["conv1", "conv2", "fc1", "fc2"]
+    for row, layer in zip(shown.to_dict("records"), expected.layers, strict=True):
+        assert row["clip max"] == pytest.approx(layer.act_clip_max)
+        assert row["clip min"] == pytest.approx(layer.act_clip_min)
+        assert row["observed max"] == pytest.approx(layer.act_observed_max)
+        assert row["scale"] == pytest.approx(layer.act_scale)
+        assert row["zero point"] == layer.act_zero_point
+
+
+def test_accuracy_page_metrics_match_qcore(app, pretrained, mnist, float_eval):
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3).run()
+    at.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)
+    expected = build_report(pretrained, mnist, QuantConfig(weight_bits=3), float_eval)
+    shown = {m.label: m.value for m in at.main.metric}
+    assert shown["Quantized accuracy"] == percent(expected.quant_result.accuracy)
+    assert shown["Quantized loss"] == f"{expected.quant_result.loss:.4f}"
+    per_class = at.dataframe[0].value
+    assert list(per_class["quantized accuracy"]) == pytest.approx(list(expected.quant_result.per_class_accuracy))
+
+
+def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
+    good = random_net(7)
+    at = app.run()
+    upload(at, "good.pt", checkpoint_bytes(good))
+    no_exceptions(at)
+    assert fingerprint(good) in at.sidebar.markdown[0].value
+
+    marker = tmp_path / "ran"
+
+    class CodeOnLoad:
+        def __reduce__(self):
+            return (os.mknod, (str(marker),))
+
+    malicious = io.BytesIO()
+    torch.save({"conv1.weight": CodeOnLoad()}, malicious)
+    wrong_shape = Net().state_dict()
+    wrong_shape["fc1.weight"] = torch.zeros(3, 3)
+    wrong_shape_bytes = io.BytesIO()
+    torch.save(wrong_shape, wrong_shape_bytes)
+    full = checkpoint_bytes(good)
+    for name, data, needle in [
+        ("evil.pt", malicious.getvalue(), "refused"),
+        ("cut.pt", full[: len(full) // 3], "truncated or corrupt"),
+        ("shape.pt", wrong_shape_bytes.getvalue(), "fc1.weight: shape [3, 3], expected [500, 800]"),
+    ]:
+        upload(at, name, data)
+        no_exceptions(at)
+        errors = " ".join(e.value for e in at.error)
+        assert f"{name} was not loaded" in errors and needle in errors
+        assert fingerprint(good) in at.sidebar.markdown[0].value  # previous model kept
+    assert not marker.exists()
+
+
+def test_tiny_training_run_replaces_the_model(app, pretrained):
+    at = app.run()
+    form_inputs = {n.label: n for n in at.number_input}
+    form_inputs["Epochs"].set_value(1)
+    form_inputs["Training images (60000 = all)"].set_value(256)
+    next(b for b in at.button if b.label == "Train").click()
+    at.run()
+    no_exceptions(at)
+    assert "trained here" in at.sidebar.markdown[0].value
+    assert fingerprint(pretrained) not in at.sidebar.markdown[0].value
+    assert any("It is now the current model" in s.value for s in at.success)
+
+
+def test_two_sessions_see_their_own_models(monkeypatch):
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    first, second = (AppTest.from_file(APP, default_timeout=TIMEOUT) for _ in range(2))
+    model_a, model_b = random_net(1), random_net(2)
+    upload(first.run(), "a.pt", checkpoint_bytes(model_a))
+    upload(second.run(), "b.pt", checkpoint_bytes(model_b))
+    first.run()
+    assert fingerprint(model_a) in first.sidebar.markdown[0].value
+    assert fingerprint(model_b) in second.sidebar.markdown[0].value
+    assert fingerprint(model_b) not in first.sidebar.markdown[0].value
+
+
+def test_url_reproduces_config_and_bad_values_are_corrected(app):
+    app.query_params["weight_bits"] = "4"
+    app.query_params["observer"] = "percentile"
+    app.query_params["act_bits"] = "99"
+    at = app.run()
+    no_exceptions(at)
+    assert at.select_slider(key="weight_bits").value == 4
+    assert at.select_slider(key="act_bits").value == 8
+    assert at.selectbox(key="observer").value == "percentile"
+    warnings = " ".join(w.value for w in at.sidebar.warning)
+    assert "act_bits" in warnings and "99" in warnings

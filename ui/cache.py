@@ -1,0 +1,47 @@
+"""Caching rules: st.cache_resource only for read-only shared data (MNIST, the bundled net);
+results are st.cache_data keyed by (model fingerprint, QuantConfig JSON, data folder) with
+max_entries, so sessions share results only for identical weights."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
+from qcore.checkpoint import load_model
+from qcore.config import QuantConfig
+from qcore.data import Mnist, load_mnist
+from qcore.evaluate import EvalResult, evaluate
+from qcore.model import Net
+
+
+@st.cache_resource(show_spinner="Loading MNIST into memory…")
+def shared_mnist(folder: str) -> Mnist:
+    return load_mnist(folder)
+
+
+@st.cache_resource(show_spinner=False)
+def bundled_model() -> Net:
+    """Shared by every session: never trained, mutated or hooked in place (qcore copies before hooks)."""
+    return load_model()
+
+
+@st.cache_data(max_entries=16, show_spinner="Evaluating the float model…")
+def float_result(fingerprint: str, folder: str, _model: Net) -> EvalResult:
+    return evaluate(_model, shared_mnist(folder).test)
+
+
+@st.cache_data(max_entries=48, show_spinner="Calibrating and evaluating the quantized model…")
+def report(fingerprint: str, config_json: str, folder: str, _model: Net) -> Report:
+    config = QuantConfig.from_json(config_json)
+    return build_report(_model, shared_mnist(folder), config, float_result(fingerprint, folder, _model))
+
+
+@st.cache_data(max_entries=16, show_spinner="Sweeping bit-widths (seven calibrations and evaluations)…")
+def sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: Net) -> list[SweepPoint]:
+    return bit_sweep(_model, shared_mnist(folder), QuantConfig.from_json(config_json), range(2, 9), target)
+
+
+@st.cache_data(max_entries=16, show_spinner="Quantizing one layer at a time…")
+def sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[Sensitivity]:
+    accuracy = float_result(fingerprint, folder, _model).accuracy
+    return layer_sensitivity(_model, shared_mnist(folder), QuantConfig.from_json(config_json), accuracy)
