@@ -4,13 +4,13 @@ import streamlit as st
 
 from ui import session
 
-st.set_page_config(page_title="Quantization Lab", page_icon="🔢", layout="wide")
+st.set_page_config(page_title="Quantization Lab", page_icon=":material/tune:", layout="wide")
 
 PAGES = [
-    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
-    st.Page("pages/activations.py", title="Activations", icon="📈"),
-    st.Page("pages/weights.py", title="Weights", icon="⚖️"),
-    st.Page("pages/accuracy.py", title="Accuracy", icon="🎯"),
+    st.Page("pages/model.py", title="Model", icon=":material/neurology:", default=True),
+    st.Page("pages/activations.py", title="Activations", icon=":material/show_chart:"),
+    st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
+    st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
 ]
 
 navigation = st.navigation(PAGES)

@@ -140,9 +140,8 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
     except DataNotFoundError:
         sidebar.error("MNIST is missing: see the Model page.")
         return
-    left, right = sidebar.columns(2)
-    left.metric("Float accuracy", percent(result.float_result.accuracy))
-    right.metric(
+    sidebar.metric("Float accuracy", percent(result.float_result.accuracy))
+    sidebar.metric(
         "Quantized accuracy", percent(result.quant_result.accuracy),
         delta=f"{100 * -result.accuracy_drop:+.2f} pts",
     )

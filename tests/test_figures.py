@@ -1,0 +1,97 @@
+"""Figure builders turn plain data into plotly figures that carry exactly that data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcore.analysis import LayerRow, Sensitivity, SweepPoint, WeightHistogram, weight_histogram
+from qcore.calibrate import ActivationStats, RangeSnapshot
+from qcore.figures import (
+    activation_histogram_figure,
+    activation_ranges_figure,
+    digits_figure,
+    error_histogram_figure,
+    per_class_figure,
+    range_history_figure,
+    sensitivity_figure,
+    sqnr_figure,
+    sweep_figure,
+    training_curve_figure,
+    weight_histogram_figure,
+)
+from qcore.qmodel import LayerQuant
+from qcore.quant import Scheme, choose_qparams, quantize
+
+
+def stats(layer: str, observed: tuple[float, float], clip: tuple[float, float], batches: int = 3) -> ActivationStats:
+    history = [
+        RangeSnapshot(b, observed[0], observed[1] * b / batches, clip[0] if b in (1, 2, batches) else None,
+                      clip[1] if b in (1, 2, batches) else None)
+        for b in range(1, batches + 1)
+    ]
+    return ActivationStats(layer, "minmax", *observed, *clip, [1, 5, 2], [0.0, 1.0, 2.0, 3.0], history)
+
+
+def test_activation_ranges_bars_span_observed_and_clip():
+    fig = activation_ranges_figure([stats("conv1", (-0.5, 3.0), (-0.4, 2.5)), stats("fc1", (0.0, 9.0), (0.0, 7.0))])
+    observed, clip = fig.data
+    assert list(observed.base) == [-0.5, 0.0] and list(observed.x) == [3.5, 9.0]
+    assert list(clip.base) == [-0.4, 0.0] and list(clip.x) == [2.9, 7.0]
+    assert list(clip.y) == ["conv1", "fc1"]
+
+
+def test_range_history_has_every_batch_and_only_snapshot_clips():
+    fig = range_history_figure([stats("conv2", (0.0, 6.0), (0.0, 5.0), batches=4)])
+    observed, clip = fig.data
+    assert list(observed.x) == [1, 2, 3, 4] and list(observed.y) == [1.5, 3.0, 4.5, 6.0]
+    assert list(clip.x) == [1, 2, 4]
+
+
+def test_weight_histogram_figure_counts_and_levels():
+    weight = torch.tensor([[-1.0, -0.2, 0.1, 0.9]])
+    qparams = choose_qparams(weight.min(), weight.max(), 2, Scheme.SYMMETRIC)  # levels -1, 0, 1
+    quant = LayerQuant("fc2", weight, torch.zeros(1), qparams, quantize(weight, qparams), None, None, None)
+    hist = weight_histogram(quant, bins=4)
+    assert hist.levels == [-1.0, 0.0, 1.0]
+    assert sum(hist.float_counts) == 4 and sum(hist.quant_counts) == 4
+    assert hist.errors == pytest.approx([0.0, 0.2, -0.1, 0.1])
+    fig = weight_histogram_figure(hist)
+    float_bars, quant_bars, levels = fig.data
+    assert list(float_bars.y) == hist.float_counts and list(quant_bars.y) == hist.quant_counts
+    assert [x for x in levels.x if x is not None] == [-1.0, -1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_weight_histogram_without_levels_has_two_traces():
+    hist = WeightHistogram("fc1", None, [0.0, 1.0, 2.0], [1, 2], [2, 1], [], [0.1])
+    assert len(weight_histogram_figure(hist).data) == 2
+
+
+def test_sqnr_figure_hides_infinite_values():
+    row = LayerRow("conv1", True, [0.1], [0], True, 0.0, 1.0, 0.0, 1.0, 0.1, 0, float("inf"), 30.0)
+    weights, activations = sqnr_figure([row]).data
+    assert list(weights.y) == [None] and list(activations.y) == [30.0]
+
+
+def test_per_class_figure_in_percent():
+    fig = per_class_figure([0.5, 1.0], [0.25, 0.75])
+    assert list(fig.data[0].y) == [50.0, 100.0] and list(fig.data[1].y) == [25.0, 75.0]
+
+
+def test_sweep_figure_uses_the_swept_bits_and_float_line():
+    points = [SweepPoint(8, 2, 0.5, 1.0), SweepPoint(8, 4, 0.9, 0.3)]
+    fig = sweep_figure(points, 0.98, "activations")
+    assert list(fig.data[0].x) == [2, 4] and list(fig.data[0].y) == [50.0, 90.0]
+    assert fig.layout.shapes[0].y0 == pytest.approx(98.0)
+
+
+def test_sensitivity_training_error_and_digit_figures():
+    assert list(sensitivity_figure([Sensitivity("fc1", 0.97, 0.01)]).data[0].y) == [1.0]
+    curve = training_curve_figure([{"loss": 2.0, "accuracy": 0.1}, {"loss": 1.0, "accuracy": 0.5}])
+    assert list(curve.data[0].y) == [2.0, 1.0] and list(curve.data[1].y) == [10.0, 50.0]
+    assert list(error_histogram_figure([0.1, -0.1], "fc1").data[0].x) == [0.1, -0.1]
+    grid = digits_figure([[[0.0, 1.0]]] * 7, [f"#{i}" for i in range(7)], columns=6)
+    assert len(grid.data) == 7 and [a.text for a in grid.layout.annotations][:2] == ["#0", "#1"]
+    hist = activation_histogram_figure(stats("conv1", (-0.5, 3.0), (-0.4, 2.5)))
+    assert list(hist.data[0].y) == [1, 5, 2] and list(hist.data[0].x) == [0.5, 1.5, 2.5]
+    assert sorted(shape.x0 for shape in hist.layout.shapes) == [-0.4, 2.5]  # both clip ends marked
