@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, CheckpointError, DataNotFoundError) as error:
         print(f"qcore: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        sys.stderr.close()
+        return 0
     if args.json:
         print(json.dumps(result, default=str))
     return 0

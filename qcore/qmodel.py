@@ -88,9 +88,9 @@ class QuantizedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._weights, self._biases
         x = F.conv2d(self._input("conv1", x), w["conv1"], b["conv1"])
-        x = F.max_pool2d(F.relu(x), 2, 2)
+        x = F.relu(F.max_pool2d(x, 2, 2))  # the same order as Net.forward
         x = F.conv2d(self._input("conv2", x), w["conv2"], b["conv2"])
-        x = F.max_pool2d(F.relu(x), 2, 2)
+        x = F.relu(F.max_pool2d(x, 2, 2))
         x = F.relu(F.linear(self._input("fc1", x.flatten(1)), w["fc1"], b["fc1"]))
         x = F.linear(self._input("fc2", x), w["fc2"], b["fc2"])
         return F.log_softmax(x, dim=1)

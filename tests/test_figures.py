@@ -90,8 +90,14 @@ def test_sensitivity_training_error_and_digit_figures():
     curve = training_curve_figure([{"loss": 2.0, "accuracy": 0.1}, {"loss": 1.0, "accuracy": 0.5}])
     assert list(curve.data[0].y) == [2.0, 1.0] and list(curve.data[1].y) == [10.0, 50.0]
     assert list(error_histogram_figure([0.1, -0.1], "fc1").data[0].x) == [0.1, -0.1]
-    grid = digits_figure([[[0.0, 1.0]]] * 7, [f"#{i}" for i in range(7)], columns=6)
-    assert len(grid.data) == 7 and [a.text for a in grid.layout.annotations][:2] == ["#0", "#1"]
+    digit = [[float(r * 28 + c) for c in range(28)] for r in range(28)]
+    grid = digits_figure([digit] * 7, [f"#{i}" for i in range(7)], columns=6)
+    assert [a.text for a in grid.layout.annotations] == [f"#{i}" for i in range(7)]
+    canvas = grid.data[0].z
+    assert len(canvas) == 2 * 36 and len(canvas[0]) == 6 * 36  # two rows of six 28-pixel tiles + gaps
+    assert list(canvas[8][0:28]) == digit[0]  # first tile's top row, below the title gap
+    assert list(canvas[36 + 8 + 27][0:28]) == digit[27]  # seventh image: second row, first column
+    assert canvas[8][28] is None  # the gap between tiles stays empty
     hist = activation_histogram_figure(stats("conv1", (-0.5, 3.0), (-0.4, 2.5)))
     assert list(hist.data[0].y) == [1, 5, 2] and list(hist.data[0].x) == [0.5, 1.5, 2.5]
     assert sorted(shape.x0 for shape in hist.layout.shapes) == [-0.4, 2.5]  # both clip ends marked
