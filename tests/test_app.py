@@ -185,3 +185,24 @@ def test_url_reproduces_config_and_bad_values_are_corrected(app):
     assert at.selectbox(key="observer").value == "percentile"
     warnings = " ".join(w.value for w in at.sidebar.warning)
     assert "act_bits" in warnings and "99" in warnings
+
+
+def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained):
+    # A click during training stops the script mid-run; the next run finds the run still "running".
+    app.session_state["qlab_training"] = {"status": "running", "steps": 17}
+    at = app.run()
+    no_exceptions(at)
+    assert any("cancelled after 17 steps" in w.value and "previous model is kept" in w.value for w in at.warning)
+    assert fingerprint(pretrained) in at.sidebar.markdown[0].value
+
+
+def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr("qcore.data._try_download", lambda folder: None)  # stay offline in tests
+    at = app.run()
+    no_exceptions(at)
+    shown = " ".join(e.value for e in at.error)
+    assert "MNIST is not available" in shown and str(tmp_path) in shown and "QCORE_DATA_DIR" in shown
+    at.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)
+    assert any(str(tmp_path) in e.value for e in at.error)
