@@ -49,7 +49,9 @@ def notebook_epoch(root: Path, seed: int) -> None:
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(
-        str(root), train=True, download=False,
+        str(root),
+        train=True,
+        download=False,
         transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]),
     )
     torch.manual_seed(seed)

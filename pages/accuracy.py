@@ -20,25 +20,36 @@ st.markdown(
     "quantized twin. Quantization noise usually costs little until a few bits; which layer is most "
     "sensitive, and which digits suffer first, tells you where to spend bits."
 )
-st.latex(r"\mathrm{accuracy} = \frac{1}{N}\sum_{i=1}^{N} [\arg\max_k f(x_i)_k = y_i], \qquad "
-         r"\mathrm{loss} = -\frac{1}{N}\sum_{i=1}^{N} \log p(y_i \mid x_i)")
+st.latex(
+    r"\mathrm{accuracy} = \frac{1}{N}\sum_{i=1}^{N} [\arg\max_k f(x_i)_k = y_i], \qquad "
+    r"\mathrm{loss} = -\frac{1}{N}\sum_{i=1}^{N} \log p(y_i \mid x_i)"
+)
 float_result, quant_result = report.float_result, report.quant_result
 columns = st.columns(4)
 columns[0].metric("Float accuracy", session.percent(float_result.accuracy))
-columns[1].metric("Quantized accuracy", session.percent(quant_result.accuracy),
-                  delta=f"{100 * (quant_result.accuracy - float_result.accuracy):+.2f} pts")
+columns[1].metric(
+    "Quantized accuracy",
+    session.percent(quant_result.accuracy),
+    delta=f"{100 * (quant_result.accuracy - float_result.accuracy):+.2f} pts",
+)
 columns[2].metric("Float loss", f"{float_result.loss:.4f}")
-columns[3].metric("Quantized loss", f"{quant_result.loss:.4f}",
-                  delta=f"{quant_result.loss - float_result.loss:+.4f}", delta_color="inverse")
+columns[3].metric(
+    "Quantized loss",
+    f"{quant_result.loss:.4f}",
+    delta=f"{quant_result.loss - float_result.loss:+.4f}",
+    delta_color="inverse",
+)
 
 st.plotly_chart(per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy), key="per_class")
 table_with_csv(
     [
         {"digit": digit, "float accuracy": f, "quantized accuracy": q, "difference (points)": 100 * (q - f)}
-        for digit, (f, q) in enumerate(zip(float_result.per_class_accuracy, quant_result.per_class_accuracy,
-                                           strict=True))
+        for digit, (f, q) in enumerate(
+            zip(float_result.per_class_accuracy, quant_result.per_class_accuracy, strict=True)
+        )
     ],
-    "per-digit accuracy", "per_class",
+    "per-digit accuracy",
+    "per_class",
 )
 
 st.subheader("Images whose prediction flips")
@@ -59,9 +70,17 @@ if shown:
     st.caption("Each title: test index, true label, float prediction → quantized prediction.")
 
 st.subheader("Bit-width sweep")
-target = st.radio("Sweep", SWEEP_TARGETS, horizontal=True, key="sweep_target",
-                  format_func=lambda t: {"both": "weights and activations", "weights": "weights only",
-                                         "activations": "activations only"}[t])
+target = st.radio(
+    "Sweep",
+    SWEEP_TARGETS,
+    horizontal=True,
+    key="sweep_target",
+    format_func=lambda t: {
+        "both": "weights and activations",
+        "weights": "weights only",
+        "activations": "activations only",
+    }[t],
+)
 if st.button("Run the sweep (2 to 8 bits)", key="run_sweep") or st.session_state.get("sweep_shown"):
     st.session_state["sweep_shown"] = True
     points = cache.sweep(entry.fingerprint, config.to_json(), target, session.data_folder(), entry.model)
@@ -76,8 +95,11 @@ if st.button("Quantize one layer at a time", key="run_sensitivity") or st.sessio
     table_with_csv([r.__dict__ for r in rows], "sensitivity", "sensitivity")
 
 st.download_button(
-    "Download the full result (JSON)", json.dumps({"model": entry.fingerprint, **report.to_dict()}, default=str),
-    file_name="quantization_result.json", mime="application/json", key="json_result",
+    "Download the full result (JSON)",
+    json.dumps({"model": entry.fingerprint, **report.to_dict()}, default=str),
+    file_name="quantization_result.json",
+    mime="application/json",
+    key="json_result",
 )
 st.info(
     "Try next: sweep activations only, then keep fc2 in float (sidebar) and sweep again; "

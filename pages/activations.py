@@ -14,9 +14,11 @@ st.markdown(
     "**observer** turns what it saw into a clipping range. Too wide and small values lose precision; "
     "too narrow and large values are clipped. Activations use the affine (unsigned) scheme:"
 )
-st.latex(r"s = \frac{\max - \min}{2^b - 1}, \qquad z = \mathrm{round}\!\left(-\frac{\min}{s}\right), \qquad "
-         r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right) + z,\ 0,\ 2^b - 1\right), \qquad "
-         r"\hat{x} = s\,(q - z)")
+st.latex(
+    r"s = \frac{\max - \min}{2^b - 1}, \qquad z = \mathrm{round}\!\left(-\frac{\min}{s}\right), \qquad "
+    r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right) + z,\ 0,\ 2^b - 1\right), \qquad "
+    r"\hat{x} = s\,(q - z)"
+)
 stats = [q.activation for q in report.qnet.layers.values() if q.activation is not None]
 if not stats:
     st.info("Every layer's input is kept in float with these settings: nothing to calibrate.")

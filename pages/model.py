@@ -17,8 +17,10 @@ st.markdown(
     "conv 1→20 (5×5), max-pool, conv 20→50 (5×5), max-pool, fully connected 800→500 and 500→10."
 )
 st.latex(r"x = \frac{\text{pixel}/255 - 0.1307}{0.3081}")
-st.caption("Every image is scaled and standardized like this before it reaches conv1; quantizing the input "
-           "means quantizing this x.")
+st.caption(
+    "Every image is scaled and standardized like this before it reaches conv1; quantizing the input "
+    "means quantizing this x."
+)
 st.info(f"Current model: **{entry.name}** (fingerprint `{entry.fingerprint}`)")
 
 folder = session.data_folder()
@@ -55,9 +57,7 @@ with upload_tab:
             st.rerun()
     if "qlab_upload_error" in st.session_state:
         name, problems = st.session_state["qlab_upload_error"]
-        st.error(
-            f"**{name} was not loaded; the previous model is kept.**\n\n" + "\n".join(f"- {p}" for p in problems)
-        )
+        st.error(f"**{name} was not loaded; the previous model is kept.**\n\n" + "\n".join(f"- {p}" for p in problems))
 
 with train_tab:
     recipe = TrainConfig()
@@ -77,8 +77,12 @@ with train_tab:
         start = st.form_submit_button("Train", disabled=mnist is None)
     if start and mnist is not None:
         config = TrainConfig(
-            epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), momentum=float(momentum),
-            seed=int(seed), train_samples=None if samples >= len(mnist.train) else int(samples),
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            lr=float(lr),
+            momentum=float(momentum),
+            seed=int(seed),
+            train_samples=None if samples >= len(mnist.train) else int(samples),
         )
         state = {"status": "running", "steps": 0}
         st.session_state[TRAIN_STATE_KEY] = state
@@ -105,8 +109,9 @@ with train_tab:
             st.error(f"Training failed; the previous model is kept. {error}")
         else:
             state["status"] = "done"
-            accuracy = cache.float_result(session.set_model(result.model, "trained here").fingerprint, folder,
-                                          result.model).accuracy
+            accuracy = cache.float_result(
+                session.set_model(result.model, "trained here").fingerprint, folder, result.model
+            ).accuracy
             st.session_state["qlab_train_message"] = (
                 f"Trained {config.epochs} epoch(s) on {len(result.history)} steps: test accuracy "
                 f"{session.percent(accuracy)}. It is now the current model."
@@ -117,6 +122,8 @@ with train_tab:
 
 st.divider()
 st.download_button(
-    "Download the current checkpoint (state_dict)", checkpoint_bytes(entry.model),
-    file_name=f"qlab_{entry.fingerprint}.pt", mime="application/octet-stream",
+    "Download the current checkpoint (state_dict)",
+    checkpoint_bytes(entry.model),
+    file_name=f"qlab_{entry.fingerprint}.pt",
+    mime="application/octet-stream",
 )

@@ -15,8 +15,10 @@ st.markdown(
     "zero point is 0 and the integers run over a restricted signed range; **per-channel** gives every "
     "output channel its own scale, so a channel of small weights is not crushed by a channel of large ones."
 )
-st.latex(r"q_{\max} = 2^{b-1} - 1, \qquad s = \frac{\max |w|}{q_{\max}}, \qquad "
-         r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{w}{s}\right), -q_{\max}, q_{\max}\right)")
+st.latex(
+    r"q_{\max} = 2^{b-1} - 1, \qquad s = \frac{\max |w|}{q_{\max}}, \qquad "
+    r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{w}{s}\right), -q_{\max}, q_{\max}\right)"
+)
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum x^2}{\sum (x - \hat{x})^2}\ \mathrm{dB}")
 
 quantized_layers = [name for name in LAYER_NAMES if not report.qnet.layers[name].is_float]

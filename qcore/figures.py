@@ -17,8 +17,12 @@ CLIP_COLOR = "#ff7f0e"
 
 def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     fig.update_layout(
-        title=title, xaxis_title=x, yaxis_title=y, margin={"l": 40, "r": 20, "t": 50, "b": 40},
-        legend={"orientation": "h", "y": -0.2}, template="plotly_white",
+        title=title,
+        xaxis_title=x,
+        yaxis_title=y,
+        margin={"l": 40, "r": 20, "t": 50, "b": 40},
+        legend={"orientation": "h", "y": -0.2},
+        template="plotly_white",
     )
     return fig
 
@@ -28,12 +32,22 @@ def activation_ranges_figure(stats: Sequence[ActivationStats]) -> go.Figure:
     layers = [s.layer for s in stats]
     fig = go.Figure()
     fig.add_bar(
-        name="observed range", y=layers, x=[s.observed_max - s.observed_min for s in stats],
-        base=[s.observed_min for s in stats], orientation="h", marker_color="rgba(31,119,180,0.35)", width=0.6,
+        name="observed range",
+        y=layers,
+        x=[s.observed_max - s.observed_min for s in stats],
+        base=[s.observed_min for s in stats],
+        orientation="h",
+        marker_color="rgba(31,119,180,0.35)",
+        width=0.6,
     )
     fig.add_bar(
-        name="clipping range", y=layers, x=[s.clip_max - s.clip_min for s in stats],
-        base=[s.clip_min for s in stats], orientation="h", marker_color=CLIP_COLOR, width=0.25,
+        name="clipping range",
+        y=layers,
+        x=[s.clip_max - s.clip_min for s in stats],
+        base=[s.clip_min for s in stats],
+        orientation="h",
+        marker_color=CLIP_COLOR,
+        width=0.25,
     )
     fig.update_layout(barmode="overlay")
     fig.update_yaxes(autorange="reversed")
@@ -46,13 +60,25 @@ def range_history_figure(stats: Sequence[ActivationStats]) -> go.Figure:
     for column, layer_stats in enumerate(stats, start=1):
         batches = [h.batches for h in layer_stats.history]
         fig.add_scatter(
-            x=batches, y=[h.observed_max for h in layer_stats.history], mode="lines", name="observed max",
-            line_color=FLOAT_COLOR, showlegend=column == 1, row=1, col=column,
+            x=batches,
+            y=[h.observed_max for h in layer_stats.history],
+            mode="lines",
+            name="observed max",
+            line_color=FLOAT_COLOR,
+            showlegend=column == 1,
+            row=1,
+            col=column,
         )
         points = [h for h in layer_stats.history if h.clip_max is not None]
         fig.add_scatter(
-            x=[h.batches for h in points], y=[h.clip_max for h in points], mode="lines+markers",
-            name="clipping max", line_color=CLIP_COLOR, showlegend=column == 1, row=1, col=column,
+            x=[h.batches for h in points],
+            y=[h.clip_max for h in points],
+            mode="lines+markers",
+            name="clipping max",
+            line_color=CLIP_COLOR,
+            showlegend=column == 1,
+            row=1,
+            col=column,
         )
         if len(batches) > 16:
             fig.update_xaxes(type="log", row=1, col=column)
@@ -71,8 +97,9 @@ def weight_histogram_figure(hist: WeightHistogram) -> go.Figure:
         top = max(max(hist.float_counts), max(hist.quant_counts))
         xs = [x for level in hist.levels for x in (level, level, None)]
         ys = [y for _ in hist.levels for y in (0, top, None)]
-        fig.add_scatter(x=xs, y=ys, mode="lines", name="quantization levels",
-                        line={"color": "gray", "width": 1, "dash": "dot"})
+        fig.add_scatter(
+            x=xs, y=ys, mode="lines", name="quantization levels", line={"color": "gray", "width": 1, "dash": "dot"}
+        )
     fig.update_layout(barmode="overlay")
     where = hist.layer if hist.channel is None else f"{hist.layer}, channel {hist.channel}"
     return _layout(fig, f"Weights of {where}: before and after quantization", "weight value", "count")
@@ -125,8 +152,11 @@ def training_curve_figure(history: Sequence[dict[str, float]]) -> go.Figure:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_scatter(x=steps, y=[h["loss"] for h in history], name="loss", line_color=QUANT_COLOR)
     fig.add_scatter(
-        x=steps, y=[100 * h["accuracy"] for h in history], name="running accuracy (%)",
-        line_color=FLOAT_COLOR, secondary_y=True,
+        x=steps,
+        y=[100 * h["accuracy"] for h in history],
+        name="running accuracy (%)",
+        line_color=FLOAT_COLOR,
+        secondary_y=True,
     )
     return _layout(fig, "Training", "step", "loss")
 
@@ -144,13 +174,25 @@ def digits_figure(images: Sequence[Sequence[Sequence[float]]], titles: Sequence[
         top, left = (index // columns) * (size + gap) + gap, (index % columns) * (size + gap)
         for r, row in enumerate(image):
             canvas[top + r][left : left + len(row)] = list(row)
-        annotations.append({"x": left + size / 2, "y": top - 1, "text": titles[index], "showarrow": False,
-                            "yanchor": "bottom", "font": {"size": 11}})
+        annotations.append(
+            {
+                "x": left + size / 2,
+                "y": top - 1,
+                "text": titles[index],
+                "showarrow": False,
+                "yanchor": "bottom",
+                "font": {"size": 11},
+            }
+        )
     fig = go.Figure(go.Heatmap(z=canvas, colorscale="gray", showscale=False, hoverinfo="skip"))
     fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
-    fig.update_layout(annotations=annotations, height=150 * rows + 40, margin={"l": 10, "r": 10, "t": 20, "b": 10},
-                      template="plotly_white")
+    fig.update_layout(
+        annotations=annotations,
+        height=150 * rows + 40,
+        margin={"l": 10, "r": 10, "t": 20, "b": 10},
+        template="plotly_white",
+    )
     return fig
 
 

@@ -96,6 +96,11 @@ class QuantizedNet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+def float_parts(qnet: QuantizedNet) -> list[str]:
+    """Layers whose weights or input stay float: an integer-only pipeline cannot run them."""
+    return [n for n in LAYER_NAMES if qnet.layers[n].weight_qparams is None or qnet.layers[n].input_qparams is None]
+
+
 def weight_qparams(weight: torch.Tensor, config: QuantConfig) -> QParams:
     granularity = Granularity(config.granularity)
     per_channel = granularity is Granularity.PER_CHANNEL

@@ -26,8 +26,13 @@ from qcore.quant import Scheme, choose_qparams, quantize
 
 def stats(layer: str, observed: tuple[float, float], clip: tuple[float, float], batches: int = 3) -> ActivationStats:
     history = [
-        RangeSnapshot(b, observed[0], observed[1] * b / batches, clip[0] if b in (1, 2, batches) else None,
-                      clip[1] if b in (1, 2, batches) else None)
+        RangeSnapshot(
+            b,
+            observed[0],
+            observed[1] * b / batches,
+            clip[0] if b in (1, 2, batches) else None,
+            clip[1] if b in (1, 2, batches) else None,
+        )
         for b in range(1, batches + 1)
     ]
     return ActivationStats(layer, "minmax", *observed, *clip, [1, 5, 2], [0.0, 1.0, 2.0, 3.0], history)

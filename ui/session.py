@@ -98,7 +98,9 @@ def config_controls() -> QuantConfig:
         if st.session_state["calib_batches"] > limit:
             st.session_state["calib_batches"] = limit
         st.number_input(
-            f"Calibration batches (1 to {limit}: all training images)", min_value=1, max_value=limit,
+            f"Calibration batches (1 to {limit}: all training images)",
+            min_value=1,
+            max_value=limit,
             key="calib_batches",
         )
         st.selectbox("Activation range rule (observer)", list(OBSERVERS), key="observer")
@@ -142,7 +144,8 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
         return
     sidebar.metric("Float accuracy", percent(result.float_result.accuracy))
     sidebar.metric(
-        "Quantized accuracy", percent(result.quant_result.accuracy),
+        "Quantized accuracy",
+        percent(result.quant_result.accuracy),
         delta=f"{100 * -result.accuracy_drop:+.2f} pts",
     )
     with sidebar.expander("Current QuantConfig"):

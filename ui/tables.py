@@ -12,7 +12,10 @@ def table_with_csv(rows: Sequence[dict[str, object]], name: str, key: str) -> pd
     frame = pd.DataFrame(list(rows))
     st.dataframe(frame, hide_index=True, width="stretch", key=f"table_{key}")
     st.download_button(
-        f"Download {name} (CSV)", frame.to_csv(index=False).encode(), file_name=f"{key}.csv", mime="text/csv",
+        f"Download {name} (CSV)",
+        frame.to_csv(index=False).encode(),
+        file_name=f"{key}.csv",
+        mime="text/csv",
         key=f"csv_{key}",
     )
     return frame
