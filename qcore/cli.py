@@ -18,6 +18,7 @@ from qcore.calibrate import OBSERVERS
 from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, load_model, save_checkpoint
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, make_config
 from qcore.data import DataNotFoundError, data_dir, load_mnist
+from qcore.deploy import ENGINES
 from qcore.model import LAYER_NAMES
 from qcore.quant import Granularity, Scheme
 from qcore.train import TrainConfig, TrainProgress, train
@@ -90,9 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         _add_quant_flags(command)
         _add_common(command)
+        if name == "evaluate":
+            command.add_argument(
+                "--engine",
+                choices=list(ENGINES),
+                default="simulate",
+                help="the inference path whose quant_accuracy is reported",
+            )
         if name == "sweep":
             command.add_argument("--bits", type=_bits_list, default=list(range(2, 9)), help="e.g. 2-8 or 2,4,8")
             command.add_argument("--target", choices=["both", "weights", "activations"], default="both")
+    export = commands.add_parser("export", help="write the quantized model as integer tensors or ONNX (QDQ)")
+    _add_quant_flags(export)
+    _add_common(export)
+    export.add_argument("--format", choices=["qtensors", "onnx"], required=True)
+    export.add_argument("--out", required=True, help="file to write")
     return parser
 
 
@@ -165,8 +178,21 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
 
     config = config_from_args(args)
     model = load_model(args.checkpoint)
-    report = build_report(model, load_mnist(args.data_dir), config)
-    result = {"checkpoint": args.checkpoint or str(PRETRAINED_PATH), **report.to_dict()}
+    data = load_mnist(args.data_dir)
+    report = build_report(model, data, config)
+    result = {"checkpoint": args.checkpoint or str(PRETRAINED_PATH), **report.to_dict(), "engine": args.engine}
+    if args.engine != "simulate":
+        from qcore.deploy import run_engine
+        from qcore.integer import IntegerEngineError
+
+        try:
+            engine = run_engine(args.engine, model, data, report.qnet, report.quant_result.predictions)
+        except (IntegerEngineError, ValueError) as error:
+            raise UsageError(f"--engine {args.engine}: {error}") from error
+        result["simulated_accuracy"] = report.quant_result.accuracy
+        result["quant_accuracy"] = engine.accuracy
+        result["agreement_with_simulation"] = engine.agreement_with_simulation
+        result["engine_seconds"] = engine.seconds
     if not args.json:
         print(f"config: {config.to_json()}")
         print(
@@ -176,6 +202,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
             f"  (loss {report.float_result.loss:.4f} -> {report.quant_result.loss:.4f})"
         )
         print(_table([row.summary() for row in report.layers]))
+        if args.engine != "simulate":
+            print(
+                f"engine {args.engine}: accuracy {_percent(result['quant_accuracy'])}, same prediction as the "
+                f"simulation on {_percent(result['agreement_with_simulation'])} of test images"
+            )
     return result
 
 
@@ -213,7 +244,34 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
     return {"config": config.to_dict(), "float_accuracy": float_accuracy, "layers": rows}
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "sensitivity": cmd_sensitivity}
+def cmd_export(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis import quantize_for
+    from qcore.export import export_onnx, qtensors_bytes
+    from qcore.integer import IntegerEngineError, IntegerNet
+
+    config = config_from_args(args)
+    qnet = quantize_for(load_model(args.checkpoint), load_mnist(args.data_dir), config)
+    try:
+        payload = qtensors_bytes(IntegerNet(qnet)) if args.format == "qtensors" else export_onnx(qnet)
+    except (IntegerEngineError, ValueError) as error:
+        raise UsageError(f"export {args.format}: {error}") from error
+    try:
+        with open(args.out, "wb") as handle:
+            handle.write(payload)
+    except OSError as error:
+        raise UsageError(f"--out {args.out}: {error.strerror}") from error
+    if not args.json:
+        print(f"wrote {args.out} ({len(payload)} bytes, {args.format}) for {config.to_json()}")
+    return {"out": args.out, "format": args.format, "bytes": len(payload), "config": config.to_dict()}
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "sweep": cmd_sweep,
+    "sensitivity": cmd_sensitivity,
+    "export": cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,3 +206,8 @@ def activation_histogram_figure(stats: ActivationStats) -> go.Figure:
         fig.add_vline(x=stats.clip_min, line_dash="dash", line_color=CLIP_COLOR, annotation_text="clip min")
     fig.update_layout(yaxis_type="log")
     return _layout(fig, f"Values entering {stats.layer} (calibration sample)", "value", "count (log)")
+
+
+def throughput_figure(engines: Sequence[str], images_per_second: Sequence[float]) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(engines), y=list(images_per_second), marker_color=FLOAT_COLOR))
+    return _layout(fig, "Throughput on the 10k test set (one run)", "inference path", "images / s")

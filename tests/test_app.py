@@ -12,14 +12,15 @@ import torch
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
-from qcore.analysis import build_report
+from qcore.analysis import build_report, quantize_for
 from qcore.checkpoint import checkpoint_bytes, fingerprint
 from qcore.config import QuantConfig
+from qcore.evaluate import evaluate
 from qcore.model import Net
 from tests.conftest import ROOT
 
 APP = str(ROOT / "app.py")
-PAGES = ["pages/model.py", "pages/activations.py", "pages/weights.py", "pages/accuracy.py"]
+PAGES = ["pages/model.py", "pages/activations.py", "pages/weights.py", "pages/accuracy.py", "pages/deploy.py"]
 TIMEOUT = 180
 
 
@@ -77,7 +78,7 @@ def test_every_page_renders_with_charts(app, page):
     no_exceptions(at)
     assert at.title[0].value == page.split("/")[1].removesuffix(".py").capitalize()
     assert len(at.latex) >= 1  # each page shows the formula in play
-    if page != "pages/model.py":
+    if page not in ("pages/model.py", "pages/deploy.py"):
         assert len(at.get("plotly_chart")) >= 2
 
 
@@ -206,3 +207,31 @@ def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
     at.switch_page("pages/accuracy.py").run()
     no_exceptions(at)
     assert any(str(tmp_path) in e.value for e in at.error)
+
+
+def test_deploy_page_compares_engines_and_offers_exports(app, pretrained, mnist):
+    at = app.run()
+    at.switch_page("pages/deploy.py").run()
+    no_exceptions(at)
+    assert {b.label for b in at.get("download_button")} >= {
+        "Download integer tensors (.pt, weights_only)",
+        "Download ONNX (QDQ)",
+    }
+    next(b for b in at.button if b.key == "run_engines").click()
+    at.run()
+    no_exceptions(at)
+    table = next(d.value for d in at.dataframe if "path" in d.value.columns)
+    rows = {row["path"]: row for row in table.to_dict("records")}
+    assert set(rows) == {"float", "simulate", "integer", "torch-int8", "onnxruntime"}
+    simulated = evaluate(quantize_for(pretrained, mnist, QuantConfig()), mnist.test).accuracy
+    assert rows["simulate"]["accuracy"] == simulated
+    assert rows["integer"]["same prediction as simulation"] >= 0.999
+    assert rows["onnxruntime"]["same prediction as simulation"] >= 0.999
+
+
+def test_deploy_page_explains_when_integers_are_impossible(app):
+    at = app.run()
+    at.checkbox(key="float_fc2").check()
+    at.switch_page("pages/deploy.py").run()
+    no_exceptions(at)
+    assert any("fc2" in w.value and "Quantize every layer" in w.value for w in at.warning)

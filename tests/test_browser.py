@@ -28,7 +28,13 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-PAGES = {"model": "Model", "activations": "Activations", "weights": "Weights", "accuracy": "Accuracy"}
+PAGES = {
+    "model": "Model",
+    "activations": "Activations",
+    "weights": "Weights",
+    "accuracy": "Accuracy",
+    "deploy": "Deploy",
+}
 
 
 def free_port() -> int:

@@ -87,3 +87,28 @@ def test_bad_checkpoint_file_is_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     done = run_cli("evaluate", "--checkpoint", str(bad))
     assert done.returncode == 2 and "truncated or corrupt" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("engine", ["integer", "onnxruntime"])
+def test_evaluate_with_an_integer_engine(engine, pretrained, mnist):
+    done = run_cli("evaluate", "--engine", engine, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    simulated = evaluate(quantize_for(pretrained, mnist, QuantConfig()), mnist.test).accuracy
+    assert result["engine"] == engine and result["simulated_accuracy"] == simulated
+    assert result["agreement_with_simulation"] >= 0.999
+    assert abs(result["quant_accuracy"] - simulated) <= 0.0005
+
+
+def test_export_writes_files_that_load(tmp_path, pretrained, mnist):
+    import onnx
+
+    from qcore.export import load_qtensors
+
+    qtensors, onnx_file = tmp_path / "net_q.pt", tmp_path / "net.onnx"
+    assert run_cli("export", "--format", "qtensors", "--out", str(qtensors), "--weight-bits", "4").returncode == 0
+    assert run_cli("export", "--format", "onnx", "--out", str(onnx_file)).returncode == 0
+    assert load_qtensors(str(qtensors)).config.weight_bits == 4
+    onnx.checker.check_model(str(onnx_file))
+    bad = run_cli("export", "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--act-bits", "12")
+    assert bad.returncode == 2 and "at most 8" in bad.stderr and "Traceback" not in bad.stderr

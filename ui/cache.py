@@ -10,7 +10,10 @@ from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_rep
 from qcore.checkpoint import load_model
 from qcore.config import QuantConfig
 from qcore.data import Mnist, load_mnist
+from qcore.deploy import EngineResult, compare_engines
 from qcore.evaluate import EvalResult, evaluate
+from qcore.export import export_onnx, qtensors_bytes
+from qcore.integer import IntegerNet
 from qcore.model import Net
 
 
@@ -45,3 +48,17 @@ def sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: 
 def sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[Sensitivity]:
     accuracy = float_result(fingerprint, folder, _model).accuracy
     return layer_sensitivity(_model, shared_mnist(folder), QuantConfig.from_json(config_json), accuracy)
+
+
+@st.cache_data(max_entries=8, show_spinner="Running every inference path over the test set…")
+def engine_results(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[EngineResult]:
+    data = shared_mnist(folder)
+    qnet = report(fingerprint, config_json, folder, _model).qnet
+    return compare_engines(_model, data, qnet)
+
+
+@st.cache_data(max_entries=8, show_spinner="Building the exports…")
+def exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tuple[bytes, bytes]:
+    """(qtensors file, ONNX QDQ model) for this model and config."""
+    qnet = report(fingerprint, config_json, folder, _model).qnet
+    return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)

@@ -1,0 +1,93 @@
+"""Deploy: the quantized model on integers alone, against PyTorch int8 and ONNX Runtime, and exports."""
+
+import streamlit as st
+
+from qcore.export import size_table
+from qcore.figures import throughput_figure
+from qcore.integer import IntegerEngineError, IntegerNet
+from ui import cache, session
+from ui.tables import table_with_csv
+
+st.title("Deploy")
+entry, config, report = session.current_report()
+st.markdown(
+    "The simulation predicts what a quantized model would score. Here the same model runs on "
+    "**integers alone**: int32 accumulators with zero-point corrections, int32 bias, and between "
+    "layers a requantization by a fixed-point multiplier instead of a float division. Production "
+    "runtimes (PyTorch's int8 kernels, ONNX Runtime) run it too, so you can check they agree."
+)
+st.latex(r"M = \frac{s_{in}\, s_w}{s_{out}} = M_0 \cdot 2^{\,shift - 31},\quad M_0 \in [2^{30}, 2^{31})")
+st.latex(
+    r"q_{out} = \mathrm{clamp}\big(z_{out} + \mathrm{RDivPOT}(\mathrm{SRDHM}(acc, M_0), -shift),"
+    r"\ z_{out},\ 2^b - 1\big)"
+)
+try:
+    engine = IntegerNet(report.qnet)
+except IntegerEngineError as error:
+    st.warning(f"{error}. Quantize every layer and the input, at 8 bits or fewer, to deploy on integers.")
+    st.stop()
+
+st.subheader("Integer parameters per layer")
+table_with_csv(
+    [
+        {
+            "layer": name,
+            "input zero point": layer.input_zero,
+            "output zero point": layer.output_zero,
+            "M0 (min)": int(layer.multiplier.min()),
+            "M0 (max)": int(layer.multiplier.max()),
+            "shift (min)": int(layer.shift.min()),
+            "shift (max)": int(layer.shift.max()),
+            "bias range": f"{int(layer.bias.min())} .. {int(layer.bias.max())}",
+        }
+        for name, layer in engine.layers.items()
+    ],
+    "integer parameters",
+    "integer_params",
+)
+
+st.subheader("Agreement and throughput")
+if config.weight_bits > 8 or config.act_bits > 8:
+    st.info("The ONNX export and PyTorch's int8 kernels store 8-bit integers; use at most 8 bits to compare.")
+elif st.button("Run every inference path on the 10k test set", key="run_engines") or st.session_state.get(
+    "engines_shown"
+):
+    st.session_state["engines_shown"] = True
+    results = cache.engine_results(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
+    table_with_csv(
+        [
+            {
+                "path": r.engine,
+                "accuracy": r.accuracy,
+                "same prediction as simulation": r.agreement_with_simulation,
+                "seconds": r.seconds,
+                "images/s": r.images_per_second,
+            }
+            for r in results
+        ],
+        "engine comparison",
+        "engines",
+    )
+    st.plotly_chart(
+        throughput_figure([r.engine for r in results], [r.images_per_second for r in results]), key="throughput_chart"
+    )
+    st.caption(
+        "PyTorch int8 picks its own ranges (histogram observer, 7-bit activations), so it may differ "
+        "from the simulation on a few images; the integer engine and ONNX Runtime use ours."
+    )
+
+st.subheader("Size")
+table_with_csv(size_table(report.qnet), "model size", "sizes")
+
+if config.weight_bits <= 8 and config.act_bits <= 8:
+    qtensors, onnx_model = cache.exports(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
+    left, right = st.columns(2)
+    left.download_button(
+        "Download integer tensors (.pt, weights_only)",
+        qtensors,
+        file_name=f"qlab_{entry.fingerprint}_qtensors.pt",
+        key="download_qtensors",
+    )
+    right.download_button(
+        "Download ONNX (QDQ)", onnx_model, file_name=f"qlab_{entry.fingerprint}.onnx", key="download_onnx"
+    )
