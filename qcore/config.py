@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
+from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
@@ -39,6 +40,8 @@ class QuantConfig:
     quantize_input: bool = True
     float_layers: tuple[str, ...] = ()
     seed: int = 0
+    methods: tuple[str, ...] = ()  # any of METHODS, always applied in METHODS' order
+    weight_bits_budget: float = 0.0  # > 0: mixed precision, average weight bits at most this
 
     def __post_init__(self) -> None:
         # Normalize order (network order, unknown names last for problems() to report) so equal
@@ -47,6 +50,11 @@ class QuantConfig:
             return (LAYER_NAMES.index(name) if name in LAYER_NAMES else len(LAYER_NAMES), name)
 
         object.__setattr__(self, "float_layers", tuple(sorted(set(self.float_layers), key=rank)))
+
+        def method_rank(name: str) -> tuple[int, str]:
+            return (METHODS.index(name) if name in METHODS else len(METHODS), name)
+
+        object.__setattr__(self, "methods", tuple(sorted(set(self.methods), key=method_rank)))
 
     def problems(self) -> list[str]:
         found = []
@@ -71,6 +79,11 @@ class QuantConfig:
             found.append(f"weight_range must be one of {', '.join(WEIGHT_RANGES)} (got {self.weight_range!r})")
         if self.scheme not in {s.value for s in Scheme}:
             found.append(f"scheme must be asymmetric or symmetric (got {self.scheme!r})")
+        unknown_methods = [name for name in self.methods if name not in METHODS]
+        if unknown_methods:
+            found.append(f"methods: unknown {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
+        if self.weight_bits_budget != 0 and not 2 <= self.weight_bits_budget <= 8:
+            found.append(f"weight_bits_budget must be 0 (off) or between 2 and 8 (got {self.weight_bits_budget})")
         unknown = [name for name in self.float_layers if name not in LAYER_NAMES]
         if unknown:
             found.append(f"float_layers: unknown layer(s) {', '.join(unknown)}; layers are {', '.join(LAYER_NAMES)}")
@@ -85,6 +98,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["float_layers"] = list(self.float_layers)
+        data["methods"] = list(self.methods)
         return data
 
     def to_json(self) -> str:
@@ -142,8 +156,9 @@ def max_calib_batches(batch_size: int) -> int:
 
 def make_config(**values: object) -> QuantConfig:
     """QuantConfig(**values), validated."""
-    if "float_layers" in values:
-        values["float_layers"] = _as_layers(values["float_layers"])
+    for key in ("float_layers", "methods"):
+        if key in values:
+            values[key] = _as_names(values[key])
     try:
         config = QuantConfig(**values)  # type: ignore[arg-type]
     except TypeError as error:
@@ -151,12 +166,12 @@ def make_config(**values: object) -> QuantConfig:
     return config.validate()
 
 
-def _as_layers(value: object) -> tuple[str, ...]:
+def _as_names(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     if isinstance(value, (list, tuple)):
         return tuple(str(part) for part in value)
-    raise ConfigError([f"float_layers must be a list of layer names (got {value!r})"])
+    raise ConfigError([f"expected a list of names or a comma-separated string (got {value!r})"])
 
 
 def _query_text(value: object) -> str:
@@ -180,5 +195,10 @@ def _parse_query_value(key: str, text: str, kind: type) -> object:
         except ValueError:
             raise ValueError("expected a whole number") from None
     if kind is tuple:
-        return _as_layers(text)
+        return _as_names(text)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
     return text
