@@ -205,6 +205,7 @@ class Report:
             "quant_per_class_accuracy": list(self.quant_result.per_class_accuracy),
             "flipped": {key: len(value) for key, value in self.flips.items()},
             "layers": [row.to_dict() for row in self.layers],
+            "methods": self.qnet.methods.to_dict(),
             "activation_stats": {
                 name: quant.activation.to_dict()
                 for name, quant in self.qnet.layers.items()
@@ -223,7 +224,8 @@ def build_report(model: Net, data: Mnist, config: QuantConfig, float_result: Eva
     qnet = quantize_for(model, data, config)
     float_result = float_result or evaluate(model, data.test)
     quant_result = evaluate(qnet, data.test)
-    inputs = layer_inputs(model, data.test.images[:SQNR_SAMPLES])
+    # the float model the quantizer saw (equalized when that method ran) gives the reference inputs
+    inputs = layer_inputs(qnet.float_model or model, data.test.images[:SQNR_SAMPLES])
     flips = flipped_indices(float_result, quant_result, data.test.labels)
     return Report(config, float_result, quant_result, layer_rows(qnet, inputs), qnet, flips)
 

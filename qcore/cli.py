@@ -19,6 +19,7 @@ from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, load_model, save_
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, make_config
 from qcore.data import DataNotFoundError, data_dir, load_mnist
 from qcore.deploy import ENGINES
+from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import Granularity, Scheme
 from qcore.train import TrainConfig, TrainProgress, train
@@ -65,6 +66,15 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float-input", action="store_true", help="leave the network's input unquantized")
     parser.add_argument("--float-layers", default="", help=f"comma-separated, from {','.join(LAYER_NAMES)}")
     parser.add_argument("--seed", type=int, default=default.seed, help="calibration sample seed")
+    parser.add_argument(
+        "--methods", default="", help=f"comma-separated, from {','.join(METHODS)} (applied in that order)"
+    )
+    parser.add_argument(
+        "--weight-bits-budget",
+        type=float,
+        default=default.weight_bits_budget,
+        help="mixed precision: average weight bits at most this (0: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +132,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         quantize_input=not args.float_input,
         float_layers=args.float_layers,
         seed=args.seed,
+        methods=args.methods,
+        weight_bits_budget=args.weight_bits_budget,
     )
 
 
@@ -202,6 +214,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
             f"  (loss {report.float_result.loss:.4f} -> {report.quant_result.loss:.4f})"
         )
         print(_table([row.summary() for row in report.layers]))
+        methods = report.qnet.methods
+        if config.methods or config.weight_bits_budget:
+            print(
+                f"weight bits per layer: {methods.weight_bits}; method seconds: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in methods.seconds.items())
+            )
         if args.engine != "simulate":
             print(
                 f"engine {args.engine}: accuracy {_percent(result['quant_accuracy'])}, same prediction as the "

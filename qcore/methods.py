@@ -129,7 +129,9 @@ def equalize(model: Net, rounds: int = EQUALIZATION_ROUNDS) -> tuple[Net, dict[s
 
 @torch.inference_mode()
 def sensitivities(
-    model: Net, images: torch.Tensor, weight_quantizer: Callable[[torch.Tensor, int], torch.Tensor],
+    model: Net,
+    images: torch.Tensor,
+    weight_quantizer: Callable[[torch.Tensor, int], torch.Tensor],
     bits_options: Sequence[int] = MIXED_BITS,
 ) -> dict[str, dict[int, float]]:
     """KL(float || one layer's weights quantized at b bits) of the output distribution on `images`."""
@@ -186,8 +188,12 @@ def reconstruction_error(weight: torch.Tensor, weight_hat: torch.Tensor, x: torc
 
 
 def adaround(
-    weight: torch.Tensor, qparams: QParams, x: torch.Tensor, x_hat: torch.Tensor,
-    iterations: int = ADAROUND_ITERATIONS, seed: int = 0,
+    weight: torch.Tensor,
+    qparams: QParams,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    iterations: int = ADAROUND_ITERATIONS,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Learned rounding of `weight` on the grid of `qparams`, reconstructing W x from W_hat x_hat.
     Returns integer weights and what it did; nearest rounding is returned if it reconstructs better."""

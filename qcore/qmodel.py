@@ -86,7 +86,10 @@ class QuantizedNet(nn.Module):
     """Net's forward with fake-quantized inputs, weights and int32 biases."""
 
     def __init__(
-        self, layers: dict[str, LayerQuant], config: QuantConfig, float_model: Net | None = None,
+        self,
+        layers: dict[str, LayerQuant],
+        config: QuantConfig,
+        float_model: Net | None = None,
         methods: MethodsReport | None = None,
     ) -> None:
         super().__init__()
@@ -192,9 +195,7 @@ def quantize_model(model: Net, config: QuantConfig, batches: Sequence[torch.Tens
     bits = None
     if config.weight_bits_budget > 0:
         stop = timed(report, "mixed precision")
-        report.sensitivity = sensitivities(
-            model, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b))
-        )
+        report.sensitivity = sensitivities(model, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b)))
         bits = choose_bits(report.sensitivity, config.weight_bits_budget)
         stop()
     calibrated = [name for name in LAYER_NAMES if input_is_quantized(name, config)]
@@ -225,8 +226,9 @@ def apply_adaround(
             continue
         with torch.inference_mode():
             _, _, quantized = QuantizedNet(layers, config).trace(images)
-        weight_int, info = adaround(quant.weight, quant.weight_qparams, float_inputs[name], quantized[name],
-                                    seed=config.seed)
+        weight_int, info = adaround(
+            quant.weight, quant.weight_qparams, float_inputs[name], quantized[name], seed=config.seed
+        )
         quant.weight_int = weight_int
         report.adaround[name] = info
 
