@@ -11,6 +11,7 @@ PAGES = [
     st.Page("pages/activations.py", title="Activations", icon=":material/show_chart:"),
     st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
     st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
+    st.Page("pages/methods.py", title="Methods", icon=":material/auto_fix_high:"),
     st.Page("pages/deploy.py", title="Deploy", icon=":material/memory:"),
 ]
 

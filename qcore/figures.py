@@ -211,3 +211,23 @@ def activation_histogram_figure(stats: ActivationStats) -> go.Figure:
 def throughput_figure(engines: Sequence[str], images_per_second: Sequence[float]) -> go.Figure:
     fig = go.Figure(go.Bar(x=list(engines), y=list(images_per_second), marker_color=FLOAT_COLOR))
     return _layout(fig, "Throughput on the 10k test set (one run)", "inference path", "images / s")
+
+
+def equalization_figure(pair: str, ranges_before: Sequence[float], ranges_after: Sequence[float]) -> go.Figure:
+    """Per output channel of the pair's first layer: its weight range before and after equalization."""
+    channels = list(range(len(ranges_before)))
+    fig = go.Figure()
+    fig.add_bar(x=channels, y=list(ranges_before), name="before", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=channels, y=list(ranges_after), name="after", marker_color=CLIP_COLOR)
+    fig.update_layout(barmode="group", yaxis_type="log")
+    return _layout(fig, f"Equalization {pair}: max |w| per channel", "channel", "max |w| (log)")
+
+
+def adaround_figure(layers: Sequence[str], flipped_fraction: Sequence[float]) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(layers), y=[100 * f for f in flipped_fraction], marker_color=QUANT_COLOR))
+    return _layout(fig, "Weights AdaRound rounds the other way than nearest", "layer", "flipped (%)")
+
+
+def bias_shift_figure(layer_name: str, shifts: Sequence[float]) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(range(len(shifts))), y=list(shifts), marker_color=FLOAT_COLOR))
+    return _layout(fig, f"Bias correction of {layer_name} per output channel", "channel", "bias shift")

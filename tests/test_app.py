@@ -20,7 +20,14 @@ from qcore.model import Net
 from tests.conftest import ROOT
 
 APP = str(ROOT / "app.py")
-PAGES = ["pages/model.py", "pages/activations.py", "pages/weights.py", "pages/accuracy.py", "pages/deploy.py"]
+PAGES = [
+    "pages/model.py",
+    "pages/activations.py",
+    "pages/weights.py",
+    "pages/accuracy.py",
+    "pages/methods.py",
+    "pages/deploy.py",
+]
 TIMEOUT = 180
 
 
@@ -78,7 +85,7 @@ def test_every_page_renders_with_charts(app, page):
     no_exceptions(at)
     assert at.title[0].value == page.split("/")[1].removesuffix(".py").capitalize()
     assert len(at.latex) >= 1  # each page shows the formula in play
-    if page not in ("pages/model.py", "pages/deploy.py"):
+    if page not in ("pages/model.py", "pages/deploy.py", "pages/methods.py"):
         assert len(at.get("plotly_chart")) >= 2
 
 
@@ -235,3 +242,21 @@ def test_deploy_page_explains_when_integers_are_impossible(app):
     at.switch_page("pages/deploy.py").run()
     no_exceptions(at)
     assert any("fc2" in w.value and "Quantize every layer" in w.value for w in at.warning)
+
+
+def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretrained, mnist, float_eval):
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(2)
+    at.multiselect(key="methods").set_value(["adaround", "bias-correction"])
+    at.run()
+    at.switch_page("pages/methods.py").run()
+    no_exceptions(at)
+    config = QuantConfig(weight_bits=2, methods=("adaround", "bias-correction"))
+    expected = build_report(pretrained, mnist, config, float_eval)
+    assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
+    assert at.query_params["methods"] == "adaround,bias-correction"
+    adaround_table = next(d.value for d in at.dataframe if "flipped" in d.value.columns)
+    assert list(adaround_table["flipped"]) == [
+        expected.qnet.methods.adaround[n]["flipped"] for n in ("conv1", "conv2", "fc1", "fc2")
+    ]
+    assert len(at.get("plotly_chart")) >= 2  # AdaRound flips and the bias shift

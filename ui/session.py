@@ -10,6 +10,7 @@ from qcore.calibrate import OBSERVERS
 from qcore.checkpoint import fingerprint
 from qcore.config import WEIGHT_RANGES, QuantConfig, max_calib_batches
 from qcore.data import DataNotFoundError, Mnist, data_dir
+from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES, Net
 from qcore.quant import Granularity, Scheme
 from ui import cache
@@ -74,7 +75,9 @@ def _seed_widgets_from_url() -> None:
         warnings.append(f"batch sizes offered here are {BATCH_SIZES}; using 64 instead of {config.batch_size}")
         config = config.with_changes(batch_size=64, calib_batches=min(config.calib_batches, max_calib_batches(64)))
     for key, value in config.to_dict().items():
-        if key == "float_layers":
+        if key == "methods":
+            st.session_state[key] = list(value)
+        elif key == "float_layers":
             for name in LAYER_NAMES:
                 st.session_state[f"float_{name}"] = name in config.float_layers
         else:
@@ -113,6 +116,19 @@ def config_controls() -> QuantConfig:
         columns = st.columns(len(LAYER_NAMES))
         for column, name in zip(columns, LAYER_NAMES, strict=True):
             column.checkbox(name, key=f"float_{name}")
+    with sidebar.expander("PTQ methods", expanded=bool(st.session_state["methods"])):
+        st.multiselect("Methods (applied in this order)", list(METHODS), key="methods")
+        st.number_input(
+            "Mixed precision: average weight bits at most (0 = off)",
+            min_value=0.0,
+            max_value=8.0,
+            step=0.25,
+            key="weight_bits_budget",
+        )
+    budget = float(st.session_state["weight_bits_budget"])
+    if 0 < budget < 2:
+        sidebar.warning("A weight-bits budget below 2 cannot be met (2 bits is the least); mixed precision is off.")
+        budget = 0.0
     config = QuantConfig(
         weight_bits=st.session_state["weight_bits"],
         act_bits=st.session_state["act_bits"],
@@ -125,6 +141,8 @@ def config_controls() -> QuantConfig:
         quantize_input=st.session_state["quantize_input"],
         float_layers=tuple(name for name in LAYER_NAMES if st.session_state[f"float_{name}"]),
         seed=int(st.session_state["seed"]),
+        methods=tuple(st.session_state["methods"]),
+        weight_bits_budget=budget,
     ).validate()
     query = config.to_query()
     if {key: st.query_params[key] for key in st.query_params} != query:

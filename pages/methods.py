@@ -1,0 +1,49 @@
+"""Methods: what equalization, mixed precision, AdaRound and bias correction changed, per layer."""
+
+import streamlit as st
+
+from qcore.figures import adaround_figure, bias_shift_figure, equalization_figure
+from qcore.methods import average_bits
+from ui import session
+from ui.tables import table_with_csv
+
+st.title("Methods")
+entry, config, report = session.current_report()
+methods = report.qnet.methods
+st.markdown(
+    "Beyond choosing ranges, four published post-training methods push quantization to fewer bits "
+    "without retraining. Pick them in the sidebar (**PTQ methods**); they run in a fixed order: "
+    "cross-layer equalization, mixed precision, AdaRound, bias correction. AdaRound learns, per "
+    "weight, whether to round down or up, so that the layer's output on calibration data is kept:"
+)
+st.latex(
+    r"\min_{V}\ \big\| W x - \tilde W \hat x \big\|^2 + \lambda \sum_{i} \big(1 - |2h(V_i) - 1|^{\beta}\big),"
+    r"\qquad \tilde W = s \cdot \mathrm{clamp}\big(\lfloor W / s \rfloor + h(V),\ q_{\min},\ q_{\max}\big)"
+)
+if not config.methods and not config.weight_bits_budget:
+    st.info(
+        "No method is selected. Try: weight bits 2, then add **adaround** in the sidebar and compare "
+        "the quantized accuracy (AdaRound takes about 15 seconds on 2 cores)."
+    )
+    st.stop()
+
+if methods.weight_bits:
+    st.subheader("Weight bits per layer")
+    table_with_csv([{"layer": n, "weight bits": b} for n, b in methods.weight_bits.items()], "bits", "method_bits")
+    st.caption(f"Average over parameters: {average_bits(methods.weight_bits):.2f} bits.")
+if methods.seconds:
+    table_with_csv([{"method": k, "seconds": v} for k, v in methods.seconds.items()], "method times", "method_times")
+
+if methods.equalization:
+    st.subheader("Cross-layer equalization")
+    for pair, data in methods.equalization.items():
+        st.plotly_chart(equalization_figure(pair, data["ranges_before"], data["ranges_after"]), key=f"eq_{pair}")
+if methods.adaround:
+    st.subheader("AdaRound")
+    names = list(methods.adaround)
+    st.plotly_chart(adaround_figure(names, [methods.adaround[n]["flipped_fraction"] for n in names]), key="ada")
+    table_with_csv([{"layer": n, **methods.adaround[n]} for n in names], "AdaRound", "adaround")
+if methods.bias_shift:
+    st.subheader("Bias correction")
+    chosen = st.selectbox("Layer", list(methods.bias_shift), key="bias_layer")
+    st.plotly_chart(bias_shift_figure(chosen, methods.bias_shift[chosen]), key="bias_shift_chart")
