@@ -11,7 +11,6 @@ Goals (issue 3): new W8A8 config <= 2x float eval; cached config < 0.3 s.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,22 +18,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import streamlit.testing.v1.app_test as app_test_module  # noqa: E402
-from streamlit.runtime.pages_manager import PagesManager  # noqa: E402
+from _common import emit  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from qcore.checkpoint import load_model  # noqa: E402
 from qcore.data import load_mnist  # noqa: E402
 from qcore.evaluate import evaluate  # noqa: E402
-
-
-class NavigationPagesManager(PagesManager):
-    """As in tests/test_app.py: keep AppTest on st.navigation, as a real server is after its first run."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        PagesManager.uses_pages_directory = False
+from ui.apptest import NavigationPagesManager  # noqa: E402
 
 
 def rerun_seconds(at: AppTest, seed: int) -> float:
@@ -81,10 +74,7 @@ def main() -> None:
     print(f"{'float eval, 10k test images':<36}  {float_eval:8.3f}")
     print(f"{'rerun after change, new W8A8 config':<36}  {new_config:8.3f}   ({new_config / float_eval:.2f}x float)")
     print(f"{'rerun after change, cached config':<36}  {cached:8.3f}")
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

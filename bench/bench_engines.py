@@ -10,7 +10,6 @@ Goal (issue 4): the fastest int8 path at least 1.5x float torch.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from qcore.analysis import quantize_for  # noqa: E402
 from qcore.checkpoint import load_model  # noqa: E402
@@ -85,10 +87,7 @@ def main() -> None:
             f"{100 * row['accuracy']:>8.2f}%"
         )
     print(f"fastest int8 path: {fastest}, {result['fastest_int8_over_float']:.2f}x float; CPU int8 ISA: {cpu_flags()}")
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

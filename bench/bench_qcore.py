@@ -9,7 +9,6 @@ Goals (issue 2): quantized-simulation eval <= 1.5x float eval; one training epoc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from qcore.analysis import bit_sweep  # noqa: E402
 from qcore.checkpoint import load_model  # noqa: E402
@@ -109,10 +111,7 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:<{width}}  {value:8.3f}x")
     result = {"seconds": seconds, "ratios": ratios, "machine": machine}
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import os
 import pytest
 import streamlit.testing.v1.app_test as app_test_module
 import torch
-from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from qcore.analysis import build_report, quantize_for
@@ -18,6 +17,7 @@ from qcore.config import QuantConfig
 from qcore.evaluate import evaluate
 from qcore.model import Net
 from tests.conftest import ROOT
+from ui.apptest import NavigationPagesManager
 
 APP = str(ROOT / "app.py")
 PAGES = [
@@ -29,16 +29,6 @@ PAGES = [
     "pages/deploy.py",
 ]
 TIMEOUT = 180
-
-
-class NavigationPagesManager(PagesManager):
-    """AppTest resets PagesManager's class flag before every run, so with a folder named pages/ it
-    runs each page the legacy way, without app.py (no sidebar). A real server clears the flag on the
-    first st.navigation call and keeps it cleared; this restores that steady state."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        PagesManager.uses_pages_directory = False
 
 
 @pytest.fixture
