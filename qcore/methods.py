@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.model import LAYER_NAMES, Net, layer
-from qcore.quant import QParams, fake_quantize
+from qcore.quant import QParams
 
 METHODS = ("equalization", "adaround", "bias-correction")  # the order they are applied in
 EQUALIZATION_ROUNDS = 10
@@ -234,10 +233,6 @@ def adaround(
     }
 
 
-def quantized_inputs(x: torch.Tensor, qparams: QParams | None) -> torch.Tensor:
-    return x if qparams is None else fake_quantize(x, qparams)
-
-
 # --- 4. empirical bias correction -------------------------------------------------------------
 
 
@@ -272,7 +267,3 @@ def timed(report: MethodsReport, key: str) -> Callable[[], None]:
         report.seconds[key] = report.seconds.get(key, 0.0) + time.perf_counter() - started
 
     return stop
-
-
-def is_finite_budget(value: float) -> bool:
-    return math.isfinite(value) and value > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +66,6 @@ class TrainResult:
     config: TrainConfig
     cancelled: bool
     history: list[dict[str, float]] = field(default_factory=list)  # one row per step
-
-    def to_dict(self) -> dict[str, object]:
-        return {"config": asdict(self.config), "cancelled": self.cancelled, "steps": len(self.history)}
 
 
 def resolve_device(device: str) -> torch.device:
