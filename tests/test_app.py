@@ -250,3 +250,16 @@ def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretr
         expected.qnet.methods.adaround[n]["flipped"] for n in ("conv1", "conv2", "fc1", "fc2")
     ]
     assert len(at.get("plotly_chart")) >= 2  # AdaRound flips and the bias shift
+
+
+def test_weights_page_sqnr_matches_qcore(app, pretrained, mnist, float_eval):
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3)
+    at.number_input(key="calib_batches").set_value(2)
+    at.run()
+    at.switch_page("pages/weights.py").run()
+    no_exceptions(at)
+    expected = build_report(pretrained, mnist, QuantConfig(weight_bits=3, calib_batches=2), float_eval)
+    table = next(d.value for d in at.dataframe if "weight SQNR (dB)" in d.value.columns)
+    assert list(table["weight SQNR (dB)"]) == pytest.approx([row.weight_sqnr_db for row in expected.layers])
+    assert list(table["activation SQNR (dB)"]) == pytest.approx([row.act_sqnr_db for row in expected.layers])
