@@ -96,6 +96,19 @@ def test_runs_on_integer_tensors_only(pretrained, mnist):
     assert logits.dtype == torch.int64 and predictions.shape == (64,)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(), QuantConfig(weight_bits=4, act_bits=4), QuantConfig(scheme="asymmetric", granularity="per-tensor")],
+)
+def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(pretrained, mnist, config, monkeypatch):
+    engine = IntegerNet(quantize_for(pretrained, mnist, config))
+    x = engine.quantize_input(mnist.test.images[:200])
+    corrected = engine.logits_int(x)  # int8 x int8 -> int32 products plus gemmlowp's corrections
+    monkeypatch.setattr("qcore.integer._int8_operands", lambda _x, _layer: None)
+    plain = engine.logits_int(x)  # (x - zx)(w - zw) in int64, zero points subtracted first
+    assert torch.equal(corrected, plain)
+
+
 def test_agrees_with_simulation_on_the_full_test_set(pretrained, mnist):
     qnet = quantize_for(pretrained, mnist, QuantConfig())
     simulated = evaluate(qnet, mnist.test)
