@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -104,7 +104,7 @@ class MovingAverageMinMaxObserver(Observer):
         self.averaging_constant = averaging_constant
         self._min = self._max = 0.0
 
-    def _update(self, x: torch.Tensor) -> None:  # noqa: B027 - optional hook, deliberately empty
+    def _update(self, x: torch.Tensor) -> None:
         batch_min, batch_max = float(x.min()), float(x.max())
         if self.batches == 1:
             self._min, self._max = batch_min, batch_max
@@ -202,7 +202,7 @@ class NotebookObserver(Observer):
         super().__init__(bits, scheme)
         self._sum_min = self._sum_max = 0.0
 
-    def _update(self, x: torch.Tensor) -> None:  # noqa: B027 - optional hook, deliberately empty
+    def _update(self, x: torch.Tensor) -> None:
         per_sample = x.reshape(x.shape[0], -1)
         self._sum_min += float(per_sample.min(dim=1).values.sum())
         self._sum_max += float(per_sample.max(dim=1).values.sum())
@@ -287,7 +287,7 @@ def calibrate(
     # Histograms always come from a sample, whichever rule chooses the range.
     samples = {name: ValueSample() for name in layers}
 
-    def hook_for(name: str):  # noqa: ANN202 - torch hook signature
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             observers[name].observe(inputs[0])
             samples[name].add(inputs[0])

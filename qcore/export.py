@@ -76,7 +76,7 @@ def qtensors_bytes(engine: IntegerNet) -> bytes:
 class LoadedIntegerNet(IntegerNet):
     """An IntegerNet rebuilt from a qtensors file alone (no float weights, no calibration)."""
 
-    def __init__(self, state: dict[str, object]) -> None:  # noqa: D107 - builds from the file
+    def __init__(self, state: dict[str, object]) -> None:
         from qcore.config import QuantConfig
 
         if state.get("format") != QTENSORS_FORMAT:
