@@ -3,18 +3,16 @@ SQNR, bit-width sweeps, per-layer sensitivity and a full float-vs-quantized repo
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import nn
 
 from qcore.config import QuantConfig
 from qcore.data import Mnist, Split
 from qcore.evaluate import EvalResult, evaluate, flipped_indices
-from qcore.model import LAYER_NAMES, Net, layer
+from qcore.model import LAYER_NAMES, Net, capture_layers
 from qcore.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
 from qcore.quant import fake_quantize, sqnr_db
 
@@ -75,28 +73,6 @@ def weight_histogram(quant: LayerQuant, channel: int | None = None, bins: int = 
         quantization_levels(quant, channel),
         (effective - weight).tolist(),
     )
-
-
-@torch.inference_mode()
-def layer_inputs(model: Net, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The float input tensor of every layer for `images` (hooks on a private copy of the model)."""
-    model = copy.deepcopy(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            captured[name] = inputs[0].detach().clone()
-
-        return hook
-
-    handles = [layer(model, name).register_forward_pre_hook(hook_for(name)) for name in LAYER_NAMES]
-    try:
-        model.eval()
-        model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 @dataclass(frozen=True)
@@ -225,7 +201,7 @@ def build_report(model: Net, data: Mnist, config: QuantConfig, float_result: Eva
     float_result = float_result or evaluate(model, data.test)
     quant_result = evaluate(qnet, data.test)
     # the float model the quantizer saw (equalized when that method ran) gives the reference inputs
-    inputs = layer_inputs(qnet.float_model or model, data.test.images[:SQNR_SAMPLES])
+    inputs = capture_layers(qnet.float_model or model, data.test.images[:SQNR_SAMPLES], "input")
     flips = flipped_indices(float_result, quant_result, data.test.labels)
     return Report(config, float_result, quant_result, layer_rows(qnet, inputs), qnet, flips)
 

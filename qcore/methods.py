@@ -21,12 +21,12 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qcore.model import LAYER_NAMES, Net, layer
 from qcore.quant import QParams
@@ -236,34 +236,16 @@ def adaround(
 # --- 4. empirical bias correction -------------------------------------------------------------
 
 
-def layer_outputs(model: nn.Module, names: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each named layer's output (pre-activation) for `images`, by forward hooks on a copy."""
-    model = copy.deepcopy(model)
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        layer(model, name).register_forward_hook(
-            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())
-        )
-        for name in names
-    ]
-    try:
-        with torch.inference_mode():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 def channel_means(y: torch.Tensor) -> torch.Tensor:
     """Mean over samples (and positions, for conv outputs) per output channel."""
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
 
 
-def timed(report: MethodsReport, key: str) -> Callable[[], None]:
+@contextmanager
+def timed(report: MethodsReport, key: str) -> Iterator[None]:
+    """Adds the seconds spent inside the block to report.seconds[key]."""
     started = time.perf_counter()
-
-    def stop() -> None:
+    try:
+        yield
+    finally:
         report.seconds[key] = report.seconds.get(key, 0.0) + time.perf_counter() - started
-
-    return stop

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,3 +38,27 @@ def layer(model: Net, name: str) -> nn.Conv2d | nn.Linear:
     if name not in LAYER_NAMES:
         raise KeyError(f"unknown layer {name!r}; layers are {', '.join(LAYER_NAMES)}")
     return getattr(model, name)
+
+
+@torch.inference_mode()
+def capture_layers(model: Net, images: torch.Tensor, what: Literal["input", "output"]) -> dict[str, torch.Tensor]:
+    """Every layer's input, or its output before the activation, for `images`. The hooks go on a
+    private copy, so a model shared between sessions is never touched."""
+    model = copy.deepcopy(model).eval()
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name] = tensor.detach().clone()
+
+    handles = [
+        layer(model, name).register_forward_pre_hook(lambda _m, inputs, name=name: keep(name, inputs[0]))
+        if what == "input"
+        else layer(model, name).register_forward_hook(lambda _m, _i, output, name=name: keep(name, output))
+        for name in LAYER_NAMES
+    ]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured

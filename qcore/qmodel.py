@@ -26,11 +26,10 @@ from qcore.methods import (
     channel_means,
     choose_bits,
     equalize,
-    layer_outputs,
     sensitivities,
     timed,
 )
-from qcore.model import LAYER_NAMES, Net, layer
+from qcore.model import LAYER_NAMES, Net, capture_layers, layer
 from qcore.quant import (
     Granularity,
     QParams,
@@ -188,28 +187,26 @@ def quantize_model(model: Net, config: QuantConfig, batches: Sequence[torch.Tens
     config.validate()
     report = MethodsReport()
     if "equalization" in config.methods:
-        stop = timed(report, "equalization")
-        model, report.equalization = equalize(model)
-        stop()
+        with timed(report, "equalization"):
+            model, report.equalization = equalize(model)
     images = torch.cat(list(batches))
     bits = None
     if config.weight_bits_budget > 0:
-        stop = timed(report, "mixed precision")
-        report.sensitivity = sensitivities(model, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b)))
-        bits = choose_bits(report.sensitivity, config.weight_bits_budget)
-        stop()
+        with timed(report, "mixed precision"):
+            report.sensitivity = sensitivities(
+                model, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b))
+            )
+            bits = choose_bits(report.sensitivity, config.weight_bits_budget)
     calibrated = [name for name in LAYER_NAMES if input_is_quantized(name, config)]
     activations = calibrate(model, batches, config.observer, config.act_bits, calibrated) if calibrated else {}
     layers = quantize_layers(model, config, activations, bits)
     report.weight_bits = {n: q.weight_bits for n, q in layers.items() if q.weight_bits is not None}
     if "adaround" in config.methods:
-        stop = timed(report, "adaround")
-        apply_adaround(model, layers, config, images, report)
-        stop()
+        with timed(report, "adaround"):
+            apply_adaround(model, layers, config, images, report)
     if "bias-correction" in config.methods:
-        stop = timed(report, "bias-correction")
-        apply_bias_correction(model, layers, config, images, report)
-        stop()
+        with timed(report, "bias-correction"):
+            apply_bias_correction(model, layers, config, images, report)
     return QuantizedNet(layers, config, model, report).eval()
 
 
@@ -218,9 +215,7 @@ def apply_adaround(
 ) -> None:
     """Replace nearest rounding by AdaRound layer by layer: each layer learns to map the input it
     really gets (from the layers before it, already quantized) to the float model's output."""
-    from qcore.analysis import layer_inputs
-
-    float_inputs = layer_inputs(model, images)
+    float_inputs = capture_layers(model, images, "input")
     for name, quant in layers.items():
         if quant.weight_qparams is None:
             continue
@@ -237,7 +232,7 @@ def apply_bias_correction(
     model: Net, layers: dict[str, LayerQuant], config: QuantConfig, images: torch.Tensor, report: MethodsReport
 ) -> None:
     """Layer by layer, add the mean float-minus-quantized output per channel to the bias."""
-    float_outputs = layer_outputs(model, LAYER_NAMES, images)
+    float_outputs = capture_layers(model, images, "output")
     for name in LAYER_NAMES:
         quant = layers[name]
         if quant.weight_qparams is None:
