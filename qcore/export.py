@@ -4,8 +4,9 @@ back into the integer engine, and (b) an ONNX model in QDQ form for ONNX Runtime
 qtensors format (torch.save of a dict of tensors and plain values; read with weights_only=True):
   format: "qlab-qtensors/1", config: QuantConfig JSON, input_scale: float, input_zero: int,
   input_qmin / input_qmax: int, and per layer "<name>.<field>" for the fields of IntegerLayer, with
-  weights stored as "<name>.weight_packed" (uint8, `weight_bits` bits per value, LSB first, offset
-  by the range's minimum) plus "<name>.weight_shape" and "<name>.weight_offset".
+  weights stored as "<name>.weight_packed" (uint8, "<name>.weight_bits" bits per value, LSB first,
+  after subtracting "<name>.weight_offset", the smallest weight) plus "<name>.weight_shape". The
+  width is each layer's own, so mixed-precision layers pack at their own bit-width.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | BinaryIO) -> None:
     qin = engine.input_qparams
     assert qin is not None
-    bits = engine.config.weight_bits
     state: dict[str, object] = {
         "format": QTENSORS_FORMAT,
         "config": engine.config.to_json(),
@@ -56,7 +56,9 @@ def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | Bi
     }
     for name, layer in engine.layers.items():
         offset = int(layer.weight.min())
-        state[f"{name}.weight_packed"] = pack_bits(layer.weight - offset, bits)  # any b-bit range spans < 2^b
+        bits = max(1, (int(layer.weight.max()) - offset).bit_length())  # at most the layer's bit-width
+        state[f"{name}.weight_packed"] = pack_bits(layer.weight - offset, bits)
+        state[f"{name}.weight_bits"] = bits
         state[f"{name}.weight_shape"] = list(layer.weight.shape)
         state[f"{name}.weight_offset"] = offset
         for f in fields(IntegerLayer):
@@ -94,21 +96,13 @@ class LoadedIntegerNet(IntegerNet):
             count = int(torch.tensor(shape).prod())
             packed = state[f"{name}.weight_packed"]
             assert isinstance(packed, torch.Tensor)
-            bits = self._bits_for(packed, count)
+            bits = int(state[f"{name}.weight_bits"])  # type: ignore[call-overload]
             weight = (unpack_bits(packed, bits, count) + int(state[f"{name}.weight_offset"])).reshape(shape)
             values = {
                 f.name: state[f"{name}.{f.name}"] for f in fields(IntegerLayer) if f.name not in ("name", "weight")
             }
             tensors = {k: v.to(torch.int64) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             self.layers[name] = IntegerLayer(name=name, weight=weight, **tensors)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _bits_for(packed: torch.Tensor, count: int) -> int:
-        """The bits per value that pack_bits used: the smallest b with ceil(count * b / 8) bytes."""
-        for bits in range(1, 33):
-            if -(-count * bits // 8) == len(packed):
-                return bits
-        raise ValueError("packed weights of an unexpected size")
 
 
 def load_qtensors(source: str | os.PathLike[str] | bytes | BinaryIO) -> LoadedIntegerNet:

@@ -177,3 +177,15 @@ def test_size_table_by_hand(pretrained, mnist):
     assert row["float32 bytes"] == 4 * (weights + biases)
     # each layer's weights rounded up to whole bytes: 250 + 12500 + 200000 + 2500 bytes at 4 bits
     assert row["packed bytes"] == 250 + 12500 + 200000 + 2500 + 4 * biases
+
+
+def test_qtensors_round_trip_with_mixed_precision(pretrained, mnist):
+    # per-layer bits differ from config.weight_bits (2): conv layers get up to 8 bits
+    qnet = quantize_for(pretrained, mnist, QuantConfig(weight_bits=2, weight_bits_budget=2.5, calib_batches=4))
+    assert max(qnet.methods.weight_bits.values()) > 2
+    engine = IntegerNet(qnet)
+    loaded = load_qtensors(qtensors_bytes(engine))
+    images = mnist.test.images[:500]
+    assert torch.equal(loaded.predict(images), engine.predict(images))
+    for name, layer in engine.layers.items():
+        assert torch.equal(loaded.layers[name].weight, layer.weight)
