@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from qcore.analysis import Report
 from qcore.calibrate import OBSERVERS
 from qcore.checkpoint import fingerprint
 from qcore.config import WEIGHT_RANGES, QuantConfig, max_calib_batches
@@ -171,7 +172,7 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
         st.caption("The page URL holds these settings: share it to share this what-if.")
 
 
-def current_report() -> tuple[ModelEntry, QuantConfig, object]:
+def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
     """For pages: the model, the config (set by app.py this run) and its cached report."""
     entry = current_model()
     config = st.session_state["qlab_config"]
