@@ -1,4 +1,16 @@
-"""Save and load Net state_dicts safely: weights_only unpickling, then a full check against Net."""
+"""Save and load Net state_dicts. Loading treats every file as hostile.
+
+`load_state_dict` is the one door for checkpoints (the CLI and the app both use it). In order, it
+1. bounds the work: the file's size, then (for a zip) the number of entries and their declared
+   uncompressed sizes, read from the central directory before anything is inflated;
+2. names what the file is when it is not a zip-format torch checkpoint (text, plain pickle,
+   safetensors, TorchScript, some other zip or binary);
+3. copies the validated entries into a fresh uncompressed zip, so torch's reader only ever sees an
+   archive we built from bounded, CRC-checked bytes;
+4. unpickles with weights_only (no code runs) and turns every exception into CheckpointError;
+5. checks the result is this Net's state_dict: dense, finite float32 CPU tensors of the right
+   shapes, and that a forward pass on a few probe images stays finite.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +18,37 @@ import io
 import os
 import pickle
 import re
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from qcore.data import MNIST_MEAN, MNIST_STD
+from qcore.files import shorten
 from qcore.model import Net
 
 PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "mnist_net.pt"
 # Keys some training scripts wrap a state_dict in; the first found is used.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
+# A Net state_dict saved by torch.save is 1.73 MB in 14 entries, stored uncompressed. The bounds
+# leave room for wrapped state_dicts (an epoch counter, a small optimizer state) and nothing more.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_ENTRIES = 64
+MAX_TOTAL_UNCOMPRESSED = 8 * 1024 * 1024
+MAX_PICKLE_BYTES = 1024 * 1024
+PROBE_IMAGES = 8
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; `problems` lists every reason found."""
+    """A checkpoint that cannot be used; `problems` lists every reason found, each one line."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(problems))
+        self.problems = [shorten(problem, 300) for problem in problems]
+        super().__init__("; ".join(self.problems))
 
 
 def expected_state() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -44,6 +68,143 @@ def checkpoint_bytes(model: Net) -> bytes:
     return buffer.getvalue()
 
 
+# --- what is this file? ------------------------------------------------------------------------
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _describe_non_zip(data: bytes) -> str:
+    """A one-line reason naming what a file that is not a zip archive is."""
+    if not data:
+        return "an empty file (0 bytes), not a PyTorch checkpoint"
+    if data[:1] == b"\x80" and len(data) > 1 and 2 <= data[1] <= 5:
+        return (
+            "a plain pickle (or PyTorch's legacy pre-1.6 format), not a zip-format checkpoint; "
+            "save it with torch.save(model.state_dict(), path) from PyTorch 1.6 or later"
+        )
+    if len(data) >= 10:
+        (header_size,) = struct.unpack("<Q", data[:8])
+        if 2 <= header_size <= len(data) - 8 and data[8:9] == b"{":
+            return "a safetensors file, not a PyTorch checkpoint; save it with torch.save(model.state_dict(), path)"
+    if b"\x00" not in data[:4096]:
+        try:
+            data[:4096].decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.start < 4092:  # a cut multi-byte character at the end still counts as text
+                return "a binary file of an unknown format, not a PyTorch checkpoint"
+        return f"a text file ({len(data)} bytes), not a PyTorch checkpoint"
+    return "a binary file of an unknown format, not a PyTorch checkpoint"
+
+
+def _read_bounded_zip(data: bytes) -> dict[str, bytes]:
+    """Every entry's bytes, refusing before inflating anything whose
+    declared size or count is out of bounds. zipfile stops at each entry's declared size and checks
+    its CRC, so the bytes read are bounded by what was checked."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        entries = archive.infolist()
+    except Exception as error:  # noqa: BLE001 - hostile bytes can raise anything in zipfile; all mean "damaged"
+        raise CheckpointError([f"a damaged zip archive, not a PyTorch checkpoint ({_reason(error)})"]) from None
+    if len(entries) > MAX_ENTRIES:
+        raise CheckpointError([f"a zip archive of {len(entries)} entries; a Net checkpoint has about 14"])
+    declared = sum(max(entry.file_size, 0) for entry in entries)
+    if declared > MAX_TOTAL_UNCOMPRESSED:
+        raise CheckpointError(
+            [
+                f"a zip archive that would inflate to {_mb(declared)} "
+                f"(a Net checkpoint is about 1.7 MB; at most {_mb(MAX_TOTAL_UNCOMPRESSED)} is accepted)"
+            ]
+        )
+    names = [entry.filename for entry in entries]
+    pickles = [name for name in names if name.endswith("/data.pkl") and name.count("/") == 1]
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        raise CheckpointError(
+            ["a TorchScript archive (torch.jit.save), not a state_dict; save model.state_dict() with torch.save"]
+        )
+    if len(pickles) != 1:
+        raise CheckpointError(["a zip archive that is not a PyTorch checkpoint (no single */data.pkl entry)"])
+    top = pickles[0].split("/", 1)[0]
+    if any(not name.startswith(top + "/") for name in names):
+        raise CheckpointError(["a zip archive that mixes a PyTorch checkpoint with other folders"])
+    pickle_entry = next(entry for entry in entries if entry.filename == pickles[0])
+    if pickle_entry.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError([f"a checkpoint whose data.pkl declares {_mb(pickle_entry.file_size)}; a Net's is 1 kB"])
+    contents: dict[str, bytes] = {}
+    try:
+        for entry in entries:
+            if entry.is_dir():
+                continue
+            with archive.open(entry) as member:
+                contents[entry.filename] = member.read(entry.file_size + 1)
+            if len(contents[entry.filename]) != entry.file_size:
+                raise CheckpointError([f"a damaged zip archive: {shorten(entry.filename)} is not its declared size"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - bad CRC, bad deflate stream, encryption...: all mean "damaged"
+        raise CheckpointError([f"a damaged zip archive, not a PyTorch checkpoint ({_reason(error)})"]) from None
+    return contents
+
+
+def _rebuilt_archive(contents: dict[str, bytes]) -> bytes:
+    """A fresh uncompressed zip of the checked entries: torch's own reader sees only this."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as rebuilt:
+        for name, payload in contents.items():
+            rebuilt.writestr(zipfile.ZipInfo(name), payload)
+    return buffer.getvalue()
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).split("\n", 1)[0].split(". ")[0].strip()
+    return shorten(text or type(error).__name__, 120)
+
+
+def _unpickling_problem(error: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if not found:  # a stream the unpickler cannot parse at all: damaged, not dangerous
+        return f"a damaged PyTorch checkpoint (its pickle cannot be read: {_reason(error)})"
+    name = shorten(found.group(1))
+    if name.startswith(("torch.nn.", "qcore.", "__main__.")) or name.endswith(".Net"):
+        return (
+            f"a whole pickled model ({name}), not a state_dict; "
+            "save it with torch.save(model.state_dict(), path) and upload that"
+        )
+    return (
+        f"refused: the file asks to run or build {name} while loading, which a weights-only "
+        "checkpoint never needs (it may be malicious); only plain state_dicts of tensors are accepted"
+    )
+
+
+def _unpickle(data: bytes) -> object:
+    if len(data) > MAX_FILE_BYTES:
+        raise CheckpointError(
+            [f"a file of {_mb(len(data))}; a Net checkpoint is 1.7 MB and at most {_mb(MAX_FILE_BYTES)} is accepted"]
+        )
+    if data[:4] != b"PK\x03\x04":
+        raise CheckpointError([_describe_non_zip(data)])
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise CheckpointError(["a truncated or damaged zip archive (its end is missing): the file was cut short"])
+    archive = _rebuilt_archive(_read_bounded_zip(data))
+    try:
+        with warnings.catch_warnings():  # torch warns on stderr about formats we refuse anyway
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(archive), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise CheckpointError([_unpickling_problem(error)]) from None
+    except Exception as error:  # noqa: BLE001 - torch's reader and unpickler raise many types on hostile input
+        raise CheckpointError([f"a damaged PyTorch checkpoint ({_reason(error)})"]) from None
+
+
+# --- is it this Net's state_dict? -----------------------------------------------------------------
+
+
+def _short_list(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(shorten(name, 40) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
     """Return `state` as a Net state_dict, or raise CheckpointError listing exactly what is wrong."""
     if isinstance(state, dict):
@@ -52,21 +213,24 @@ def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
                 state = state[key]
                 break
     if not isinstance(state, dict):
-        raise CheckpointError([f"expected a state_dict (a dict of tensors), found {type(state).__name__}"])
+        raise CheckpointError([f"a pickled {type(state).__name__}, not a state_dict (a dict of tensors)"])
     problems: list[str] = []
     expected = expected_state()
     missing = [key for key in expected if key not in state]
     unexpected = [str(key) for key in state if key not in expected]
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"missing keys: {_short_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"unexpected keys: {_short_list(unexpected)}")
     for key, (shape, dtype) in expected.items():
-        value = state.get(key)
-        if value is None:
+        if key not in state:
             continue
-        if not isinstance(value, torch.Tensor):
+        value = state[key]
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
             problems.append(f"{key}: expected a tensor, found {type(value).__name__}")
+            continue
+        if value.layout != torch.strided or value.is_quantized or value.device.type != "cpu":
+            problems.append(f"{key}: a {value.layout} {value.device.type} tensor, expected a dense CPU tensor")
             continue
         if tuple(value.shape) != shape:
             problems.append(f"{key}: shape {list(value.shape)}, expected {list(shape)}")
@@ -77,42 +241,53 @@ def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
             problems.append(f"{key}: {bad} non-finite value(s) (NaN or inf)")
     if problems:
         raise CheckpointError(problems)
-    return {key: state[key] for key in expected}
+    clean = {key: state[key].detach().clone().contiguous() for key in expected}
+    _check_forward_is_finite(clean)
+    return clean
 
 
-_CORRUPT = "not a readable PyTorch checkpoint (truncated or corrupt file)"
+def probe_images() -> torch.Tensor:
+    """A few inputs spanning what MNIST normalization can produce: all background, all ink, and
+    seeded random pixels; no data files needed, so the check works wherever loading does."""
+    low, high = (0.0 - MNIST_MEAN) / MNIST_STD, (1.0 - MNIST_MEAN) / MNIST_STD
+    generator = torch.Generator().manual_seed(0)
+    random = low + (high - low) * torch.rand(PROBE_IMAGES - 2, 1, 28, 28, generator=generator)
+    return torch.cat([torch.full((1, 1, 28, 28), low), torch.full((1, 1, 28, 28), high), random])
 
 
-def _unpickling_problem(error: Exception) -> str:
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    if not found:  # a stream the unpickler cannot parse at all: damaged, not dangerous
-        return _CORRUPT
-    name = found.group(1)
-    if name.startswith(("torch.nn.", "qcore.", "__main__.")) or name.endswith(".Net"):
-        return (
-            f"this file holds a whole pickled model ({name}), not a state_dict; "
-            "save it with torch.save(model.state_dict(), path) and upload that"
+def _check_forward_is_finite(state: dict[str, torch.Tensor]) -> None:
+    model = Net()
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        logits = model.eval()(probe_images())
+    if not bool(torch.isfinite(logits).all()):
+        largest = max(float(value.abs().max()) for value in state.values())
+        raise CheckpointError(
+            [
+                f"weights whose forward pass overflows (the largest weight is {largest:.3g}): "
+                "the network's outputs are not finite on ordinary images"
+            ]
         )
-    return (
-        f"refused: the file asks to run or build {name} while loading, which a weights-only "
-        "checkpoint never needs (it may be malicious); only plain state_dicts of tensors are accepted"
-    )
 
 
 def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with weights_only unpickling and validate it against Net."""
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
-        raise CheckpointError([f"no such checkpoint file: {source}"])
-    try:
-        state = torch.load(source, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as error:
-        raise CheckpointError([_unpickling_problem(error)]) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        detail = str(error).split(". ")[0].strip()
-        raise CheckpointError([f"{_CORRUPT}: {detail}" if detail else _CORRUPT]) from error
-    return validate_state_dict(state)
+    """Read a checkpoint safely (see the module's docstring) and validate it against Net."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError([f"no such checkpoint file: {shorten(source)}"])
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                size = _mb(path.stat().st_size)
+                raise CheckpointError([f"a file of {size}; at most {_mb(MAX_FILE_BYTES)} is accepted"])
+            data = path.read_bytes()
+        except OSError as error:
+            raise CheckpointError([f"cannot read {shorten(source)}: {error.strerror}"]) from None
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        data = source.read(MAX_FILE_BYTES + 1)
+    return validate_state_dict(_unpickle(data))
 
 
 def load_model(source: str | os.PathLike[str] | bytes | BinaryIO | None = None) -> Net:

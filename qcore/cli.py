@@ -1,7 +1,9 @@
 """`python -m qcore`: train, evaluate, sweep and sensitivity from the command line.
 
 Every command prints readable tables, or one JSON object with --json. Bad flags, bad files and
-missing data end with exit code 2 and a one-line error on stderr.
+missing data end with exit code 2 and a one-line error on stderr; every argument is checked before
+any work starts. Files are written atomically and never replace an existing file without --force.
+Ctrl-C exits 130 with one line and writes nothing.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from dataclasses import asdict
 from typing import NoReturn
 
 from qcore.calibrate import OBSERVERS
-from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, load_model, save_checkpoint
-from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, make_config
-from qcore.data import DataNotFoundError, data_dir, load_mnist
+from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, checkpoint_bytes, load_model
+from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
+from qcore.data import DataError, data_dir, load_mnist
 from qcore.deploy import ENGINES
+from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
-from qcore.quant import Granularity, Scheme
+from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 from qcore.train import TrainConfig, TrainProgress, train
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UsageError(Exception):
@@ -37,14 +41,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bits_list(text: str) -> list[int]:
-    """'2-8' or '2,4,8'."""
+    """'2-8' or '2,4,8', each bit-width within MIN_BITS..MAX_BITS (checked before any range is built)."""
+    usage = f"expected a range like 2-8 or a list like 2,4,8 of bits {MIN_BITS} to {MAX_BITS} (got {shorten(text)!r})"
+    if len(text) > 100:
+        raise argparse.ArgumentTypeError(usage)
     try:
         if "-" in text:
             low, high = (int(part) for part in text.split("-", 1))
-            return list(range(low, high + 1))
-        return [int(part) for part in text.split(",") if part]
+            bits = [low, high]
+        else:
+            bits = [int(part) for part in text.split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a range like 2-8 or a list like 2,4,8 (got {text!r})") from None
+        raise argparse.ArgumentTypeError(usage) from None
+    if not bits or any(not MIN_BITS <= b <= MAX_BITS for b in bits) or ("-" in text and bits[0] > bits[1]):
+        raise argparse.ArgumentTypeError(usage)
+    return list(range(bits[0], bits[1] + 1)) if "-" in text else sorted(set(bits))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = TrainConfig()
     train_cmd = commands.add_parser("train", help="train a Net (the notebook's recipe by default)")
     train_cmd.add_argument("--out", default="model.pt", help="where to write the state_dict")
+    train_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
     train_cmd.add_argument("--epochs", type=int, default=recipe.epochs)
     train_cmd.add_argument("--batch-size", type=int, default=recipe.batch_size)
     train_cmd.add_argument("--lr", type=float, default=recipe.lr)
@@ -116,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(export)
     export.add_argument("--format", choices=["qtensors", "onnx"], required=True)
     export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -162,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
         config.validate()
     except ValueError as error:
         raise UsageError(str(error)) from error
+    out = check_output_path(args.out, args.force)
     data = load_mnist(args.data_dir)
 
     def report(progress: TrainProgress) -> None:
@@ -175,7 +189,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     result = train(data.train, config, on_progress=report)
     seconds = time.perf_counter() - started
-    save_checkpoint(result.model, args.out)
+    try:
+        write_atomic(out, checkpoint_bytes(result.model))
+    except OSError as error:
+        raise UsageError(f"--out {shorten(args.out)}: {error.strerror}; nothing was written") from error
     from qcore.evaluate import evaluate
 
     test = evaluate(result.model, data.test)
@@ -185,10 +202,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
+def _require_integer_path(what: str, config: QuantConfig) -> None:
+    problems = integer_path_problems(config)
+    if problems:
+        raise UsageError(f"{what} cannot run this config: {'; '.join(problems)}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis import build_report
 
     config = config_from_args(args)
+    if args.engine in ("integer", "onnxruntime"):
+        _require_integer_path(f"--engine {args.engine}", config)
     model = load_model(args.checkpoint)
     data = load_mnist(args.data_dir)
     report = build_report(model, data, config)
@@ -268,16 +293,17 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     from qcore.integer import IntegerEngineError, IntegerNet
 
     config = config_from_args(args)
+    _require_integer_path(f"export --format {args.format}", config)
+    out = check_output_path(args.out, args.force)
     qnet = quantize_for(load_model(args.checkpoint), load_mnist(args.data_dir), config)
     try:
         payload = qtensors_bytes(IntegerNet(qnet)) if args.format == "qtensors" else export_onnx(qnet)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     try:
-        with open(args.out, "wb") as handle:
-            handle.write(payload)
+        write_atomic(out, payload)
     except OSError as error:
-        raise UsageError(f"--out {args.out}: {error.strerror}") from error
+        raise UsageError(f"--out {shorten(args.out)}: {error.strerror}; nothing was written") from error
     if not args.json:
         print(f"wrote {args.out} ({len(payload)} bytes, {args.format}) for {config.to_json()}")
     return {"out": args.out, "format": args.format, "bytes": len(payload), "config": config.to_dict()}
@@ -298,9 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_dir is not None and not data_dir(args.data_dir).is_dir():
             raise UsageError(f"--data-dir {args.data_dir}: no such folder")
         result = COMMANDS[args.command](args)
-    except (UsageError, ConfigError, CheckpointError, DataNotFoundError) as error:
-        print(f"qcore: error: {error}", file=sys.stderr)
+    except (UsageError, ConfigError, CheckpointError, DataError, OutputPathError) as error:
+        print(f"qcore: error: {shorten(error, 1000)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qcore: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
         sys.stderr.close()
         return 0

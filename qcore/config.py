@@ -7,12 +7,31 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
+from qcore.files import shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
 TRAIN_SIZE = 60000
 WEIGHT_RANGES = ("minmax", "mse")
+MAX_SEED = 2**31 - 1
+MAX_QUERY_VALUE = 200  # longer URL values are ignored unread: no setting needs more
+
+
+@dataclass(frozen=True)
+class Offered:
+    """What the dashboard's sidebar offers. A URL is bounded by the same choices, so a shared link
+    can never ask the server for more work than a click could."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16)
+    batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    max_calib_images: int = 4096  # 4x the default; the CLI may use the whole training split
+
+    def max_calib_batches(self, batch_size: int) -> int:
+        return max(1, min(max_calib_batches(batch_size), self.max_calib_images // batch_size))
+
+
+DASHBOARD = Offered()
 
 
 class ConfigError(ValueError):
@@ -62,6 +81,8 @@ class QuantConfig:
             value = getattr(self, name)
             if not MIN_BITS <= value <= MAX_BITS:
                 found.append(f"{name} must be between {MIN_BITS} and {MAX_BITS} (got {value})")
+        if not 0 <= self.seed <= MAX_SEED:
+            found.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
         if self.batch_size < 1:
             found.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.calib_batches < 1:
@@ -128,20 +149,30 @@ class QuantConfig:
         return query
 
     @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> tuple[QuantConfig, list[str]]:
-        """A config from URL query parameters, lenient: each bad or unknown value is replaced by the
-        default and explained in the returned warnings."""
+    def from_query(cls, query: Mapping[str, str], offered: Offered | None = None) -> tuple[QuantConfig, list[str]]:
+        """A config from URL query parameters, lenient: each bad value is replaced by the default
+        and explained in the returned warnings (one line each; any text from the URL in them is
+        shortened, and callers must still show them as plain text). With `offered`, values are
+        also bounded by what the dashboard offers."""
         warnings: list[str] = []
         config = cls()
         known = {f.name: f for f in fields(cls)}
-        for key, text in query.items():
-            if key not in known:
+        # A fixed order, whatever order the URL used; batch_size first, since it bounds calib_batches.
+        for key in sorted(known, key=lambda name: name != "batch_size"):
+            if key not in query:
                 continue  # other pages' parameters share the query string
+            text = str(query[key])
+            fallback = _query_text(getattr(config, key)) or "none"
+            if len(text) > MAX_QUERY_VALUE:
+                warnings.append(f"ignored {key}: its value is {len(text)} characters long; using {fallback}")
+                continue
             try:
-                value = _parse_query_value(key, str(text), type(getattr(config, key)))
+                value = _parse_query_value(key, text, type(getattr(config, key)))
                 candidate = make_config(**{**config.to_dict(), key: value})
+                if offered is not None:
+                    _check_offered(candidate, key, offered)
             except (ValueError, ConfigError) as error:
-                warnings.append(f"ignored {key}={text!r}: {error}; using {_query_text(getattr(config, key)) or 'none'}")
+                warnings.append(f"ignored {key}={shorten(text)!r}: {shorten(str(error), 160)}; using {fallback}")
                 continue
             config = candidate
         return config, warnings
@@ -152,6 +183,33 @@ class QuantConfig:
 
 def max_calib_batches(batch_size: int) -> int:
     return -(-TRAIN_SIZE // batch_size)
+
+
+def _check_offered(config: QuantConfig, key: str, offered: Offered) -> None:
+    if key in ("weight_bits", "act_bits") and getattr(config, key) not in offered.bits:
+        raise ValueError(f"the dashboard offers {', '.join(map(str, offered.bits))} bits")
+    if key == "batch_size" and config.batch_size not in offered.batch_sizes:
+        raise ValueError(f"the dashboard offers batch sizes {', '.join(map(str, offered.batch_sizes))}")
+    if key in ("calib_batches", "batch_size"):
+        limit = offered.max_calib_batches(config.batch_size)
+        if config.calib_batches > limit:
+            raise ValueError(
+                f"the dashboard calibrates on at most {offered.max_calib_images} images "
+                f"({limit} batches of {config.batch_size})"
+            )
+
+
+def integer_path_problems(config: QuantConfig) -> list[str]:
+    """Why the integer engine, ONNX Runtime or an export cannot run this config, known before any
+    calibration: every layer and the input must be quantized, at 8 bits or fewer."""
+    problems = []
+    if config.float_layers:
+        problems.append(f"every layer must be quantized (float: {', '.join(config.float_layers)})")
+    if not config.quantize_input:
+        problems.append("the input must be quantized (drop --float-input)")
+    if config.weight_bits > 8 or config.act_bits > 8:
+        problems.append(f"at most 8 bits fit int32 accumulators (got W{config.weight_bits}A{config.act_bits})")
+    return problems
 
 
 def make_config(**values: object) -> QuantConfig:

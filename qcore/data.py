@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +23,21 @@ _RAW_FILES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataError(Exception):
+    """MNIST cannot be used: missing or damaged. The message is one line and says what to do."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
     """MNIST is not in the data folder and could not be downloaded."""
+
+
+class DataFileError(DataError, ValueError):
+    """An MNIST idx file exists but is not what it must be (magic, dimensions, count, length, labels)."""
+
+
+_IMAGE_MAGIC = 0x00000803  # idx: unsigned bytes, 3 dimensions
+_LABEL_MAGIC = 0x00000801  # idx: unsigned bytes, 1 dimension
+_SPLIT_SIZES = {True: 60000, False: 10000}
 
 
 @dataclass(frozen=True)
@@ -64,24 +81,71 @@ def load_split(train: bool, root: str | os.PathLike[str] | None = None, download
         _try_download(folder)
     if missing_files(folder):
         raise DataNotFoundError(_missing_message(folder))
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
     image_name, label_name = _RAW_FILES[train]
     raw = folder / "MNIST" / "raw"
-    images = read_image_file(str(raw / image_name))
-    labels = read_label_file(str(raw / label_name)).to(torch.int64)
+    images = read_idx_images(raw / image_name, _SPLIT_SIZES[train])
+    labels = read_idx_labels(raw / label_name, _SPLIT_SIZES[train])
     return Split(normalize(images), labels)
 
 
+def _read_idx(path: Path, magic: int, dims: tuple[int, ...], count: int) -> torch.Tensor:
+    """The uint8 payload of an idx file, after checking everything its header claims."""
+    header_size = 4 * (1 + 1 + len(dims))
+    expected_size = header_size + count * math.prod(dims)
+    try:
+        size = path.stat().st_size
+        if size < header_size:
+            raise DataFileError(f"{path.name}: {size} bytes, shorter than an idx header; the file is truncated")
+        with open(path, "rb") as handle:
+            header = struct.unpack(f">{2 + len(dims)}I", handle.read(header_size))
+            if header[0] != magic:
+                raise DataFileError(f"{path.name}: magic number {header[0]:#010x}, expected {magic:#010x}")
+            if header[1] != count:
+                raise DataFileError(f"{path.name}: declares {header[1]} items, expected {count}")
+            if tuple(header[2:]) != dims:
+                raise DataFileError(f"{path.name}: item shape {list(header[2:])}, expected {list(dims)}")
+            if size != expected_size:
+                raise DataFileError(f"{path.name}: {size} bytes, expected {expected_size} for {count} items")
+            payload = bytearray(handle.read(expected_size - header_size))
+    except OSError as error:
+        raise DataFileError(f"{path.name}: cannot be read ({error.strerror})") from None
+    return torch.frombuffer(payload, dtype=torch.uint8).reshape(count, *dims)
+
+
+def read_idx_images(path: Path, count: int) -> torch.Tensor:
+    """uint8 [count, 28, 28] from an idx3 image file, validated."""
+    return _read_idx(path, _IMAGE_MAGIC, (28, 28), count)
+
+
+def read_idx_labels(path: Path, count: int) -> torch.Tensor:
+    """int64 [count] digit labels from an idx1 label file, validated (every label in 0..9)."""
+    labels = _read_idx(path, _LABEL_MAGIC, (), count).to(torch.int64)
+    if labels.numel() and int(labels.max()) > 9:
+        bad = int((labels > 9).sum())
+        raise DataFileError(f"{path.name}: {bad} label(s) outside 0..9 (largest {int(labels.max())})")
+    return labels
+
+
 def _try_download(folder: Path) -> None:
+    """Download with torchvision into a temporary folder and move the files in only when all four
+    arrived, so a failed download (offline, say) creates nothing where the data was looked for."""
     from torchvision.datasets import MNIST
 
-    try:
-        for train in (True, False):
-            MNIST(str(folder), train=train, download=True)
-    except (OSError, RuntimeError) as error:  # no network, or a mirror failed: report below
-        detail = " ".join(str(error).split())  # torchvision's message spans lines; keep one
-        raise DataNotFoundError(f"{_missing_message(folder)} Download failed: {detail}") from error
+    with tempfile.TemporaryDirectory(prefix="qcore-mnist-") as staging:
+        try:
+            for train in (True, False):
+                MNIST(staging, train=train, download=True)
+        except (OSError, RuntimeError) as error:  # no network, or a mirror failed: report below
+            detail = " ".join(str(error).split())  # torchvision's message spans lines; keep one
+            raise DataNotFoundError(f"{_missing_message(folder)} Download failed: {detail}") from error
+        fetched = Path(staging) / "MNIST" / "raw"
+        raw = folder / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for names in _RAW_FILES.values():
+            for name in names:
+                partial = raw / f".{name}.part"
+                shutil.copyfile(fetched / name, partial)
+                os.replace(partial, raw / name)  # a reader never sees a half-copied file
 
 
 def _missing_message(folder: Path) -> str:

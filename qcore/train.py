@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,10 @@ import torch.nn.functional as F
 
 from qcore.data import Split
 from qcore.model import Net
+
+MAX_EPOCHS = 100
+MAX_SEED = 2**31 - 1
+TRAIN_SIZE = 60000
 
 
 @dataclass(frozen=True)
@@ -26,16 +31,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            problems.append(f"batch size must be >= 1 (got {self.batch_size})")
-        if not self.lr > 0:
-            problems.append(f"learning rate must be > 0 (got {self.lr})")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            problems.append(f"epochs must be between 1 and {MAX_EPOCHS} (got {self.epochs})")
+        if not 1 <= self.batch_size <= TRAIN_SIZE:
+            problems.append(f"batch size must be between 1 and {TRAIN_SIZE} (got {self.batch_size})")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 10):
+            problems.append(f"learning rate must be > 0 and at most 10 (got {self.lr})")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
-        if self.train_samples is not None and self.train_samples < 1:
-            problems.append(f"train samples must be >= 1 (got {self.train_samples})")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
+        if self.train_samples is not None and not 1 <= self.train_samples <= TRAIN_SIZE:
+            problems.append(f"train samples must be between 1 and {TRAIN_SIZE} (got {self.train_samples})")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import pickle
+import random
+import struct
+import subprocess
+import sys
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -18,6 +26,7 @@ from qcore.checkpoint import (
     save_checkpoint,
 )
 from qcore.model import Net
+from tests.conftest import ROOT
 
 
 class CodeOnLoad:
@@ -72,7 +81,7 @@ def test_whole_pickled_module_is_refused_with_advice():
 
 def test_truncated_file_is_refused():
     data = checkpoint_bytes(Net())
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated or damaged zip archive"):
         load_state_dict(data[: len(data) // 2])
 
 
@@ -122,6 +131,164 @@ def test_wrapped_state_dict_is_accepted():
 def test_missing_file():
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_state_dict("/nonexistent/net.pt")
+
+
+# --- hostile files: each refused with a one-line reason that names what the file is ------------
+
+
+def _state_with(key: str, value: object) -> bytes:
+    state: dict[str, object] = dict(Net().state_dict())
+    state[key] = value
+    return _saved(state)
+
+
+def _torchscript() -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; this file is only an example to refuse
+        torch.jit.save(torch.jit.script(Net()), buffer)
+    return buffer.getvalue()
+
+
+def _safetensors() -> bytes:
+    header = json.dumps({"fc2.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(40)
+
+
+HOSTILE = {
+    "one byte a": (lambda: b"a", "a text file"),
+    "one byte G": (lambda: b"G", "a text file"),
+    "two bytes": (lambda: b"h.", "a text file"),
+    "text file": (lambda: b"conv1.weight = [0.1, 0.2]\n" * 20, "a text file"),
+    "empty": (lambda: b"", "an empty file"),
+    "raw pickle": (lambda: pickle.dumps({"conv1.weight": [0.0]}), "a plain pickle"),
+    "torchscript": (_torchscript, "a TorchScript archive"),
+    "safetensors": (_safetensors, "a safetensors file"),
+    "other zip": (lambda: _zip({"readme.txt": b"hello"}), "not a PyTorch checkpoint"),
+    "None value": (lambda: _state_with("fc1.bias", None), "fc1.bias: expected a tensor, found NoneType"),
+    "sparse tensor": (
+        lambda: _state_with("fc2.bias", torch.zeros(10).to_sparse()),
+        "fc2.bias: a torch.sparse_coo cpu tensor, expected a dense CPU tensor",
+    ),
+    "overflowing weights": (
+        lambda: _state_with("fc1.weight", torch.full((500, 800), 3e38)),
+        "weights whose forward pass overflows",
+    ),
+    "a list": (lambda: _saved([torch.zeros(1)]), "a pickled list, not a state_dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_files_are_named_in_one_line(case):
+    make, reason = HOSTILE[case]
+    with pytest.raises(CheckpointError) as error:
+        load_state_dict(make())
+    assert reason in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_finite_but_large_weights_that_stay_finite_load():
+    # the forward check refuses overflow, not size: weights 1e3 times larger still give finite logits
+    state = {key: value * 1e3 for key, value in Net().state_dict().items()}
+    assert set(load_state_dict(_saved(state))) == set(state)
+
+
+def _zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, payload in entries.items():
+            archive.writestr(name, payload)
+    return buffer.getvalue()
+
+
+def zip_bomb(inflated: int = 1 << 30) -> bytes:
+    """A torch-layout zip of about 1 MB whose data.pkl inflates to `inflated` bytes of zeros."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("archive/data.pkl")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as member:
+            chunk = bytes(16 << 20)
+            for _ in range(inflated // len(chunk)):
+                member.write(chunk)
+        archive.writestr("archive/version", "3\n")
+    return buffer.getvalue()
+
+
+def test_zip_bomb_is_refused_from_its_declared_size():
+    bomb = zip_bomb()
+    assert len(bomb) < 2_000_000
+    with pytest.raises(CheckpointError, match=r"would inflate to 1073\.7 MB"):
+        load_state_dict(bomb)
+
+
+def test_zip_that_lies_about_its_size_is_refused():
+    # declares 819 bytes (a real data.pkl's size) in both headers but inflates to 64 MB: zipfile stops
+    # at the declared size and the CRC check fails, so nothing past 819 bytes is ever produced
+    real = checkpoint_bytes(Net())
+    big = _zip({"archive/data.pkl": bytes(64 << 20), "archive/version": b"3\n"}, zipfile.ZIP_DEFLATED)
+    size = zipfile.ZipFile(io.BytesIO(big)).getinfo("archive/data.pkl").file_size
+    lying = big.replace(struct.pack("<I", size), struct.pack("<I", 819))
+    assert lying != big and len(real) > 0
+    with pytest.raises(CheckpointError, match="damaged zip archive"):
+        load_state_dict(lying)
+
+
+def test_zip_with_too_many_entries_is_refused():
+    entries = {f"archive/data/{i}": b"x" for i in range(100)} | {"archive/data.pkl": b"x"}
+    with pytest.raises(CheckpointError, match="101 entries"):
+        load_state_dict(_zip(entries))
+
+
+def test_fuzzed_checkpoints_load_or_raise_checkpoint_error():
+    """200 random mutations of a valid file: truncations, byte flips and inserted bytes. Each must
+    load (some flips only touch padding or a weight's low bits) or raise CheckpointError."""
+    valid = checkpoint_bytes(Net())
+    rng = random.Random(20261127)
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(200):
+        data = bytearray(valid)
+        kind = trial % 3
+        if kind == 0:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        else:
+            position = rng.randrange(len(data))
+            data[position:position] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        try:
+            load_state_dict(bytes(data))
+            outcomes["loaded"] += 1
+        except CheckpointError as error:
+            assert error.problems and all("\n" not in problem for problem in error.problems)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 200
+
+
+MEASURE_BOMB = """
+import resource, sys
+from qcore.checkpoint import CheckpointError, load_state_dict
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_state_dict(data)
+except CheckpointError as error:
+    print("refused", error)
+print("peak_growth_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_zip_bomb_refusal_costs_little_memory(tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(zip_bomb())
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_BOMB, str(bomb)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused" in done.stdout
+    growth_kib = int(done.stdout.split("peak_growth_kib")[1])
+    assert growth_kib < 50 * 1024  # the issue's bound is 300 MB; the refusal reads only the central directory
 
 
 def _saved(obj) -> bytes:

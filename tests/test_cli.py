@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -82,11 +86,139 @@ def test_errors_are_one_line_with_exit_code_2(args, needle):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_bad_checkpoint_file_is_one_line(tmp_path):
+def assert_one_line_error(done: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcore: error: ") and needle in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one byte a", "text file", "raw pickle", "None value", "sparse tensor", "overflowing weights", "safetensors"],
+)
+def test_hostile_checkpoints_are_one_line(tmp_path, case):
+    from tests.test_checkpoint import HOSTILE
+
+    make, reason = HOSTILE[case]
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    done = run_cli("evaluate", "--checkpoint", str(bad))
-    assert done.returncode == 2 and "truncated or corrupt" in done.stderr and "Traceback" not in done.stderr
+    bad.write_bytes(make())
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", str(bad)), reason)  # raw pickle: no torch warnings
+
+
+def test_zip_bomb_checkpoint_is_one_line(tmp_path):
+    from tests.test_checkpoint import zip_bomb
+
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(zip_bomb())
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", str(bomb)), "would inflate to 1073.7 MB")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["evaluate", "--seed", "99999999999999999999999"], "seed must be between 0 and 2147483647"),
+        (["train", "--seed", "99999999999999999999999"], "seed must be between 0 and 2147483647"),
+        (["sweep", "--bits", "2-99999999999"], "bits 2 to 16"),
+        (["sweep", "--bits", "8-2"], "expected a range"),
+        (["train", "--lr", "inf"], "learning rate"),
+        (["train", "--out", "nodir/x.pt"], "the folder nodir does not exist"),
+        (["export", "--format", "onnx", "--out", "nodir/x.onnx"], "the folder nodir does not exist"),
+        (["evaluate", "--engine", "integer", "--float-layers", "fc2"], "every layer must be quantized (float: fc2)"),
+        (["export", "--format", "qtensors", "--out", "x.pt", "--float-input"], "the input must be quantized"),
+    ],
+)
+def test_arguments_are_checked_before_any_work(args, needle):
+    done = run_cli(*args)
+    assert_one_line_error(done, needle)
+    assert "epoch" not in done.stderr  # refused before training (or calibration) started
+
+
+def test_existing_files_are_replaced_only_with_force(tmp_path):
+    out = tmp_path / "net.onnx"
+    out.write_bytes(b"precious")
+    assert_one_line_error(run_cli("export", "--format", "onnx", "--out", str(out)), "exists; pass --force")
+    assert_one_line_error(run_cli("train", "--epochs", "1", "--out", str(out)), "exists; pass --force")
+    assert out.read_bytes() == b"precious"
+    done = run_cli("export", "--format", "onnx", "--out", str(out), "--force")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:2] != b"pr" and len(out.read_bytes()) > 100_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]  # no temporary left behind
+
+
+def test_full_disk_leaves_the_existing_file_untouched(tmp_path, monkeypatch, capsys):
+    from qcore import cli, files
+
+    out = tmp_path / "net_q.pt"
+    out.write_bytes(b"precious")
+
+    def half_then_full(descriptor: int, data: bytes) -> None:
+        os.write(descriptor, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files, "_write_all", half_then_full)
+    code = cli.main(["export", "--format", "qtensors", "--out", str(out), "--force", "--calib-batches", "1"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "No space left on device; nothing was written" in stderr
+    assert out.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["net_q.pt"]
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "net.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qcore", "train", "--out", str(out)], stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    first = process.stderr.readline()  # the first progress line: training is under way
+    assert first.startswith("epoch 1/3"), first
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert rest.strip().splitlines()[-1:] == ["qcore: interrupted; nothing was written"]
+    assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def data_copy(tmp_path_factory):
+    """A private copy of MNIST's four files, to damage one at a time."""
+    from qcore.data import data_dir
+
+    source = data_dir() / "MNIST" / "raw"
+    copy = tmp_path_factory.mktemp("mnist")
+    (copy / "MNIST" / "raw").mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name.endswith("-ubyte"):
+            shutil.copyfile(path, copy / "MNIST" / "raw" / path.name)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda data: data[:-1], "t10k-images-idx3-ubyte: 7840015 bytes, expected 7840016"),
+        (lambda data: b"\x00\x00\x08\x02" + data[4:], "t10k-images-idx3-ubyte: magic number 0x00000802"),
+    ],
+)
+def test_damaged_data_file_is_one_line(data_copy, damage, needle):
+    path = data_copy / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    original = path.read_bytes()
+    path.write_bytes(damage(original))
+    try:
+        assert_one_line_error(run_cli("evaluate", "--data-dir", str(data_copy)), needle)
+    finally:
+        path.write_bytes(original)
+
+
+def test_label_out_of_range_is_one_line(data_copy):
+    path = data_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    original = path.read_bytes()
+    path.write_bytes(original[:8] + bytes([200]) + original[9:])  # the first test label becomes 200
+    try:
+        assert_one_line_error(run_cli("evaluate", "--data-dir", str(data_copy)), "1 label(s) outside 0..9")
+    finally:
+        path.write_bytes(original)
 
 
 @pytest.mark.parametrize("engine", ["integer", "onnxruntime"])

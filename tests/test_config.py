@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcore.config import ConfigError, QuantConfig, make_config
+from qcore.config import DASHBOARD, ConfigError, QuantConfig, integer_path_problems, make_config
 
 
 def test_hashable_and_order_insensitive():
@@ -47,3 +47,35 @@ def test_calibration_cannot_exceed_training_split():
 def test_unknown_json_key_is_refused():
     with pytest.raises(ConfigError, match="unknown setting"):
         QuantConfig.from_dict({"weight_bits": 8, "wieght_bits": 4})
+
+
+def test_seed_outside_the_sidebar_range_is_corrected_with_a_warning():
+    for text in ("-1", str(2**31)):
+        config, warnings = QuantConfig.from_query({"seed": text})
+        assert config.seed == 0
+        assert len(warnings) == 1 and f"seed='{text}'" in warnings[0] and "between 0 and 2147483647" in warnings[0]
+
+
+def test_url_is_bounded_by_what_the_dashboard_offers():
+    query = {"batch_size": "16", "calib_batches": "3750", "weight_bits": "9", "act_bits": "6"}
+    config, warnings = QuantConfig.from_query(query, DASHBOARD)
+    # 3750 batches of 16 is the whole training split, allowed by the CLI but not offered by the sidebar
+    assert QuantConfig.from_query(query)[0].calib_batches == 3750
+    assert (config.batch_size, config.calib_batches, config.weight_bits, config.act_bits) == (16, 16, 8, 6)
+    assert any("calib_batches='3750'" in w and f"{DASHBOARD.max_calib_images} images" in w for w in warnings)
+    assert any("weight_bits='9'" in w for w in warnings)
+
+
+def test_long_and_hostile_url_values_are_shortened_in_warnings():
+    link = "[Click here to re-login](http://evil.example/phish) ![t](http://127.0.0.1:9/pixel.png)"
+    config, warnings = QuantConfig.from_query({"observer": link, "act_bits": "4" * 100_000})
+    assert config == QuantConfig()
+    assert all(len(w) < 400 for w in warnings)
+    assert any("act_bits" in w and "100000 characters" in w for w in warnings)
+    assert not any("pixel.png" in w for w in warnings)  # cut at 60 characters, before the image
+
+
+def test_integer_path_problems_are_known_before_calibration():
+    assert integer_path_problems(QuantConfig()) == []
+    problems = integer_path_problems(QuantConfig(weight_bits=16, float_layers=("fc2",), quantize_input=False))
+    assert len(problems) == 3 and "fc2" in problems[0]

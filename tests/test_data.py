@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 
-from qcore.data import MNIST_MEAN, MNIST_STD, DataNotFoundError, load_split, normalize
+from qcore.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    DataFileError,
+    DataNotFoundError,
+    load_split,
+    normalize,
+    read_idx_images,
+    read_idx_labels,
+)
 
 
 def test_missing_data_names_the_folder_and_the_fix(tmp_path):
@@ -26,3 +38,77 @@ def test_real_mnist_shapes_and_labels(mnist):
     assert torch.bincount(mnist.test.labels).tolist()[:2] == [980, 1135]  # MNIST's published test counts
     # standardized with the notebook's constants: the training mean is about 0
     assert abs(float(mnist.train.images.mean())) < 0.01
+
+
+# --- damaged idx files: each refused naming the file and the fault, nothing created ------------
+
+RAW_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    """An idx file written from the format's definition (big-endian magic, then each dimension)."""
+    return struct.pack(f">{1 + len(dims)}I", magic, *dims) + payload
+
+
+def small_split(tmp_path, count: int = 4, labels: bytes | None = None):
+    """A folder with a valid test split of `count` images; load it with read_idx_* at that count."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(0x803, (count, 28, 28), bytes(range(count)) * 784))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(0x801, (count,), labels or bytes(range(count))))
+    return raw
+
+
+def test_valid_idx_files_read_back_exactly(tmp_path):
+    raw = small_split(tmp_path)
+    images = read_idx_images(raw / "t10k-images-idx3-ubyte", 4)
+    assert images.shape == (4, 28, 28) and images.dtype == torch.uint8
+    assert images.flatten()[:6].tolist() == [0, 1, 2, 3, 0, 1]  # payload written as 0,1,2,3 repeated
+    assert read_idx_labels(raw / "t10k-labels-idx1-ubyte", 4).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("t10k-images-idx3-ubyte", idx_bytes(0x803, (4, 28, 28), bytes(784 * 3)), "expected 3152 for 4 items"),
+        ("t10k-images-idx3-ubyte", idx_bytes(0x804, (4, 28, 28), bytes(784 * 4)), "magic number 0x00000804"),
+        ("t10k-images-idx3-ubyte", idx_bytes(0x803, (4, 28, 27), bytes(756 * 4)), "item shape [28, 27]"),
+        ("t10k-images-idx3-ubyte", idx_bytes(0x803, (5, 28, 28), bytes(784 * 5)), "declares 5 items, expected 4"),
+        ("t10k-images-idx3-ubyte", b"\x00\x00", "shorter than an idx header"),
+        ("t10k-labels-idx1-ubyte", idx_bytes(0x801, (4,), bytes([1, 200, 3, 12])), "2 label(s) outside 0..9"),
+    ],
+)
+def test_damaged_idx_file_names_file_and_fault(tmp_path, name, content, reason):
+    raw = small_split(tmp_path)
+    (raw / name).write_bytes(content)
+    reader = read_idx_images if "images" in name else read_idx_labels
+    with pytest.raises(DataFileError) as error:
+        reader(raw / name, 4)
+    assert name in str(error.value) and reason in str(error.value)
+
+
+def test_load_split_reports_a_damaged_real_sized_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW_NAMES:
+        (raw / name).write_bytes(b"\x00\x00\x08\x01")  # a magic number and nothing else
+    with pytest.raises(DataFileError, match="train-images-idx3-ubyte: 4 bytes, shorter than an idx header"):
+        load_split(True, tmp_path, download=False)
+
+
+def test_looking_for_missing_data_creates_nothing(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class OfflineMnist:
+        """torchvision's MNIST as it behaves offline: it makes its folders, then fails."""
+
+        def __init__(self, root, train, download):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nno network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMnist)
+    target = tmp_path / "empty"
+    target.mkdir()
+    with pytest.raises(DataNotFoundError, match="Download failed: Error downloading"):
+        load_split(False, target, download=True)
+    assert list(target.iterdir()) == []
