@@ -18,6 +18,6 @@ PAGES = [
 navigation = st.navigation(PAGES)
 st.sidebar.title("Quantization Lab")
 entry = session.current_model()
-st.session_state["qlab_config"] = session.config_controls()
-session.sidebar_summary(entry, st.session_state["qlab_config"])
+st.session_state[session.CONFIG_KEY] = session.config_controls()
+session.sidebar_summary(entry, st.session_state[session.CONFIG_KEY])
 navigation.run()

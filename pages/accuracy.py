@@ -12,6 +12,7 @@ from ui.tables import table_with_csv
 
 MAX_FLIPS_SHOWN = 24
 
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Accuracy")
 entry, config, report = session.current_report()
 mnist = session.mnist_or_stop()

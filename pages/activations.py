@@ -6,6 +6,7 @@ from qcore.figures import activation_histogram_figure, activation_ranges_figure,
 from ui import session
 from ui.tables import table_with_csv
 
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Activations")
 entry, config, report = session.current_report()
 st.markdown(

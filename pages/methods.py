@@ -7,6 +7,7 @@ from qcore.methods import average_bits
 from ui import session
 from ui.tables import table_with_csv
 
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Methods")
 entry, config, report = session.current_report()
 methods = report.qnet.methods

@@ -3,13 +3,17 @@
 import streamlit as st
 
 from qcore.checkpoint import CheckpointError, checkpoint_bytes, load_model
-from qcore.data import DataNotFoundError
+from qcore.data import DataError
 from qcore.figures import training_curve_figure
+from qcore.files import shorten
 from qcore.train import TrainConfig, TrainProgress, train
 from ui import cache, session
 
 TRAIN_STATE_KEY = "qlab_training"
+TRAIN_HISTORY_KEY = "qlab_train_history"
+MUCH_WORSE_POINTS = 1.0  # a trained model this much below the one it replaced gets a warning
 
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Model")
 entry = session.current_model()
 st.markdown(
@@ -21,14 +25,21 @@ st.caption(
     "Every image is scaled and standardized like this before it reaches conv1; quantizing the input "
     "means quantizing this x."
 )
-st.info(f"Current model: **{entry.name}** (fingerprint `{entry.fingerprint}`)")
+st.subheader("Current model")
+session.plain_text(f"{entry.name} (fingerprint {entry.fingerprint})")  # an upload's name is untrusted
+previous = session.previous_model()
+if previous is not None:
+    session.plain_text(f"Previous model: {previous.name} ({previous.fingerprint})")
+    if st.button("Back to the previous model", key="back_to_previous"):
+        session.set_model(previous.model, previous.name)
+        st.rerun()
 
 folder = session.data_folder()
 try:
     mnist = cache.shared_mnist(folder)
-    st.caption(f"MNIST from `{folder}`: {len(mnist.train)} training and {len(mnist.test)} test images.")
-except DataNotFoundError as error:
-    st.error(f"**MNIST is not available.** {error}")
+    st.caption(f"MNIST: {len(mnist.train)} training and {len(mnist.test)} test images, held in memory.")
+except DataError as error:
+    session.show_data_error(error)
     mnist = None
 
 bundled_tab, upload_tab, train_tab = st.tabs(["Bundled net", "Upload a state_dict", "Train a new net"])
@@ -38,8 +49,8 @@ with bundled_tab:
         "Trained by `python -m qcore train` with the notebook's recipe (SGD lr 0.01, momentum 0.5, "
         "batch 64, 3 epochs, seed 1)."
     )
-    if st.button("Use the bundled net", disabled=entry.name == "bundled pretrained net"):
-        session.set_model(cache.bundled_model(), "bundled pretrained net")
+    if st.button("Use the bundled net", disabled=entry.name == session.BUNDLED_NAME):
+        session.set_model(cache.bundled_model(), session.BUNDLED_NAME)
         st.rerun()
 
 with upload_tab:
@@ -50,14 +61,17 @@ with upload_tab:
         try:
             model = load_model(upload.getvalue())
         except CheckpointError as error:
-            st.session_state["qlab_upload_error"] = (upload.name, error.problems)
+            st.session_state["qlab_upload_error"] = (shorten(upload.name), error.problems)
         else:
             st.session_state.pop("qlab_upload_error", None)
             session.set_model(model, f"uploaded {upload.name}")
             st.rerun()
     if "qlab_upload_error" in st.session_state:
         name, problems = st.session_state["qlab_upload_error"]
-        st.error(f"**{name} was not loaded; the previous model is kept.**\n\n" + "\n".join(f"- {p}" for p in problems))
+        st.error("**The uploaded file was not loaded; the previous model is kept.**")
+        session.plain_text(f"File: {name}")  # the name and the reasons quote the file: plain text only
+        for problem in problems:
+            session.plain_text(f"- {problem}")
 
 with train_tab:
     recipe = TrainConfig()
@@ -106,19 +120,32 @@ with train_tab:
             result = train(mnist.train, config, on_progress=show)
         except (ValueError, RuntimeError) as error:  # bad settings, or the device failed mid-run
             state["status"] = "failed"
-            st.error(f"Training failed; the previous model is kept. {error}")
+            st.error("Training failed; the previous model is kept.")
+            session.plain_text(str(error))
         else:
             state["status"] = "done"
-            accuracy = cache.float_result(
-                session.set_model(result.model, "trained here").fingerprint, folder, result.model
-            ).accuracy
+            st.session_state[TRAIN_HISTORY_KEY] = history
+            replaced_accuracy = cache.float_result(entry.fingerprint, folder, entry.model).accuracy
+            trained = session.set_model(result.model, "trained here")
+            accuracy = cache.float_result(trained.fingerprint, folder, result.model).accuracy
             st.session_state["qlab_train_message"] = (
                 f"Trained {config.epochs} epoch(s) on {len(result.history)} steps: test accuracy "
                 f"{session.percent(accuracy)}. It is now the current model."
             )
+            drop = 100 * (replaced_accuracy - accuracy)
+            if drop >= MUCH_WORSE_POINTS:
+                st.session_state["qlab_train_warning"] = (
+                    f"The new model is {drop:.2f} points below the one it replaced "
+                    f"({session.percent(replaced_accuracy)}). **Back to the previous model** (above) restores it."
+                )
             st.rerun()
     if "qlab_train_message" in st.session_state:
         st.success(st.session_state.pop("qlab_train_message"))
+    if "qlab_train_warning" in st.session_state:
+        st.warning(st.session_state.pop("qlab_train_warning"))
+    if st.session_state.get(TRAIN_HISTORY_KEY) and not start:
+        st.caption("The last training run, step by step:")
+        st.plotly_chart(training_curve_figure(st.session_state[TRAIN_HISTORY_KEY]), key="last_training_curve")
 
 st.divider()
 st.download_button(

@@ -8,6 +8,7 @@ from qcore.model import LAYER_NAMES
 from ui import session
 from ui.tables import table_with_csv
 
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Weights")
 entry, config, report = session.current_report()
 st.markdown(

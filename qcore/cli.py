@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             command.add_argument("--bits", type=_bits_list, default=list(range(2, 9)), help="e.g. 2-8 or 2,4,8")
             command.add_argument("--target", choices=["both", "weights", "activations"], default="both")
+    data_cmd = commands.add_parser("data", help="check the MNIST folder (every idx file validated)")
+    data_cmd.add_argument(
+        "--download", action="store_true", help="fetch MNIST with torchvision first when files are missing (online)"
+    )
+    _add_common(data_cmd)
     export = commands.add_parser("export", help="write the quantized model as integer tensors or ONNX (QDQ)")
     _add_quant_flags(export)
     _add_common(export)
@@ -309,7 +314,17 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     return {"out": args.out, "format": args.format, "bytes": len(payload), "config": config.to_dict()}
 
 
+def cmd_data(args: argparse.Namespace) -> dict[str, object]:
+    folder = data_dir(args.data_dir).resolve()
+    data = load_mnist(folder, download=args.download)
+    summary = {"folder": str(folder), "train_images": len(data.train), "test_images": len(data.test)}
+    if not args.json:
+        print(f"MNIST in {folder}/MNIST/raw: {len(data.train)} training and {len(data.test)} test images, all valid")
+    return summary
+
+
 COMMANDS = {
+    "data": cmd_data,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,

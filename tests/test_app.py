@@ -41,6 +41,11 @@ def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.sidebar.metric if m.label == label)
 
 
+def model_line(at: AppTest) -> str:
+    """The sidebar's plain-text line naming the current model and its fingerprint."""
+    return next(t.value for t in at.sidebar.text if t.value.startswith("Model: "))
+
+
 def percent(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
@@ -65,7 +70,7 @@ def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained,
     expected = build_report(pretrained, mnist, QuantConfig(), float_eval)
     assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
     assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
-    assert "bundled" in at.sidebar.markdown[0].value and fingerprint(pretrained) in at.sidebar.markdown[0].value
+    assert "bundled" in model_line(at) and fingerprint(pretrained) in model_line(at)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -119,7 +124,7 @@ def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
     at = app.run()
     upload(at, "good.pt", checkpoint_bytes(good))
     no_exceptions(at)
-    assert fingerprint(good) in at.sidebar.markdown[0].value
+    assert fingerprint(good) in model_line(at)
 
     marker = tmp_path / "ran"
 
@@ -136,14 +141,15 @@ def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
     full = checkpoint_bytes(good)
     for name, data, needle in [
         ("evil.pt", malicious.getvalue(), "refused"),
-        ("cut.pt", full[: len(full) // 3], "truncated or corrupt"),
+        ("cut.pt", full[: len(full) // 3], "truncated or damaged zip archive"),
         ("shape.pt", wrong_shape_bytes.getvalue(), "fc1.weight: shape [3, 3], expected [500, 800]"),
     ]:
         upload(at, name, data)
         no_exceptions(at)
-        errors = " ".join(e.value for e in at.error)
-        assert f"{name} was not loaded" in errors and needle in errors
-        assert fingerprint(good) in at.sidebar.markdown[0].value  # previous model kept
+        assert any("was not loaded; the previous model is kept" in e.value for e in at.error)
+        texts = [t.value for t in at.main.text]
+        assert f"File: {name}" in texts and any(needle in t for t in texts)
+        assert fingerprint(good) in model_line(at)  # previous model kept
     assert not marker.exists()
 
 
@@ -155,8 +161,8 @@ def test_tiny_training_run_replaces_the_model(app, pretrained):
     next(b for b in at.button if b.label == "Train").click()
     at.run()
     no_exceptions(at)
-    assert "trained here" in at.sidebar.markdown[0].value
-    assert fingerprint(pretrained) not in at.sidebar.markdown[0].value
+    assert "trained here" in model_line(at)
+    assert fingerprint(pretrained) not in model_line(at)
     assert any("It is now the current model" in s.value for s in at.success)
 
 
@@ -167,9 +173,9 @@ def test_two_sessions_see_their_own_models(monkeypatch):
     upload(first.run(), "a.pt", checkpoint_bytes(model_a))
     upload(second.run(), "b.pt", checkpoint_bytes(model_b))
     first.run()
-    assert fingerprint(model_a) in first.sidebar.markdown[0].value
-    assert fingerprint(model_b) in second.sidebar.markdown[0].value
-    assert fingerprint(model_b) not in first.sidebar.markdown[0].value
+    assert fingerprint(model_a) in model_line(first)
+    assert fingerprint(model_b) in model_line(second)
+    assert fingerprint(model_b) not in model_line(first)
 
 
 def test_url_reproduces_config_and_bad_values_are_corrected(app):
@@ -181,8 +187,8 @@ def test_url_reproduces_config_and_bad_values_are_corrected(app):
     assert at.select_slider(key="weight_bits").value == 4
     assert at.select_slider(key="act_bits").value == 8
     assert at.selectbox(key="observer").value == "percentile"
-    warnings = " ".join(w.value for w in at.sidebar.warning)
-    assert "act_bits" in warnings and "99" in warnings
+    warnings = " ".join(t.value for t in at.sidebar.text)
+    assert "act_bits='99'" in warnings
 
 
 def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained):
@@ -191,7 +197,7 @@ def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained)
     at = app.run()
     no_exceptions(at)
     assert any("cancelled after 17 steps" in w.value and "previous model is kept" in w.value for w in at.warning)
-    assert fingerprint(pretrained) in at.sidebar.markdown[0].value
+    assert fingerprint(pretrained) in model_line(at)
 
 
 def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
@@ -200,10 +206,11 @@ def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
     at = app.run()
     no_exceptions(at)
     shown = " ".join(e.value for e in at.error)
-    assert "MNIST is not available" in shown and str(tmp_path) in shown and "QCORE_DATA_DIR" in shown
+    assert "MNIST is not available" in shown and "QCORE_DATA_DIR" in shown
     at.switch_page("pages/accuracy.py").run()
     no_exceptions(at)
-    assert any(str(tmp_path) in e.value for e in at.error)
+    assert any("MNIST is not available" in e.value for e in at.error)
+    assert str(tmp_path) not in every_text(at)  # a server path never reaches the user
 
 
 def test_deploy_page_compares_engines_and_offers_exports(app, pretrained, mnist):
@@ -263,3 +270,137 @@ def test_weights_page_sqnr_matches_qcore(app, pretrained, mnist, float_eval):
     table = next(d.value for d in at.dataframe if "weight SQNR (dB)" in d.value.columns)
     assert list(table["weight SQNR (dB)"]) == pytest.approx([row.weight_sqnr_db for row in expected.layers])
     assert list(table["activation SQNR (dB)"]) == pytest.approx([row.act_sqnr_db for row in expected.layers])
+
+
+# --- a shared server: hostile links, uploads and models --------------------------------------
+
+PHISH = "[Click here to re-login](http://evil.example/phish) ![t](http://127.0.0.1:9/pixel.png)"
+
+
+def markdown_texts(at: AppTest) -> list[str]:
+    """Everything the page renders as markdown (where a link or image would become live)."""
+    elements = [*at.markdown, *at.error, *at.warning, *at.info, *at.success, *at.caption]
+    return [str(e.value) for e in elements]
+
+
+def every_text(at: AppTest) -> str:
+    return " ".join(markdown_texts(at) + [t.value for t in at.text] + [str(c.value) for c in at.code])
+
+
+def test_hostile_link_is_shown_as_plain_text_and_bounded(app):
+    for key, value in {
+        "observer": PHISH,
+        "act_bits": "7" * 100_000,
+        "batch_size": "16",
+        "calib_batches": "3750",
+        "seed": "-1",
+        "weight_bits": "4",
+    }.items():
+        app.query_params[key] = value
+    at = app.run()
+    no_exceptions(at)
+    assert not any("evil.example" in text or "pixel.png" in text for text in markdown_texts(at))
+    warnings = [t.value for t in at.sidebar.text if t.value.startswith("ignored ")]
+    assert len(warnings) == 4  # observer, act_bits, calib_batches, seed; batch size 16 and 4 bits are offered
+    assert any("observer='[Click here to re-login](http://evil.example/phish) ![t]" in w and "…" in w for w in warnings)
+    assert any("act_bits: its value is 100000 characters long" in w for w in warnings)
+    assert any("calib_batches='3750'" in w for w in warnings) and any("seed='-1'" in w for w in warnings)
+    assert max(len(w) for w in warnings) < 400
+    assert at.select_slider(key="weight_bits").value == 4 and at.select_slider(key="act_bits").value == 8
+    assert (at.number_input(key="calib_batches").value, at.number_input(key="seed").value) == (16, 0)
+    assert at.selectbox(key="observer").value == "mse"
+    # the URL now holds only the corrected what-if
+    assert dict(at.query_params) == {"weight_bits": "4", "batch_size": "16"}
+
+
+def test_upload_names_are_plain_text(app):
+    at = app.run()
+    hostile_name = "[Click here](http://evil.example/phish).pt"
+    upload(at, hostile_name, b"not a checkpoint")
+    no_exceptions(at)
+    assert f"File: {hostile_name}" in [t.value for t in at.main.text]
+    assert not any("evil.example" in text for text in markdown_texts(at))
+    good = random_net(5)
+    upload(at, "![x](http://127.0.0.1:9/pixel.png)" + "a" * 200 + ".pt", checkpoint_bytes(good))
+    no_exceptions(at)
+    line = model_line(at)
+    assert fingerprint(good) in line and "…" in line and len(line) < 120
+    assert not any("pixel.png" in text for text in markdown_texts(at))
+
+
+@pytest.mark.parametrize("case", ["overflowing weights", "None value", "sparse tensor", "text file", "torchscript"])
+def test_hostile_uploads_keep_the_model_and_say_why(app, pretrained, case):
+    from tests.test_checkpoint import HOSTILE
+
+    make, reason = HOSTILE[case]
+    at = app.run()
+    upload(at, "net.pt", make())
+    no_exceptions(at)
+    assert any(reason in t.value for t in at.main.text)
+    assert fingerprint(pretrained) in model_line(at)
+    assert metric(at, "Quantized accuracy").endswith("%")  # the sidebar still computes for the kept model
+
+
+def test_zip_bomb_upload_is_refused(app, pretrained):
+    from tests.test_checkpoint import zip_bomb
+
+    at = app.run()
+    upload(at, "bomb.pt", zip_bomb())
+    no_exceptions(at)
+    assert any("would inflate to 1073.7 MB" in t.value for t in at.main.text)
+    assert fingerprint(pretrained) in model_line(at)
+
+
+def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable(app, monkeypatch, pretrained):
+    import ui.cache
+
+    odd = random_net(11)  # a new fingerprint: nothing cached for it
+    real_build_report = ui.cache.build_report
+
+    def failing_for_odd(model, *args, **kwargs):
+        if fingerprint(model) == fingerprint(odd):
+            raise RuntimeError("overflow in /srv/secret/qcore/quant.py line 99")
+        return real_build_report(model, *args, **kwargs)
+
+    monkeypatch.setattr(ui.cache, "build_report", failing_for_odd)
+    at = app.run()
+    upload(at, "odd.pt", checkpoint_bytes(odd))
+    no_exceptions(at)
+    shown = every_text(at)
+    assert "Results could not be computed for this model and these settings (RuntimeError)" in shown
+    assert "/srv/secret" not in shown
+    assert at.title[0].value == "Model" and fingerprint(random_net(11)) in model_line(at)
+    at.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)
+    assert any("could not be computed" in e.value for e in at.main.error) and "/srv/secret" not in every_text(at)
+    at.switch_page("pages/model.py").run()
+    next(b for b in at.button if b.label == "Use the bundled net").click()
+    at.run()
+    no_exceptions(at)
+    assert fingerprint(pretrained) in model_line(at)
+    assert metric(at, "Quantized accuracy").endswith("%")
+
+
+def test_training_keeps_the_previous_model_and_the_curve_and_warns_when_worse(app, pretrained, float_eval):
+    at = app.run()
+    form_inputs = {n.label: n for n in at.number_input}
+    form_inputs["Epochs"].set_value(1)
+    form_inputs["Training images (60000 = all)"].set_value(128)
+    next(b for b in at.button if b.label == "Train").click()
+    at.run()
+    no_exceptions(at)
+    assert "trained here" in model_line(at)
+    trained_accuracy = float(metric(at, "Float accuracy").rstrip("%"))
+    drop = 100 * float_eval.accuracy - trained_accuracy
+    assert drop > 1.0  # 128 images cannot match the bundled net
+    assert any(f"{drop:.2f} points below the one it replaced" in w.value for w in at.warning)
+    assert at.get("plotly_chart")  # the training curve stays on the page after the run
+    at.run()  # and after any later rerun
+    assert any(
+        "last_training_curve" in str(c.proto.id) or c.key == "last_training_curve" for c in at.get("plotly_chart")
+    )
+    next(b for b in at.button if b.label == "Back to the previous model").click()
+    at.run()
+    no_exceptions(at)
+    assert fingerprint(pretrained) in model_line(at)
+    assert metric(at, "Float accuracy") == percent(float_eval.accuracy)

@@ -7,27 +7,19 @@ artifacts/screenshots/ (ignored by git). Needs /usr/bin/chromium: .ci/setup inst
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.evaluate import evaluate
-from tests.conftest import ROOT
+from tests.serving import IDLE, ROOT, chromium, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 PAGES = {
     "model": "Model",
     "activations": "Activations",
@@ -37,73 +29,16 @@ PAGES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    port = free_port()
-    log = (ROOT / "artifacts").resolve()
-    log.mkdir(exist_ok=True)
-    with open(log / "streamlit.log", "w") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "app.py",
-                "--server.port",
-                str(port),
-                "--server.address",
-                "127.0.0.1",
-                "--server.headless",
-                "true",
-            ],
-            cwd=ROOT,
-            env=dict(os.environ),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/_stcore/health", timeout=2)
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"streamlit did not start; see {log / 'streamlit.log'}") from None
-                    time.sleep(0.5)
-            yield base
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
+    with streamlit_server() as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run `bash .ci/setup` (installs Debian's chromium)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 def settle(page) -> None:
@@ -156,3 +91,121 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
     expected = percent_for(pretrained, mnist, QuantConfig(weight_bits=4, act_bits=4, observer="percentile"))
     assert sidebar_metric(shared, "Quantized accuracy") == expected
     shared.screenshot(path=str(SHOTS / "shared_url.png"), full_page=True)
+
+
+# --- a shared server under attack ------------------------------------------------------------
+
+NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy"]
+
+
+def assert_app_page(page, title: str) -> None:
+    """The page ran through app.py: its title, the app's own navigation (not raw file names), the
+    sidebar's settings, and no exception box."""
+    assert page.locator("[data-testid='stMain'] h1").first.inner_text().strip() == title
+    assert page.locator("[data-testid='stException']").count() == 0
+    nav = [
+        link.inner_text().strip().splitlines()[-1] for link in page.locator("[data-testid='stSidebarNavLink']").all()
+    ]
+    assert nav == NAV_TITLES
+    assert page.get_by_text("Quantization settings").count() == 1
+
+
+def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
+    """Open every link in its own new session at once (none waits for another to render), then
+    check each ran through app.py with the link's settings."""
+    pages = {}
+    for link in links:
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.goto(f"{base}/{link}", wait_until="commit")
+        pages[link] = page
+    for link, page in pages.items():
+        settle(page)
+        assert_app_page(page, links[link])
+        if "weight_bits=" in link:
+            bits = link.split("weight_bits=")[1].split("&")[0]
+            slider = page.locator("[data-testid='stSlider']").filter(has_text="Weight bits")
+            assert slider.locator("[data-testid='stSliderThumbValue']").inner_text() == bits
+        page.context.close()
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        {"accuracy?weight_bits=4&act_bits=4": "Accuracy"},  # the link from the bug report, alone
+        {"activations": "Activations"},  # no query string
+        # four first sessions at once: the race where one session leaves legacy mode mid-run of another
+        {
+            "weights?weight_bits=3": "Weights",
+            "deploy": "Deploy",
+            "methods?act_bits=6": "Methods",
+            "?weight_bits=5": "Model",
+        },
+    ],
+    ids=["accuracy-alone", "activations-alone", "four-at-once"],
+)
+def test_deep_links_are_the_first_requests_of_a_fresh_server(browser, links):
+    """Each server is fresh: the deep links are the first pages it ever serves (its health check aside)."""
+    with streamlit_server(log_name=f"fresh_{len(links)}_{next(iter(links)).split('?')[0] or 'root'}.log") as base:
+        open_first_requests(browser, base, links)
+
+
+PHISH = "[Click here to re-login](http://evil.example/phish) ![t](http://127.0.0.1:9/pixel.png)"
+
+
+def test_injected_link_and_image_stay_plain_text(server, browser):
+    from urllib.parse import quote
+
+    page = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{server}/accuracy?observer={quote(PHISH)}&seed=-1")
+    settle(page)
+    assert_app_page(page, "Accuracy")
+    sidebar = page.locator("[data-testid='stSidebar']")
+    assert (
+        sidebar.get_by_text("observer='[Click here to re-login](http://evil.example/phish)", exact=False).count() == 1
+    )
+    assert sidebar.get_by_text("seed='-1'", exact=False).count() == 1
+    assert page.locator("a[href*='evil.example']").count() == 0
+    assert page.locator("img[src*='pixel.png']").count() == 0
+    page.wait_for_timeout(500)
+    elsewhere = [url for url in requested if not url.startswith(server)]  # the app's own URL quotes the link
+    assert not [url for url in elsewhere if "127.0.0.1:9/" in url or "evil.example" in url], elsewhere
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "injected_link.png"), full_page=True)
+    page.context.close()
+
+
+def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
+    """Finite weights of 3e38 overflowed the forward pass: every rerun then failed in the sidebar and
+    'Use the bundled net' never appeared. Now the upload is refused and everything stays usable."""
+    import torch
+
+    from qcore.checkpoint import fingerprint
+    from qcore.model import Net
+
+    state = Net().state_dict()
+    state["fc1.weight"] = torch.full((500, 800), 3e38)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    hostile = {
+        "name": "[huge](http://evil.example).pt",
+        "mimeType": "application/octet-stream",
+        "buffer": buffer.getvalue(),
+    }
+    page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
+    page.goto(server)
+    settle(page)
+    page.get_by_role("tab", name="Upload a state_dict").click()
+    page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(hostile)
+    page.get_by_text("The uploaded file was not loaded; the previous model is kept.").wait_for(timeout=60_000)
+    settle(page)
+    assert page.get_by_text("weights whose forward pass overflows", exact=False).count() == 1
+    assert page.get_by_text("File: [huge](http://evil.example).pt").count() == 1
+    assert page.locator("a[href*='evil.example']").count() == 0
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert fingerprint(pretrained) in page.locator("[data-testid='stSidebar']").inner_text()
+    page.get_by_role("tab", name="Bundled net").click()
+    assert page.get_by_role("button", name="Use the bundled net").is_visible()
+    page.screenshot(path=str(SHOTS / "refused_upload.png"), full_page=True)
+    page.context.close()

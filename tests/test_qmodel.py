@@ -24,7 +24,7 @@ def batches():
 
 
 def ref_fake_quant(x, lo, hi, bits, symmetric, axis=None):
-    """Independent per-tensor / per-channel fake quantization in float64 from DESIGN.md's formulas."""
+    """Independent per-tensor / per-channel fake quantization in float64 from docs/DESIGN.md's formulas."""
     x = x.double()
     lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float64), max=0)
     hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float64), min=0)
@@ -43,7 +43,7 @@ def ref_fake_quant(x, lo, hi, bits, symmetric, axis=None):
 
 
 def reference_forward(net, config, act_ranges, x):
-    """Net's forward with DESIGN.md's quantizer applied by hand at each layer (minmax weights)."""
+    """Net's forward with docs/DESIGN.md's quantizer applied by hand at each layer (minmax weights)."""
     x = x.double()
     for name in LAYER_NAMES:
         module = getattr(net, name)

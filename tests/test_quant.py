@@ -22,7 +22,7 @@ from qcore.quant import (
 
 
 def reference_qparams(lo: float, hi: float, bits: int, scheme: str) -> tuple[float, int, int, int]:
-    """DESIGN.md's formulas in plain Python floats: (scale, zero_point, qmin, qmax)."""
+    """docs/DESIGN.md's formulas in plain Python floats: (scale, zero_point, qmin, qmax)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if scheme == "symmetric":
         qmax = 2 ** (bits - 1) - 1

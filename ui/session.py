@@ -1,25 +1,55 @@
-"""Per-session state (the user's model, the QuantConfig and its URL) and the sidebar."""
+"""Per-session state (the user's model, the QuantConfig and its URL) and the sidebar.
+
+Untrusted text (URL values, upload names, anything read from a file) is only ever shown through
+`plain_text`, never inside markdown: st.warning, st.error, st.info and st.markdown all render
+markdown, where a link or an image from a URL would become live.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
+from streamlit.runtime.pages_manager import PagesManager
 
 from qcore.analysis import Report
 from qcore.calibrate import OBSERVERS
 from qcore.checkpoint import fingerprint
-from qcore.config import WEIGHT_RANGES, QuantConfig, max_calib_batches
-from qcore.data import DataNotFoundError, Mnist, data_dir
+from qcore.config import DASHBOARD, MAX_SEED, WEIGHT_RANGES, QuantConfig
+from qcore.data import DataError, DataFileError, Mnist, data_dir
+from qcore.files import shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES, Net
 from qcore.quant import Granularity, Scheme
 from ui import cache
 
-BIT_OPTIONS = [2, 3, 4, 5, 6, 7, 8, 16]
-BATCH_SIZES = [16, 32, 64, 128, 256, 512, 1024]
+BIT_OPTIONS = list(DASHBOARD.bits)
+BATCH_SIZES = list(DASHBOARD.batch_sizes)
 MODEL_KEY = "qlab_model"
+PREVIOUS_MODEL_KEY = "qlab_previous_model"
 URL_WARNINGS_KEY = "qlab_url_warnings"
+CONFIG_KEY = "qlab_config"  # set by app.py on every run, before the page runs
+BUNDLED_NAME = "bundled pretrained net"
+log = logging.getLogger("qlab")
+
+
+def plain_text(text: str, where: DeltaGenerator | None = None) -> None:
+    """Show untrusted text as plain text (st.text renders no markdown or HTML), one line, shortened."""
+    (where or st).text(shorten(text, 300))
+
+
+def require_navigation() -> None:
+    """On a fresh server Streamlit starts in its legacy pages/ mode (this repo has a pages/ folder)
+    until some session runs app.py's st.navigation; a first request for a deep link like /accuracy
+    would run pages/accuracy.py alone, without the sidebar or the config. Leave that mode and rerun:
+    the rerun keeps the page (its hash is its url_path either way) and the query string. The config
+    key is the per-session sign that app.py ran: a session that started in legacy mode while another
+    session cleared the flag sees it cleared, but still has no config."""
+    if PagesManager.uses_pages_directory or CONFIG_KEY not in st.session_state:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 @dataclass(frozen=True)
@@ -32,15 +62,23 @@ class ModelEntry:
 
 
 def set_model(model: Net, name: str) -> ModelEntry:
-    entry = ModelEntry(model.eval(), name, fingerprint(model))
+    """Make `model` the session's model; the one it replaces stays one click away."""
+    entry = ModelEntry(model.eval(), shorten(name), fingerprint(model))
+    replaced = st.session_state.get(MODEL_KEY)
+    if replaced is not None and replaced.fingerprint != entry.fingerprint:
+        st.session_state[PREVIOUS_MODEL_KEY] = replaced
     st.session_state[MODEL_KEY] = entry
     return entry
+
+
+def previous_model() -> ModelEntry | None:
+    return st.session_state.get(PREVIOUS_MODEL_KEY)
 
 
 def current_model() -> ModelEntry:
     if MODEL_KEY not in st.session_state:
         bundled = cache.bundled_model()
-        st.session_state[MODEL_KEY] = ModelEntry(bundled, "bundled pretrained net", fingerprint(bundled))
+        st.session_state[MODEL_KEY] = ModelEntry(bundled, BUNDLED_NAME, fingerprint(bundled))
     return st.session_state[MODEL_KEY]
 
 
@@ -48,14 +86,39 @@ def data_folder() -> str:
     return str(data_dir().resolve())
 
 
+def show_data_error(error: DataError, where: DeltaGenerator | None = None) -> None:
+    """What a user may see of a data problem: no server path (the log has it), what to do."""
+    log.error("MNIST unavailable: %s", error)
+    where = where or st
+    if isinstance(error, DataFileError):
+        where.error("**MNIST is not available: a data file on this server is damaged.** The server's log has details.")
+        plain_text(str(error), where)  # names the file (no folder) and what is wrong with it
+    else:
+        where.error(
+            "**MNIST is not available on this server.** Whoever runs it must put MNIST's four "
+            "`*-ubyte` files in `MNIST/raw/` under the folder that `QCORE_DATA_DIR` names "
+            "(see the README's Data section); the server's log names the folder searched."
+        )
+
+
 def mnist_or_stop() -> Mnist:
-    """The shared MNIST tensors, or a clear error (what folder, what to do) and stop."""
+    """The shared MNIST tensors, or a clear error and stop."""
     try:
         return cache.shared_mnist(data_folder())
-    except DataNotFoundError as error:
-        st.error(f"**MNIST is not available.** {error}")
+    except DataError as error:
+        show_data_error(error)
         st.stop()
         raise  # unreachable: st.stop() ends the script run
+
+
+def show_compute_failure(error: Exception, where: DeltaGenerator | None = None) -> None:
+    """A failure computing results for this session's model: a short message for the user, the
+    traceback in the server's log, and the way out (the bundled net, other settings)."""
+    log.exception("computing results failed")
+    (where or st).error(
+        f"Results could not be computed for this model and these settings ({type(error).__name__}). "
+        "Try other settings, or go back to the bundled net on the Model page."
+    )
 
 
 # --- the QuantConfig: sidebar widgets <-> session state <-> URL query string -----------------
@@ -65,16 +128,8 @@ def _seed_widgets_from_url() -> None:
     """On a session's first run, the URL's config (corrected, with warnings) fills the widgets."""
     if "weight_bits" in st.session_state:
         return
-    config, warnings = QuantConfig.from_query({key: st.query_params[key] for key in st.query_params})
-    if config.weight_bits not in BIT_OPTIONS or config.act_bits not in BIT_OPTIONS:
-        warnings.append(f"bit-widths offered here are {BIT_OPTIONS}; using 8 instead")
-        config = config.with_changes(
-            weight_bits=config.weight_bits if config.weight_bits in BIT_OPTIONS else 8,
-            act_bits=config.act_bits if config.act_bits in BIT_OPTIONS else 8,
-        )
-    if config.batch_size not in BATCH_SIZES:
-        warnings.append(f"batch sizes offered here are {BATCH_SIZES}; using 64 instead of {config.batch_size}")
-        config = config.with_changes(batch_size=64, calib_batches=min(config.calib_batches, max_calib_batches(64)))
+    query = {key: st.query_params[key] for key in st.query_params}
+    config, warnings = QuantConfig.from_query(query, DASHBOARD)  # bounded by what the sidebar offers
     for key, value in config.to_dict().items():
         if key == "methods":
             st.session_state[key] = list(value)
@@ -91,18 +146,20 @@ def config_controls() -> QuantConfig:
     into the URL so that the link reproduces this what-if."""
     _seed_widgets_from_url()
     for warning in st.session_state.get(URL_WARNINGS_KEY, []):
-        st.sidebar.warning(f"Link setting corrected: {warning}")
+        box = st.sidebar.container(border=True)
+        box.markdown(":orange[:material/warning: **A link setting was corrected**]")
+        plain_text(warning, box)  # holds text from the URL: plain text only
     sidebar = st.sidebar
     sidebar.subheader("Quantization settings")
     sidebar.select_slider("Weight bits", BIT_OPTIONS, key="weight_bits")
     sidebar.select_slider("Activation bits", BIT_OPTIONS, key="act_bits")
     with sidebar.expander("Calibration and scheme", expanded=False):
         st.select_slider("Calibration batch size", BATCH_SIZES, key="batch_size")
-        limit = max_calib_batches(st.session_state["batch_size"])
+        limit = DASHBOARD.max_calib_batches(st.session_state["batch_size"])
         if st.session_state["calib_batches"] > limit:
             st.session_state["calib_batches"] = limit
         st.number_input(
-            f"Calibration batches (1 to {limit}: all training images)",
+            f"Calibration batches (1 to {limit}: {limit * st.session_state['batch_size']} images)",
             min_value=1,
             max_value=limit,
             key="calib_batches",
@@ -112,7 +169,7 @@ def config_controls() -> QuantConfig:
         st.radio("Weight scheme", [s.value for s in Scheme], key="scheme", horizontal=True)
         st.radio("Weight range", list(WEIGHT_RANGES), key="weight_range", horizontal=True)
         st.checkbox("Quantize the network's input", key="quantize_input")
-        st.number_input("Calibration sample seed", min_value=0, max_value=2**31 - 1, key="seed")
+        st.number_input("Calibration sample seed", min_value=0, max_value=MAX_SEED, key="seed")
         st.caption("Keep these layers in float:")
         columns = st.columns(len(LAYER_NAMES))
         for column, name in zip(columns, LAYER_NAMES, strict=True):
@@ -155,11 +212,14 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
     """Current model, float vs quantized accuracy for the current config, and the config itself."""
     sidebar = st.sidebar
     sidebar.divider()
-    sidebar.markdown(f"**Model:** {entry.name}  \n`{entry.fingerprint}`")
+    plain_text(f"Model: {entry.name} ({entry.fingerprint})", sidebar)  # an upload's name is untrusted
     try:
         result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model)
-    except DataNotFoundError:
+    except DataError:
         sidebar.error("MNIST is missing: see the Model page.")
+        return
+    except Exception as error:  # noqa: BLE001 - whatever fails for this model, the sidebar must still render
+        show_compute_failure(error, sidebar)
         return
     sidebar.metric("Float accuracy", percent(result.float_result.accuracy))
     sidebar.metric(
@@ -175,9 +235,14 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
 def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
     """For pages: the model, the config (set by app.py this run) and its cached report."""
     entry = current_model()
-    config = st.session_state["qlab_config"]
+    config = st.session_state[CONFIG_KEY]
     mnist_or_stop()
-    return entry, config, cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model)
+    try:
+        return entry, config, cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model)
+    except Exception as error:  # noqa: BLE001 - a page for a model that cannot be quantized says so and stops
+        show_compute_failure(error)
+        st.stop()
+        raise  # unreachable: st.stop() ends the script run
 
 
 def percent(fraction: float) -> str:
