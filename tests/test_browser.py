@@ -158,10 +158,12 @@ def test_injected_link_and_image_stay_plain_text(server, browser):
     page = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    page.goto(f"{server}/accuracy?observer={quote(PHISH)}&seed=-1")
+    page.goto(f"{server}/accuracy?observer={quote(PHISH)}&seed=-1&act_bits={'7' * 100_000}")
     settle(page)
     assert_app_page(page, "Accuracy")
+    assert len(page.url) < 100  # the corrected what-if replaced the hostile query string
     sidebar = page.locator("[data-testid='stSidebar']")
+    assert sidebar.get_by_text("ignored act_bits: its value is 100000 characters long; using 8").count() == 1
     assert (
         sidebar.get_by_text("observer='[Click here to re-login](http://evil.example/phish)", exact=False).count() == 1
     )
