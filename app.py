@@ -13,6 +13,7 @@ PAGES = [
     st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
     st.Page("pages/methods.py", title="Methods", icon=":material/auto_fix_high:"),
     st.Page("pages/deploy.py", title="Deploy", icon=":material/memory:"),
+    st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
 ]
 
 navigation = st.navigation(PAGES)

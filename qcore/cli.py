@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             command.add_argument("--bits", type=_bits_list, default=list(range(2, 9)), help="e.g. 2-8 or 2,4,8")
             command.add_argument("--target", choices=["both", "weights", "activations"], default="both")
+    diagnose_cmd = commands.add_parser(
+        "diagnose", help="why accuracy dropped: per-layer damage, measured fixes, integer engine vs simulation"
+    )
+    _add_quant_flags(diagnose_cmd)
+    _add_common(diagnose_cmd)
+    diagnose_cmd.add_argument("--html", help="also write a self-contained HTML report to this file")
+    diagnose_cmd.add_argument("--force", action="store_true", help="replace --html if it exists")
     data_cmd = commands.add_parser("data", help="check the MNIST folder (every idx file validated)")
     data_cmd.add_argument(
         "--download", action="store_true", help="fetch MNIST with torchvision first when files are missing (online)"
@@ -314,6 +321,43 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     return {"out": args.out, "format": args.format, "bytes": len(payload), "config": config.to_dict()}
 
 
+def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.checkpoint import fingerprint
+    from qcore.diagnose import diagnose
+    from qcore.report import diagnosis_html
+
+    config = config_from_args(args)
+    out = check_output_path(args.html, args.force) if args.html else None
+    model = load_model(args.checkpoint)
+    data = load_mnist(args.data_dir)
+
+    def report(done: int, total: int, what: str) -> None:
+        print(f"[{done}/{total}] {what}", file=sys.stderr)
+
+    result = diagnose(model, data, config, on_progress=report)
+    if out is not None:
+        name = shorten(args.checkpoint) if args.checkpoint else "bundled pretrained net"
+        try:
+            write_atomic(out, diagnosis_html(result, name, fingerprint(model)).encode())
+        except OSError as error:
+            raise UsageError(f"--html {shorten(args.html)}: {error.strerror}; nothing was written") from error
+    summary = result.to_dict()
+    if not args.json:
+        print(
+            f"float accuracy {_percent(result.float_accuracy)}  quantized {_percent(result.quant_accuracy)}"
+            f"  ({100 * (result.quant_accuracy - result.float_accuracy):+.2f} points)"
+        )
+        print(_table(summary["layers"]))  # type: ignore[arg-type]
+        for suggestion in result.suggestions:
+            print(f"try: {suggestion.text}: {_percent(suggestion.accuracy)} ({suggestion.gain_points:+.2f} points)")
+        gap = result.engine_gap
+        if gap.available:
+            print(f"integer engine vs simulation: {len(gap.disagreeing_images)} test images predicted differently")
+        if out is not None:
+            print(f"wrote {out}")
+    return summary
+
+
 def cmd_data(args: argparse.Namespace) -> dict[str, object]:
     folder = data_dir(args.data_dir).resolve()
     data = load_mnist(folder, download=args.download)
@@ -325,6 +369,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, object]:
 
 COMMANDS = {
     "data": cmd_data,
+    "diagnose": cmd_diagnose,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,

@@ -231,3 +231,91 @@ def adaround_figure(layers: Sequence[str], flipped_fraction: Sequence[float]) ->
 def bias_shift_figure(layer_name: str, shifts: Sequence[float]) -> go.Figure:
     fig = go.Figure(go.Bar(x=list(range(len(shifts))), y=list(shifts), marker_color=FLOAT_COLOR))
     return _layout(fig, f"Bias correction of {layer_name} per output channel", "channel", "bias shift")
+
+
+def network_diagram_figure(stages: Sequence[str], damage_points: dict[str, float]) -> go.Figure:
+    """The network left to right; each quantizable layer a square filled by the accuracy it loses
+    alone (white: none, red: the worst). Layer markers carry their name as customdata so a click
+    (Streamlit's point selection) says which layer was picked."""
+    worst = max([*damage_points.values(), 1e-9])
+    fig = go.Figure()
+    xs = list(range(len(stages)))
+    fig.add_scatter(
+        x=xs,
+        y=[0] * len(xs),
+        mode="lines",
+        line={"color": "#888", "width": 2},
+        hoverinfo="skip",
+        showlegend=False,
+    )
+    others = [i for i, stage in enumerate(stages) if stage not in damage_points]
+    fig.add_scatter(
+        x=others,
+        y=[0] * len(others),
+        mode="markers+text",
+        marker={"symbol": "square", "size": 44, "color": "#eeeeee", "line": {"color": "#555", "width": 1}},
+        text=[stages[i] for i in others],
+        textposition="middle center",
+        hoverinfo="skip",
+        showlegend=False,
+    )
+    layers = [i for i, stage in enumerate(stages) if stage in damage_points]
+    names = [stages[i] for i in layers]
+    fig.add_scatter(
+        x=layers,
+        y=[0] * len(layers),
+        mode="markers+text",
+        marker={
+            "symbol": "square",
+            "size": 56,
+            "color": [damage_points[n] for n in names],
+            "colorscale": [[0, "#ffffff"], [1, QUANT_COLOR]],
+            "cmin": 0,
+            "cmax": worst,
+            "line": {"color": "#333", "width": 2},
+            "colorbar": {"title": {"text": "points lost<br>alone"}, "thickness": 12},
+        },
+        text=[f"<b>{n}</b>" for n in names],
+        textposition="middle center",
+        customdata=names,
+        hovertemplate="%{customdata}: %{marker.color:.2f} points lost when only it is quantized<extra></extra>",
+        showlegend=False,
+    )
+    fig.update_xaxes(visible=False, range=[-0.6, len(stages) - 0.4])
+    fig.update_yaxes(visible=False, range=[-1, 1])
+    fig.update_layout(
+        height=170,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        template="plotly_white",
+        title="Click a layer for its detail",
+        dragmode=False,
+        clickmode="event+select",
+    )
+    return fig
+
+
+def lsb_difference_figure(differences: dict[str, dict[int, int]]) -> go.Figure:
+    """Per layer, how many output integers the integer engine puts 1, 2, ... LSB away from the
+    simulation's (zero differences left out; log scale, since they are rare)."""
+    fig = go.Figure()
+    for layer_name, counts in differences.items():
+        nonzero = sorted((k, c) for k, c in counts.items() if k != 0)
+        fig.add_bar(x=[f"{k:+d}" for k, _ in nonzero], y=[c for _, c in nonzero], name=layer_name)
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Integer engine minus simulation, per output value", "difference (LSB)", "values (log scale)")
+
+
+def diagnosis_accuracy_figure(
+    layers: Sequence[str], accuracies: dict[str, Sequence[float]], float_accuracy: float, quant_accuracy: float
+) -> go.Figure:
+    """Per layer, accuracy (%) in each variant, with the float and fully quantized accuracies as lines."""
+    fig = go.Figure()
+    for name, values in accuracies.items():
+        fig.add_bar(x=list(layers), y=[100 * v for v in values], name=name)
+    fig.add_hline(y=100 * float_accuracy, line_dash="dot", line_color=FLOAT_COLOR, annotation_text="float")
+    fig.add_hline(y=100 * quant_accuracy, line_dash="dot", line_color=QUANT_COLOR, annotation_text="all quantized")
+    low = min([100 * v for values in accuracies.values() for v in values] + [100 * quant_accuracy])
+    fig.update_yaxes(range=[max(0.0, low - 0.5), min(100.0, 100 * float_accuracy + 0.3)])
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Accuracy with parts of the network quantized", "layer", "accuracy (%)")

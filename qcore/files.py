@@ -52,6 +52,15 @@ def _write_all(handle_fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _mode_for(target: Path) -> int:
+    """The replaced file's permissions, or those of a new file under the current umask."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` all or nothing: on any failure (full disk, Ctrl-C) the temporary file
     is removed and whatever was at `path` before is untouched."""
@@ -59,6 +68,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         try:
+            os.fchmod(descriptor, _mode_for(target))  # mkstemp makes 0600; keep what a plain write would give
             _write_all(descriptor, data)
             os.fsync(descriptor)
         finally:

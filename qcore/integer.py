@@ -244,11 +244,17 @@ class IntegerNet:
         """Integer logits for integer input [N, 1, 28, 28] (no floating-point tensor involved)."""
         if x.is_floating_point():
             raise TypeError("logits_int takes the quantized input integers; use quantize_input first")
-        layers = self.layers
-        x = _requantize(_max_pool_2x2(_conv_int(x, layers["conv1"])), layers["conv1"], 1)
-        x = _requantize(_max_pool_2x2(_conv_int(x, layers["conv2"])), layers["conv2"], 1)
-        x = _requantize(_linear_int(x.flatten(1), layers["fc1"]), layers["fc1"], 1)
-        return _requantize(_linear_int(x, layers["fc2"]), layers["fc2"], 1)
+        for name in LAYER_NAMES:
+            x = self.layer_int(name, x)
+        return x
+
+    def layer_int(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One layer on integers: its input integers in, its requantized output out (for conv1,
+        conv2 and fc1 the next layer's input integers, after max-pool and the ReLU clamp)."""
+        layer = self.layers[name]
+        if name in ("conv1", "conv2"):
+            return _requantize(_max_pool_2x2(_conv_int(x, layer)), layer, 1)
+        return _requantize(_linear_int(x.flatten(1), layer), layer, 1)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:

@@ -4,6 +4,10 @@ max_entries, so sessions share results only for identical weights."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
 import streamlit as st
 
 from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
@@ -11,6 +15,7 @@ from qcore.checkpoint import load_model
 from qcore.config import QuantConfig
 from qcore.data import Mnist, load_mnist
 from qcore.deploy import EngineResult, compare_engines
+from qcore.diagnose import Diagnosis, diagnose
 from qcore.evaluate import EvalResult, evaluate
 from qcore.export import export_onnx, qtensors_bytes
 from qcore.integer import IntegerNet
@@ -62,3 +67,38 @@ def exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tup
     """(qtensors file, ONNX QDQ model) for this model and config."""
     qnet = report(fingerprint, config_json, folder, _model).qnet
     return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)
+
+
+# A diagnosis runs ~20 evaluations and reports progress as it goes, which st.cache_data cannot pass
+# through; so it has its own bounded cache, keyed like the others (the result depends only on the
+# weights, the config and the data), shared by every session.
+_DIAGNOSES: OrderedDict[tuple[str, str, str], Diagnosis] = OrderedDict()
+_DIAGNOSES_LOCK = threading.Lock()
+MAX_DIAGNOSES = 16
+
+
+def cached_diagnosis(fingerprint: str, config_json: str, folder: str) -> Diagnosis | None:
+    with _DIAGNOSES_LOCK:
+        found = _DIAGNOSES.get((fingerprint, config_json, folder))
+        if found is not None:
+            _DIAGNOSES.move_to_end((fingerprint, config_json, folder))
+        return found
+
+
+def diagnosis(
+    fingerprint: str,
+    config_json: str,
+    folder: str,
+    model: Net,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> Diagnosis:
+    found = cached_diagnosis(fingerprint, config_json, folder)
+    if found is not None:
+        return found
+    float_accuracy = float_result(fingerprint, folder, model).accuracy
+    result = diagnose(model, shared_mnist(folder), QuantConfig.from_json(config_json), float_accuracy, on_progress)
+    with _DIAGNOSES_LOCK:
+        _DIAGNOSES[(fingerprint, config_json, folder)] = result
+        while len(_DIAGNOSES) > MAX_DIAGNOSES:
+            _DIAGNOSES.popitem(last=False)
+    return result

@@ -1,0 +1,191 @@
+"""Diagnose: which layer causes the drop, what to do about it, and where the engines part."""
+
+import streamlit as st
+
+from qcore.analysis import weight_histogram
+from qcore.diagnose import worst_channels
+from qcore.figures import (
+    diagnosis_accuracy_figure,
+    lsb_difference_figure,
+    network_diagram_figure,
+    weight_histogram_figure,
+)
+from qcore.model import LAYER_NAMES
+from qcore.report import DIAGRAM_STAGES, damage_points, diagnosis_html
+from ui import cache, session
+from ui.tables import table_with_csv
+
+LAYER_KEY = "diagnose_layer"
+PICK_KEY = "diagnose_last_pick"
+
+
+def apply_changes(changes: dict[str, object]) -> None:
+    """Set the sidebar's widgets (a callback runs before they are drawn again)."""
+    for key, value in changes.items():
+        if key == "float_layers":
+            for name in LAYER_NAMES:
+                st.session_state[f"float_{name}"] = name in value  # type: ignore[operator]
+        else:
+            st.session_state[key] = value
+
+
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
+st.title("Diagnose")
+entry, config, report = session.current_report()
+st.markdown(
+    "Which layer causes the drop? Each layer is quantized alone, then everything but it, then only its "
+    "weights or only its input, all from the same calibration and on all 10,000 test images. The "
+    "signal-to-quantization-noise ratio of its output says where error enters (**isolated**: only "
+    "this layer quantized) and where it grows (**accumulated**: everything up to it quantized)."
+)
+st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum y^2}{\sum (y - \hat{y})^2}\ \mathrm{dB}")
+
+key = (entry.fingerprint, config.to_json(), session.data_folder())
+if cache.cached_diagnosis(*key) is None:
+    bar = st.progress(0.0, text="Diagnosing: about 20 evaluations of the test set…")
+
+    def show(done: int, total: int, what: str) -> None:
+        bar.progress(done / total, text=f"Diagnosing ({done}/{total}): {what}")
+
+    try:
+        result = cache.diagnosis(*key, entry.model, on_progress=show)
+    except Exception as error:  # noqa: BLE001 - a model that cannot be diagnosed is explained, not a traceback
+        session.show_compute_failure(error)
+        st.stop()
+    bar.empty()
+result = cache.diagnosis(*key, entry.model)
+
+columns = st.columns(2)
+columns[0].metric("Float accuracy", session.percent(result.float_accuracy))
+columns[1].metric(
+    "Quantized accuracy",
+    session.percent(result.quant_accuracy),
+    delta=f"{100 * (result.quant_accuracy - result.float_accuracy):+.2f} pts",
+)
+
+damages = {row.layer: damage_points(result.float_accuracy, row) for row in result.layers}
+event = st.plotly_chart(
+    network_diagram_figure(DIAGRAM_STAGES, damages), key="diagram", on_select="rerun", selection_mode="points"
+)
+picked = next((p.get("customdata") for p in event.selection.points if p.get("customdata")), None)
+if picked in LAYER_NAMES and picked != st.session_state.get(PICK_KEY):
+    st.session_state[PICK_KEY] = picked
+    st.session_state[LAYER_KEY] = picked  # before the radio below is drawn
+if LAYER_KEY not in st.session_state:
+    st.session_state[LAYER_KEY] = max(damages, key=lambda name: damages[name])
+
+rows = result.layers
+st.plotly_chart(
+    diagnosis_accuracy_figure(
+        [r.layer for r in rows],
+        {
+            "only this layer": [r.only_this_accuracy for r in rows],
+            "all but this layer": [r.all_but_this_accuracy for r in rows],
+            "its weights only": [r.weights_only_accuracy for r in rows],
+            "its input only": [r.activations_only_accuracy for r in rows],
+        },
+        result.float_accuracy,
+        result.quant_accuracy,
+    ),
+    key="diagnosis_accuracy",
+)
+table_with_csv(
+    [
+        {
+            "layer": r.layer,
+            "only this quantized (%)": round(100 * r.only_this_accuracy, 2),
+            "all but this quantized (%)": round(100 * r.all_but_this_accuracy, 2),
+            "weights only (%)": round(100 * r.weights_only_accuracy, 2),
+            "activations only (%)": round(100 * r.activations_only_accuracy, 2),
+            "SQNR isolated (dB)": round(r.sqnr_isolated_db, 2),
+            "SQNR accumulated (dB)": round(r.sqnr_accumulated_db, 2),
+        }
+        for r in rows
+    ],
+    "per-layer diagnosis",
+    "diagnosis",
+)
+
+st.subheader("Layer detail")
+chosen = st.radio("Layer", LAYER_NAMES, key=LAYER_KEY, horizontal=True)
+row = next(r for r in rows if r.layer == chosen)
+layer_row = next(r for r in report.layers if r.layer == chosen)
+st.caption(
+    f"{chosen}: {100 * (result.float_accuracy - row.only_this_accuracy):+.2f} points lost when only it is quantized; "
+    f"SQNR {row.sqnr_isolated_db:.1f} dB isolated, {row.sqnr_accumulated_db:.1f} dB accumulated."
+)
+if layer_row.input_quantized:
+    st.markdown(
+        f"Input range: observed [{layer_row.act_observed_min:.4g}, {layer_row.act_observed_max:.4g}], "
+        f"clipped to [{layer_row.act_clip_min:.4g}, {layer_row.act_clip_max:.4g}]: "
+        f"scale {layer_row.act_scale:.4g}, zero point {layer_row.act_zero_point}."
+    )
+else:
+    st.markdown("Its input stays float in this config.")
+quant = report.qnet.layers[chosen]
+if quant.weight_qparams is not None:
+    st.plotly_chart(weight_histogram_figure(weight_histogram(quant)), key="diagnose_weights")
+    table_with_csv(
+        [{"channel": c.channel, "weight SQNR (dB)": round(c.weight_sqnr_db, 2)} for c in worst_channels(quant)],
+        "worst channels",
+        "worst_channels",
+    )
+else:
+    st.markdown("Its weights stay float in this config.")
+
+st.subheader("What to do about it")
+if result.suggestions:
+    st.caption("Each change below was applied and measured on the test set; Apply sets the sidebar to it.")
+    for index, suggestion in enumerate(result.suggestions):
+        text, button = st.columns([4, 1])
+        text.markdown(
+            f"**{suggestion.text}**: {session.percent(suggestion.accuracy)} "
+            f"({suggestion.gain_points:+.2f} points) for {suggestion.extra_weight_bits:+.2f} average weight bits"
+        )
+        button.button(
+            "Apply", key=f"apply_{index}", on_click=apply_changes, args=(suggestion.changes,), help=suggestion.text
+        )
+else:
+    st.info("None of the changes tried (a layer in float, one more bit, a better range rule) raised the accuracy.")
+
+st.subheader("Integer engine vs simulation")
+gap = result.engine_gap
+if gap.available:
+    st.markdown(
+        f"The integer engine predicts differently from the simulation on **{len(gap.disagreeing_images)}** of the "
+        "10,000 test images. Below, each layer gets the simulation's own input integers, so each gap is its own."
+    )
+    st.plotly_chart(lsb_difference_figure({g.layer: g.differences for g in gap.layers}), key="lsb_differences")
+    table_with_csv(
+        [
+            {
+                "layer": g.layer,
+                "values compared": g.values,
+                "differing": g.values - g.differences.get(0, 0),
+                "within one fixed-point step of a tie": g.differing_near_tie,
+                "fixed-point step (LSB)": g.fixed_point_step,
+                "farthest from a tie (LSB)": round(g.largest_tie_distance, 5),
+            }
+            for g in gap.layers
+        ],
+        "engine gap",
+        "engine_gap",
+    )
+    st.caption(
+        "Why: the simulation divides by the output scale in float and rounds half to even; the engine multiplies "
+        "by a 31-bit fixed-point M0 with a rounding doubling high multiply (it rounds to a fixed-point step of "
+        "the output LSB), then a rounding right shift (it rounds again, half away from zero). Only a value that "
+        "lies within one such step of a tie (x.5) can come out one integer apart."
+    )
+    if gap.disagreeing_images:
+        st.caption(f"Test images predicted differently (first 30): {gap.disagreeing_images[:30]}")
+else:
+    st.info(f"The integer engine cannot run this config: {gap.reason}.")
+
+st.download_button(
+    "Download the diagnosis report (HTML, works offline)",
+    diagnosis_html(result, entry.name, entry.fingerprint),
+    file_name=f"diagnosis_{entry.fingerprint}.html",
+    mime="text/html",
+    key="diagnosis_html",
+)

@@ -1,0 +1,314 @@
+"""Why did accuracy drop? Per-layer damage, ranked fixes measured for real, and where the integer
+engine and the simulation part.
+
+Every per-layer variant comes from ONE calibration of the config: a variant switches a layer's
+weight quantization or input quantization off (its LayerQuant keeps float weights, or a float
+input) and is evaluated on the full test set. So the numbers are comparable with one another and
+with the config's own accuracy, which is the variant with everything on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from qcore.analysis import quantize_for
+from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
+from qcore.data import Mnist
+from qcore.evaluate import evaluate
+from qcore.model import LAYER_NAMES, Net, capture_layers, layer
+from qcore.qmodel import LayerQuant, QuantizedNet
+from qcore.quant import quantize
+
+SQNR_IMAGES = 1000  # test images for the SQNR columns (the accuracies use all 10,000)
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class LayerDiagnosis:
+    layer: str
+    only_this_accuracy: float  # only this layer (weights and input) quantized, the rest float
+    all_but_this_accuracy: float  # everything quantized except this layer
+    weights_only_accuracy: float  # only this layer's weights quantized
+    activations_only_accuracy: float  # only this layer's input quantized
+    sqnr_isolated_db: float  # this layer's output, only this layer quantized, vs float (inf: no error)
+    sqnr_accumulated_db: float  # this layer's output, everything quantized, vs float
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One change to the config, with its effect measured by running it."""
+
+    text: str
+    changes: dict[str, object]  # QuantConfig fields to set
+    accuracy: float
+    gain_points: float  # accuracy minus the config's, in percentage points
+    extra_weight_bits: float  # average weight bits (parameter-weighted) added by the change
+
+
+@dataclass(frozen=True)
+class LayerGap:
+    """Integer engine minus simulation for one layer's output integers, in LSBs."""
+
+    layer: str
+    differences: dict[int, int]  # LSB difference -> count (0 included)
+    values: int
+    differing_near_tie: int  # differing values whose exact value lies within one fixed-point step of a tie
+    largest_tie_distance: float  # of the differing values, how far (in LSB) the worst lay from x.5
+    fixed_point_step: float  # in LSB: the high multiply rounds to 2^-r of an LSB before the shift by r
+
+
+@dataclass
+class EngineGap:
+    available: bool
+    reason: str = ""  # why not available
+    disagreeing_images: list[int] = field(default_factory=list)
+    layers: list[LayerGap] = field(default_factory=list)
+
+
+@dataclass
+class Diagnosis:
+    config: QuantConfig
+    float_accuracy: float
+    quant_accuracy: float
+    layers: list[LayerDiagnosis]
+    suggestions: list[Suggestion]
+    engine_gap: EngineGap
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready; an infinite SQNR (no error at all) becomes null."""
+
+        def finite(value: object) -> object:
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        return {
+            "config": self.config.to_dict(),
+            "float_accuracy": self.float_accuracy,
+            "quant_accuracy": self.quant_accuracy,
+            "layers": [{key: finite(value) for key, value in asdict(row).items()} for row in self.layers],
+            "suggestions": [asdict(s) for s in self.suggestions],
+            "engine_gap": {
+                **asdict(self.engine_gap),
+                "layers": [
+                    {**asdict(gap), "differences": {str(k): v for k, v in gap.differences.items()}}
+                    for gap in self.engine_gap.layers
+                ],
+            },
+        }
+
+
+# --- variants of one quantized net ---------------------------------------------------------------
+
+
+def variant(qnet: QuantizedNet, weights: Collection[str], inputs: Collection[str]) -> QuantizedNet:
+    """`qnet` with weight quantization kept only for `weights` and input quantization only for
+    `inputs` (a layer already float in qnet stays float). Bias stays int32 only where both are on."""
+    layers: dict[str, LayerQuant] = {}
+    for name, quant in qnet.layers.items():
+        keep_weights, keep_input = name in weights, name in inputs
+        changes: dict[str, object] = {}
+        if not keep_weights:
+            changes |= {"weight_qparams": None, "weight_int": None, "weight_bits": None}
+        if not keep_input:
+            changes["input_qparams"] = None
+        if not (keep_weights and keep_input):
+            changes["bias_int"] = None
+        layers[name] = replace(quant, **changes)
+    return QuantizedNet(layers, qnet.config, qnet.float_model, qnet.methods).eval()
+
+
+def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """10 log10(signal power / noise power); inf when the two are identical."""
+    noise = float((reference.double() - other.double()).pow(2).sum())
+    signal = float(reference.double().pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _parameters(name: str) -> int:
+    module = layer(Net(), name)
+    return module.weight.numel()
+
+
+def _average_weight_bits(qnet: QuantizedNet) -> float:
+    """Parameter-weighted average weight bits, a float layer counting 32."""
+    total = sum(_parameters(n) for n in LAYER_NAMES)
+    return sum(_parameters(n) * (qnet.layers[n].weight_bits or 32) for n in LAYER_NAMES) / total
+
+
+def _candidates(config: QuantConfig) -> list[tuple[str, dict[str, object]]]:
+    """Changes worth measuring, from the config: keep a layer float, one more bit of weights or of
+    activations, a better range rule or granularity."""
+    found: list[tuple[str, dict[str, object]]] = []
+    for name in LAYER_NAMES:
+        if name not in config.float_layers:
+            found.append((f"keep {name} in float", {"float_layers": [*config.float_layers, name]}))
+    for key, noun in (("weight_bits", "weights"), ("act_bits", "activations")):
+        current = getattr(config, key)
+        higher = [b for b in DASHBOARD.bits if current < b <= 8]
+        if higher:
+            found.append((f"{noun} at {higher[0]} bits instead of {current}", {key: higher[0]}))
+    if config.observer != "mse":
+        found.append((f"activation ranges by MSE instead of {config.observer}", {"observer": "mse"}))
+    if config.granularity != "per-channel":
+        found.append(("per-channel weight scales instead of per-tensor", {"granularity": "per-channel"}))
+    if config.weight_range != "mse":
+        found.append(("MSE-clipped weight ranges instead of min/max", {"weight_range": "mse"}))
+    return found
+
+
+# --- where the integer engine and the simulation part ----------------------------------------------
+
+
+@torch.inference_mode()
+def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> EngineGap:
+    """Images whose prediction differs between the integer engine and the simulation (full test
+    set), and for conv1, conv2 and fc1 the integer differences of their requantized outputs when the
+    engine's layer gets the simulation's own input integers (so each layer's gap is its own, not
+    inherited), on the first `images` test images. fc2's logits are compared by prediction only."""
+    problems = integer_path_problems(qnet.config)
+    if problems:
+        return EngineGap(False, "; ".join(problems))
+    from qcore.integer import IntegerEngineError, IntegerNet
+
+    try:
+        engine = IntegerNet(qnet)
+    except IntegerEngineError as error:
+        return EngineGap(False, str(error))
+    simulated = evaluate(qnet, data.test).predictions
+    disagreeing = (engine.predict(data.test.images) != simulated).nonzero().flatten().tolist()
+    _, outputs, inputs = qnet.trace(data.test.images[:images])
+    gaps = []
+    for name, following in zip(LAYER_NAMES[:-1], LAYER_NAMES[1:], strict=True):
+        in_qparams, out_qparams = qnet.layers[name].input_qparams, qnet.layers[following].input_qparams
+        assert in_qparams is not None and out_qparams is not None
+        out = F.relu(F.max_pool2d(outputs[name], 2, 2)) if name.startswith("conv") else F.relu(outputs[name])
+        unrounded = out.double() / float(out_qparams.scale) + int(out_qparams.zero_point)
+        simulated_int = quantize(inputs[following], out_qparams).reshape(out.shape).to(torch.int64)
+        integer = engine.layer_int(name, quantize(inputs[name], in_qparams).to(torch.int64)).reshape(out.shape)
+        difference = (integer - simulated_int).flatten()
+        values, counts = difference.unique(return_counts=True)
+        tie_distance = ((unrounded - unrounded.floor()) - 0.5).abs().flatten()[difference != 0]
+        step = 2.0 ** -int(torch.clamp(-engine.layers[name].shift, min=0).min())
+        gaps.append(
+            LayerGap(
+                name,
+                {int(v): int(c) for v, c in zip(values, counts, strict=True)},
+                int(difference.numel()),
+                int((tie_distance <= step).sum()),
+                float(tie_distance.max()) if tie_distance.numel() else 0.0,
+                step,
+            )
+        )
+    return EngineGap(True, "", disagreeing, gaps)
+
+
+# --- the whole diagnosis ---------------------------------------------------------------------
+
+
+def diagnose(
+    model: Net,
+    data: Mnist,
+    config: QuantConfig,
+    float_accuracy: float | None = None,
+    on_progress: Progress | None = None,
+    suggestions: int = 3,
+) -> Diagnosis:
+    """Per-layer accuracies and SQNR, the best `suggestions` fixes (each measured), and the
+    integer engine's gap. `on_progress(done, total, what)` is called as the runs finish."""
+    qnet = quantize_for(model, data, config)
+    candidates = _candidates(config)
+    total = 1 + 4 * len(LAYER_NAMES) + len(candidates) + 1
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, what)
+
+    if float_accuracy is None:
+        float_accuracy = evaluate(model, data.test).accuracy
+    everything = set(LAYER_NAMES)
+    cache: dict[tuple[frozenset[str], frozenset[str]], float] = {}
+
+    def accuracy(weights: set[str], inputs: set[str]) -> float:
+        key = (frozenset(weights), frozenset(inputs))
+        if key not in cache:
+            cache[key] = (
+                float_accuracy
+                if not weights and not inputs
+                else evaluate(variant(qnet, weights, inputs), data.test).accuracy
+            )
+        return cache[key]
+
+    quant_accuracy = accuracy(everything, everything)
+    step("the config itself")
+    reference = qnet.float_model if qnet.float_model is not None else model
+    x = data.test.images[:SQNR_IMAGES]
+    float_outputs = capture_layers(reference, x, "output")
+    with torch.inference_mode():
+        accumulated = qnet.trace(x)[1]
+    rows = []
+    for name in LAYER_NAMES:
+        only = accuracy({name}, {name})
+        step(f"{name}: only this layer")
+        all_but = accuracy(everything - {name}, everything - {name})
+        step(f"{name}: all but this layer")
+        weights_only = accuracy({name}, set())
+        step(f"{name}: weights only")
+        activations_only = accuracy(set(), {name})
+        step(f"{name}: activations only")
+        with torch.inference_mode():
+            isolated = variant(qnet, {name}, {name}).trace(x)[1][name]
+        rows.append(
+            LayerDiagnosis(
+                name,
+                only,
+                all_but,
+                weights_only,
+                activations_only,
+                sqnr_db(float_outputs[name], isolated),
+                sqnr_db(float_outputs[name], accumulated[name]),
+            )
+        )
+    measured = []
+    bits_now = _average_weight_bits(qnet)
+    for text, changes in candidates:
+        applied = quantize_for(model, data, config.with_changes(**_as_fields(changes)))
+        result = evaluate(applied, data.test).accuracy
+        measured.append(
+            Suggestion(text, changes, result, 100 * (result - quant_accuracy), _average_weight_bits(applied) - bits_now)
+        )
+        step(f"trying: {text}")
+    helpful = sorted((s for s in measured if s.gain_points > 0), key=lambda s: (-s.gain_points, s.extra_weight_bits))
+    gap = engine_gap(qnet, data)
+    step("integer engine vs simulation")
+    return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap)
+
+
+def _as_fields(changes: dict[str, object]) -> dict[str, object]:
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in changes.items()}
+
+
+def apply_suggestion(config: QuantConfig, suggestion: Suggestion) -> QuantConfig:
+    """The config with the suggestion's changes made."""
+    return config.with_changes(**_as_fields(suggestion.changes))
+
+
+@dataclass(frozen=True)
+class ChannelError:
+    channel: int
+    weight_sqnr_db: float  # this output channel's weights, quantized vs float
+
+
+def worst_channels(quant: LayerQuant, count: int = 5) -> list[ChannelError]:
+    """The output channels whose quantized weights are furthest from their float weights."""
+    if quant.weight_qparams is None:
+        return []
+    reference, quantized = quant.weight.flatten(1), quant.effective_weight().flatten(1)
+    errors = [ChannelError(c, sqnr_db(reference[c], quantized[c])) for c in range(reference.shape[0])]
+    return sorted(errors, key=lambda e: e.weight_sqnr_db)[:count]
