@@ -111,7 +111,7 @@ chosen = st.radio("Layer", LAYER_NAMES, key=LAYER_KEY, horizontal=True)
 row = next(r for r in rows if r.layer == chosen)
 layer_row = next(r for r in report.layers if r.layer == chosen)
 st.caption(
-    f"{chosen}: {100 * (result.float_accuracy - row.only_this_accuracy):+.2f} points lost when only it is quantized; "
+    f"{chosen}: {100 * (result.float_accuracy - row.only_this_accuracy) + 0.0:.2f} points lost when only it is quantized; "
     f"SQNR {row.sqnr_isolated_db:.1f} dB isolated, {row.sqnr_accumulated_db:.1f} dB accumulated."
 )
 if layer_row.input_quantized:

@@ -258,6 +258,7 @@ def network_diagram_figure(stages: Sequence[str], damage_points: dict[str, float
         textposition="middle center",
         hoverinfo="skip",
         showlegend=False,
+        unselected={"marker": {"opacity": 1}, "textfont": {"color": "#222"}},  # a click must not fade the diagram
     )
     layers = [i for i, stage in enumerate(stages) if stage in damage_points]
     names = [stages[i] for i in layers]
@@ -280,6 +281,8 @@ def network_diagram_figure(stages: Sequence[str], damage_points: dict[str, float
         customdata=names,
         hovertemplate="%{customdata}: %{marker.color:.2f} points lost when only it is quantized<extra></extra>",
         showlegend=False,
+        unselected={"marker": {"opacity": 1}, "textfont": {"color": "#222"}},
+        selected={"marker": {"opacity": 1}},
     )
     fig.update_xaxes(visible=False, range=[-0.6, len(stages) - 0.4])
     fig.update_yaxes(visible=False, range=[-1, 1])

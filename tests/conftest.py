@@ -31,3 +31,12 @@ def float_eval(pretrained, mnist):
     from qcore.evaluate import evaluate
 
     return evaluate(pretrained, mnist.test)
+
+
+@pytest.fixture(scope="session")
+def w3a3_diagnosis(pretrained, mnist, float_eval):
+    """qcore.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI and AppTest checks."""
+    from qcore.config import QuantConfig
+    from qcore.diagnose import diagnose
+
+    return diagnose(pretrained, mnist, QuantConfig(weight_bits=3, act_bits=3), float_eval.accuracy)

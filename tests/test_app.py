@@ -27,6 +27,7 @@ PAGES = [
     "pages/accuracy.py",
     "pages/methods.py",
     "pages/deploy.py",
+    "pages/diagnose.py",
 ]
 TIMEOUT = 180
 
@@ -404,3 +405,32 @@ def test_training_keeps_the_previous_model_and_the_curve_and_warns_when_worse(ap
     no_exceptions(at)
     assert fingerprint(pretrained) in model_line(at)
     assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
+
+
+def test_diagnose_page_matches_qcore_and_apply_sets_the_sidebar(app, w3a3_diagnosis):
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3)
+    at.select_slider(key="act_bits").set_value(3)
+    at.run()
+    at.switch_page("pages/diagnose.py").run()
+    no_exceptions(at)
+    table = next(d.value for d in at.dataframe if "SQNR isolated (dB)" in d.value.columns)
+    for shown, row in zip(table.to_dict("records"), w3a3_diagnosis.layers, strict=True):
+        assert shown["layer"] == row.layer
+        assert shown["all but this quantized (%)"] == round(100 * row.all_but_this_accuracy, 2)
+        assert shown["SQNR accumulated (dB)"] == round(row.sqnr_accumulated_db, 2)
+    first = w3a3_diagnosis.suggestions[0]
+    assert any(first.text in m.value and f"{first.gain_points:+.2f} points" in m.value for m in at.markdown)
+    at.radio(key="diagnose_layer").set_value("fc1").run()
+    assert any(c.value.startswith("fc1:") for c in at.caption)
+    next(b for b in at.button if b.key == "apply_0").click()
+    at.run()
+    no_exceptions(at)
+    for key, value in first.changes.items():
+        if key == "float_layers":
+            assert all(
+                at.checkbox(key=f"float_{name}").value == (name in value) for name in ("conv1", "conv2", "fc1", "fc2")
+            )
+        else:
+            assert at.session_state[key] == value
+    assert metric(at, "Quantized accuracy") == percent(first.accuracy)  # the sidebar now shows what it predicted

@@ -95,7 +95,7 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
 
 # --- a shared server under attack ------------------------------------------------------------
 
-NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy"]
+NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose"]
 
 
 def assert_app_page(page, title: str) -> None:
@@ -210,4 +210,41 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     page.get_by_role("tab", name="Bundled net").click()
     assert page.get_by_role("button", name="Use the bundled net").is_visible()
     page.screenshot(path=str(SHOTS / "refused_upload.png"), full_page=True)
+    page.context.close()
+
+
+def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval):
+    from qcore.diagnose import diagnose
+
+    expected = diagnose(pretrained, mnist, QuantConfig(), float_eval.accuracy)
+    first = expected.suggestions[0]
+    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+    page.goto(f"{server}/diagnose")
+    settle(page)
+    page.get_by_text("Layer detail").wait_for(timeout=180_000)
+    settle(page)
+    assert_app_page(page, "Diagnose")
+    detail = page.locator("[data-testid='stCaptionContainer']").filter(has_text="points lost when only it is quantized")
+    # the layer trace is the diagram's last scatter trace; its third marker is fc1
+    marker = page.locator("[data-testid='stPlotlyChart']").first.locator(".scatterlayer .trace").last.locator(".point")
+    box = marker.nth(2).bounding_box()
+    assert box is not None
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll(\"[data-testid='stCaptionContainer']\")]"
+        ".some(e => e.innerText.startsWith('fc1:'))",
+        timeout=60_000,
+    )
+    settle(page)
+    assert detail.first.inner_text().startswith("fc1:")
+    page.screenshot(path=str(SHOTS / "diagnose.png"), full_page=True)
+
+    before = sidebar_metric(page, "Quantized accuracy")
+    page.get_by_role("button", name="Apply").first.click()
+    settle(page)
+    after = sidebar_metric(page, "Quantized accuracy")
+    assert after == f"{100 * first.accuracy:.2f}%" and after != before
+    for key, value in first.changes.items():
+        shown = ",".join(value) if isinstance(value, list) else str(value)
+        assert f"{key}={shown}" in page.url
     page.context.close()
