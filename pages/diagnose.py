@@ -110,8 +110,9 @@ st.subheader("Layer detail")
 chosen = st.radio("Layer", LAYER_NAMES, key=LAYER_KEY, horizontal=True)
 row = next(r for r in rows if r.layer == chosen)
 layer_row = next(r for r in report.layers if r.layer == chosen)
+lost = 100 * (result.float_accuracy - row.only_this_accuracy) + 0.0  # + 0.0: never "-0.00"
 st.caption(
-    f"{chosen}: {100 * (result.float_accuracy - row.only_this_accuracy) + 0.0:.2f} points lost when only it is quantized; "
+    f"{chosen}: {lost:.2f} points lost when only it is quantized; "
     f"SQNR {row.sqnr_isolated_db:.1f} dB isolated, {row.sqnr_accumulated_db:.1f} dB accumulated."
 )
 if layer_row.input_quantized:
