@@ -213,7 +213,7 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     page.context.close()
 
 
-def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval):
+def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval, tmp_path):
     from qcore.diagnose import diagnose
 
     expected = diagnose(pretrained, mnist, QuantConfig(), float_eval.accuracy)
@@ -238,6 +238,21 @@ def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrain
     settle(page)
     assert detail.first.inner_text().startswith("fc1:")
     page.screenshot(path=str(SHOTS / "diagnose.png"), full_page=True)
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the diagnosis report (HTML, works offline)").click()
+    report = page.context.new_page()
+    fetched: list[str] = []
+    report.on("request", lambda request: fetched.append(request.url))
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.suffix == ".html"
+    report.goto(saved.as_uri())
+    assert report.locator("h1").inner_text() == "Why did accuracy drop?"
+    assert report.locator("svg").count() >= 3 and report.locator("table").count() >= 3
+    assert all(url.startswith("file://") for url in fetched), fetched  # nothing fetched from a network
+    report.screenshot(path=str(SHOTS / "diagnosis_report.png"), full_page=True)
+    report.close()
 
     before = sidebar_metric(page, "Quantized accuracy")
     page.get_by_role("button", name="Apply").first.click()
