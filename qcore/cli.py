@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(diagnose_cmd)
     diagnose_cmd.add_argument("--html", help="also write a self-contained HTML report to this file")
     diagnose_cmd.add_argument("--force", action="store_true", help="replace --html if it exists")
+    explain_cmd = commands.add_parser("explain", help="one test image through the integer engine, written out")
+    _add_quant_flags(explain_cmd)
+    _add_common(explain_cmd)
+    explain_cmd.add_argument("--image", type=int, required=True, help="test image index (0 to 9999)")
+    explain_cmd.add_argument("--layer", choices=list(LAYER_NAMES), help="the layer whose --position is given")
+    explain_cmd.add_argument(
+        "--position", help="that layer's output index, channel first: c,row,col for conv1/conv2, j for fc1/fc2"
+    )
     data_cmd = commands.add_parser("data", help="check the MNIST folder (every idx file validated)")
     data_cmd.add_argument(
         "--download", action="store_true", help="fetch MNIST with torchvision first when files are missing (online)"
@@ -358,6 +366,50 @@ def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
+def _position(text: str | None, layer_name: str | None) -> dict[str, list[int]]:
+    if text is None and layer_name is None:
+        return {}
+    if text is None or layer_name is None:
+        raise UsageError("--layer and --position go together")
+    try:
+        position = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--position: expected integers like 3,10,12 (got {shorten(text)!r})") from None
+    expected = 3 if layer_name.startswith("conv") else 1
+    if len(position) != expected:
+        raise UsageError(f"--position for {layer_name} has {expected} number(s), channel first")
+    return {layer_name: position}
+
+
+def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.lessons.walk import explain
+
+    config = config_from_args(args)
+    _require_integer_path("explain (the integer engine)", config)
+    positions = _position(args.position, args.layer)
+    if not 0 <= args.image <= 9999:
+        raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
+    model = load_model(args.checkpoint)
+    data = load_mnist(args.data_dir)
+    try:
+        walk = explain(model, data, config, args.image, positions)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if not args.json:
+        print(
+            f"test image {walk.image}: label {walk.label}, "
+            f"integer prediction {walk.prediction}, float {walk.float_prediction}"
+        )
+        for layer_walk in walk.layers:
+            print(
+                f"{layer_walk.name} at {layer_walk.position}: {len(layer_walk.terms)} terms, "
+                f"accumulator {layer_walk.accumulator} (bias {layer_walk.bias}), M0 {layer_walk.multiplier} "
+                f"shift {layer_walk.shift} (M = {layer_walk.real_multiplier:.9g}), output {layer_walk.output}"
+            )
+        print(f"int32 logits: {walk.logits_int32}")
+    return walk.to_dict()
+
+
 def cmd_data(args: argparse.Namespace) -> dict[str, object]:
     folder = data_dir(args.data_dir).resolve()
     data = load_mnist(folder, download=args.download)
@@ -370,6 +422,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, object]:
 COMMANDS = {
     "data": cmd_data,
     "diagnose": cmd_diagnose,
+    "explain": cmd_explain,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,

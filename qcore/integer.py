@@ -256,6 +256,14 @@ class IntegerNet:
             return _requantize(_max_pool_2x2(_conv_int(x, layer)), layer, 1)
         return _requantize(_linear_int(x.flatten(1), layer), layer, 1)
 
+    def trace_int(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Integer logits for integer input, and every layer's output integers (conv1, conv2 and
+        fc1: the next layer's input; fc2: the int32 logits)."""
+        outputs = {}
+        for name in LAYER_NAMES:
+            x = outputs[name] = self.layer_int(name, x)
+        return x, outputs
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
         """Class predictions (int64) for real images: argmax of the integer logits."""

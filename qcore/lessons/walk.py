@@ -1,0 +1,194 @@
+"""One image on integers: the integer engine's computation for one output of each layer, written out.
+
+`explain` returns, for each layer, every (input integer, weight integer) pair of one output's dot
+product, the int32 accumulator, the fixed-point multiplier and shift, and the requantized output,
+taken from the integer engine's own tensors for that image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qcore.analysis import quantize_for
+from qcore.config import QuantConfig
+from qcore.data import Mnist
+from qcore.integer import INT32_MAX, IntegerNet, _conv_int, _linear_int, multiply_by_quantized_multiplier
+from qcore.model import LAYER_NAMES, Net
+
+
+@dataclass(frozen=True)
+class LayerWalk:
+    name: str
+    position: list[int]  # the output index, channel first: [c, row, col] before the pool for convs, [j] for fc
+    input_zero_point: int
+    weight_zero_point: int
+    terms: list[list[int]]  # every [input_int, weight_int] pair of the dot product, in order
+    bias: int
+    accumulator: int  # sum((x - zx) * (w - zw)) + bias
+    multiplier: int  # M0 in [2^30, 2^31)
+    shift: int  # TFLite's convention: M = M0 * 2^(shift - 31)
+    real_multiplier: float  # M0 * 2^(shift - 31): what they stand for
+    exact_multiplier: float  # s_in * s_w / s_out in float64
+    output_zero_point: int
+    output_min: int  # the clamp's lower end: the zero point where a ReLU follows
+    output_max: int
+    output: int  # the requantized, clamped value at `position` (fc2: the logit at the common scale)
+    pooled_window: list[int]  # convs: the 2x2 window of requantized outputs that max-pool reduces
+    pooled: int | None  # convs: the max-pool's output (the next layer's input integer)
+    input_ints: list[list[int]]  # convs: the input channel-0 patch behind this output, for display
+    feature_map_int: list[list[int]]  # convs: this output channel's requantized map after the pool
+    feature_map_float: list[list[float]]  # convs: the float model's map for the same channel
+
+
+@dataclass(frozen=True)
+class Walk:
+    image: int
+    label: int
+    prediction: int
+    float_prediction: int
+    logits_int32: list[int]
+    float_probabilities: list[float]
+    layers: list[LayerWalk]
+
+    def to_dict(self) -> dict[str, object]:
+        """The CLI's JSON: the fields the issue names (the display-only maps left out)."""
+        display_only = ("input_ints", "feature_map_int", "feature_map_float")
+        return {
+            "image": self.image,
+            "label": self.label,
+            "prediction": self.prediction,
+            "float_prediction": self.float_prediction,
+            "logits_int32": self.logits_int32,
+            "float_probabilities": self.float_probabilities,
+            "layers": [{k: v for k, v in asdict(layer).items() if k not in display_only} for layer in self.layers],
+        }
+
+
+def _check_position(name: str, position: Sequence[int], shape: Sequence[int]) -> list[int]:
+    if len(position) != len(shape) or any(not 0 <= p < s for p, s in zip(position, shape, strict=True)):
+        raise ValueError(f"{name}: position {list(position)} outside the output's shape {list(shape)}")
+    return [int(p) for p in position]
+
+
+@torch.inference_mode()
+def explain(
+    model: Net,
+    data: Mnist,
+    config: QuantConfig,
+    image: int,
+    positions: dict[str, Sequence[int]] | None = None,
+) -> Walk:
+    """The integer walk of test image `image`. `positions` picks each layer's output (channel
+    first); by default the largest requantized output of each layer (fc2: the predicted digit)."""
+    if not 0 <= image < len(data.test):
+        raise ValueError(f"image must be between 0 and {len(data.test) - 1} (got {image})")
+    positions = positions or {}
+    qnet = quantize_for(model, data, config)
+    engine = IntegerNet(qnet)  # raises IntegerEngineError for configs that cannot run on integers
+    x_real = data.test.images[image : image + 1]
+    x = engine.quantize_input(x_real)
+    float_maps = {}
+    reference = qnet.float_model if qnet.float_model is not None else model
+    h = x_real
+    for name in LAYER_NAMES[:2]:
+        h = F.relu(F.max_pool2d(getattr(reference, name)(h), 2, 2))
+        float_maps[name] = h[0]
+    float_log_probs = model(x_real)[0]
+    walks = []
+    for name in LAYER_NAMES:
+        layer = engine.layers[name]
+        is_conv = name.startswith("conv")
+        next_x = engine.layer_int(name, x)  # the engine's own output: the next layer's input integers
+        acc = _conv_int(x, layer) if is_conv else _linear_int(x.flatten(1), layer)  # [1, O, H, W] or [1, O]
+        requantized = torch.clamp(
+            multiply_by_quantized_multiplier(
+                acc,
+                layer.multiplier.reshape(1, -1, *([1] * (acc.ndim - 2))),
+                layer.shift.reshape(1, -1, *([1] * (acc.ndim - 2))),
+            )
+            + layer.output_zero,
+            layer.output_min,
+            layer.output_max,
+        )[0]
+        default = list(divmod_index(int(requantized.argmax()), requantized.shape))
+        where = _check_position(name, positions.get(name, default), requantized.shape)
+        channel = where[0]
+        zx, zw = layer.input_zero, int(layer.weight_zero[channel])
+        if is_conv:
+            _, row, col = where
+            kernel = layer.weight.shape[-1]
+            patch = x[0, :, row : row + kernel, col : col + kernel]
+            terms = [[int(a), int(b)] for a, b in zip(patch.flatten(), layer.weight[channel].flatten(), strict=True)]
+            top, left = row - row % 2, col - col % 2
+            window = requantized[channel, top : top + 2, left : left + 2].flatten().tolist()
+            pooled = max(window)
+            input_patch = patch[0].tolist()
+            feature_int = next_x[0, channel].tolist()
+            feature_float = float_maps[name][channel].tolist()
+        else:
+            terms = [[int(a), int(b)] for a, b in zip(x.flatten(1)[0], layer.weight[channel], strict=True)]
+            window, pooled, input_patch, feature_int, feature_float = [], None, [], [], []
+        shift = int(layer.shift[channel])
+        multiplier = int(layer.multiplier[channel])
+        exact = _exact_multiplier(qnet, name, channel)
+        walks.append(
+            LayerWalk(
+                name=name,
+                position=where,
+                input_zero_point=zx,
+                weight_zero_point=zw,
+                terms=terms,
+                bias=int(layer.bias[channel]),
+                accumulator=int(acc[0][tuple(where)]),
+                multiplier=multiplier,
+                shift=shift,
+                real_multiplier=multiplier * 2.0 ** (shift - 31),
+                exact_multiplier=exact,
+                output_zero_point=layer.output_zero,
+                output_min=layer.output_min,
+                output_max=min(layer.output_max, INT32_MAX),
+                output=int(requantized[tuple(where)]),
+                pooled_window=[int(v) for v in window],
+                pooled=None if pooled is None else int(pooled),
+                input_ints=input_patch,
+                feature_map_int=feature_int,
+                feature_map_float=feature_float,
+            )
+        )
+        x = next_x
+    logits = x[0]
+    return Walk(
+        image=image,
+        label=int(data.test.labels[image]),
+        prediction=int(logits.argmax()),
+        float_prediction=int(float_log_probs.argmax()),
+        logits_int32=[int(v) for v in logits],
+        float_probabilities=[float(p) for p in float_log_probs.exp()],
+        layers=walks,
+    )
+
+
+def divmod_index(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The multi-index of a flat (row-major) index."""
+    index = []
+    for size in reversed(list(shape)):
+        flat, rest = divmod(flat, size)
+        index.append(rest)
+    return tuple(reversed(index))
+
+
+def _exact_multiplier(qnet, name: str, channel: int) -> float:
+    """s_in * s_w / s_out in float64, as the engine derives M0 and the shift from it."""
+    quant = qnet.layers[name]
+    s_w = quant.weight_qparams.scale.double().reshape(-1)
+    s_acc = quant.input_qparams.scale.double() * (s_w[channel] if s_w.numel() > 1 else s_w[0])
+    following = LAYER_NAMES.index(name) + 1
+    if following < len(LAYER_NAMES):
+        s_out = qnet.layers[LAYER_NAMES[following]].input_qparams.scale.double()
+    else:
+        s_out = (quant.input_qparams.scale.double() * s_w).min()
+    return float(s_acc / s_out)
