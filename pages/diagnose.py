@@ -18,17 +18,6 @@ from ui.tables import table_with_csv
 LAYER_KEY = "diagnose_layer"
 PICK_KEY = "diagnose_last_pick"
 
-
-def apply_changes(changes: dict[str, object]) -> None:
-    """Set the sidebar's widgets (a callback runs before they are drawn again)."""
-    for key, value in changes.items():
-        if key == "float_layers":
-            for name in LAYER_NAMES:
-                st.session_state[f"float_{name}"] = name in value  # type: ignore[operator]
-        else:
-            st.session_state[key] = value
-
-
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Diagnose")
 entry, config, report = session.current_report()
@@ -144,7 +133,11 @@ if result.suggestions:
             f"({suggestion.gain_points:+.2f} points) for {suggestion.extra_weight_bits:+.2f} average weight bits"
         )
         button.button(
-            "Apply", key=f"apply_{index}", on_click=apply_changes, args=(suggestion.changes,), help=suggestion.text
+            "Apply",
+            key=f"apply_{index}",
+            on_click=session.apply_settings,
+            args=(suggestion.changes,),
+            help=suggestion.text,
         )
 else:
     st.info("None of the changes tried (a layer in float, one more bit, a better range rule) raised the accuracy.")

@@ -322,3 +322,93 @@ def diagnosis_accuracy_figure(
     fig.update_yaxes(range=[max(0.0, low - 0.5), min(100.0, 100 * float_accuracy + 0.3)])
     fig.update_layout(barmode="group")
     return _layout(fig, "Accuracy with parts of the network quantized", "layer", "accuracy (%)")
+
+
+def number_line_figure(
+    levels: Sequence[float], range_min: float, range_max: float, x: float, x_hat: float, title: str
+) -> go.Figure:
+    """One value on the quantization grid: every level a tick, the covered range shaded, x and its
+    reconstruction x_hat marked. `levels` may be empty (too many to draw)."""
+    fig = go.Figure()
+    fig.add_shape(
+        type="rect", x0=range_min, x1=range_max, y0=-0.5, y1=0.5, fillcolor=CLIP_COLOR, opacity=0.12, line_width=0
+    )
+    if levels:
+        fig.add_scatter(
+            x=list(levels),
+            y=[0] * len(levels),
+            mode="markers",
+            marker={"symbol": "line-ns-open", "size": 22, "color": "gray"},
+            name=f"the {len(levels)} levels",
+            hovertemplate="level %{x:.5g}<extra></extra>",
+        )
+    fig.add_scatter(
+        x=[x],
+        y=[0.25],
+        mode="markers+text",
+        marker={"size": 12, "color": FLOAT_COLOR},
+        name="x",
+        text=["x"],
+        textposition="top center",
+    )
+    fig.add_scatter(
+        x=[x_hat],
+        y=[-0.25],
+        mode="markers+text",
+        marker={"size": 12, "color": QUANT_COLOR},
+        name="x̂ = s(q − z)",
+        text=["x̂"],
+        textposition="bottom center",
+    )
+    low, high = min(range_min, x, x_hat), max(range_max, x, x_hat)
+    pad = 0.08 * (high - low or 1.0)
+    fig.update_yaxes(visible=False, range=[-1, 1])
+    fig.update_xaxes(range=[low - pad, high + pad])
+    fig.update_layout(height=220)
+    return _layout(fig, title, "value", "")
+
+
+def heatmaps_figure(
+    titles: Sequence[str], matrices: Sequence[Sequence[Sequence[float]]], annotate: bool = True
+) -> go.Figure:
+    """Small heatmaps side by side (a filter, its integers, ...), each with its own color scale and,
+    for small matrices, the numbers written in the cells."""
+    fig = make_subplots(rows=1, cols=len(matrices), subplot_titles=list(titles), horizontal_spacing=0.04)
+    for index, matrix in enumerate(matrices, start=1):
+        small = annotate and len(matrix) <= 8
+        fig.add_heatmap(
+            z=matrix,
+            colorscale="RdBu",
+            zmid=0,
+            showscale=False,
+            text=[[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in matrix] if small else None,
+            texttemplate="%{text}" if small else None,
+            textfont={"size": 10},
+            row=1,
+            col=index,
+        )
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=index)
+        fig.update_xaxes(showticklabels=False, row=1, col=index)
+    fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 40, "b": 10}, template="plotly_white")
+    return fig
+
+
+def logits_figure(logits_int32: Sequence[int], float_probabilities: Sequence[float]) -> go.Figure:
+    """The integer logits beside the float model's softmax, digit by digit."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["int32 logits (integer engine)", "softmax (float model)"])
+    digits = [str(d) for d in range(10)]
+    fig.add_bar(x=digits, y=list(logits_int32), marker_color=QUANT_COLOR, showlegend=False, row=1, col=1)
+    fig.add_bar(x=digits, y=list(float_probabilities), marker_color=FLOAT_COLOR, showlegend=False, row=1, col=2)
+    fig.update_layout(height=300, margin={"l": 40, "r": 10, "t": 40, "b": 30}, template="plotly_white")
+    return fig
+
+
+def outlier_figure(
+    settings: Sequence[str], without: Sequence[float], with_outlier: Sequence[float], what: str
+) -> go.Figure:
+    """One measure per range setting, without and with the outlier."""
+    fig = go.Figure()
+    fig.add_bar(x=list(settings), y=list(without), name="without the outlier", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=list(settings), y=list(with_outlier), name="with the outlier", marker_color=QUANT_COLOR)
+    fig.update_layout(barmode="group", height=320)
+    return _layout(fig, what, "range setting", what)

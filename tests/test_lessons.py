@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
@@ -64,7 +63,8 @@ def test_explain_recomputed_in_plain_integers(pretrained, mnist, bits):
         assert INT32_MIN <= accumulator <= INT32_MAX
         assert 2**30 <= layer.multiplier < 2**31
         assert layer.real_multiplier == pytest.approx(layer.exact_multiplier, rel=2**-30)
-        expected = requantize(accumulator, layer.multiplier, layer.shift) + layer.output_zero_point
+        assert layer.scaled == requantize(accumulator, layer.multiplier, layer.shift)
+        expected = layer.scaled + layer.output_zero_point
         assert layer.output == min(max(expected, layer.output_min), layer.output_max)
         if layer.name.startswith("conv"):
             assert layer.output_min == layer.output_zero_point  # ReLU is the clamp at the zero point
@@ -138,4 +138,3 @@ def test_explain_refuses_bad_arguments_in_one_line(args, needle):
     )
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-

@@ -4,6 +4,7 @@ max_entries, so sessions share results only for identical weights."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from qcore.diagnose import Diagnosis, diagnose
 from qcore.evaluate import EvalResult, evaluate
 from qcore.export import export_onnx, qtensors_bytes
 from qcore.integer import IntegerNet
+from qcore.lessons.steps import OutlierRow, outlier_lesson
+from qcore.lessons.walk import Walk, explain
 from qcore.model import Net
 
 
@@ -102,3 +105,16 @@ def diagnosis(
         while len(_DIAGNOSES) > MAX_DIAGNOSES:
             _DIAGNOSES.popitem(last=False)
     return result
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def outliers(
+    fingerprint: str, config_json: str, target: str, factor: float, folder: str, _model: Net
+) -> list[OutlierRow]:
+    return outlier_lesson(_model, shared_mnist(folder), QuantConfig.from_json(config_json), target, factor)
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the image through the integer engine…")
+def walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, _model: Net) -> Walk:
+    positions = json.loads(positions_json)
+    return explain(_model, shared_mnist(folder), QuantConfig.from_json(config_json), image, positions)

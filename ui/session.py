@@ -247,3 +247,18 @@ def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
 
 def percent(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
+
+
+def apply_settings(changes: dict[str, object], reset: bool = False) -> None:
+    """A button callback that sets the sidebar's widgets (callbacks run before the widgets are drawn
+    again, so this is allowed). With `reset`, every setting first goes back to its default."""
+    settings = dict(QuantConfig().to_dict()) if reset else {}
+    settings.update(changes)
+    for key, value in settings.items():
+        if key == "float_layers":
+            for name in LAYER_NAMES:
+                st.session_state[f"float_{name}"] = name in value  # type: ignore[operator]
+        elif key == "methods":
+            st.session_state[key] = list(value)  # type: ignore[call-overload]
+        else:
+            st.session_state[key] = value

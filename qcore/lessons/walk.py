@@ -33,6 +33,7 @@ class LayerWalk:
     shift: int  # TFLite's convention: M = M0 * 2^(shift - 31)
     real_multiplier: float  # M0 * 2^(shift - 31): what they stand for
     exact_multiplier: float  # s_in * s_w / s_out in float64
+    scaled: int  # the accumulator after the high multiply and the shift, before the zero point and clamp
     output_zero_point: int
     output_min: int  # the clamp's lower end: the zero point where a ReLU follows
     output_max: int
@@ -148,6 +149,13 @@ def explain(
                 shift=shift,
                 real_multiplier=multiplier * 2.0 ** (shift - 31),
                 exact_multiplier=exact,
+                scaled=int(
+                    multiply_by_quantized_multiplier(
+                        acc[0][tuple(where)].reshape(1),
+                        layer.multiplier[channel : channel + 1],
+                        layer.shift[channel : channel + 1],
+                    )[0]
+                ),
                 output_zero_point=layer.output_zero,
                 output_min=layer.output_min,
                 output_max=min(layer.output_max, INT32_MAX),

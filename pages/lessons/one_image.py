@@ -1,0 +1,94 @@
+"""Lesson 3: one test image through the network on integers alone, one output of each layer written out."""
+
+import json
+
+import streamlit as st
+
+from qcore.config import integer_path_problems
+from qcore.data import MNIST_MEAN, MNIST_STD
+from qcore.figures import digits_figure, heatmaps_figure, logits_figure
+from ui import cache, session
+
+TERMS_SHOWN = 6
+
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
+st.title("One image on integers")
+entry, config, report = session.current_report()
+mnist = session.mnist_or_stop()
+st.markdown(
+    "After the input is quantized, the integer engine never touches a float: each output is a sum of "
+    "integer products, an int32 bias, and one fixed-point multiplication that brings the int32 "
+    "accumulator back to 8 bits (or fewer). Pick a test image and follow one output of each layer."
+)
+st.latex(
+    r"\mathrm{acc} = \sum_k (x_k - z_x)(w_k - z_w) + b, \qquad "
+    r"y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{acc} \cdot M_0 \cdot 2^{\mathrm{shift} - 31})"
+    r" + z_y,\ z_y,\ q_{\max}\big)"
+)
+problems = integer_path_problems(config)
+if problems:
+    st.warning("The integer engine cannot run this config: " + "; ".join(problems) + ". Change it in the sidebar.")
+    st.stop()
+image = int(st.number_input("Test image (0 to 9999)", 0, len(mnist.test) - 1, 0, key="lesson3_image"))
+positions = {}
+with st.expander("Choose the output followed in each layer (default: each layer's largest output)"):
+    for name, shape in (("conv1", (19, 23, 23)), ("conv2", (49, 7, 7)), ("fc1", (499,)), ("fc2", (9,))):
+        if st.checkbox(f"choose for {name}", key=f"lesson3_pick_{name}"):
+            columns = st.columns(len(shape))
+            labels = ("channel", "row", "column") if len(shape) == 3 else ("output",)
+            positions[name] = [
+                int(column.number_input(f"{name} {label}", 0, top, 0, key=f"lesson3_{name}_{label}"))
+                for column, label, top in zip(columns, labels, shape, strict=True)
+            ]
+walk = cache.walk(
+    entry.fingerprint,
+    config.to_json(),
+    image,
+    json.dumps(positions, sort_keys=True),
+    session.data_folder(),
+    entry.model,
+)
+picture = (mnist.test.images[image, 0] * MNIST_STD + MNIST_MEAN).tolist()
+left, right = st.columns([1, 3])
+left.plotly_chart(digits_figure([picture], [f"#{image}: label {walk.label}"], columns=1), key="lesson3_digit")
+right.markdown(
+    f"Label **{walk.label}**. The integer engine predicts **{walk.prediction}**; the float model predicts "
+    f"**{walk.float_prediction}**."
+)
+for layer in walk.layers:
+    st.subheader(f"{layer.name}, output {layer.position}")
+    if layer.feature_map_int:
+        st.plotly_chart(
+            heatmaps_figure(
+                [f"integer map, channel {layer.position[0]} (after pool)", "float map (after pool)"],
+                [layer.feature_map_int, layer.feature_map_float],
+                annotate=False,
+            ),
+            key=f"lesson3_maps_{layer.name}",
+        )
+    shown = " + ".join(
+        f"({x} − {layer.input_zero_point})·({w} − {layer.weight_zero_point})" for x, w in layer.terms[:TERMS_SHOWN]
+    )
+    products = sum((x - layer.input_zero_point) * (w - layer.weight_zero_point) for x, w in layer.terms)
+    lines = [
+        f"{len(layer.terms)} terms: {shown} + … = {products}",
+        f"+ int32 bias {layer.bias} = accumulator {layer.accumulator}",
+        f"M = s_in·s_w / s_out = {layer.exact_multiplier:.10g} ≈ M0 · 2^(shift − 31) = "
+        f"{layer.multiplier} · 2^({layer.shift} − 31) = {layer.real_multiplier:.10g}",
+        "rounding doubling high multiply: round(acc · M0 / 2^31); then a rounding right shift by "
+        f"{max(-layer.shift, 0)} bits (half away from zero) → {layer.scaled}",
+        f"+ output zero point {layer.output_zero_point}, clamp to [{layer.output_min}, {layer.output_max}] "
+        f"(the ReLU is the clamp at the zero point) = {layer.output}",
+    ]
+    if layer.pooled is not None:
+        lines.append(f"max-pool over its 2x2 window {layer.pooled_window} = {layer.pooled}")
+    if layer.name == "fc2":
+        lines[-1] = f"fc2 keeps int32: logit {layer.output} for digit {layer.position[0]} (no clamp, no ReLU)"
+    st.code("\n".join(lines), language=None)
+st.subheader("The answer")
+st.plotly_chart(logits_figure(walk.logits_int32, walk.float_probabilities), key="lesson3_logits")
+st.caption(
+    "The rounding doubling high multiply keeps the top 32 bits of acc × M0 (a fixed-point multiply by "
+    "M0 / 2^31, rounded); the rounding right shift divides by a power of two, rounding half away from "
+    "zero. Together they multiply by M without a float."
+)

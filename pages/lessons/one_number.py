@@ -1,0 +1,100 @@
+"""Lesson 1: one number through the quantizer, step by step, symmetric and affine side by side."""
+
+import streamlit as st
+
+from qcore.figures import number_line_figure
+from qcore.lessons.steps import one_number
+from qcore.quant import Scheme
+from ui import session
+
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
+st.title("One number")
+entry, config, report = session.current_report()
+st.markdown(
+    "Quantization maps a real number onto one of 2^b evenly spaced levels. The **scale** s is the "
+    "step between levels; the **zero point** z is the integer that stands for 0.0. Pick a real weight "
+    "or activation of the current model, or type one, and follow it through every step."
+)
+st.latex(
+    r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right) + z,\ q_{\min},\ q_{\max}\right),"
+    r"\qquad \hat{x} = s\,(q - z)"
+)
+source = st.radio(
+    "The value",
+    ["a weight of conv1", "an input of fc1 (an activation)", "a value I type"],
+    horizontal=True,
+    key="lesson1_source",
+)
+if source == "a weight of conv1":
+    columns = st.columns(2)
+    channel = columns[0].number_input("Filter (output channel)", 0, 19, 0, key="lesson1_channel")
+    index = columns[1].number_input("Position in the 5x5 filter (0 to 24)", 0, 24, 12, key="lesson1_index")
+    weights = entry.model.conv1.weight.detach()[int(channel)].flatten()
+    x = float(weights[int(index)])
+    low, high = float(weights.min()), float(weights.max())
+    where = f"conv1 filter {channel}, weight {index}; its filter's range [{low:.4g}, {high:.4g}] (min/max)"
+else:
+    fc1 = next(row for row in report.layers if row.layer == "fc1")
+    if fc1.act_clip_min is None or fc1.act_clip_max is None:
+        low, high = 0.0, 10.0
+        where = "fc1's input stays float in this config; a range of [0, 10] is used"
+    else:
+        low, high = fc1.act_clip_min, fc1.act_clip_max
+        where = f"fc1's input range from calibration [{low:.4g}, {high:.4g}]"
+    if source == "a value I type":
+        columns = st.columns(3)
+        x = columns[0].number_input("x", value=1.2345, format="%.5f", key="lesson1_x")
+        low = columns[1].number_input("range min", value=float(low), format="%.4f", key="lesson1_low")
+        high = columns[2].number_input("range max", value=float(high), format="%.4f", key="lesson1_high")
+        where = f"typed value, range [{low:.4g}, {high:.4g}]"
+    else:
+        x = float(high) * 0.37  # a value inside the calibrated range, to start from
+        x = st.slider(
+            "x (an activation value within the calibrated range)", float(low), float(high), x, key="lesson1_act"
+        )
+bits = st.select_slider("Bits", [2, 3, 4, 5, 6, 7, 8], value=min(config.weight_bits, 8), key="lesson1_bits")
+st.caption(where)
+
+columns = st.columns(2)
+for column, scheme in zip(columns, (Scheme.SYMMETRIC, Scheme.ASYMMETRIC), strict=True):
+    lesson = one_number(float(x), float(low), float(high), int(bits), scheme)
+    with column:
+        st.subheader("Symmetric" if scheme is Scheme.SYMMETRIC else "Affine (asymmetric)")
+        st.table(
+            {
+                "step": [
+                    "x",
+                    "range covered",
+                    "s (scale)",
+                    "z (zero point)",
+                    "x / s",
+                    "round(x / s)",
+                    "+ z",
+                    f"clamp to [{lesson.qmin}, {lesson.qmax}] = q",
+                    "x̂ = s (q − z)",
+                    "error x̂ − x",
+                ],
+                "value": [
+                    f"{lesson.x:.6g}",
+                    f"[{lesson.range_min:.6g}, {lesson.range_max:.6g}]",
+                    f"{lesson.scale:.6g}",
+                    str(lesson.zero_point),
+                    f"{lesson.x_over_s:.6g}",
+                    str(lesson.rounded),
+                    str(lesson.plus_zero_point),
+                    f"{lesson.q}" + ("  (clipped)" if lesson.clipped else ""),
+                    f"{lesson.x_hat:.6g}",
+                    f"{lesson.error:+.3g}",
+                ],
+            }
+        )
+        st.plotly_chart(
+            number_line_figure(
+                lesson.levels, lesson.range_min, lesson.range_max, lesson.x, lesson.x_hat, f"{bits} bits"
+            ),
+            key=f"number_line_{scheme.value}",
+        )
+st.caption(
+    "Symmetric spends a level on -max|x| even when no value is that negative; affine fits the grid to "
+    "[min, max] and pays with a zero point. Move the bits slider: each bit halves the step."
+)

@@ -1,0 +1,80 @@
+"""Lesson 4: one outlier collapses the grid; per-channel scales and MSE clipping rescue it (or not)."""
+
+import streamlit as st
+
+from qcore.figures import outlier_figure
+from qcore.lessons.steps import OUTLIER_CALIB_BATCHES
+from ui import cache, session
+from ui.tables import table_with_csv
+
+session.require_navigation()  # first: a deep link on a fresh server may run this page alone
+st.title("Outliers")
+entry, config, report = session.current_report()
+mnist = session.mnist_or_stop()
+st.markdown(
+    "A min/max range stretches to reach the largest value, so one outlier makes the step s huge and "
+    "leaves ordinary values only a few levels. Per-channel scales confine the damage to one channel; "
+    "an MSE-chosen range may clip the outlier instead. Put one in and measure."
+)
+st.latex(
+    r"s = \frac{\max |x|}{q_{\max}} \quad\Rightarrow\quad "
+    r"\text{levels in the typical range} \approx \frac{\mathrm{range}}{s}"
+)
+columns = st.columns(2)
+target = columns[0].radio(
+    "Where",
+    ["weights", "calibration"],
+    format_func=lambda t: {"weights": "fc1's largest weight", "calibration": "one calibration image"}[t],
+    key="lesson4_target",
+    horizontal=True,
+)
+factor = columns[1].select_slider("Multiplied by", [2, 5, 10, 20, 50, 100, 200], value=50, key="lesson4_factor")
+with st.spinner("Eight calibrations and evaluations…"):
+    rows = cache.outliers(
+        entry.fingerprint, config.to_json(), target, float(factor), session.data_folder(), entry.model
+    )
+settings = [r.setting for r in rows if not r.with_outlier]
+without = {r.setting: r for r in rows if not r.with_outlier}
+with_outlier = {r.setting: r for r in rows if r.with_outlier}
+st.caption(
+    f"fc1 at the sidebar's W{config.weight_bits}A{config.act_bits}, calibrated on {OUTLIER_CALIB_BATCHES} batches "
+    "to stay quick; accuracy on the first 2,000 test images; SQNR leaves the outlier itself out."
+)
+first, second = st.columns(2)
+first.plotly_chart(
+    outlier_figure(
+        settings,
+        [100 * without[s].accuracy for s in settings],
+        [100 * with_outlier[s].accuracy for s in settings],
+        "accuracy (%)",
+    ),
+    key="outlier_accuracy",
+)
+second.plotly_chart(
+    outlier_figure(
+        settings, [without[s].sqnr_db for s in settings], [with_outlier[s].sqnr_db for s in settings], "SQNR (dB)"
+    ),
+    key="outlier_sqnr",
+)
+table_with_csv(
+    [
+        {
+            "setting": r.setting,
+            "outlier": "yes" if r.with_outlier else "no",
+            "scale": r.scale,
+            "levels in the typical range": r.levels_in_typical_range,
+            "SQNR (dB)": round(r.sqnr_db, 2),
+            "accuracy (%)": round(100 * r.accuracy, 2),
+        }
+        for r in rows
+    ],
+    "outlier lesson",
+    "outliers",
+)
+worst = min(rows, key=lambda r: r.accuracy)
+best = max((r for r in rows if r.with_outlier), key=lambda r: r.accuracy)
+st.info(
+    f"Measured: with the outlier, {worst.setting} falls to {100 * worst.accuracy:.2f}% "
+    f"({worst.levels_in_typical_range} level(s) left where the values are); {best.setting} keeps "
+    f"{100 * best.accuracy:.2f}% ({best.levels_in_typical_range} levels)."
+)

@@ -1,0 +1,210 @@
+"""Lessons 1, 2 and 4: one number, one kernel, one outlier; all through qcore's own quantizer."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from qcore.analysis import quantize_for
+from qcore.config import QuantConfig
+from qcore.data import Mnist, Split, calibration_indices
+from qcore.diagnose import sqnr_db
+from qcore.evaluate import evaluate
+from qcore.model import Net, capture_layers, layer
+from qcore.qmodel import weight_qparams
+from qcore.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize
+
+OUTLIER_CALIB_BATCHES = 4
+MAX_LEVELS_SHOWN = 256  # a number line with more levels than this is a smear; say so instead
+
+
+# --- 1. one number -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OneNumber:
+    """Every step of q = clamp(round(x / s) + z, qmin, qmax) and x_hat = s (q - z) for one value."""
+
+    scheme: str
+    bits: int
+    x: float
+    observed_min: float
+    observed_max: float
+    range_min: float  # the range the grid covers: widened to hold 0 (affine), or [-max|x|, max|x|]
+    range_max: float
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    x_over_s: float
+    rounded: int
+    plus_zero_point: int
+    q: int  # after the clamp
+    clipped: bool
+    x_hat: float
+    error: float
+    levels: list[float]  # every representable value (empty when there are more than MAX_LEVELS_SHOWN)
+
+
+def one_number(x: float, observed_min: float, observed_max: float, bits: int, scheme: Scheme) -> OneNumber:
+    """Quantize one value with the qparams qcore chooses for the observed range."""
+    qparams = choose_qparams(observed_min, observed_max, bits, scheme)
+    s, z = float(qparams.scale), int(qparams.zero_point)
+    value = torch.tensor([x], dtype=torch.float32)
+    q = int(quantize(value, qparams)[0])
+    x_hat = float(dequantize(torch.tensor([q]), qparams)[0])
+    x_over_s = float(value[0] / qparams.scale)
+    rounded = int(torch.round(value / qparams.scale)[0])  # half to even, as the quantizer rounds
+    count = qparams.qmax - qparams.qmin + 1
+    grid = torch.arange(qparams.qmin, qparams.qmax + 1) if count <= MAX_LEVELS_SHOWN else torch.tensor([])
+    return OneNumber(
+        scheme=str(Scheme(scheme).value),
+        bits=bits,
+        x=float(value[0]),
+        observed_min=observed_min,
+        observed_max=observed_max,
+        range_min=s * (qparams.qmin - z),
+        range_max=s * (qparams.qmax - z),
+        scale=s,
+        zero_point=z,
+        qmin=qparams.qmin,
+        qmax=qparams.qmax,
+        x_over_s=x_over_s,
+        rounded=rounded,
+        plus_zero_point=rounded + z,
+        q=q,
+        clipped=q != rounded + z,
+        x_hat=x_hat,
+        error=x_hat - float(value[0]),
+        levels=dequantize(grid, qparams).tolist() if grid.numel() else [],
+    )
+
+
+# --- 2. one kernel ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelView:
+    granularity: str
+    scale: float
+    ints: list[list[int]]
+    reconstructed: list[list[float]]
+    error: list[list[float]]
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class OneKernel:
+    channel: int
+    weights: list[list[float]]
+    per_channel: KernelView
+    per_tensor: KernelView
+
+
+def _kernel_view(weight: torch.Tensor, channel: int, qparams: QParams, granularity: str) -> KernelView:
+    ints = quantize(weight, qparams)[channel, 0]
+    reconstructed = dequantize(quantize(weight, qparams), qparams)[channel, 0]
+    scale = qparams.scale.reshape(-1)
+    return KernelView(
+        granularity,
+        float(scale[channel] if scale.numel() > 1 else scale[0]),
+        ints.tolist(),
+        reconstructed.tolist(),
+        (reconstructed - weight[channel, 0]).tolist(),
+        sqnr_db(weight[channel, 0], reconstructed),
+    )
+
+
+def one_kernel(model: Net, config: QuantConfig, channel: int) -> OneKernel:
+    """conv1's filter `channel` at the config's weight bits, scheme and range rule, with a scale
+    of its own (per-channel) and with the one scale of the whole layer (per-tensor)."""
+    weight = layer(model, "conv1").weight.detach()
+    if not 0 <= channel < weight.shape[0]:
+        raise ValueError(f"conv1 has filters 0 to {weight.shape[0] - 1} (got {channel})")
+    views = {
+        granularity: _kernel_view(
+            weight, channel, weight_qparams(weight, replace(config, granularity=granularity)), granularity
+        )
+        for granularity in ("per-channel", "per-tensor")
+    }
+    return OneKernel(channel, weight[channel, 0].tolist(), views["per-channel"], views["per-tensor"])
+
+
+# --- 4. an outlier -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutlierRow:
+    setting: str  # e.g. "per-tensor, min/max ranges"
+    with_outlier: bool
+    scale: float  # fc1's weight scale (per-channel: the median channel's) or its input's scale
+    levels_in_typical_range: int  # grid levels inside the middle 99% of the values without the outlier
+    sqnr_db: float  # of the layer's weights (or its input on the test images), outlier element left out
+    accuracy: float
+
+
+SETTINGS = (
+    ("per-tensor, min/max ranges", {"granularity": "per-tensor", "weight_range": "minmax", "observer": "minmax"}),
+    ("per-channel, min/max ranges", {"granularity": "per-channel", "weight_range": "minmax", "observer": "minmax"}),
+    ("per-tensor, MSE-clipped ranges", {"granularity": "per-tensor", "weight_range": "mse", "observer": "mse"}),
+    ("per-channel, MSE-clipped ranges", {"granularity": "per-channel", "weight_range": "mse", "observer": "mse"}),
+)
+
+
+def _levels_within(low: float, high: float, scale: float) -> int:
+    return int(math.floor(high / scale) - math.ceil(low / scale) + 1)
+
+
+def outlier_lesson(
+    model: Net,
+    data: Mnist,
+    config: QuantConfig,
+    target: str,
+    factor: float,
+    test_images: int = 2000,
+    calib_batches: int = OUTLIER_CALIB_BATCHES,
+) -> list[OutlierRow]:
+    """Put one outlier in and watch: `target` "weights" multiplies fc1's largest weight by `factor`;
+    "calibration" multiplies the first calibration image by `factor`, which widens fc1's input range.
+    For each range setting, with and without the outlier: fc1's scale, the levels left where its
+    values are, SQNR and accuracy (on the first `test_images` test images). Eight calibrations, each
+    on `calib_batches` batches so the lesson stays quick."""
+    config = replace(config, calib_batches=min(config.calib_batches, calib_batches)).validate()
+    if target not in ("weights", "calibration"):
+        raise ValueError(f"target must be weights or calibration (got {target!r})")
+    test = data.test.subset(test_images)
+    clean_data = Mnist(data.train, test)
+    weight = layer(model, "fc1").weight.detach()
+    outlier_index = int(weight.abs().argmax())
+    clean_inputs = capture_layers(model, test.images[:500], "input")["fc1"]
+    values = weight.reshape(-1) if target == "weights" else clean_inputs.reshape(-1)
+    low, high = torch.quantile(values, torch.tensor([0.005, 0.995])).tolist()
+    rows = []
+    for with_outlier in (False, True):
+        subject, calibration = model, clean_data
+        if with_outlier and target == "weights":
+            subject = copy.deepcopy(model)
+            layer(subject, "fc1").weight.data.view(-1)[outlier_index] *= factor
+        if with_outlier and target == "calibration":
+            images = data.train.images.clone()
+            images[int(calibration_indices(len(images), 1, 1, config.seed)[0])] *= factor
+            calibration = Mnist(Split(images, data.train.labels), test)
+        for name, changes in SETTINGS:
+            qnet = quantize_for(subject, calibration, replace(config, **changes).validate())
+            quant = qnet.layers["fc1"]
+            if target == "weights":
+                assert quant.weight_qparams is not None
+                keep = torch.ones(weight.numel(), dtype=torch.bool)
+                keep[outlier_index] = False  # the outlier itself is not the signal we judge by
+                scale = float(quant.weight_qparams.scale.median())  # the typical channel's
+                sqnr = sqnr_db(weight.reshape(-1)[keep], quant.effective_weight().reshape(-1)[keep])
+            else:
+                assert quant.input_qparams is not None
+                scale = float(quant.input_qparams.scale)
+                sqnr = sqnr_db(clean_inputs, fake_quantize(clean_inputs, quant.input_qparams))
+            accuracy = evaluate(qnet, test).accuracy
+            rows.append(OutlierRow(name, with_outlier, scale, _levels_within(low, high, scale), sqnr, accuracy))
+    return rows
