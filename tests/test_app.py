@@ -434,3 +434,108 @@ def test_diagnose_page_matches_qcore_and_apply_sets_the_sidebar(app, w3a3_diagno
         else:
             assert at.session_state[key] == value
     assert metric(at, "Quantized accuracy") == percent(first.accuracy)  # the sidebar now shows what it predicted
+
+
+# --- lessons: the numbers on each page are qcore's -------------------------------------------------
+
+
+def table_values(at: AppTest, index: int) -> list[str]:
+    return [str(v) for v in at.table[index].value["value"]]
+
+
+def test_lesson_one_number_matches_qcore(app, pretrained):
+    from qcore.lessons.steps import one_number
+    from qcore.quant import Scheme
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3).run()
+    at.switch_page("pages/lessons/one_number.py").run()
+    at.number_input(key="lesson1_channel").set_value(5)
+    at.number_input(key="lesson1_index").set_value(7)
+    at.run()
+    no_exceptions(at)
+    assert at.select_slider(key="lesson1_bits").value == 3  # starts at the sidebar's weight bits
+    weights = pretrained.conv1.weight.detach()[5].flatten()
+    for index, scheme in enumerate((Scheme.SYMMETRIC, Scheme.ASYMMETRIC)):
+        lesson = one_number(float(weights[7]), float(weights.min()), float(weights.max()), 3, scheme)
+        shown = table_values(at, index)
+        assert shown[2] == f"{lesson.scale:.6g}" and shown[3] == str(lesson.zero_point)
+        assert shown[7].split()[0] == str(lesson.q) and shown[8] == f"{lesson.x_hat:.6g}"
+    at.select_slider(key="lesson1_bits").set_value(6).run()  # the slider moves the grid
+    assert (
+        table_values(at, 0)[2]
+        == f"{one_number(float(weights[7]), float(weights.min()), float(weights.max()), 6, Scheme.SYMMETRIC).scale:.6g}"
+    )
+
+
+def test_lesson_one_kernel_matches_qcore(app, pretrained):
+    from qcore.lessons.steps import one_kernel
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3).run()
+    at.switch_page("pages/lessons/one_kernel.py").run()
+    at.number_input(key="lesson2_channel").set_value(9).run()
+    no_exceptions(at)
+    kernel = one_kernel(pretrained, QuantConfig(weight_bits=3), 9)
+    headers = [h.value for h in at.subheader]
+    assert f"per-channel: scale {kernel.per_channel.scale:.5g}, SQNR {kernel.per_channel.sqnr_db:.1f} dB" in headers
+    assert f"per-tensor: scale {kernel.per_tensor.scale:.5g}, SQNR {kernel.per_tensor.sqnr_db:.1f} dB" in headers
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bits):
+    from qcore.integer import IntegerNet
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(bits)
+    at.select_slider(key="act_bits").set_value(bits)
+    at.run()
+    at.switch_page("pages/lessons/one_image.py").run()
+    at.number_input(key="lesson3_image").set_value(11).run()
+    no_exceptions(at)
+    engine = IntegerNet(quantize_for(pretrained, mnist, QuantConfig(weight_bits=bits, act_bits=bits)))
+    logits, outputs = engine.trace_int(engine.quantize_input(mnist.test.images[11:12]))
+    assert len(at.code) == 4  # one written-out computation per layer
+    conv1, conv2, fc1, fc2 = (c.value for c in at.code)
+    for text, name in ((conv1, "conv1"), (conv2, "conv2")):
+        # the page follows each conv layer's largest output: its pooled value is the engine's maximum
+        assert text.splitlines()[-1].endswith(f"= {int(outputs[name][0].max())}")
+    assert fc1.splitlines()[-1].endswith(f"= {int(outputs['fc1'][0].max())}")
+    predicted = int(logits[0].argmax())
+    assert f"logit {int(logits[0, predicted])} for digit {predicted}" in fc2
+    assert any(f"predicts **{predicted}**" in m.value for m in at.markdown)
+
+
+def test_lesson_outliers_match_qcore(app, pretrained, mnist):
+    from qcore.lessons.steps import outlier_lesson
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(4)
+    at.select_slider(key="act_bits").set_value(4)
+    at.run()
+    at.switch_page("pages/lessons/outliers.py").run()
+    at.select_slider(key="lesson4_factor").set_value(20).run()
+    no_exceptions(at)
+    rows = outlier_lesson(pretrained, mnist, QuantConfig(weight_bits=4, act_bits=4), "weights", 20.0)
+    shown = next(d.value for d in at.dataframe if "levels in the typical range" in d.value.columns)
+    assert list(shown["accuracy (%)"]) == [round(100 * r.accuracy, 2) for r in rows]
+    assert list(shown["levels in the typical range"]) == [r.levels_in_typical_range for r in rows]
+
+
+def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_eval):
+    from qcore.lessons.tour import TOUR, step_config
+
+    at = app.run()
+    at.select_slider(key="act_bits").set_value(5).run()  # a setting the tour must reset
+    at.switch_page("pages/lessons/tour.py").run()
+    for index in (2, 5):  # 2-bit weights; 2-bit weights with fc1 float
+        next(b for b in at.button if b.key == f"tour_{index}").click()
+        at.run()
+        no_exceptions(at)
+        expected = step_config(TOUR[index])
+        assert at.select_slider(key="weight_bits").value == expected.weight_bits
+        assert at.select_slider(key="act_bits").value == expected.act_bits == 8
+        assert at.checkbox(key="float_fc1").value == ("fc1" in expected.float_layers)
+        accuracy = build_report(pretrained, mnist, expected, float_eval).quant_result.accuracy
+        assert any(f"quantized **{100 * accuracy:.2f}%**" in m.value for m in at.markdown)
+        assert metric(at, "Quantized accuracy") == percent(accuracy)
