@@ -44,7 +44,12 @@ columns[3].metric(
 st.plotly_chart(per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy), key="per_class")
 table_with_csv(
     [
-        {"digit": digit, "float accuracy": f, "quantized accuracy": q, "difference (points)": 100 * (q - f)}
+        {
+            "digit": digit,
+            "float accuracy (%)": round(100 * f, 2),
+            "quantized accuracy (%)": round(100 * q, 2),
+            "difference (points)": round(100 * (q - f), 2),
+        }
         for digit, (f, q) in enumerate(
             zip(float_result.per_class_accuracy, quant_result.per_class_accuracy, strict=True)
         )

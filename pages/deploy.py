@@ -22,6 +22,13 @@ st.latex(
     r"q_{out} = \mathrm{clamp}\big(z_{out} + \mathrm{RDivPOT}(\mathrm{SRDHM}(acc, M_0), -shift),"
     r"\ z_{out},\ 2^b - 1\big)"
 )
+st.markdown(
+    "**SRDHM** (gemmlowp's *saturating rounding doubling high multiply*) multiplies the int32 "
+    "accumulator by the int32 M0 and keeps the high 32 bits of the 64-bit product, rounded: that is "
+    "acc · M0 / 2^31, a multiplication by a number in [0.5, 1) without floats. **RDivPOT** "
+    "(*rounding divide by power of two*) then shifts right by -shift bits, rounding half away from "
+    "zero. Together they multiply by M; the lesson *One image on integers* writes both out for one value."
+)
 try:
     engine = IntegerNet(report.qnet)
 except IntegerEngineError as error:

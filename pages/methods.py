@@ -8,6 +8,13 @@ from ui import session
 from ui.tables import table_with_csv
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
+
+
+def adaround_row(values: dict[str, object]) -> dict[str, object]:
+    """'kept' is a flag: yes/no, not 1/0."""
+    return {k: ("yes" if v else "no") if k == "kept" else v for k, v in values.items()}
+
+
 st.title("Methods")
 entry, config, report = session.current_report()
 methods = report.qnet.methods
@@ -24,7 +31,8 @@ st.latex(
 if not config.methods and not config.weight_bits_budget:
     st.info(
         "No method is selected. Try: weight bits 2, then add **adaround** in the sidebar and compare "
-        "the quantized accuracy (AdaRound takes about 15 seconds on 2 cores)."
+        "the quantized accuracy. AdaRound trains a rounding for every weight, so its first run takes a "
+        "while (the page then shows how long it took here); later visits are cache hits."
     )
     st.stop()
 
@@ -39,11 +47,12 @@ if methods.equalization:
     st.subheader("Cross-layer equalization")
     for pair, data in methods.equalization.items():
         st.plotly_chart(equalization_figure(pair, data["ranges_before"], data["ranges_after"]), key=f"eq_{pair}")
+    st.caption("Each chart: how the channels' weight ranges are distributed before and after (log scale).")
 if methods.adaround:
     st.subheader("AdaRound")
     names = list(methods.adaround)
     st.plotly_chart(adaround_figure(names, [methods.adaround[n]["flipped_fraction"] for n in names]), key="ada")
-    table_with_csv([{"layer": n, **methods.adaround[n]} for n in names], "AdaRound", "adaround")
+    table_with_csv([{"layer": n, **adaround_row(methods.adaround[n])} for n in names], "AdaRound", "adaround")
 if methods.bias_shift:
     st.subheader("Bias correction")
     chosen = st.selectbox("Layer", list(methods.bias_shift), key="bias_layer")

@@ -17,8 +17,13 @@ st.markdown(
     "output channel its own scale, so a channel of small weights is not crushed by a channel of large ones."
 )
 st.latex(
-    r"q_{\max} = 2^{b-1} - 1, \qquad s = \frac{\max |w|}{q_{\max}}, \qquad "
+    r"q_{\max} = 2^{b-1} - 1, \qquad s = \frac{c}{q_{\max}}, \qquad "
     r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{w}{s}\right), -q_{\max}, q_{\max}\right)"
+)
+st.markdown(
+    "The clipping value **c** is max|w| with the *minmax* weight range. With *mse* (the default) "
+    "it is the c that minimizes the squared error of the quantized weights, searched over fractions "
+    "of max|w|: clipping a few large weights buys a finer step for all the others."
 )
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum x^2}{\sum (x - \hat{x})^2}\ \mathrm{dB}")
 
@@ -32,7 +37,8 @@ quant = report.qnet.layers[layer]
 channel = None
 if quant.weight_qparams is not None and quant.weight_qparams.axis is not None:
     channels = quant.weight.shape[0]
-    choice = right.selectbox("Channel", ["all channels"] + list(range(channels)), key="weights_channel")
+    # One channel by default: its levels are drawn, while "all channels" pools many scales into a smear.
+    choice = right.selectbox("Channel", [*range(channels), "all channels"], key="weights_channel")
     channel = None if choice == "all channels" else int(choice)
 histogram = weight_histogram(quant, channel)
 st.plotly_chart(weight_histogram_figure(histogram), key="weight_hist_chart")

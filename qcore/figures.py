@@ -142,8 +142,17 @@ def sweep_figure(points: Sequence[SweepPoint], float_accuracy: float, target: st
     return _layout(fig, f"Accuracy by bit-width ({target})", "bits", "accuracy (%)")
 
 
+SENSITIVITY_MIN_SPAN = 1.0  # points: tiny drops (a test image is 0.01) stay small bars, not full-height ones
+
+
 def sensitivity_figure(rows: Sequence[Sensitivity]) -> go.Figure:
-    fig = go.Figure(go.Bar(x=[r.layer for r in rows], y=[100 * r.drop for r in rows], marker_color=QUANT_COLOR))
+    drops = [100 * r.drop for r in rows]
+    fig = go.Figure(
+        go.Bar(x=[r.layer for r in rows], y=drops, marker_color=QUANT_COLOR, text=[f"{d:+.2f}" for d in drops])
+    )
+    low, high = min([0.0, *drops]), max([0.0, *drops])
+    if high - low < SENSITIVITY_MIN_SPAN:
+        fig.update_yaxes(range=[min(low, -0.1), low + SENSITIVITY_MIN_SPAN])
     return _layout(fig, "Accuracy lost when only this layer is quantized", "layer", "drop (points)")
 
 
@@ -181,7 +190,7 @@ def digits_figure(images: Sequence[Sequence[Sequence[float]]], titles: Sequence[
                 "text": titles[index],
                 "showarrow": False,
                 "yanchor": "bottom",
-                "font": {"size": 11},
+                "font": {"size": 14},
             }
         )
     fig = go.Figure(go.Heatmap(z=canvas, colorscale="gray", showscale=False, hoverinfo="skip"))
@@ -189,7 +198,7 @@ def digits_figure(images: Sequence[Sequence[Sequence[float]]], titles: Sequence[
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
     fig.update_layout(
         annotations=annotations,
-        height=150 * rows + 40,
+        height=170 * rows + 40,
         margin={"l": 10, "r": 10, "t": 20, "b": 10},
         template="plotly_white",
     )
@@ -214,13 +223,14 @@ def throughput_figure(engines: Sequence[str], images_per_second: Sequence[float]
 
 
 def equalization_figure(pair: str, ranges_before: Sequence[float], ranges_after: Sequence[float]) -> go.Figure:
-    """Per output channel of the pair's first layer: its weight range before and after equalization."""
-    channels = list(range(len(ranges_before)))
+    """How the pair's first-layer channel ranges (max |w|) are distributed before and after
+    equalization: one box per state, every channel a point (500 bars side by side are unreadable)."""
     fig = go.Figure()
-    fig.add_bar(x=channels, y=list(ranges_before), name="before", marker_color=FLOAT_COLOR)
-    fig.add_bar(x=channels, y=list(ranges_after), name="after", marker_color=CLIP_COLOR)
-    fig.update_layout(barmode="group", yaxis_type="log")
-    return _layout(fig, f"Equalization {pair}: max |w| per channel", "channel", "max |w| (log)")
+    fig.add_box(y=list(ranges_before), name="before", marker_color=FLOAT_COLOR, boxpoints="all", jitter=0.4)
+    fig.add_box(y=list(ranges_after), name="after", marker_color=CLIP_COLOR, boxpoints="all", jitter=0.4)
+    fig.update_layout(yaxis_type="log", showlegend=False)
+    count = len(ranges_before)
+    return _layout(fig, f"Equalization {pair}: max |w| of its {count} channels", "", "max |w| per channel (log)")
 
 
 def adaround_figure(layers: Sequence[str], flipped_fraction: Sequence[float]) -> go.Figure:

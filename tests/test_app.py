@@ -117,7 +117,10 @@ def test_accuracy_page_metrics_match_qcore(app, pretrained, mnist, float_eval):
     assert shown["Quantized accuracy"] == percent(expected.quant_result.accuracy)
     assert shown["Quantized loss"] == f"{expected.quant_result.loss:.4f}"
     per_class = at.dataframe[0].value
-    assert list(per_class["quantized accuracy"]) == pytest.approx(list(expected.quant_result.per_class_accuracy))
+    # percent, like the chart beside it (it showed fractions)
+    assert list(per_class["quantized accuracy (%)"]) == [
+        round(100 * a, 2) for a in expected.quant_result.per_class_accuracy
+    ]
 
 
 def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
@@ -256,6 +259,10 @@ def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretr
     adaround_table = next(d.value for d in at.dataframe if "flipped" in d.value.columns)
     assert list(adaround_table["flipped"]) == [
         expected.qnet.methods.adaround[n]["flipped"] for n in ("conv1", "conv2", "fc1", "fc2")
+    ]
+    assert set(adaround_table["kept"]) <= {"yes", "no"}  # a flag, not 1/0
+    assert list(adaround_table["kept"]) == [
+        "yes" if expected.qnet.methods.adaround[n]["kept"] else "no" for n in ("conv1", "conv2", "fc1", "fc2")
     ]
     assert len(at.get("plotly_chart")) >= 2  # AdaRound flips and the bias shift
 
@@ -539,3 +546,39 @@ def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_
         accuracy = build_report(pretrained, mnist, expected, float_eval).quant_result.accuracy
         assert any(f"quantized **{100 * accuracy:.2f}%**" in m.value for m in at.markdown)
         assert metric(at, "Quantized accuracy") == percent(accuracy)
+
+
+# --- readability: what a teacher preparing a lesson tripped over ----------------------------------
+
+
+def test_weights_page_opens_on_one_channel_with_its_levels_and_explains_clipping(app, pretrained, mnist):
+    from qcore.analysis import weight_histogram
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(2).run()
+    at.switch_page("pages/weights.py").run()
+    no_exceptions(at)
+    assert at.selectbox(key="weights_channel").value == 0  # not "all channels", which hides the levels
+    levels = weight_histogram(quantize_for(pretrained, mnist, QuantConfig(weight_bits=2)).layers["conv1"], 0).levels
+    assert len(levels) == 3  # ternary: -s, 0, +s
+    chart = next(c for c in at.get("plotly_chart") if "quantization levels" in c.proto.spec)
+    assert "Weights of conv1, channel 0" in chart.proto.spec
+    assert any(r"s = \frac{c}{q_{\max}}" in formula.value for formula in at.latex)
+    assert any("minimizes the squared error" in m.value for m in at.markdown)
+
+
+def test_deploy_page_says_what_srdhm_and_rdivpot_do(app):
+    at = app.run()
+    at.switch_page("pages/deploy.py").run()
+    text = " ".join(m.value for m in at.markdown)
+    assert "saturating rounding doubling high multiply" in text and "rounding divide by power of two" in text
+
+
+def test_methods_page_promises_no_time_and_csv_has_no_float32_noise(app):
+    from ui.tables import _clean
+
+    at = app.run()
+    at.switch_page("pages/methods.py").run()
+    assert not any("15 seconds" in i.value or "about 15 s" in i.value for i in at.info)
+    assert _clean(0.00010001659393310547) == 0.000100017 and _clean(98.31999969482422) == 98.32
+    assert _clean(7) == 7 and _clean("fc1") == "fc1"

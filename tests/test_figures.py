@@ -106,3 +106,29 @@ def test_sensitivity_training_error_and_digit_figures():
     hist = activation_histogram_figure(stats("conv1", (-0.5, 3.0), (-0.4, 2.5)))
     assert list(hist.data[0].y) == [1, 5, 2] and list(hist.data[0].x) == [0.5, 1.5, 2.5]
     assert sorted(shape.x0 for shape in hist.layout.shapes) == [-0.4, 2.5]  # both clip ends marked
+
+
+def test_sensitivity_chart_keeps_a_one_image_difference_small():
+    from qcore.analysis import Sensitivity
+    from qcore.figures import SENSITIVITY_MIN_SPAN, sensitivity_figure
+
+    rows = [Sensitivity(n, 0.9831, 0.0001) for n in ("conv1", "conv2")] + [Sensitivity("fc1", 0.9832, 0.0)]
+    figure = sensitivity_figure(rows)
+    low, high = figure.layout.yaxis.range
+    assert high - low >= SENSITIVITY_MIN_SPAN  # a 0.01-point bar fills 1% of the height, not all of it
+    assert list(figure.data[0].text) == ["+0.01", "+0.01", "+0.00"]
+
+
+def test_equalization_chart_is_a_distribution_not_500_bars():
+    from qcore.figures import equalization_figure
+
+    figure = equalization_figure("fc1->fc2", [float(i) for i in range(1, 501)], [2.0] * 500)
+    assert [trace.type for trace in figure.data] == ["box", "box"]
+    assert "500 channels" in figure.layout.title.text
+
+
+def test_flipped_digit_titles_are_readable():
+    from qcore.figures import digits_figure
+
+    figure = digits_figure([[[0.0] * 28] * 28] * 2, ["#1 label 7: 7→1", "#2 label 2: 2→3"])
+    assert all(a.font.size >= 14 for a in figure.layout.annotations)

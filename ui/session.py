@@ -171,9 +171,10 @@ def config_controls() -> QuantConfig:
         st.checkbox("Quantize the network's input", key="quantize_input")
         st.number_input("Calibration sample seed", min_value=0, max_value=MAX_SEED, key="seed")
         st.caption("Keep these layers in float:")
-        columns = st.columns(len(LAYER_NAMES))
-        for column, name in zip(columns, LAYER_NAMES, strict=True):
-            column.checkbox(name, key=f"float_{name}")
+        for row_start in range(0, len(LAYER_NAMES), 2):  # two per row: four columns cut the names to "c…"
+            columns = st.columns(2)
+            for column, name in zip(columns, LAYER_NAMES[row_start : row_start + 2], strict=True):
+                column.checkbox(name, key=f"float_{name}")
     with sidebar.expander("PTQ methods", expanded=bool(st.session_state["methods"])):
         st.multiselect("Methods (applied in this order)", list(METHODS), key="methods")
         st.number_input(

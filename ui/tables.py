@@ -8,8 +8,13 @@ import pandas as pd
 import streamlit as st
 
 
+def _clean(value: object) -> object:
+    """Floats to 6 significant digits: float32 results carry noise like 0.00010001659393310547."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
 def table_with_csv(rows: Sequence[dict[str, object]], name: str, key: str) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows))
+    frame = pd.DataFrame([{k: _clean(v) for k, v in row.items()} for row in rows])
     st.dataframe(frame, hide_index=True, width="stretch", key=f"table_{key}")
     st.download_button(
         f"Download {name} (CSV)",
