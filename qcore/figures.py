@@ -374,8 +374,10 @@ def number_line_figure(
     pad = 0.08 * (high - low or 1.0)
     fig.update_yaxes(visible=False, range=[-1, 1])
     fig.update_xaxes(range=[low - pad, high + pad])
-    fig.update_layout(height=220)
-    return _layout(fig, title, "value", "")
+    fig.update_layout(height=240)
+    _layout(fig, title, "", "")
+    fig.update_layout(legend={"orientation": "h", "y": -0.35})  # below the tick labels, clear of them
+    return fig
 
 
 def heatmaps_figure(

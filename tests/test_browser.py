@@ -264,3 +264,36 @@ def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrain
         shown = ",".join(value) if isinstance(value, list) else str(value)
         assert f"{key}={shown}" in page.url
     page.context.close()
+
+
+LESSONS = {
+    "one_number": "One number",
+    "one_kernel": "One kernel",
+    "one_image": "One image on integers",
+    "outliers": "Outliers",
+    "tour": "Guided tour",
+}
+
+
+def test_every_lesson_renders_and_is_captured(server, browser):
+    page = browser.new_context(viewport={"width": 1400, "height": 2600}).new_page()
+    page.goto(f"{server}/?weight_bits=4&act_bits=4")
+    settle(page)
+    for path, title in LESSONS.items():
+        page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
+        page.wait_for_url(f"**/{path}**", timeout=60_000)
+        settle(page)
+        page.locator("[data-testid='stMain'] h1").filter(has_text=title).wait_for(timeout=120_000)
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert (
+            page.locator("[data-testid='stMain'] [data-testid='stPlotlyChart'], [data-testid='stMain'] button").count()
+            > 0
+        )
+        page.wait_for_timeout(1500)  # plotly draws after the script run ends
+        page.screenshot(path=str(SHOTS / f"lesson_{path}.png"), full_page=True)
+    page.get_by_text("Calibration and scheme").click()
+    sidebar = page.locator("[data-testid='stSidebar']")
+    for name in ("conv1", "conv2", "fc1", "fc2"):  # whole names, not "c…"
+        assert sidebar.get_by_text(name, exact=True).first.is_visible()
+    sidebar.screenshot(path=str(SHOTS / "sidebar_float_layers.png"))
+    page.context.close()

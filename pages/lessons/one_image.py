@@ -9,7 +9,7 @@ from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from ui import cache, session
 
-TERMS_SHOWN = 6
+TERMS_SHOWN = 4
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("One image on integers")
@@ -71,12 +71,14 @@ for layer in walk.layers:
     )
     products = sum((x - layer.input_zero_point) * (w - layer.weight_zero_point) for x, w in layer.terms)
     lines = [
-        f"{len(layer.terms)} terms: {shown} + … = {products}",
+        f"{len(layer.terms)} terms (x − z_x)·(w − z_w), the first {TERMS_SHOWN}:",
+        f"  {shown} + …",
+        f"sum of all {len(layer.terms)} products = {products}",
         f"+ int32 bias {layer.bias} = accumulator {layer.accumulator}",
         f"M = s_in·s_w / s_out = {layer.exact_multiplier:.10g} ≈ M0 · 2^(shift − 31) = "
         f"{layer.multiplier} · 2^({layer.shift} − 31) = {layer.real_multiplier:.10g}",
-        "rounding doubling high multiply: round(acc · M0 / 2^31); then a rounding right shift by "
-        f"{max(-layer.shift, 0)} bits (half away from zero) → {layer.scaled}",
+        "rounding doubling high multiply: round(acc · M0 / 2^31),",
+        f"  then a rounding right shift by {max(-layer.shift, 0)} bits (half away from zero) → {layer.scaled}",
         f"+ output zero point {layer.output_zero_point}, clamp to [{layer.output_min}, {layer.output_max}] "
         f"(the ReLU is the clamp at the zero point) = {layer.output}",
     ]

@@ -69,7 +69,7 @@ for column, scheme in zip(columns, (Scheme.SYMMETRIC, Scheme.ASYMMETRIC), strict
                     "z (zero point)",
                     "x / s",
                     "round(x / s)",
-                    "+ z",
+                    "round(x / s) + z",
                     f"clamp to [{lesson.qmin}, {lesson.qmax}] = q",
                     "x̂ = s (q − z)",
                     "error x̂ − x",
