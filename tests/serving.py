@@ -35,6 +35,15 @@ def free_port() -> int:
 def streamlit_server(log_name: str = "streamlit.log", extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """A fresh server process; yields its base URL once /_stcore/health answers (before any page
     has been requested, so the first request a test makes is the server's first)."""
+    with streamlit_process(log_name, extra_env) as (base, _process):
+        yield base
+
+
+@contextmanager
+def streamlit_process(
+    log_name: str = "streamlit.log", extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like streamlit_server, also yielding the process (benchmarks sample its memory)."""
     port = free_port()
     log_dir = ROOT / "artifacts"
     log_dir.mkdir(exist_ok=True)
@@ -69,7 +78,7 @@ def streamlit_server(log_name: str = "streamlit.log", extra_env: dict[str, str] 
                     if process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"streamlit did not start; see {log_dir / log_name}") from None
                     time.sleep(0.2)
-            yield base
+            yield base, process
         finally:
             process.terminate()
             process.wait(timeout=20)

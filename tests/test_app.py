@@ -575,10 +575,12 @@ def test_deploy_page_says_what_srdhm_and_rdivpot_do(app):
 
 
 def test_methods_page_promises_no_time_and_csv_has_no_float32_noise(app):
-    from ui.tables import _clean
+    import pandas as pd
+
+    from ui.tables import csv_bytes
 
     at = app.run()
     at.switch_page("pages/methods.py").run()
     assert not any("15 seconds" in i.value or "about 15 s" in i.value for i in at.info)
-    assert _clean(0.00010001659393310547) == 0.000100017 and _clean(98.31999969482422) == 98.32
-    assert _clean(7) == 7 and _clean("fc1") == "fc1"
+    frame = pd.DataFrame({"layer": ["fc1"], "scale": [0.00010001659393310547], "bits": [7], "acc": [98.31999969482422]})
+    assert csv_bytes(frame) == b"layer,scale,bits,acc\nfc1,0.000100017,7,98.32\n"

@@ -8,17 +8,18 @@ import pandas as pd
 import streamlit as st
 
 
-def _clean(value: object) -> object:
-    """Floats to 6 significant digits: float32 results carry noise like 0.00010001659393310547."""
-    return float(f"{value:.6g}") if isinstance(value, float) else value
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """The table as CSV, floats to 6 significant digits: float32 results otherwise carry noise like
+    0.00010001659393310547 into the file."""
+    return frame.to_csv(index=False, float_format="%.6g").encode()
 
 
 def table_with_csv(rows: Sequence[dict[str, object]], name: str, key: str) -> pd.DataFrame:
-    frame = pd.DataFrame([{k: _clean(v) for k, v in row.items()} for row in rows])
+    frame = pd.DataFrame(list(rows))
     st.dataframe(frame, hide_index=True, width="stretch", key=f"table_{key}")
     st.download_button(
         f"Download {name} (CSV)",
-        frame.to_csv(index=False).encode(),
+        csv_bytes(frame),
         file_name=f"{key}.csv",
         mime="text/csv",
         key=f"csv_{key}",
