@@ -50,13 +50,14 @@ GOALS = {
 }
 
 
-def rendered(page, timeout_ms: int = 300_000) -> None:
-    """The script run is over and the page's charts are drawn."""
+def rendered(page, timeout_ms: int = 60_000, charts: bool = True) -> None:
+    """The script run is over and the page's charts (where it has some) are drawn."""
     page.wait_for_selector(IDLE, timeout=timeout_ms)
     page.wait_for_selector("[data-testid='stMetricValue']", timeout=timeout_ms)
-    page.wait_for_function(
-        "() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0", timeout=timeout_ms
-    )
+    if charts:
+        page.wait_for_function(
+            "() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0", timeout=timeout_ms
+        )
 
 
 def after_change(page, change) -> float:
@@ -67,7 +68,7 @@ def after_change(page, change) -> float:
         page.wait_for_function(f"() => {STATE} === 'running'", timeout=3000, polling=10)
     except Exception:  # noqa: BLE001 - playwright's TimeoutError: the run was already over
         pass
-    page.wait_for_function(f"() => {STATE} === 'notRunning'", timeout=300_000, polling=10)
+    page.wait_for_function(f"() => {STATE} === 'notRunning'", timeout=60_000, polling=10)
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0")
     return time.perf_counter() - started
 
@@ -78,18 +79,58 @@ def set_seed(page, seed: int) -> None:
     box.press("Enter")
 
 
-def open_at_once(browser, urls: list[str]) -> float:
-    """Seconds from opening every URL (each in a new session) until the last one is rendered."""
+CPU: dict[str, dict[str, float]] = {}
+
+
+def open_at_once(browser, urls: list[str], server_pid: int, label: str) -> float:
+    """Seconds from opening every URL (each in a new session) until the last one is rendered; the
+    server's and chromium's CPU seconds meanwhile go to CPU[label]."""
     pages = [browser.new_context(viewport=VIEWPORT).new_page() for _ in urls]
-    started = time.perf_counter()
-    for page, url in zip(pages, urls, strict=True):
-        page.goto(url, wait_until="commit")
-    for page in pages:
-        rendered(page)
-    elapsed = time.perf_counter() - started
+    with CpuSplit(server_pid) as split:
+        started = time.perf_counter()
+        for page, url in zip(pages, urls, strict=True):
+            page.goto(url, wait_until="commit")
+        for page in pages:
+            rendered(page)
+        elapsed = time.perf_counter() - started
+    CPU[label] = {"server_cpu_s": split.server_cpu, "browser_cpu_s": split.browser_cpu, "wall_s": elapsed}
     for page in pages:
         page.context.close()
     return elapsed
+
+
+TICKS = 100  # /proc/*/stat CPU times are in clock ticks (USER_HZ, 100 on Linux)
+
+
+def cpu_seconds(match) -> float:
+    """User + system CPU seconds of the processes whose command line satisfies `match`."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if match(stat.parent.name, cmdline):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total / TICKS
+
+
+class CpuSplit:
+    """CPU seconds spent by the server and by chromium while the block runs: on this machine they
+    share the same 2 cores, which a class's browsers (each on its own laptop) would not."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server = lambda pid, cmd: pid == str(server_pid)
+        self.browser = lambda pid, cmd: "chrom" in cmd and "--type=" in cmd or cmd.startswith("/usr/lib/chromium")
+
+    def __enter__(self) -> CpuSplit:
+        self.server_start, self.browser_start = cpu_seconds(self.server), cpu_seconds(self.browser)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server_cpu = cpu_seconds(self.server) - self.server_start
+        self.browser_cpu = cpu_seconds(self.browser) - self.browser_start
 
 
 class PeakRss:
@@ -134,7 +175,7 @@ def cli_epoch_seconds(tmp: Path) -> float:
 def app_epoch_seconds(browser, base: str) -> float:
     page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
     page.goto(base)
-    rendered(page)
+    rendered(page, charts=False)  # the Model page draws no chart before training
     page.get_by_role("tab", name="Train a new net").click()
     page.get_by_label("Epochs").fill("1")
     page.get_by_label("Epochs").press("Tab")
@@ -170,20 +211,24 @@ def main() -> None:
             page.goto(f"{base}/accuracy")
             rendered(page)
             seconds["cold_start"] = time.perf_counter() - launched
+            print(f"cold start {seconds['cold_start']:.2f} s", file=sys.stderr)
 
             page.get_by_text("Calibration and scheme").click()
             new = [after_change(page, lambda s=s: set_seed(page, s)) for s in range(1, args.repeats + 1)]
             cached = [after_change(page, lambda s=s: set_seed(page, s)) for s in range(1, args.repeats + 1)]
             seconds["new_config"] = statistics.median(new)
             seconds["cached_config"] = statistics.median(cached)
+            print(f"new {new}, cached {cached}", file=sys.stderr)
             page.context.close()
 
             url = f"{base}/accuracy?seed={{}}"
             with PeakRss(process.pid) as rss:
-                seconds["one_alone"] = open_at_once(browser, [url.format(1000)])
-                seconds["ten_same"] = open_at_once(browser, [url.format(1001)] * 10)
-                seconds["one_alone_again"] = open_at_once(browser, [url.format(1002)])
-                seconds["six_distinct"] = open_at_once(browser, [url.format(1010 + i) for i in range(6)])
+                pid = process.pid
+                seconds["one_alone"] = open_at_once(browser, [url.format(1000)], pid, "one_alone")
+                seconds["ten_same"] = open_at_once(browser, [url.format(1001)] * 10, pid, "ten_same")
+                seconds["one_alone_again"] = open_at_once(browser, [url.format(1002)], pid, "one_alone_again")
+                six = [url.format(1010 + i) for i in range(6)]
+                seconds["six_distinct"] = open_at_once(browser, six, pid, "six_distinct")
             peak_gb = rss.peak_kib / 1024**2
             if not args.skip_training:
                 seconds["training_epoch_app"] = app_epoch_seconds(browser, base)
@@ -217,7 +262,11 @@ def main() -> None:
     for label, key, raw in rows:
         value = measured[key]
         print(f"{label:<38} {raw:>10} {value:>12.2f} {GOALS[key]:>6}  {'yes' if value <= GOALS[key] else 'NO'}")
-    emit({"seconds": seconds, "ratios_and_values": measured, "goals": GOALS}, args.json_out)
+    print("CPU seconds during each concurrent row (server process / chromium, same 2 cores):")
+    for label, split in CPU.items():
+        wall, server, browser_cpu = split["wall_s"], split["server_cpu_s"], split["browser_cpu_s"]
+        print(f"  {label:<16} wall {wall:6.2f}  server {server:6.2f}  chromium {browser_cpu:6.2f}")
+    emit({"seconds": seconds, "ratios_and_values": measured, "goals": GOALS, "cpu": CPU}, args.json_out)
 
 
 if __name__ == "__main__":

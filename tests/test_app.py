@@ -584,3 +584,30 @@ def test_methods_page_promises_no_time_and_csv_has_no_float32_noise(app):
     assert not any("15 seconds" in i.value or "about 15 s" in i.value for i in at.info)
     frame = pd.DataFrame({"layer": ["fc1"], "scale": [0.00010001659393310547], "bits": [7], "acc": [98.31999969482422]})
     assert csv_bytes(frame) == b"layer,scale,bits,acc\nfc1,0.000100017,7,98.32\n"
+
+
+def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
+    """Sessions that ask for the same diagnosis at once share one computation."""
+    import threading
+    import time as clock
+
+    import ui.cache
+
+    calls = []
+
+    def slow_diagnose(model, data, config, float_accuracy, on_progress=None):
+        calls.append(config)
+        clock.sleep(0.3)
+        return f"diagnosis of {config.weight_bits} bits"
+
+    monkeypatch.setattr(ui.cache, "diagnose", slow_diagnose)
+    monkeypatch.setattr(ui.cache, "float_result", lambda *args: type("R", (), {"accuracy": 0.98})())
+    monkeypatch.setattr(ui.cache, "shared_mnist", lambda folder: None)
+    key = ("concurrency-test", QuantConfig(weight_bits=5).to_json(), "folder")
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(ui.cache.diagnosis(*key, pretrained))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and results == ["diagnosis of 5 bits"] * 6

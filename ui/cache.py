@@ -77,6 +77,9 @@ def exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tup
 # weights, the config and the data), shared by every session.
 _DIAGNOSES: OrderedDict[tuple[str, str, str], Diagnosis] = OrderedDict()
 _DIAGNOSES_LOCK = threading.Lock()
+# One lock per key, as st.cache_data does: sessions asking for the same diagnosis at once wait for
+# the first to finish instead of each running ~20 evaluations.
+_DIAGNOSIS_KEY_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 MAX_DIAGNOSES = 16
 
 
@@ -95,15 +98,24 @@ def diagnosis(
     model: Net,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Diagnosis:
-    found = cached_diagnosis(fingerprint, config_json, folder)
+    key = (fingerprint, config_json, folder)
+    found = cached_diagnosis(*key)
     if found is not None:
         return found
-    float_accuracy = float_result(fingerprint, folder, model).accuracy
-    result = diagnose(model, shared_mnist(folder), QuantConfig.from_json(config_json), float_accuracy, on_progress)
     with _DIAGNOSES_LOCK:
-        _DIAGNOSES[(fingerprint, config_json, folder)] = result
-        while len(_DIAGNOSES) > MAX_DIAGNOSES:
-            _DIAGNOSES.popitem(last=False)
+        key_lock = _DIAGNOSIS_KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:
+        found = cached_diagnosis(*key)  # another session may have finished it while we waited
+        if found is not None:
+            return found
+        float_accuracy = float_result(fingerprint, folder, model).accuracy
+        config = QuantConfig.from_json(config_json)
+        result = diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
+        with _DIAGNOSES_LOCK:
+            _DIAGNOSES[key] = result
+            _DIAGNOSIS_KEY_LOCKS.pop(key, None)
+            while len(_DIAGNOSES) > MAX_DIAGNOSES:
+                _DIAGNOSES.popitem(last=False)
     return result
 
 
