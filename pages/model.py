@@ -42,6 +42,12 @@ except DataError as error:
     session.show_data_error(error)
     mnist = None
 
+# The outcome of a training run, above the tabs: its rerun opens the first tab again.
+if "qlab_train_message" in st.session_state:
+    st.success(st.session_state.pop("qlab_train_message"))
+if "qlab_train_warning" in st.session_state:
+    st.warning(st.session_state.pop("qlab_train_warning"))
+
 bundled_tab, upload_tab, train_tab = st.tabs(["Bundled net", "Upload a state_dict", "Train a new net"])
 
 with bundled_tab:
@@ -139,13 +145,11 @@ with train_tab:
                     f"({session.percent(replaced_accuracy)}). **Back to the previous model** (above) restores it."
                 )
             st.rerun()
-    if "qlab_train_message" in st.session_state:
-        st.success(st.session_state.pop("qlab_train_message"))
-    if "qlab_train_warning" in st.session_state:
-        st.warning(st.session_state.pop("qlab_train_warning"))
-    if st.session_state.get(TRAIN_HISTORY_KEY) and not start:
-        st.caption("The last training run, step by step:")
-        st.plotly_chart(training_curve_figure(st.session_state[TRAIN_HISTORY_KEY]), key="last_training_curve")
+
+if st.session_state.get(TRAIN_HISTORY_KEY) and not start:  # during a run the live curve is in the tab
+    # below the tabs, not in one: after the run's rerun the tabs show their first tab again
+    st.caption("The last training run, step by step:")
+    st.plotly_chart(training_curve_figure(st.session_state[TRAIN_HISTORY_KEY]), key="last_training_curve")
 
 st.divider()
 st.download_button(

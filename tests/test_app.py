@@ -247,8 +247,11 @@ def test_deploy_page_explains_when_integers_are_impossible(app):
 
 def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretrained, mnist, float_eval):
     at = app.run()
-    at.select_slider(key="weight_bits").set_value(2)
+    at.select_slider(key="weight_bits").set_value(2).run()
+    at.multiselect(key="methods").set_value(["adaround"]).run()
+    assert "methods" not in at.query_params  # picked, not applied: nothing computed yet
     at.multiselect(key="methods").set_value(["adaround", "bias-correction"])
+    next(b for b in at.button if b.label == "Apply methods").click()  # the form sends both at once
     at.run()
     at.switch_page("pages/methods.py").run()
     no_exceptions(at)

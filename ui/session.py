@@ -175,7 +175,10 @@ def config_controls() -> QuantConfig:
             columns = st.columns(2)
             for column, name in zip(columns, LAYER_NAMES[row_start : row_start + 2], strict=True):
                 column.checkbox(name, key=f"float_{name}")
-    with sidebar.expander("PTQ methods", expanded=bool(st.session_state["methods"])):
+    with (
+        sidebar.expander("PTQ methods", expanded=bool(st.session_state["methods"])),
+        st.form("methods_form", border=False),  # several clicks, one computation: AdaRound takes a while
+    ):
         st.multiselect("Methods (applied in this order)", list(METHODS), key="methods")
         st.number_input(
             "Mixed precision: average weight bits at most (0 = off)",
@@ -184,6 +187,7 @@ def config_controls() -> QuantConfig:
             step=0.25,
             key="weight_bits_budget",
         )
+        st.form_submit_button("Apply methods")
     budget = float(st.session_state["weight_bits_budget"])
     if 0 < budget < 2:
         sidebar.warning("A weight-bits budget below 2 cannot be met (2 bits is the least); mixed precision is off.")
