@@ -238,9 +238,18 @@ def adaround_figure(layers: Sequence[str], flipped_fraction: Sequence[float]) ->
     return _layout(fig, "Weights AdaRound rounds the other way than nearest", "layer", "flipped (%)")
 
 
+MAX_CHANNEL_BARS = 50  # more bars than this are unreadable: show the distribution instead
+
+
 def bias_shift_figure(layer_name: str, shifts: Sequence[float]) -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(range(len(shifts))), y=list(shifts), marker_color=FLOAT_COLOR))
-    return _layout(fig, f"Bias correction of {layer_name} per output channel", "channel", "bias shift")
+    """The bias shift per output channel: one bar each for a few channels, else their distribution
+    (fc1 has 500 channels)."""
+    if len(shifts) <= MAX_CHANNEL_BARS:
+        fig = go.Figure(go.Bar(x=list(range(len(shifts))), y=list(shifts), marker_color=FLOAT_COLOR))
+        return _layout(fig, f"Bias correction of {layer_name} per output channel", "channel", "bias shift")
+    fig = go.Figure(go.Histogram(x=list(shifts), nbinsx=40, marker_color=FLOAT_COLOR))
+    title = f"Bias correction of {layer_name}: the shifts of its {len(shifts)} channels"
+    return _layout(fig, title, "bias shift", "channels")
 
 
 def network_diagram_figure(stages: Sequence[str], damage_points: dict[str, float]) -> go.Figure:

@@ -132,3 +132,13 @@ def test_flipped_digit_titles_are_readable():
 
     figure = digits_figure([[[0.0] * 28] * 28] * 2, ["#1 label 7: 7→1", "#2 label 2: 2→3"])
     assert all(a.font.size >= 14 for a in figure.layout.annotations)
+
+
+def test_bias_shift_chart_shows_a_distribution_for_many_channels():
+    from qcore.figures import MAX_CHANNEL_BARS, bias_shift_figure
+
+    few = bias_shift_figure("conv1", [0.1 * i for i in range(20)])
+    many = bias_shift_figure("fc1", [0.001 * i for i in range(500)])
+    assert few.data[0].type == "bar" and len(few.data[0].x) == 20
+    assert many.data[0].type == "histogram" and len(many.data[0].x) == 500 > MAX_CHANNEL_BARS
+    assert "500 channels" in many.layout.title.text
