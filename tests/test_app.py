@@ -614,3 +614,36 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and results == ["diagnosis of 5 bits"] * 6
+
+
+def test_upload_limit_is_set_below_what_the_loader_accepts():
+    import tomllib
+
+    from qcore.checkpoint import MAX_FILE_BYTES
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] <= 2  # MB: a Net checkpoint is 1.73 MB (it was 5)
+    assert config["server"]["maxUploadSize"] * 1024 * 1024 <= MAX_FILE_BYTES
+    assert config["client"]["showErrorDetails"] == "none"
+
+
+def test_damaged_data_file_is_named_without_the_servers_path(app, tmp_path, monkeypatch):
+    import shutil
+
+    from qcore.data import data_dir
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir() / "MNIST" / "raw").iterdir():
+        if path.name.endswith("-ubyte"):
+            shutil.copyfile(path, raw / path.name)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    data = labels.read_bytes()
+    labels.write_bytes(data[:8] + bytes([200]) + data[9:])  # the first test label becomes 200
+    monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))
+    at = app.run()
+    no_exceptions(at)
+    assert any("a data file on this server is damaged" in e.value for e in at.error)
+    assert "t10k-labels-idx1-ubyte: 1 label(s) outside 0..9 (largest 200)" in [t.value for t in at.text]
+    assert str(tmp_path) not in every_text(at)
+    assert "Use the bundled net" in [b.label for b in at.button]  # the Model page still works
