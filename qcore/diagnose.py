@@ -20,9 +20,9 @@ from qcore.analysis import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Mnist
 from qcore.evaluate import evaluate
-from qcore.model import LAYER_NAMES, Net, capture_layers, layer
+from qcore.model import LAYER_NAMES, Net, capture_layers
 from qcore.qmodel import LayerQuant, QuantizedNet
-from qcore.quant import quantize
+from qcore.quant import quantize, sqnr_db
 
 SQNR_IMAGES = 1000  # test images for the SQNR columns (the accuracies use all 10,000)
 Progress = Callable[[int, int, str], None]
@@ -121,22 +121,10 @@ def variant(qnet: QuantizedNet, weights: Collection[str], inputs: Collection[str
     return QuantizedNet(layers, qnet.config, qnet.float_model, qnet.methods).eval()
 
 
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """10 log10(signal power / noise power); inf when the two are identical."""
-    noise = float((reference.double() - other.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
-
-
-def _parameters(name: str) -> int:
-    module = layer(Net(), name)
-    return module.weight.numel()
-
-
 def _average_weight_bits(qnet: QuantizedNet) -> float:
     """Parameter-weighted average weight bits, a float layer counting 32."""
-    total = sum(_parameters(n) for n in LAYER_NAMES)
-    return sum(_parameters(n) * (qnet.layers[n].weight_bits or 32) for n in LAYER_NAMES) / total
+    sizes = {n: qnet.layers[n].weight.numel() for n in LAYER_NAMES}
+    return sum(size * (qnet.layers[n].weight_bits or 32) for n, size in sizes.items()) / sum(sizes.values())
 
 
 def _candidates(config: QuantConfig) -> list[tuple[str, dict[str, object]]]:
@@ -278,7 +266,7 @@ def diagnose(
     measured = []
     bits_now = _average_weight_bits(qnet)
     for text, changes in candidates:
-        applied = quantize_for(model, data, config.with_changes(**_as_fields(changes)))
+        applied = quantize_for(model, data, _changed(config, changes))
         result = evaluate(applied, data.test).accuracy
         measured.append(
             Suggestion(text, changes, result, 100 * (result - quant_accuracy), _average_weight_bits(applied) - bits_now)
@@ -290,13 +278,14 @@ def diagnose(
     return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap)
 
 
-def _as_fields(changes: dict[str, object]) -> dict[str, object]:
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in changes.items()}
+def _changed(config: QuantConfig, changes: dict[str, object]) -> QuantConfig:
+    """`config` with `changes` made (lists, as JSON and the sidebar hold them, become tuples)."""
+    return config.with_changes(**{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
 
 def apply_suggestion(config: QuantConfig, suggestion: Suggestion) -> QuantConfig:
-    """The config with the suggestion's changes made."""
-    return config.with_changes(**_as_fields(suggestion.changes))
+    """The config with the suggestion's changes made: the config its accuracy was measured on."""
+    return _changed(config, suggestion.changes)
 
 
 @dataclass(frozen=True)

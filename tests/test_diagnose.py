@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from qcore.analysis import build_report, quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist
-from qcore.diagnose import apply_suggestion, diagnose, sqnr_db, variant, worst_channels
+from qcore.diagnose import apply_suggestion, diagnose, variant, worst_channels
 from qcore.evaluate import evaluate
 from qcore.model import LAYER_NAMES
-from qcore.quant import dequantize, fake_quantize
+from qcore.quant import dequantize, fake_quantize, sqnr_db
 from qcore.report import diagnosis_html
 from tests.conftest import ROOT
 

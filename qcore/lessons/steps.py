@@ -11,11 +11,10 @@ import torch
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist, Split, calibration_indices
-from qcore.diagnose import sqnr_db
 from qcore.evaluate import evaluate
 from qcore.model import Net, capture_layers, layer
 from qcore.qmodel import weight_qparams
-from qcore.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize
+from qcore.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize, sqnr_db
 
 OUTLIER_CALIB_BATCHES = 4
 MAX_LEVELS_SHOWN = 256  # a number line with more levels than this is a smear; say so instead
@@ -105,8 +104,8 @@ class OneKernel:
 
 
 def _kernel_view(weight: torch.Tensor, channel: int, qparams: QParams, granularity: str) -> KernelView:
-    ints = quantize(weight, qparams)[channel, 0]
-    reconstructed = dequantize(quantize(weight, qparams), qparams)[channel, 0]
+    q = quantize(weight, qparams)
+    ints, reconstructed = q[channel, 0], dequantize(q, qparams)[channel, 0]
     scale = qparams.scale.reshape(-1)
     return KernelView(
         granularity,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist
-from qcore.integer import INT32_MAX, IntegerNet, _conv_int, _linear_int, multiply_by_quantized_multiplier
+from qcore.integer import INT32_MAX, IntegerNet, _conv_int, _linear_int, _requantize, multiply_by_quantized_multiplier
 from qcore.model import LAYER_NAMES, Net
 
 
@@ -105,16 +105,7 @@ def explain(
         is_conv = name.startswith("conv")
         next_x = engine.layer_int(name, x)  # the engine's own output: the next layer's input integers
         acc = _conv_int(x, layer) if is_conv else _linear_int(x.flatten(1), layer)  # [1, O, H, W] or [1, O]
-        requantized = torch.clamp(
-            multiply_by_quantized_multiplier(
-                acc,
-                layer.multiplier.reshape(1, -1, *([1] * (acc.ndim - 2))),
-                layer.shift.reshape(1, -1, *([1] * (acc.ndim - 2))),
-            )
-            + layer.output_zero,
-            layer.output_min,
-            layer.output_max,
-        )[0]
+        requantized = _requantize(acc, layer, 1)[0]  # every output before the pool, as the engine requantizes
         default = list(divmod_index(int(requantized.argmax()), requantized.shape))
         where = _check_position(name, positions.get(name, default), requantized.shape)
         channel = where[0]
