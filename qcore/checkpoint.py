@@ -177,11 +177,15 @@ def _unpickling_problem(error: Exception) -> str:
     )
 
 
-def _unpickle(data: bytes) -> object:
-    if len(data) > MAX_FILE_BYTES:
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
         raise CheckpointError(
-            [f"a file of {_mb(len(data))}; a Net checkpoint is 1.7 MB and at most {_mb(MAX_FILE_BYTES)} is accepted"]
+            [f"a file of {_mb(size)}; a Net checkpoint is 1.7 MB and at most {_mb(MAX_FILE_BYTES)} is accepted"]
         )
+
+
+def _unpickle(data: bytes) -> object:
+    _check_size(len(data))
     if data[:4] != b"PK\x03\x04":
         raise CheckpointError([_describe_non_zip(data)])
     if not zipfile.is_zipfile(io.BytesIO(data)):
@@ -277,9 +281,7 @@ def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[s
         if not path.is_file():
             raise CheckpointError([f"no such checkpoint file: {shorten(source)}"])
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                size = _mb(path.stat().st_size)
-                raise CheckpointError([f"a file of {size}; at most {_mb(MAX_FILE_BYTES)} is accepted"])
+            _check_size(path.stat().st_size)  # before reading: a huge file is never loaded
             data = path.read_bytes()
         except OSError as error:
             raise CheckpointError([f"cannot read {shorten(source)}: {error.strerror}"]) from None

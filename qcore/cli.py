@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import NoReturn
 
 from qcore.calibrate import OBSERVERS
@@ -209,10 +210,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     result = train(data.train, config, on_progress=report)
     seconds = time.perf_counter() - started
-    try:
-        write_atomic(out, checkpoint_bytes(result.model))
-    except OSError as error:
-        raise UsageError(f"--out {shorten(args.out)}: {error.strerror}; nothing was written") from error
+    _write(out, "--out", checkpoint_bytes(result.model))
     from qcore.evaluate import evaluate
 
     test = evaluate(result.model, data.test)
@@ -220,6 +218,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     if not args.json:
         print(f"wrote {args.out}: test accuracy {_percent(test.accuracy)}, loss {test.loss:.4f}, {seconds:.1f} s")
     return summary
+
+
+def _write(out: Path, flag: str, payload: bytes) -> None:
+    """Write a file the user asked for, atomically; a failure is a one-line usage error."""
+    try:
+        write_atomic(out, payload)
+    except OSError as error:
+        raise UsageError(f"{flag} {shorten(out)}: {error.strerror}; nothing was written") from error
 
 
 def _require_integer_path(what: str, config: QuantConfig) -> None:
@@ -320,10 +326,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
         payload = qtensors_bytes(IntegerNet(qnet)) if args.format == "qtensors" else export_onnx(qnet)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
-    try:
-        write_atomic(out, payload)
-    except OSError as error:
-        raise UsageError(f"--out {shorten(args.out)}: {error.strerror}; nothing was written") from error
+    _write(out, "--out", payload)
     if not args.json:
         print(f"wrote {args.out} ({len(payload)} bytes, {args.format}) for {config.to_json()}")
     return {"out": args.out, "format": args.format, "bytes": len(payload), "config": config.to_dict()}
@@ -345,10 +348,7 @@ def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
     result = diagnose(model, data, config, on_progress=report)
     if out is not None:
         name = shorten(args.checkpoint) if args.checkpoint else "bundled pretrained net"
-        try:
-            write_atomic(out, diagnosis_html(result, name, fingerprint(model)).encode())
-        except OSError as error:
-            raise UsageError(f"--html {shorten(args.html)}: {error.strerror}; nothing was written") from error
+        _write(out, "--html", diagnosis_html(result, name, fingerprint(model)).encode())
     summary = result.to_dict()
     if not args.json:
         print(

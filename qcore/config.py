@@ -7,14 +7,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
+from qcore.data import MAX_SEED, TRAIN_SIZE
 from qcore.files import shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
-TRAIN_SIZE = 60000
 WEIGHT_RANGES = ("minmax", "mse")
-MAX_SEED = 2**31 - 1
 MAX_QUERY_VALUE = 200  # longer URL values are ignored unread: no setting needs more
 
 

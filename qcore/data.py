@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qcore.files import write_atomic
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -37,7 +38,8 @@ class DataFileError(DataError, ValueError):
 
 _IMAGE_MAGIC = 0x00000803  # idx: unsigned bytes, 3 dimensions
 _LABEL_MAGIC = 0x00000801  # idx: unsigned bytes, 1 dimension
-_SPLIT_SIZES = {True: 60000, False: 10000}
+TRAIN_SIZE, TEST_SIZE = 60000, 10000  # MNIST's splits; every idx file must hold exactly this many
+MAX_SEED = 2**31 - 1  # seeds for calibration sampling and training, as the sidebar offers them
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ def load_split(train: bool, root: str | os.PathLike[str] | None = None, download
         raise DataNotFoundError(_missing_message(folder))
     image_name, label_name = _RAW_FILES[train]
     raw = folder / "MNIST" / "raw"
-    images = read_idx_images(raw / image_name, _SPLIT_SIZES[train])
-    labels = read_idx_labels(raw / label_name, _SPLIT_SIZES[train])
+    count = TRAIN_SIZE if train else TEST_SIZE
+    images = read_idx_images(raw / image_name, count)
+    labels = read_idx_labels(raw / label_name, count)
     return Split(normalize(images), labels)
 
 
@@ -143,9 +146,7 @@ def _try_download(folder: Path) -> None:
         raw.mkdir(parents=True, exist_ok=True)
         for names in _RAW_FILES.values():
             for name in names:
-                partial = raw / f".{name}.part"
-                shutil.copyfile(fetched / name, partial)
-                os.replace(partial, raw / name)  # a reader never sees a half-copied file
+                write_atomic(raw / name, (fetched / name).read_bytes())  # a reader never sees half a file
 
 
 def _missing_message(folder: Path) -> str:

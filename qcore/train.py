@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qcore.data import Split
+from qcore.data import MAX_SEED, TRAIN_SIZE, Split
 from qcore.model import Net
 
 MAX_EPOCHS = 100
-MAX_SEED = 2**31 - 1
-TRAIN_SIZE = 60000
 
 
 @dataclass(frozen=True)

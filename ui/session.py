@@ -17,8 +17,8 @@ from streamlit.runtime.pages_manager import PagesManager
 from qcore.analysis import Report
 from qcore.calibrate import OBSERVERS
 from qcore.checkpoint import fingerprint
-from qcore.config import DASHBOARD, MAX_SEED, WEIGHT_RANGES, QuantConfig
-from qcore.data import DataError, DataFileError, Mnist, data_dir
+from qcore.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
+from qcore.data import MAX_SEED, DataError, DataFileError, Mnist, data_dir
 from qcore.files import shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES, Net
