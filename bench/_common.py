@@ -6,6 +6,25 @@ import json
 from pathlib import Path
 
 
+def float_eval_seconds(repeats: int) -> list[float]:
+    """Seconds of qcore's float eval of the 10k test set, `repeats` times after one warm-up run: the
+    yardstick every benchmark ratio is measured against, in the same run."""
+    import time
+
+    from qcore.checkpoint import load_model
+    from qcore.data import load_mnist
+    from qcore.evaluate import evaluate
+
+    data, model = load_mnist(download=False), load_model()
+    evaluate(model, data.test)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        evaluate(model, data.test)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def emit(result: dict[str, object], json_out: str | None) -> None:
     print(json.dumps(result))
     if json_out:

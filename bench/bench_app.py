@@ -21,12 +21,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import streamlit.testing.v1.app_test as app_test_module  # noqa: E402
-from _common import emit  # noqa: E402
+from _common import emit, float_eval_seconds  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from qcore.checkpoint import load_model  # noqa: E402
-from qcore.data import load_mnist  # noqa: E402
-from qcore.evaluate import evaluate  # noqa: E402
 from ui.apptest import NavigationPagesManager  # noqa: E402
 
 
@@ -46,13 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    data, model = load_mnist(download=False), load_model()
-    evaluate(model, data.test)
-    float_times = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        evaluate(model, data.test)
-        float_times.append(time.perf_counter() - started)
+    float_times = float_eval_seconds(args.repeats)
 
     app_test_module.PagesManager = NavigationPagesManager
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()

@@ -30,19 +30,19 @@ st.markdown(
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum y^2}{\sum (y - \hat{y})^2}\ \mathrm{dB}")
 
 key = (entry.fingerprint, config.to_json(), session.data_folder())
-if cache.cached_diagnosis(*key) is None:
-    bar = st.progress(0.0, text="Diagnosing: about 20 evaluations of the test set…")
+bar = st.empty()  # a progress bar, only while a diagnosis is computed (a cached one returns at once)
 
-    def show(done: int, total: int, what: str) -> None:
-        bar.progress(done / total, text=f"Diagnosing ({done}/{total}): {what}")
 
-    try:
-        result = cache.diagnosis(*key, entry.model, on_progress=show)
-    except Exception as error:  # noqa: BLE001 - a model that cannot be diagnosed is explained, not a traceback
-        session.show_compute_failure(error)
-        st.stop()
-    bar.empty()
-result = cache.diagnosis(*key, entry.model)
+def show(done: int, total: int, what: str) -> None:
+    bar.progress(done / total, text=f"Diagnosing ({done}/{total}): {what}")
+
+
+try:
+    result = cache.diagnosis(*key, entry.model, on_progress=show)
+except Exception as error:  # noqa: BLE001 - a model that cannot be diagnosed is explained, not a traceback
+    session.show_compute_failure(error)
+    st.stop()
+bar.empty()
 
 columns = st.columns(2)
 columns[0].metric("Float accuracy", session.percent(result.float_accuracy))

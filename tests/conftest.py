@@ -4,12 +4,21 @@ need it fail (never skip) when it is missing."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("QCORE_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m qcore ARGS` as a user runs it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "qcore", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="session")

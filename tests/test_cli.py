@@ -15,10 +15,7 @@ import pytest
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.evaluate import evaluate
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcore", *args], capture_output=True, text=True, timeout=300)
+from tests.conftest import run_cli
 
 
 def test_evaluate_json(pretrained, mnist, float_eval):

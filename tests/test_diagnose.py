@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from qcore.evaluate import evaluate
 from qcore.model import LAYER_NAMES
 from qcore.quant import dequantize, fake_quantize, sqnr_db
 from qcore.report import diagnosis_html
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 W3A3 = QuantConfig(weight_bits=3, act_bits=3)
 ONE_IMAGE = 1 / 10000
@@ -141,25 +139,7 @@ def test_html_report_is_self_contained_and_escapes_names(w3a3):
 
 def test_cli_diagnose_json_and_html(tmp_path, w3a3):
     out = tmp_path / "report.html"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qcore",
-            "diagnose",
-            "--weight-bits",
-            "3",
-            "--act-bits",
-            "3",
-            "--json",
-            "--html",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = run_cli("diagnose", "--weight-bits", "3", "--act-bits", "3", "--json", "--html", str(out), timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["float_accuracy"] == w3a3.float_accuracy and result["quant_accuracy"] == w3a3.quant_accuracy

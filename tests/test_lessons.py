@@ -4,8 +4,6 @@ the integer engine's own intermediate tensors at 8 and at 4 bits."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from qcore.config import QuantConfig
 from qcore.integer import IntegerNet
 from qcore.lessons.walk import explain
 from qcore.model import LAYER_NAMES
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -99,13 +97,7 @@ def test_explain_equals_the_engines_intermediate_tensors(pretrained, mnist, bits
 
 
 def test_explain_cli_json(pretrained, mnist):
-    done = subprocess.run(
-        [sys.executable, "-m", "qcore", "explain", "--image", "5", "--layer", "conv1", "--position", "2,8,9", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    done = run_cli("explain", "--image", "5", "--layer", "conv1", "--position", "2,8,9", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) >= {"image", "label", "prediction", "float_prediction", "logits_int32", "layers"}
@@ -133,8 +125,6 @@ def test_explain_cli_json(pretrained, mnist):
     ],
 )
 def test_explain_refuses_bad_arguments_in_one_line(args, needle):
-    done = subprocess.run(
-        [sys.executable, "-m", "qcore", "explain", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+    done = run_cli("explain", *args)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

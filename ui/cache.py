@@ -83,7 +83,7 @@ _DIAGNOSIS_KEY_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 MAX_DIAGNOSES = 16
 
 
-def cached_diagnosis(fingerprint: str, config_json: str, folder: str) -> Diagnosis | None:
+def _cached_diagnosis(fingerprint: str, config_json: str, folder: str) -> Diagnosis | None:
     with _DIAGNOSES_LOCK:
         found = _DIAGNOSES.get((fingerprint, config_json, folder))
         if found is not None:
@@ -99,13 +99,13 @@ def diagnosis(
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Diagnosis:
     key = (fingerprint, config_json, folder)
-    found = cached_diagnosis(*key)
+    found = _cached_diagnosis(*key)
     if found is not None:
         return found
     with _DIAGNOSES_LOCK:
         key_lock = _DIAGNOSIS_KEY_LOCKS.setdefault(key, threading.Lock())
     with key_lock:
-        found = cached_diagnosis(*key)  # another session may have finished it while we waited
+        found = _cached_diagnosis(*key)  # another session may have finished it while we waited
         if found is not None:
             return found
         float_accuracy = float_result(fingerprint, folder, model).accuracy

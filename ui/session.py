@@ -130,14 +130,7 @@ def _seed_widgets_from_url() -> None:
         return
     query = {key: st.query_params[key] for key in st.query_params}
     config, warnings = QuantConfig.from_query(query, DASHBOARD)  # bounded by what the sidebar offers
-    for key, value in config.to_dict().items():
-        if key == "methods":
-            st.session_state[key] = list(value)
-        elif key == "float_layers":
-            for name in LAYER_NAMES:
-                st.session_state[f"float_{name}"] = name in config.float_layers
-        else:
-            st.session_state[key] = value
+    _set_widgets(config.to_dict())
     st.session_state[URL_WARNINGS_KEY] = warnings
 
 
@@ -254,11 +247,8 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
 
-def apply_settings(changes: dict[str, object], reset: bool = False) -> None:
-    """A button callback that sets the sidebar's widgets (callbacks run before the widgets are drawn
-    again, so this is allowed). With `reset`, every setting first goes back to its default."""
-    settings = dict(QuantConfig().to_dict()) if reset else {}
-    settings.update(changes)
+def _set_widgets(settings: dict[str, object]) -> None:
+    """Put QuantConfig fields into the sidebar's widget state (float_layers is one checkbox a layer)."""
     for key, value in settings.items():
         if key == "float_layers":
             for name in LAYER_NAMES:
@@ -267,3 +257,9 @@ def apply_settings(changes: dict[str, object], reset: bool = False) -> None:
             st.session_state[key] = list(value)  # type: ignore[call-overload]
         else:
             st.session_state[key] = value
+
+
+def apply_settings(changes: dict[str, object], reset: bool = False) -> None:
+    """A button callback that sets the sidebar's widgets (callbacks run before the widgets are drawn
+    again, so this is allowed). With `reset`, every setting first goes back to its default."""
+    _set_widgets({**(QuantConfig().to_dict() if reset else {}), **changes})
