@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import session
+from ui import cache, session
 
 st.set_page_config(page_title="Quantization Lab", page_icon=":material/tune:", layout="wide")
 
@@ -27,7 +27,14 @@ PAGES = {
 
 navigation = st.navigation(PAGES)
 st.sidebar.title("Quantization Lab")
+if cache.GATE_PROBLEM:  # the operator's setting, not a visitor's: refuse to serve rather than guess
+    st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")
+    session.plain_text(cache.GATE_PROBLEM)
+    st.stop()
 entry = session.current_model()
-st.session_state[session.CONFIG_KEY] = session.config_controls()
-session.sidebar_summary(entry, st.session_state[session.CONFIG_KEY])
+config = st.session_state[session.CONFIG_KEY] = session.config_controls()
+# The summary's place in the sidebar is kept here, but it is filled after the page: a page that needs
+# no quantized result (the Model page, a lesson, a training run's outcome) is drawn before it.
+summary = st.sidebar.container()
 navigation.run()
+session.sidebar_summary(entry, config, summary)

@@ -647,3 +647,17 @@ def test_damaged_data_file_is_named_without_the_servers_path(app, tmp_path, monk
     assert "t10k-labels-idx1-ubyte: 1 label(s) outside 0..9 (largest 200)" in [t.value for t in at.text]
     assert str(tmp_path) not in every_text(at)
     assert "Use the bundled net" in [b.label for b in at.button]  # the Model page still works
+
+
+def test_a_misconfigured_server_says_so_instead_of_serving(app, monkeypatch):
+    """A bad QCORE_MAX_COMPUTATIONS (ui.gate refuses it) stops every page with the setting named."""
+    from ui import cache
+
+    monkeypatch.setattr(cache, "GATE_PROBLEM", "QCORE_MAX_COMPUTATIONS must be a whole number from 1 to 64 (got 'x')")
+    at = app.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "This server is misconfigured; whoever runs it must fix the setting below and restart it."
+    ]
+    assert "QCORE_MAX_COMPUTATIONS must be a whole number from 1 to 64 (got 'x')" in [t.value for t in at.text]
+    assert len(at.metric) == 0  # nothing computed

@@ -297,3 +297,38 @@ def test_every_lesson_renders_and_is_captured(server, browser):
         assert sidebar.get_by_text(name, exact=True).first.is_visible()
     sidebar.screenshot(path=str(SHOTS / "sidebar_float_layers.png"))
     page.context.close()
+
+
+# Records every "place in line" message a page shows, however briefly: it is gone once the turn comes.
+RECORD_QUEUE_MESSAGES = """
+window.qlabSeen = [];
+new MutationObserver(() => {
+  const found = (document.body ? document.body.innerText : "").match(/yours is number \\d+ in line/g) || [];
+  for (const text of found) if (!window.qlabSeen.includes(text)) window.qlabSeen.push(text);
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_sessions_beyond_the_computation_slots_see_their_place_in_line(browser, pretrained, mnist):
+    """One computation at a time (QCORE_MAX_COMPUTATIONS=1) and three sessions asking for three new
+    configs at once: the later ones are told their place in line instead of a frozen page, and each
+    ends with its own config's accuracy."""
+    seeds = (31, 32, 33)
+    with streamlit_server(log_name="streamlit_gate.log", extra_env={"QCORE_MAX_COMPUTATIONS": "1"}) as base:
+        warm = browser.new_context().new_page()
+        warm.goto(f"{base}/accuracy")  # the float eval and the default config, computed once
+        settle(warm)
+        pages = []
+        for _ in seeds:
+            context = browser.new_context()
+            context.add_init_script(RECORD_QUEUE_MESSAGES)
+            pages.append(context.new_page())
+        for page, seed in zip(pages, seeds, strict=True):
+            page.goto(f"{base}/accuracy?seed={seed}", wait_until="commit")
+        for page in pages:
+            settle(page)
+        seen = sorted(text for page in pages for text in page.evaluate("window.qlabSeen"))
+        shown = [sidebar_metric(page, "Quantized accuracy") for page in pages]
+    assert seen[:2] == ["yours is number 1 in line", "yours is number 1 in line"]
+    assert "yours is number 2 in line" in seen  # the last to arrive waited behind two
+    assert shown == [percent_for(pretrained, mnist, QuantConfig(seed=seed)) for seed in seeds]

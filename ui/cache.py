@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
 from qcore.checkpoint import load_model
@@ -23,6 +25,34 @@ from qcore.integer import IntegerNet
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.model import Net
+from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
+
+# One gate per server process (this module is imported once). A bad QCORE_MAX_COMPUTATIONS is kept in
+# GATE_PROBLEM, and app.py refuses to serve with it, so the default below never hides it.
+try:
+    GATE, GATE_PROBLEM = Gate(slots_from_environment()), ""
+except GateConfigError as error:
+    GATE, GATE_PROBLEM = Gate(default_slots()), str(error)
+TORCH_THREADS = configure_torch_threads(GATE.slots)
+Result = TypeVar("Result")
+
+
+def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator | None = None) -> Result:
+    """`compute()` in the gate's line for `key`, showing this session its place while it waits (in
+    `where`, default the main area)."""
+    notice: list[DeltaGenerator] = []
+
+    def show(message: str) -> None:
+        if not notice:
+            notice.append((where or st).empty())
+        notice[0].info(message, icon=":material/hourglass_top:")
+
+    try:
+        with GATE.turn(key, show):
+            return compute()
+    finally:
+        if notice:
+            notice[0].empty()
 
 
 @st.cache_resource(show_spinner="Loading MNIST into memory…")
@@ -37,39 +67,46 @@ def bundled_model() -> Net:
 
 
 @st.cache_data(max_entries=16, show_spinner="Evaluating the float model…")
-def float_result(fingerprint: str, folder: str, _model: Net) -> EvalResult:
-    return evaluate(_model, shared_mnist(folder).test)
+def _float_result(fingerprint: str, folder: str, _model: Net) -> EvalResult:
+    with GATE.slot():
+        return evaluate(_model, shared_mnist(folder).test)
 
 
 @st.cache_data(max_entries=48, show_spinner="Calibrating and evaluating the quantized model…")
-def report(fingerprint: str, config_json: str, folder: str, _model: Net) -> Report:
+def _report(fingerprint: str, config_json: str, folder: str, _model: Net) -> Report:
     config = QuantConfig.from_json(config_json)
-    return build_report(_model, shared_mnist(folder), config, float_result(fingerprint, folder, _model))
+    reference = float_result(fingerprint, folder, _model)
+    with GATE.slot():
+        return build_report(_model, shared_mnist(folder), config, reference)
 
 
 @st.cache_data(max_entries=16, show_spinner="Sweeping bit-widths (seven calibrations and evaluations)…")
-def sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: Net) -> list[SweepPoint]:
-    return bit_sweep(_model, shared_mnist(folder), QuantConfig.from_json(config_json), range(2, 9), target)
+def _sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: Net) -> list[SweepPoint]:
+    with GATE.slot():
+        return bit_sweep(_model, shared_mnist(folder), QuantConfig.from_json(config_json), range(2, 9), target)
 
 
 @st.cache_data(max_entries=16, show_spinner="Quantizing one layer at a time…")
-def sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[Sensitivity]:
+def _sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[Sensitivity]:
     accuracy = float_result(fingerprint, folder, _model).accuracy
-    return layer_sensitivity(_model, shared_mnist(folder), QuantConfig.from_json(config_json), accuracy)
+    with GATE.slot():
+        return layer_sensitivity(_model, shared_mnist(folder), QuantConfig.from_json(config_json), accuracy)
 
 
 @st.cache_data(max_entries=8, show_spinner="Running every inference path over the test set…")
-def engine_results(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[EngineResult]:
+def _engine_results(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[EngineResult]:
     data = shared_mnist(folder)
     qnet = report(fingerprint, config_json, folder, _model).qnet
-    return compare_engines(_model, data, qnet)
+    with GATE.slot():
+        return compare_engines(_model, data, qnet)
 
 
 @st.cache_data(max_entries=8, show_spinner="Building the exports…")
-def exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tuple[bytes, bytes]:
+def _exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tuple[bytes, bytes]:
     """(qtensors file, ONNX QDQ model) for this model and config."""
     qnet = report(fingerprint, config_json, folder, _model).qnet
-    return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)
+    with GATE.slot():
+        return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)
 
 
 # A diagnosis runs ~20 evaluations and reports progress as it goes, which st.cache_data cannot pass
@@ -110,7 +147,9 @@ def diagnosis(
             return found
         float_accuracy = float_result(fingerprint, folder, model).accuracy
         config = QuantConfig.from_json(config_json)
-        result = diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
+        result = _in_turn(
+            ("diagnosis", *key), lambda: diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
+        )
         with _DIAGNOSES_LOCK:
             _DIAGNOSES[key] = result
             _DIAGNOSIS_KEY_LOCKS.pop(key, None)
@@ -120,13 +159,60 @@ def diagnosis(
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def outliers(
+def _outliers(
     fingerprint: str, config_json: str, target: str, factor: float, folder: str, _model: Net
 ) -> list[OutlierRow]:
-    return outlier_lesson(_model, shared_mnist(folder), QuantConfig.from_json(config_json), target, factor)
+    with GATE.slot():
+        return outlier_lesson(_model, shared_mnist(folder), QuantConfig.from_json(config_json), target, factor)
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the image through the integer engine…")
-def walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, _model: Net) -> Walk:
+def _walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, _model: Net) -> Walk:
     positions = json.loads(positions_json)
-    return explain(_model, shared_mnist(folder), QuantConfig.from_json(config_json), image, positions)
+    with GATE.slot():
+        return explain(_model, shared_mnist(folder), QuantConfig.from_json(config_json), image, positions)
+
+
+# --- what pages call: each computation waits its turn in the gate; answers from the cache do not ---
+
+
+def float_result(fingerprint: str, folder: str, model: Net) -> EvalResult:
+    return _in_turn(("float", fingerprint, folder), lambda: _float_result(fingerprint, folder, model))
+
+
+def report(fingerprint: str, config_json: str, folder: str, model: Net, where: DeltaGenerator | None = None) -> Report:
+    key = ("report", fingerprint, config_json, folder)
+    return _in_turn(key, lambda: _report(fingerprint, config_json, folder, model), where)
+
+
+def sweep(fingerprint: str, config_json: str, target: str, folder: str, model: Net) -> list[SweepPoint]:
+    key = ("sweep", fingerprint, config_json, target, folder)
+    return _in_turn(key, lambda: _sweep(fingerprint, config_json, target, folder, model))
+
+
+def sensitivity(fingerprint: str, config_json: str, folder: str, model: Net) -> list[Sensitivity]:
+    key = ("sensitivity", fingerprint, config_json, folder)
+    return _in_turn(key, lambda: _sensitivity(fingerprint, config_json, folder, model))
+
+
+def engine_results(fingerprint: str, config_json: str, folder: str, model: Net) -> list[EngineResult]:
+    key = ("engines", fingerprint, config_json, folder)
+    return _in_turn(key, lambda: _engine_results(fingerprint, config_json, folder, model))
+
+
+def exports(fingerprint: str, config_json: str, folder: str, model: Net) -> tuple[bytes, bytes]:
+    return _in_turn(
+        ("exports", fingerprint, config_json, folder), lambda: _exports(fingerprint, config_json, folder, model)
+    )
+
+
+def outliers(
+    fingerprint: str, config_json: str, target: str, factor: float, folder: str, model: Net
+) -> list[OutlierRow]:
+    key = ("outliers", fingerprint, config_json, target, factor, folder)
+    return _in_turn(key, lambda: _outliers(fingerprint, config_json, target, factor, folder, model))
+
+
+def walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, model: Net) -> Walk:
+    key = ("walk", fingerprint, config_json, image, positions_json, folder)
+    return _in_turn(key, lambda: _walk(fingerprint, config_json, image, positions_json, folder, model))

@@ -206,13 +206,13 @@ def config_controls() -> QuantConfig:
     return config
 
 
-def sidebar_summary(entry: ModelEntry, config: QuantConfig) -> None:
-    """Current model, float vs quantized accuracy for the current config, and the config itself."""
-    sidebar = st.sidebar
+def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenerator) -> None:
+    """Current model, float vs quantized accuracy for the current config, and the config itself, in
+    `sidebar` (a container in the sidebar)."""
     sidebar.divider()
     plain_text(f"Model: {entry.name} ({entry.fingerprint})", sidebar)  # an upload's name is untrusted
     try:
-        result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model)
+        result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, sidebar)
     except DataError:
         sidebar.error("MNIST is missing: see the Model page.")
         return
