@@ -156,8 +156,8 @@ if gap.available:
                 "layer": g.layer,
                 "values compared": g.values,
                 "differing": g.values - g.differences.get(0, 0),
-                "within one fixed-point step of a tie": g.differing_near_tie,
-                "fixed-point step (LSB)": g.fixed_point_step,
+                "within the tie window": g.differing_near_tie,
+                "tie window (LSB)": g.tie_window,
                 "farthest from a tie (LSB)": round(g.largest_tie_distance, 5),
             }
             for g in gap.layers
@@ -167,9 +167,9 @@ if gap.available:
     )
     st.caption(
         "Why: the simulation divides by the output scale in float and rounds half to even; the engine multiplies "
-        "by a 31-bit fixed-point M0 with a rounding doubling high multiply (it rounds to a fixed-point step of "
-        "the output LSB), then a rounding right shift (it rounds again, half away from zero). Only a value that "
-        "lies within one such step of a tie (x.5) can come out one integer apart."
+        "by a 31-bit fixed-point M0 and rounds once, half up. M0 approximates the real multiplier to 2^-31 of "
+        "itself, so only a value within that error of a tie (x.5), or on one, can come out one integer apart; "
+        "the tie window bounds that error, and float32's on the simulation's side, for the largest accumulator."
     )
     if gap.disagreeing_images:
         st.caption(f"Test images predicted differently (first 30): {gap.disagreeing_images[:30]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from qcore.evaluate import evaluate
 from qcore.model import LAYER_NAMES, Net, capture_layers
 from qcore.qmodel import LayerQuant, QuantizedNet
 from qcore.quant import quantize, sqnr_db
+
+if TYPE_CHECKING:
+    from qcore.integer import IntegerNet
 
 SQNR_IMAGES = 1000  # test images for the SQNR columns (the accuracies use all 10,000)
 Progress = Callable[[int, int, str], None]
@@ -57,9 +61,11 @@ class LayerGap:
     layer: str
     differences: dict[int, int]  # LSB difference -> count (0 included)
     values: int
-    differing_near_tie: int  # differing values whose exact value lies within one fixed-point step of a tie
+    differing_near_tie: int  # differing values that lie within `tie_window` of a tie
     largest_tie_distance: float  # of the differing values, how far (in LSB) the worst lay from x.5
-    fixed_point_step: float  # in LSB: the high multiply rounds to 2^-r of an LSB before the shift by r
+    # in LSB, measured: the largest distance between the two paths' unrounded values (M0's fixed-point
+    # error on the engine's side, float32's on the simulation's); only values this close to a tie can part
+    tie_window: float
 
 
 @dataclass
@@ -180,7 +186,7 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
         difference = (integer - simulated_int).flatten()
         values, counts = difference.unique(return_counts=True)
         tie_distance = ((unrounded - unrounded.floor()) - 0.5).abs().flatten()[difference != 0]
-        step = 2.0 ** -int(torch.clamp(-engine.layers[name].shift, min=0).min())
+        step = tie_window(engine, name, quantize(inputs[name], in_qparams).to(torch.int64), unrounded)
         gaps.append(
             LayerGap(
                 name,
@@ -192,6 +198,29 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
             )
         )
     return EngineGap(True, "", disagreeing, gaps)
+
+
+def tie_window(engine: IntegerNet, name: str, x: torch.Tensor, unrounded: torch.Tensor) -> float:
+    """How far apart, in output LSB, the two paths' unrounded values lie for this layer's input
+    integers `x`, measured: each is compared with the exact value acc * s_in * s_w / s_out (+ z) in
+    float64 from the engine's own integer accumulators. The engine's side is M0's error (at most
+    2^-32 of M, relative), the simulation's is float32's summation error."""
+    from qcore.integer import _conv_int, _linear_int, _max_pool_2x2
+
+    layer = engine.layers[name]
+    if name.startswith("conv"):
+        acc = _max_pool_2x2(_conv_int(x, layer)).to(torch.float64)
+        shape = (1, -1, 1, 1)
+    else:
+        acc = _linear_int(x.flatten(1), layer).to(torch.float64)
+        shape = (1, -1)
+    fixed = (layer.multiplier.double() * 2.0 ** (layer.shift.double() - 31)).reshape(shape)
+    exact_multiplier = engine.real_multipliers[name].reshape(shape)
+    # the ReLU: at or below the output zero point both paths give the zero point, nothing to round
+    exact = torch.clamp(acc * exact_multiplier + layer.output_zero, min=layer.output_zero)
+    engine_side = (acc * (fixed - exact_multiplier)).abs()
+    simulation_side = (unrounded.reshape(exact.shape) - exact).abs()
+    return float((engine_side + simulation_side).max())
 
 
 # --- the whole diagnosis ---------------------------------------------------------------------

@@ -170,7 +170,7 @@ def diagnosis_html(diagnosis: Diagnosis, model_name: str, fingerprint: str) -> s
                 g.values,
                 sum(c for k, c in g.differences.items() if k != 0),
                 ", ".join(f"{k:+d}: {c}" for k, c in sorted(g.differences.items()) if k != 0) or "none",
-                f"{g.differing_near_tie} within {g.fixed_point_step:.4g} LSB of a tie",
+                f"{g.differing_near_tie} within {g.tie_window:.4g} LSB of a tie",
             ]
             for g in gap.layers
         ]
@@ -179,9 +179,9 @@ def diagnosis_html(diagnosis: Diagnosis, model_name: str, fingerprint: str) -> s
             f"the 10,000 test images.</p>"
             + _table(["layer", "values compared", "differing", "differences (LSB: count)", "cause"], gap_rows)
             + "<p>Each layer is fed the simulation's own input integers, so each gap is the layer's own. A "
-            "differing value lies within one fixed-point step of a rounding tie: the simulation rounds the "
-            "real value half to even in float, the engine rounds it in two fixed-point steps (a rounding "
-            "doubling high multiply, then a rounding right shift).</p>"
+            "differing value lies within the tie window of a rounding tie: the simulation rounds the "
+            "real value half to even in float, the engine multiplies by a 31-bit fixed-point approximation "
+            "of the multiplier and rounds once, half up.</p>"
         )
     else:
         engines = f"<p>The integer engine cannot run this config: {_text(gap.reason)}.</p>"

@@ -570,11 +570,11 @@ def test_weights_page_opens_on_one_channel_with_its_levels_and_explains_clipping
     assert any("minimizes the squared error" in m.value for m in at.markdown)
 
 
-def test_deploy_page_says_what_srdhm_and_rdivpot_do(app):
+def test_deploy_page_says_how_the_engine_requantizes(app):
     at = app.run()
     at.switch_page("pages/deploy.py").run()
     text = " ".join(m.value for m in at.markdown)
-    assert "saturating rounding doubling high multiply" in text and "rounding divide by power of two" in text
+    assert "rounded once" in text and "half up" in text
 
 
 def test_methods_page_promises_no_time_and_csv_has_no_float32_noise(app):

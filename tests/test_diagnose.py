@@ -105,8 +105,8 @@ def test_engine_gap_is_one_lsb_at_rounding_ties(w3a3, pretrained, mnist):
         assert set(layer_gap.differences) <= {-1, 0, 1}
         assert sum(layer_gap.differences.values()) == layer_gap.values
         differing = layer_gap.values - layer_gap.differences.get(0, 0)
-        assert layer_gap.differing_near_tie == differing  # every one within a fixed-point step of a tie
-        assert layer_gap.largest_tie_distance <= layer_gap.fixed_point_step
+        assert layer_gap.differing_near_tie == differing  # every one within the tie window
+        assert layer_gap.largest_tie_distance <= layer_gap.tie_window
 
 
 def test_variant_with_everything_on_is_the_net_itself(pretrained, mnist):

@@ -17,37 +17,19 @@ from tests.conftest import run_cli
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
-# gemmlowp's fixed-point steps, written out in plain Python integers (fixedpoint.h):
-def rounding_doubling_high_mul(a: int, b: int) -> int:
-    """SaturatingRoundingDoublingHighMul: (a*b + nudge) / 2^31 truncated toward zero."""
-    if a == b == INT32_MIN:
-        return INT32_MAX
-    product = a * b
-    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
-    total = product + nudge
-    quotient = abs(total) >> 31
-    return quotient if total >= 0 else -quotient
-
-
-def rounding_right_shift(x: int, exponent: int) -> int:
-    """RoundingDivideByPOT: x / 2^exponent rounded half away from zero."""
-    mask = (1 << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (1 if x < 0 else 0)
-    return (x >> exponent) + (1 if remainder > threshold else 0)
-
-
+# TFLite's single-rounding requantization, written out in plain Python integers (common.cc with
+# TFLITE_SINGLE_ROUNDING): one product, one rounding, then saturation to int32.
 def requantize(acc: int, multiplier: int, shift: int) -> int:
-    """TFLite's MultiplyByQuantizedMultiplier: left shift for shift > 0, else a rounding right shift."""
-    left, right = max(shift, 0), max(-shift, 0)
-    shifted = min(max(acc * (1 << left), INT32_MIN), INT32_MAX)
-    return rounding_right_shift(rounding_doubling_high_mul(shifted, multiplier), right)
+    """acc * M0 * 2^(shift - 31), rounded half up: (acc * M0 + 2^(total - 1)) >> total, total = 31 - shift."""
+    total = 31 - shift
+    return min(max((acc * multiplier + (1 << (total - 1))) >> total, INT32_MIN), INT32_MAX)
 
 
-def test_plain_python_helpers_by_hand():
-    assert rounding_doubling_high_mul(1 << 30, 1 << 30) == 1 << 29  # (2^60 + 2^30) / 2^31, truncated
-    assert rounding_right_shift(5, 1) == 3 and rounding_right_shift(-5, 1) == -3  # 2.5 -> 3, -2.5 -> -3
-    assert rounding_right_shift(6, 2) == 2 and rounding_right_shift(-6, 2) == -2  # 1.5 -> 2
+def test_plain_python_requantize_by_hand():
+    half, shift_half = 1 << 30, 0  # M = 2^30 * 2^(0 - 31) = 0.5
+    assert requantize(5, half, shift_half) == 3 and requantize(-5, half, shift_half) == -2  # 2.5 -> 3, -2.5 -> -2
+    assert requantize(6, 1 << 30, -1) == 2 and requantize(7, 1 << 30, -1) == 2  # 1.5 -> 2, 1.75 -> 2
+    assert requantize(2**31 - 1, 1 << 30, 2) == INT32_MAX  # x2 saturates
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -77,8 +77,8 @@ for layer in walk.layers:
         f"+ int32 bias {layer.bias} = accumulator {layer.accumulator}",
         f"M = s_in·s_w / s_out = {layer.exact_multiplier:.10g} ≈ M0 · 2^(shift − 31) = "
         f"{layer.multiplier} · 2^({layer.shift} − 31) = {layer.real_multiplier:.10g}",
-        "rounding doubling high multiply: round(acc · M0 / 2^31),",
-        f"  then a rounding right shift by {max(-layer.shift, 0)} bits (half away from zero) → {layer.scaled}",
+        f"acc · M0 + 2^({30 - layer.shift}), shifted right by 31 − shift = {31 - layer.shift} bits "
+        f"(rounded once, half up) → {layer.scaled}",
         f"+ output zero point {layer.output_zero_point}, clamp to [{layer.output_min}, {layer.output_max}] "
         f"(the ReLU is the clamp at the zero point) = {layer.output}",
     ]
@@ -90,7 +90,7 @@ for layer in walk.layers:
 st.subheader("The answer")
 st.plotly_chart(logits_figure(walk.logits_int32, walk.float_probabilities), key="lesson3_logits")
 st.caption(
-    "The rounding doubling high multiply keeps the top 32 bits of acc × M0 (a fixed-point multiply by "
-    "M0 / 2^31, rounded); the rounding right shift divides by a power of two, rounding half away from "
-    "zero. Together they multiply by M without a float."
+    "acc × M0 is exact in 64 bits; adding half of 2^(31 − shift) and shifting right by 31 − shift bits "
+    "divides it by 2^(31 − shift) rounded to the nearest integer (half up): a multiplication by M "
+    "without a float, rounded once."
 )
