@@ -194,10 +194,17 @@ def quantize_for(model: Net, data: Mnist, config: QuantConfig) -> QuantizedNet:
     return quantize_model(model, config, calibration_data(data.train, config))
 
 
-def build_report(model: Net, data: Mnist, config: QuantConfig, float_result: EvalResult | None = None) -> Report:
+def build_report(
+    model: Net,
+    data: Mnist,
+    config: QuantConfig,
+    float_result: EvalResult | None = None,
+    qnet: QuantizedNet | None = None,
+) -> Report:
     """Quantize `model` under `config`, evaluate both on the full test set, and tabulate layers.
-    Pass `float_result` to reuse a float evaluation already made for this model."""
-    qnet = quantize_for(model, data, config)
+    Pass `float_result` to reuse a float evaluation already made for this model, and `qnet` to report
+    a quantized model built elsewhere (a QAT checkpoint's) instead of calibrating one."""
+    qnet = quantize_for(model, data, config) if qnet is None else qnet
     float_result = float_result or evaluate(model, data.test)
     quant_result = evaluate(qnet, data.test)
     # the float model the quantizer saw (equalized when that method ran) gives the reference inputs

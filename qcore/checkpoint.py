@@ -211,6 +211,10 @@ def _short_list(names: list[str], limit: int = 5) -> str:
 
 def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
     """Return `state` as a Net state_dict, or raise CheckpointError listing exactly what is wrong."""
+    if isinstance(state, dict) and isinstance(state.get("format"), str) and state["format"].startswith("qlab-qat/"):
+        raise CheckpointError(
+            ["a quantization-aware-trained (QAT) checkpoint, which carries its own quantization: use qcore.qat"]
+        )
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):
@@ -274,8 +278,8 @@ def _check_forward_is_finite(state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (see the module's docstring) and validate it against Net."""
+def read_checkpoint(source: str | os.PathLike[str] | bytes | BinaryIO) -> object:
+    """Steps 1 to 4 of the module's docstring: the unpickled (tensors-only) object, not yet validated."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -289,7 +293,12 @@ def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[s
         data = source
     else:
         data = source.read(MAX_FILE_BYTES + 1)
-    return validate_state_dict(_unpickle(data))
+    return _unpickle(data)
+
+
+def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (see the module's docstring) and validate it against Net."""
+    return validate_state_dict(read_checkpoint(source))
 
 
 def load_model(source: str | os.PathLike[str] | bytes | BinaryIO | None = None) -> Net:

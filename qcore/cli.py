@@ -24,7 +24,8 @@ from qcore.data import DataError, data_dir, load_mnist
 from qcore.deploy import ENGINES
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.methods import METHODS
-from qcore.model import LAYER_NAMES
+from qcore.model import LAYER_NAMES, Net
+from qcore.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, is_qat_checkpoint, load_qat
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 from qcore.train import TrainConfig, TrainProgress, train
 
@@ -66,7 +67,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     default = QuantConfig()
-    parser.add_argument("--checkpoint", help=f"a Net state_dict (default: the bundled {PRETRAINED_PATH.name})")
+    parser.add_argument(
+        "--checkpoint",
+        help=f"a Net state_dict or a QAT checkpoint (default: the bundled {PRETRAINED_PATH.name})",
+    )
     parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
     parser.add_argument("--act-bits", type=int, default=default.act_bits)
     parser.add_argument("--calib-batches", type=int, default=default.calib_batches)
@@ -105,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
     train_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=recipe.device)
     _add_common(train_cmd)
+
+    qat_defaults = QatConfig()
+    qat_cmd = commands.add_parser("qat", help="quantization-aware training from a float model; writes a QAT checkpoint")
+    qat_cmd.add_argument("--checkpoint", help=f"the float Net to start from (default: {PRETRAINED_PATH.name})")
+    qat_cmd.add_argument("--out", required=True, help="where to write the QAT checkpoint")
+    qat_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
+    qat_cmd.add_argument("--weight-bits", type=int, default=qat_defaults.weight_bits)
+    qat_cmd.add_argument("--act-bits", type=int, default=qat_defaults.act_bits)
+    qat_cmd.add_argument("--epochs", type=int, default=qat_defaults.epochs)
+    qat_cmd.add_argument("--method", choices=list(QAT_METHODS), default=qat_defaults.method)
+    qat_cmd.add_argument("--lr", type=float, default=qat_defaults.lr)
+    qat_cmd.add_argument("--batch-size", type=int, default=qat_defaults.batch_size)
+    qat_cmd.add_argument("--seed", type=int, default=qat_defaults.seed)
+    qat_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
+    qat_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=qat_defaults.device)
+    _add_common(qat_cmd)
 
     for name, text in (
         ("evaluate", "float vs quantized accuracy and per-layer details for one config"),
@@ -220,12 +240,109 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
+def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis import quantize_for
+    from qcore.evaluate import evaluate
+    from qcore.integer import IntegerNet
+    from qcore.qat import qat, qat_bytes
+
+    config = QatConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        epochs=args.epochs,
+        method=args.method,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        device=args.device,
+    )
+    try:
+        config.validate()
+    except QatError as error:
+        raise UsageError(str(error)) from error
+    out = check_output_path(args.out, args.force)
+    model = _float_model_only(args, "qat (it starts from a float model)")
+    data = load_mnist(args.data_dir)
+
+    def report(progress: QatProgress) -> None:
+        if progress.held_out_accuracy is not None:
+            print(
+                f"epoch {progress.epoch}/{progress.epochs} step {progress.step}/{progress.steps_per_epoch} "
+                f"loss {progress.loss:.4f} held-out quantized accuracy {_percent(progress.held_out_accuracy)}",
+                file=sys.stderr,
+            )
+
+    float_accuracy = evaluate(model, data.test).accuracy
+    ptq_accuracy = evaluate(quantize_for(model, data, config.quant_config()), data.test).accuracy
+    result = qat(model, data, config, on_progress=report)
+    _write(out, "--out", qat_bytes(result))
+    simulated = evaluate(result.qnet, data.test)
+    integer = IntegerNet(result.qnet).predict(data.test.images)
+    summary = {
+        "checkpoint": args.out,
+        "config": asdict(config),
+        "float_accuracy": float_accuracy,
+        "ptq_accuracy": ptq_accuracy,
+        "qat_accuracy": simulated.accuracy,
+        "drop_points": 100 * (float_accuracy - simulated.accuracy),
+        "integer_accuracy": float((integer == data.test.labels).float().mean()),
+        "integer_agreement": float((integer == simulated.predictions).float().mean()),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "held_out": result.held_out,
+    }
+    if not args.json:
+        bits = f"W{config.weight_bits}A{config.act_bits}"
+        print(
+            f"wrote {args.out}: {bits} {config.method}, {config.epochs} epoch(s): float {_percent(float_accuracy)}, "
+            f"PTQ {_percent(ptq_accuracy)}, QAT {_percent(simulated.accuracy)} "
+            f"({-summary['drop_points']:+.2f} points vs float); "
+            f"integer engine {_percent(summary['integer_accuracy'])}, "
+            f"same prediction on {_percent(summary['integer_agreement'])}; "
+            f"{', '.join(f'{t:.1f}' for t in result.seconds_per_epoch)} s per epoch"
+        )
+    return summary
+
+
 def _write(out: Path, flag: str, payload: bytes) -> None:
     """Write a file the user asked for, atomically; a failure is a one-line usage error."""
     try:
         write_atomic(out, payload)
     except OSError as error:
         raise UsageError(f"{flag} {shorten(out)}: {error.strerror}; nothing was written") from error
+
+
+def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[Net, QatCheckpoint | None]:
+    """The float model, and the QAT checkpoint when --checkpoint is one. A QAT checkpoint carries its
+    own config, so quantization flags that differ from it are refused rather than ignored."""
+    if args.checkpoint is None or not is_qat_checkpoint(args.checkpoint):
+        return load_model(args.checkpoint), None
+    checkpoint = load_qat(args.checkpoint)
+    changed = [
+        flag
+        for flag, key in (("--weight-bits", "weight_bits"), ("--act-bits", "act_bits"))
+        if getattr(args, key) != getattr(QuantConfig(), key) and getattr(args, key) != getattr(checkpoint.config, key)
+    ]
+    others = config_from_args(args).with_changes(
+        weight_bits=checkpoint.config.weight_bits, act_bits=checkpoint.config.act_bits
+    )
+    if changed or others != checkpoint.config:
+        raise UsageError(
+            f"{what}: {shorten(args.checkpoint)} is a QAT checkpoint trained at W{checkpoint.config.weight_bits}"
+            f"A{checkpoint.config.act_bits} with its own quantization; drop the quantization flags"
+        )
+    return checkpoint.model, checkpoint
+
+
+def _float_model_only(args: argparse.Namespace, what: str) -> Net:
+    """For commands that calibrate variants of a config: a QAT checkpoint's grid is its own, so they
+    would measure something else than the trained model; say so instead."""
+    if args.checkpoint is not None and is_qat_checkpoint(args.checkpoint):
+        raise UsageError(
+            f"{what} calibrates its own variants of a config, which would not be the QAT model "
+            f"in {shorten(args.checkpoint)}; use evaluate, sweep or export with it"
+        )
+    return load_model(args.checkpoint)
 
 
 def _require_integer_path(what: str, config: QuantConfig) -> None:
@@ -237,13 +354,18 @@ def _require_integer_path(what: str, config: QuantConfig) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis import build_report
 
-    config = config_from_args(args)
+    model, trained = _load_for_quantization(args, "evaluate")
+    config = config_from_args(args) if trained is None else trained.config
     if args.engine in ("integer", "onnxruntime"):
         _require_integer_path(f"--engine {args.engine}", config)
-    model = load_model(args.checkpoint)
+    if trained is not None and args.engine == "torch-int8":
+        raise UsageError("--engine torch-int8 calibrates its own ranges, so it cannot run a QAT checkpoint's")
     data = load_mnist(args.data_dir)
-    report = build_report(model, data, config)
+    report = build_report(model, data, config, qnet=None if trained is None else trained.qnet)
     result = {"checkpoint": args.checkpoint or str(PRETRAINED_PATH), **report.to_dict(), "engine": args.engine}
+    if trained is not None:
+        result["qat"] = True  # quant_accuracy is the trained model's; float_accuracy its float weights'
+
     if args.engine != "simulate":
         from qcore.deploy import run_engine
         from qcore.integer import IntegerEngineError
@@ -257,6 +379,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
         result["agreement_with_simulation"] = engine.agreement_with_simulation
         result["engine_seconds"] = engine.seconds
     if not args.json:
+        if trained is not None:
+            print(f"QAT checkpoint: its own quantization, W{config.weight_bits}A{config.act_bits}, no calibration")
         print(f"config: {config.to_json()}")
         print(
             f"float accuracy {_percent(report.float_result.accuracy)}"
@@ -283,8 +407,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis import bit_sweep
     from qcore.evaluate import evaluate
 
+    model, trained = _load_for_quantization(args, "sweep")
     config = config_from_args(args)
-    model = load_model(args.checkpoint)
     data = load_mnist(args.data_dir)
     float_accuracy = evaluate(model, data.test).accuracy
     try:
@@ -292,10 +416,24 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
     except ConfigError as error:
         raise UsageError(str(error)) from error
     rows = [asdict(point) for point in points]
+    summary: dict[str, object] = {"config": config.to_dict(), "target": args.target, "float_accuracy": float_accuracy}
+    if trained is not None:  # the PTQ sweep is of its float weights; the trained model is one more point
+        summary["qat"] = {
+            "weight_bits": trained.config.weight_bits,
+            "act_bits": trained.config.act_bits,
+            "accuracy": evaluate(trained.qnet, data.test).accuracy,
+        }
     if not args.json:
-        print(f"float accuracy {_percent(float_accuracy)}; sweeping {args.target} over bits {args.bits}")
+        print(f"float accuracy {_percent(float_accuracy)}; sweeping {args.target} over bits {args.bits} (PTQ)")
         print(_table(rows))
-    return {"config": config.to_dict(), "target": args.target, "float_accuracy": float_accuracy, "points": rows}
+        if trained is not None:
+            qat = summary["qat"]
+            assert isinstance(qat, dict)
+            print(
+                f"QAT checkpoint at W{qat['weight_bits']}A{qat['act_bits']}: {_percent(qat['accuracy'])} "
+                "(the sweep above calibrates its float weights afresh)"
+            )
+    return {**summary, "points": rows}
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
@@ -303,7 +441,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
     from qcore.evaluate import evaluate
 
     config = config_from_args(args)
-    model = load_model(args.checkpoint)
+    model = _float_model_only(args, "sensitivity")
     data = load_mnist(args.data_dir)
     float_accuracy = evaluate(model, data.test).accuracy
     rows = [asdict(row) for row in layer_sensitivity(model, data, config, float_accuracy)]
@@ -318,10 +456,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     from qcore.export import export_onnx, qtensors_bytes
     from qcore.integer import IntegerEngineError, IntegerNet
 
-    config = config_from_args(args)
+    model, trained = _load_for_quantization(args, "export")
+    config = config_from_args(args) if trained is None else trained.config
     _require_integer_path(f"export --format {args.format}", config)
     out = check_output_path(args.out, args.force)
-    qnet = quantize_for(load_model(args.checkpoint), load_mnist(args.data_dir), config)
+    qnet = quantize_for(model, load_mnist(args.data_dir), config) if trained is None else trained.qnet
     try:
         payload = qtensors_bytes(IntegerNet(qnet)) if args.format == "qtensors" else export_onnx(qnet)
     except (IntegerEngineError, ValueError) as error:
@@ -339,7 +478,7 @@ def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
 
     config = config_from_args(args)
     out = check_output_path(args.html, args.force) if args.html else None
-    model = load_model(args.checkpoint)
+    model = _float_model_only(args, "diagnose")
     data = load_mnist(args.data_dir)
 
     def report(done: int, total: int, what: str) -> None:
@@ -389,7 +528,7 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
     positions = _position(args.position, args.layer)
     if not 0 <= args.image <= 9999:
         raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
-    model = load_model(args.checkpoint)
+    model = _float_model_only(args, "explain")
     data = load_mnist(args.data_dir)
     try:
         walk = explain(model, data, config, args.image, positions)
@@ -424,6 +563,7 @@ COMMANDS = {
     "diagnose": cmd_diagnose,
     "explain": cmd_explain,
     "train": cmd_train,
+    "qat": cmd_qat,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,
     "sensitivity": cmd_sensitivity,

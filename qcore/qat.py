@@ -1,0 +1,624 @@
+"""Quantization-aware training (QAT): fine-tune a float Net with the simulation's quantizer in the
+forward pass, so that the network learns to live on the grid it will be deployed on.
+
+The forward pass is QuantizedNet's, op for op: each layer's input fake-quantized affine at
+`act_bits` (round(x / s) + z, clamped, minus z, times s; round half to even), weights per-channel
+symmetric at `weight_bits`, bias rounded at s_in * s_w, the logits left at the accumulator's scale.
+Rounding has no useful derivative, so the backward pass uses the straight-through estimator
+(Bengio et al. 2013): d round(v) / dv := 1, so inside the clipping range the quantizer passes the
+gradient unchanged and outside it passes zero (the clamp's own derivative).
+
+Two ways to choose the grid while training:
+  lsq  Learned Step size Quantization (Esser et al. 2019): every scale s is a parameter. With
+       v = x / s, Qn = qmin - z and Qp = qmax - z, the quantizer x' = s * clamp(round(v), Qn, Qp)
+       has dx'/ds = round(v) - v inside the range, Qn below it and Qp above it, scaled by
+       g = 1 / sqrt(N * Qp) (N: values sharing the scale) so that step sizes learn at the pace of
+       the weights. Scales start from PTQ calibration (the default QuantConfig at the same bits).
+  ste  A plain STE: weight scales stay at their PTQ values and each activation range follows an
+       exponential moving average of the batch min and max (torch.ao's 0.01), as PyTorch's QAT does.
+
+After training, `to_quantized_net` turns the trained weights and scales into a QuantizedNet (integer
+weights, int32 bias), the same object PTQ builds, so the integer engine, the exports and every page
+use it as they are. `save_qat` writes it as a tensors-only file; `load_qat` reads one back with the
+same bounds as a state_dict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcore.analysis import quantize_for
+from qcore.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    probe_images,
+    read_checkpoint,
+    validate_state_dict,
+)
+from qcore.config import ConfigError, QuantConfig
+from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
+from qcore.model import LAYER_NAMES, Net, layer
+from qcore.qmodel import BIAS_BITS, LayerQuant, QuantizedNet
+from qcore.quant import QParams, Scheme, integer_range, quantize, quantize_bias
+from qcore.train import MAX_EPOCHS, resolve_device
+
+QAT_FORMAT = "qlab-qat/1"
+QAT_METHODS = ("lsq", "ste")
+EMA_CONSTANT = 0.01  # torch.ao's MovingAverageMinMaxObserver averaging constant
+HELD_OUT = 2000  # the last training images, never trained on: the live curve's accuracy
+HISTOGRAM_BINS = 61
+MAX_META_CHARS = 200_000
+MIN_SCALE = 1e-12
+
+
+class QatError(ValueError):
+    """A QAT setting out of range; the message lists each problem."""
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """QAT settings. The defaults: LSQ, Adam at lr 1e-3 with a cosine decay, batch 256, 2 epochs."""
+
+    weight_bits: int = 2
+    act_bits: int = 2
+    epochs: int = 2
+    method: str = "lsq"
+    lr: float = 1e-3
+    batch_size: int = 256
+    seed: int = 0
+    train_samples: int | None = None  # None: every training image but the held-out slice
+    device: str = "auto"
+    eval_every: int = 100  # steps between held-out evaluations (the live curve)
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("weight_bits", "act_bits"):
+            value = getattr(self, name)
+            if not 2 <= value <= 8:
+                found.append(f"{name} must be between 2 and 8 for QAT (got {value})")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            found.append(f"epochs must be between 1 and {MAX_EPOCHS} (got {self.epochs})")
+        if self.method not in QAT_METHODS:
+            found.append(f"method must be one of {', '.join(QAT_METHODS)} (got {str(self.method)[:40]!r})")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            found.append(f"learning rate must be > 0 and at most 1 (got {self.lr})")
+        if not 1 <= self.batch_size <= TRAIN_SIZE - HELD_OUT:
+            found.append(f"batch size must be between 1 and {TRAIN_SIZE - HELD_OUT} (got {self.batch_size})")
+        if not 0 <= self.seed <= MAX_SEED:
+            found.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
+        if self.train_samples is not None and not 1 <= self.train_samples <= TRAIN_SIZE - HELD_OUT:
+            found.append(f"train samples must be between 1 and {TRAIN_SIZE - HELD_OUT} (got {self.train_samples})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            found.append(f"device must be auto, cpu or cuda (got {str(self.device)[:20]!r})")
+        elif self.device == "cuda" and not torch.cuda.is_available():
+            found.append("device cuda was asked for but no CUDA device is available")
+        if not 1 <= self.eval_every <= 100_000:
+            found.append(f"eval_every must be between 1 and 100000 (got {self.eval_every})")
+        return found
+
+    def validate(self) -> QatConfig:
+        problems = self.problems()
+        if problems:
+            raise QatError("; ".join(problems))
+        return self
+
+    def quant_config(self) -> QuantConfig:
+        """The PTQ config QAT starts from and the deployed model follows: the defaults at these bits."""
+        return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits)
+
+
+# --- the quantizer with straight-through gradients ------------------------------------------------
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward (half to even, as torch.round), identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """One fused node (instead of eight elementwise ones) for the quantizer and its STE/LSQ gradients."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, scale_factor):  # type: ignore[override]
+        z = zero_point.to(x.dtype)
+        v = x / scale
+        rounded = torch.round(v)
+        q = torch.clamp(rounded + z, qmin, qmax)
+        low, high = qmin - z, qmax - z  # Qn and Qp
+        below, above = v < low, v > high
+        ctx.save_for_backward(v, rounded, below, above, low, high, scale)
+        ctx.scale_factor = scale_factor
+        return (q - z) * scale
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        v, rounded, below, above, low, high, scale = ctx.saved_tensors
+        outside = below | above
+        grad_x = grad.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            slope = torch.where(below, low, torch.where(above, high, rounded - v))
+            per_value = grad * slope * ctx.scale_factor
+            # sum over every dimension the scale was broadcast along
+            dims = [d for d in range(per_value.ndim) if scale.ndim == 0 or scale.shape[d] == 1]
+            grad_scale = per_value.sum(dim=dims).reshape(scale.shape) if dims else per_value
+        return grad_x, grad_scale, None, None, None, None
+
+
+def fake_quantize_ste(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    scale_factor: float = 1.0,
+) -> torch.Tensor:
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, as qcore.quant.fake_quantize computes it. With
+    v = x / s, Qn = qmin - z and Qp = qmax - z, the gradient to x is 1 where Qn <= v <= Qp and 0
+    outside (the STE), and the gradient to s is LSQ's: round(v) - v inside, Qn below, Qp above, times
+    `scale_factor` (LSQ's g). `scale` is 0-d, or broadcastable to x with the channel dimension kept."""
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, scale_factor)
+
+
+def lsq_gradient_factor(values_per_scale: int, qmax_level: int) -> float:
+    """LSQ's g = 1 / sqrt(N * Qp)."""
+    return 1.0 / math.sqrt(values_per_scale * max(qmax_level, 1))
+
+
+# --- the model being trained ---------------------------------------------------------------------
+
+
+def _channel_view(vector: torch.Tensor, ndim: int) -> torch.Tensor:
+    return vector.reshape([-1] + [1] * (ndim - 1))
+
+
+class QatNet(nn.Module):
+    """Net's layers with fake-quantized inputs, weights and biases; the grid starts at `start`'s."""
+
+    def __init__(self, start: QuantizedNet, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.config = start.config
+        self.weights = nn.ParameterDict()
+        self.biases = nn.ParameterDict()
+        self.weight_scales = nn.ParameterDict()
+        self.input_scales = nn.ParameterDict()
+        self.weight_range: dict[str, tuple[int, int]] = {}
+        self.input_range: dict[str, tuple[int, int]] = {}
+        learn_scales = method == "lsq"
+        self.register_buffer("no_zero", torch.zeros((), dtype=torch.int64))
+        for name in LAYER_NAMES:
+            quant = start.layers[name]
+            wq, iq = quant.weight_qparams, quant.input_qparams
+            if wq is None or iq is None or wq.axis != 0:
+                raise QatError("QAT needs every layer and the input quantized, weights per-channel")
+            # channels_last: oneDNN's convolution kernels run faster in it (as in qcore.train)
+            weight = quant.weight.clone()
+            if weight.ndim == 4:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            self.weights[name] = nn.Parameter(weight)
+            self.biases[name] = nn.Parameter(quant.bias.clone())
+            self.weight_scales[name] = nn.Parameter(wq.scale.clone().float(), requires_grad=learn_scales)
+            # the network's input grid is the data's: it stays at its calibrated range (learning it would
+            # also cost conv1 a gradient with respect to its input, about a fifth of a step)
+            learn_input = learn_scales and name != LAYER_NAMES[0]
+            self.input_scales[name] = nn.Parameter(iq.scale.clone().float(), requires_grad=learn_input)
+            self.register_buffer(f"{name}_input_zero", iq.zero_point.clone().to(torch.int64))
+            self.weight_range[name] = (wq.qmin, wq.qmax)
+            self.input_range[name] = (iq.qmin, iq.qmax)
+            # the EMA-observed range of the plain STE (the range the calibrated qparams cover)
+            low = (iq.qmin - float(iq.zero_point)) * float(iq.scale)
+            high = (iq.qmax - float(iq.zero_point)) * float(iq.scale)
+            self.register_buffer(f"{name}_ema", torch.tensor([low, high], dtype=torch.float32))
+
+    def input_zero(self, name: str) -> torch.Tensor:
+        return getattr(self, f"{name}_input_zero")
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        """The plain STE's activation range: an EMA of batch min and max, then scale and zero point."""
+        ema = getattr(self, f"{name}_ema")
+        batch = torch.stack([x.detach().min(), x.detach().max()])
+        ema.add_(EMA_CONSTANT * (batch - ema))
+        qmin, qmax = self.input_range[name]
+        low, high = float(min(ema[0], 0.0)), float(max(ema[1], 0.0))
+        scale = max((high - low) / (qmax - qmin), MIN_SCALE)
+        with torch.no_grad():
+            self.input_scales[name].fill_(scale)
+            self.input_zero(name).fill_(int(min(max(round(qmin - low / scale), qmin), qmax)))
+
+    def _quantized_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "ste" and self.training:
+            self._observe(name, x)
+        scale = self.input_scales[name]
+        qmin, qmax = self.input_range[name]
+        zero = self.input_zero(name)
+        factor = lsq_gradient_factor(x[0].numel(), qmax - int(zero)) if self.method == "lsq" else 1.0
+        return fake_quantize_ste(x, scale, zero, qmin, qmax, factor)
+
+    def _quantized_weight_and_bias(self, name: str, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, scale = self.weights[name], self.weight_scales[name]
+        qmin, qmax = self.weight_range[name]
+        factor = lsq_gradient_factor(weight[0].numel(), qmax) if self.method == "lsq" else 1.0
+        view = _channel_view(scale, weight.ndim)
+        weight_q = fake_quantize_ste(weight, view, self.no_zero, qmin, qmax, factor)
+        # int32 bias: its rounding is far below the weights' and inputs', so plain STE, no scale gradient
+        bias = self.biases[name]
+        bias_scale = (input_scale * scale).detach()
+        bias_q = bias + (torch.round(bias / bias_scale) * bias_scale - bias).detach()
+        return weight_q, bias_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in LAYER_NAMES:
+            x = self._quantized_input(name, x)
+            weight, bias = self._quantized_weight_and_bias(name, self.input_scales[name])
+            if name in ("conv1", "conv2"):
+                x = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2, 2))
+                if name == "conv2":
+                    x = x.flatten(1)
+            elif name == "fc1":
+                x = F.relu(F.linear(x, weight, bias))
+            else:
+                x = F.linear(x, weight, bias)
+        return F.log_softmax(x, dim=1)
+
+    def float_model(self) -> Net:
+        """The trained float weights as a Net (the latent weights QAT updates)."""
+        net = Net()
+        with torch.no_grad():
+            for name in LAYER_NAMES:
+                layer(net, name).weight.copy_(self.weights[name].detach().cpu())
+                layer(net, name).bias.copy_(self.biases[name].detach().cpu())
+        return net.eval()
+
+    def qparams(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            name: {
+                "weight_scale": self.weight_scales[name].detach().cpu().clone(),
+                "input_scale": self.input_scales[name].detach().cpu().clone(),
+                "input_zero_point": self.input_zero(name).detach().cpu().clone(),
+            }
+            for name in LAYER_NAMES
+        }
+
+
+def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], config: QuantConfig) -> QuantizedNet:
+    """The deployed model: integer weights and int32 biases at the trained scales, as PTQ builds them."""
+    layers = {}
+    for name in LAYER_NAMES:
+        module = layer(model, name)
+        weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
+        wmin, wmax = integer_range(config.weight_bits, Scheme.SYMMETRIC)
+        amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
+        weight_scale = qparams[name]["weight_scale"].float()
+        weight_qparams = QParams(weight_scale, torch.zeros_like(weight_scale, dtype=torch.int64), wmin, wmax, 0)
+        input_qparams = QParams(
+            qparams[name]["input_scale"].float().reshape(()),
+            qparams[name]["input_zero_point"].to(torch.int64).reshape(()),
+            amin,
+            amax,
+        )
+        quant = LayerQuant(
+            name,
+            weight,
+            bias,
+            weight_qparams,
+            quantize(weight, weight_qparams),
+            input_qparams,
+            None,
+            None,
+            config.weight_bits,
+        )
+        assert quant.bias_scale is not None
+        quant.bias_int = quantize_bias(bias, quant.bias_scale, BIAS_BITS)
+        layers[name] = quant
+    return QuantizedNet(layers, config, model).eval()
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QatProgress:
+    """One optimizer step's report, for a live curve."""
+
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # 1-based within the epoch
+    steps_per_epoch: int
+    loss: float  # this step's quantized training loss
+    held_out_accuracy: float | None  # quantized accuracy on the held-out slice, when measured at this step
+
+    @property
+    def fraction_done(self) -> float:
+        return ((self.epoch - 1) * self.steps_per_epoch + self.step) / (self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class QatResult:
+    qnet: QuantizedNet  # the deployed model (integer weights at the trained scales)
+    model: Net  # its float (latent) weights
+    config: QatConfig
+    cancelled: bool
+    started_from: str  # fingerprint of the float model QAT started from
+    seconds_per_epoch: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # one per step
+    held_out: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", "accuracy"}
+    snapshots: list[dict[str, object]] = field(default_factory=list)  # weight histograms, per epoch
+
+    def meta(self) -> dict[str, object]:
+        return {
+            "qat_config": asdict(self.config),
+            "cancelled": self.cancelled,
+            "started_from": self.started_from,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "held_out": self.held_out,
+            "snapshots": self.snapshots,
+        }
+
+
+def weight_snapshot(net: QatNet, epoch: int) -> dict[str, object]:
+    """Each layer's weights in units of its channel's step (w / s_w), as a histogram: at low bits QAT
+    gathers them on the integer levels."""
+    layers = {}
+    for name in LAYER_NAMES:
+        qmin, qmax = net.weight_range[name]
+        weight = net.weights[name].detach().cpu()
+        steps = weight / _channel_view(net.weight_scales[name].detach().cpu(), weight.ndim)
+        low, high = qmin - 1.5, qmax + 1.5
+        counts = torch.histc(steps.clamp(low, high), bins=HISTOGRAM_BINS, min=low, max=high)
+        layers[name] = {"low": low, "high": high, "counts": [int(c) for c in counts]}
+    return {"epoch": epoch, "layers": layers}
+
+
+def _held_out_accuracy(net: QatNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((net(images[i : i + 1000]).argmax(1) == labels[i : i + 1000]).sum())
+            for i in range(0, len(images), 1000)
+        )
+    net.train(was_training)
+    return correct / len(images)
+
+
+def qat(
+    model: Net,
+    data: Mnist,
+    config: QatConfig = QatConfig(),
+    on_progress: Callable[[QatProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> QatResult:
+    """Fine-tune `model` (never modified) with the quantizer in the loop. The grid starts from PTQ
+    calibration of `model` at `config`'s bits; training uses every training image but the last
+    HELD_OUT (or the first `train_samples`), shuffled by `seed`. `should_stop` is polled between steps."""
+    config.validate()
+    device = resolve_device(config.device)
+    quant_config = config.quant_config()
+    start = quantize_for(model, data, quant_config)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # nothing in the step is random, but cuda kernels may pick by seed
+    net = QatNet(start, config.method).to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr)
+    count = TRAIN_SIZE - HELD_OUT if config.train_samples is None else config.train_samples
+    count = min(count, len(data.train) - min(HELD_OUT, len(data.train) // 2))
+    images = data.train.images[:count].to(device).contiguous(memory_format=torch.channels_last)
+    labels = data.train.labels[:count].to(device)
+    held_images = data.train.images[-HELD_OUT:].to(device)
+    held_labels = data.train.labels[-HELD_OUT:].to(device)
+    steps_per_epoch = (count + config.batch_size - 1) // config.batch_size
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    result = QatResult(start, model, config, False, fingerprint(model))
+    result.snapshots.append(weight_snapshot(net, 0))
+    result.held_out.append({"step": 0, "epoch": 0, "accuracy": _held_out_accuracy(net, held_images, held_labels)})
+    net.train()
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(count, generator=generator).to(device)
+        began = time.perf_counter()
+        for step in range(1, steps_per_epoch + 1):
+            if should_stop is not None and should_stop():
+                result.cancelled = True
+                return _finish(net, result, quant_config)
+            batch = order[(step - 1) * config.batch_size : step * config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.nll_loss(net(images[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():  # a step size must stay positive
+                for name in LAYER_NAMES:
+                    net.weight_scales[name].clamp_(min=MIN_SCALE)
+                    net.input_scales[name].clamp_(min=MIN_SCALE)
+            result.losses.append(loss.item())
+            accuracy = None
+            if step % config.eval_every == 0 or step == steps_per_epoch:
+                accuracy = _held_out_accuracy(net, held_images, held_labels)
+                global_step = (epoch - 1) * steps_per_epoch + step
+                result.held_out.append({"step": global_step, "epoch": epoch, "accuracy": accuracy})
+            if on_progress is not None:
+                on_progress(QatProgress(epoch, config.epochs, step, steps_per_epoch, result.losses[-1], accuracy))
+        result.seconds_per_epoch.append(time.perf_counter() - began)
+        result.snapshots.append(weight_snapshot(net, epoch))
+    return _finish(net, result, quant_config)
+
+
+def _finish(net: QatNet, result: QatResult, quant_config: QuantConfig) -> QatResult:
+    net = net.cpu().eval()
+    result.model = net.float_model()
+    result.qnet = to_quantized_net(result.model, net.qparams(), quant_config)
+    return result
+
+
+# --- the quantized checkpoint --------------------------------------------------------------------
+#
+# torch.save of a dict of plain values and tensors (torch.load(..., weights_only=True) reads it):
+#   format: "qlab-qat/1"; config: the QuantConfig as JSON (the defaults at the trained bits);
+#   meta: JSON (how it was trained: settings, times, the held-out curve, weight snapshots);
+#   float_weights: the Net state_dict of the trained float weights;
+#   qparams: {layer: {"weight_scale": float32 [O], "input_scale": float32 [], "input_zero_point": int64 []}}.
+# The integer weights and int32 biases are not stored: they follow from these exactly (round to
+# nearest at the stored scales), and storing them twice would let a file contradict itself.
+
+QPARAM_KEYS = ("weight_scale", "input_scale", "input_zero_point")
+MAX_CONFIG_CHARS = 4000
+
+
+@dataclass
+class QatCheckpoint:
+    """A loaded QAT checkpoint: the quantized model as trained, ready for every engine and export."""
+
+    model: Net  # the trained float weights
+    qnet: QuantizedNet
+    config: QuantConfig
+    meta: dict[str, object]
+
+
+def qat_state(result: QatResult) -> dict[str, object]:
+    qparams = {
+        name: {
+            "weight_scale": quant.weight_qparams.scale.clone(),
+            "input_scale": quant.input_qparams.scale.clone().reshape(()),
+            "input_zero_point": quant.input_qparams.zero_point.clone().to(torch.int64).reshape(()),
+        }
+        for name, quant in result.qnet.layers.items()
+        if quant.weight_qparams is not None and quant.input_qparams is not None
+    }
+    return {
+        "format": QAT_FORMAT,
+        "config": result.qnet.config.to_json(),
+        "meta": json.dumps(result.meta()),
+        "float_weights": {key: value.clone() for key, value in result.model.state_dict().items()},
+        "qparams": qparams,
+    }
+
+
+def qat_bytes(result: QatResult) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(qat_state(result), buffer)
+    return buffer.getvalue()
+
+
+def _check_qparams(raw: object, config: QuantConfig, problems: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    if not isinstance(raw, dict) or sorted(map(str, raw)) != sorted(LAYER_NAMES):
+        problems.append(f"qparams must hold exactly the layers {', '.join(LAYER_NAMES)}")
+        return {}
+    amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
+    channels = {name: shape[0] for name, (shape, _) in _weight_shapes().items()}
+    checked = {}
+    for name in LAYER_NAMES:
+        entry = raw[name]
+        if not isinstance(entry, dict) or sorted(map(str, entry)) != sorted(QPARAM_KEYS):
+            problems.append(f"qparams.{name} must hold exactly {', '.join(QPARAM_KEYS)}")
+            continue
+        expected = {
+            "weight_scale": ((channels[name],), torch.float32),
+            "input_scale": ((), torch.float32),
+            "input_zero_point": ((), torch.int64),
+        }
+        good = True
+        for key, (shape, dtype) in expected.items():
+            value = entry[key]
+            where = f"qparams.{name}.{key}"
+            if type(value) is not torch.Tensor or value.layout != torch.strided or value.device.type != "cpu":
+                problems.append(f"{where}: expected a dense CPU tensor")
+                good = False
+            elif tuple(value.shape) != shape or value.dtype != dtype:
+                problems.append(f"{where}: {value.dtype} of shape {list(value.shape)}, expected {dtype} {list(shape)}")
+                good = False
+            elif dtype == torch.float32 and not bool((torch.isfinite(value) & (value > MIN_SCALE)).all()):
+                problems.append(f"{where}: scales must be finite and above {MIN_SCALE:g}")
+                good = False
+            elif dtype == torch.int64 and not amin <= int(value) <= amax:
+                problems.append(f"{where}: {int(value)} is outside the {config.act_bits}-bit range [{amin}, {amax}]")
+                good = False
+        if good:
+            checked[name] = {key: entry[key].clone() for key in QPARAM_KEYS}
+    return checked
+
+
+def _weight_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (tuple(layer(Net(), name).weight.shape), torch.float32) for name in LAYER_NAMES}
+
+
+def load_qat(source: str | os.PathLike[str] | bytes | BinaryIO) -> QatCheckpoint:
+    """Read a QAT checkpoint as strictly as a state_dict (same file bounds, tensors only), then check
+    every field, rebuild the quantized model and check it runs finite on probe images and fits the
+    integer engine. Any problem raises CheckpointError listing each."""
+    state = read_checkpoint(source)
+    if not isinstance(state, dict) or state.get("format") != QAT_FORMAT:
+        raise CheckpointError([f"not a QAT checkpoint (expected format {QAT_FORMAT})"])
+    expected_keys = ["config", "float_weights", "format", "meta", "qparams"]
+    if sorted(map(str, state)) != expected_keys:
+        raise CheckpointError([f"a QAT checkpoint holds exactly {', '.join(expected_keys)}"])
+    problems: list[str] = []
+    config_json, meta_json = state["config"], state["meta"]
+    config = QuantConfig()
+    if not isinstance(config_json, str) or len(config_json) > MAX_CONFIG_CHARS:
+        problems.append(f"config must be a JSON string of at most {MAX_CONFIG_CHARS} characters")
+    else:
+        try:
+            config = QuantConfig.from_json(config_json).validate()
+        except (ConfigError, ValueError, TypeError) as error:
+            problems.append(f"config: {error}")
+        else:
+            trained = QatConfig(weight_bits=config.weight_bits, act_bits=config.act_bits).quant_config()
+            if config != trained or not 2 <= config.weight_bits <= 8 or not 2 <= config.act_bits <= 8:
+                problems.append("config: a QAT model uses the default QuantConfig at 2 to 8 bits (as trained)")
+    meta: dict[str, object] = {}
+    if not isinstance(meta_json, str) or len(meta_json) > MAX_META_CHARS:
+        problems.append(f"meta must be a JSON string of at most {MAX_META_CHARS} characters")
+    else:
+        try:
+            loaded = json.loads(meta_json)
+        except json.JSONDecodeError as error:
+            problems.append(f"meta is not JSON ({error.msg})")
+        else:
+            if isinstance(loaded, dict):
+                meta = loaded
+            else:
+                problems.append("meta must be a JSON object")
+    try:
+        weights = validate_state_dict(state["float_weights"]) if isinstance(state["float_weights"], dict) else None
+    except CheckpointError as error:
+        problems.extend(f"float_weights: {problem}" for problem in error.problems)
+        weights = None
+    if weights is None and not any(p.startswith("float_weights") for p in problems):
+        problems.append("float_weights must be a Net state_dict")
+    qparams = _check_qparams(state["qparams"], config, problems)
+    if problems:
+        raise CheckpointError(problems)
+    assert weights is not None
+    model = Net()
+    model.load_state_dict(weights)
+    qnet = to_quantized_net(model.eval(), qparams, config)
+    with torch.inference_mode():
+        if not bool(torch.isfinite(qnet(probe_images())).all()):
+            raise CheckpointError(["its quantized forward pass is not finite on ordinary images"])
+    from qcore.integer import IntegerEngineError, IntegerNet
+
+    try:
+        IntegerNet(qnet)
+    except IntegerEngineError as error:
+        raise CheckpointError([f"it does not fit the integer engine: {error}"]) from None
+    return QatCheckpoint(model.eval(), qnet, config, meta)
+
+
+def is_qat_checkpoint(source: str | os.PathLike[str] | bytes) -> bool:
+    """Whether `source` reads (safely) as a dict claiming the QAT format; the full check is load_qat."""
+    try:
+        state = read_checkpoint(source)
+    except CheckpointError:
+        return False
+    return isinstance(state, dict) and state.get("format") == QAT_FORMAT

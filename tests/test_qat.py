@@ -1,0 +1,176 @@
+"""Quantization-aware training: the STE and LSQ gradients against hand computations, the forward pass
+against the simulation's quantizer, a short run on real MNIST, and the QAT checkpoint: reproducible,
+strict on load, and the same model in a new process through the integer engine and ONNX Runtime."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from qcore.analysis import quantize_for
+from qcore.checkpoint import CheckpointError, load_state_dict, save_checkpoint
+from qcore.data import Split
+from qcore.evaluate import evaluate
+from qcore.integer import IntegerNet
+from qcore.qat import QatConfig, fake_quantize_ste, load_qat, qat, qat_bytes, qat_state
+from qcore.quant import QParams, fake_quantize
+from tests.conftest import run_cli
+
+SMALL = QatConfig(epochs=1, train_samples=1024, eval_every=2)
+
+
+def test_ste_passes_the_gradient_inside_the_clipping_range_and_nothing_outside():
+    # s = 0.5, z = 0, levels -1..1: v = x / s = -2, -1.2, -0.4, 0.6, 1, 1.6, 2.4; inside iff -1 <= v <= 1
+    x = torch.tensor([-1.0, -0.6, -0.2, 0.3, 0.5, 0.8, 1.2], requires_grad=True)
+    out = fake_quantize_ste(x, torch.tensor(0.5), torch.tensor(0), -1, 1)
+    out.sum().backward()
+    assert out.tolist() == [-0.5, -0.5, -0.0, 0.5, 0.5, 0.5, 0.5]
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_lsq_step_size_gradient_matches_its_formula():
+    """d x'/ds = round(v) - v inside, Qn below, Qp above (Esser et al. 2019, eq. 3), times g."""
+    x = torch.tensor([-1.0, -0.6, -0.2, 0.3, 0.5, 0.8, 1.2])
+    scale = torch.tensor(0.5, requires_grad=True)
+    g = 1 / math.sqrt(7 * 1)
+    fake_quantize_ste(x, scale, torch.tensor(0), -1, 1, g).sum().backward()
+    # per value: below -1 -> -1, -1; inside: round(-0.4) + 0.4 = 0.4, round(0.6) - 0.6 = 0.4, 1 - 1 = 0;
+    # above -> 1, 1: sum 0.8
+    assert scale.grad.item() == pytest.approx(0.8 * g, rel=1e-6)
+
+    # affine (z = 1 on [0, 3]: Qn = -1, Qp = 2) and per channel (one scale per row), upstream gradient 2
+    x = torch.tensor([[-0.9, 0.26, 0.9], [3.0, -0.05, 0.4]])
+    scales = torch.tensor([[0.5], [0.25]], requires_grad=True)
+    fake_quantize_ste(x, scales, torch.tensor(1), 0, 3).mul(2).sum().backward()
+    # row 0, s 0.5: v = -1.8 (below: -1), 0.52 (1 - 0.52), 1.8 (2 - 1.8); row 1, s 0.25: v = 12 (above: 2),
+    # -0.2 (0 + 0.2), 1.6 (2 - 1.6)
+    expected = [2 * (-1 + 0.48 + 0.2), 2 * (2 + 0.2 + 0.4)]
+    assert scales.grad.flatten().tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_forward_is_the_simulations_quantizer_ties_included():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1000, generator=generator) * 3, torch.tensor([0.25, 0.75, -0.25, 1.25])])
+    for zero, (qmin, qmax) in ((0, (-7, 7)), (3, (0, 15))):
+        qparams = QParams(torch.tensor(0.5), torch.tensor(zero), qmin, qmax)
+        ste = fake_quantize_ste(x, qparams.scale, qparams.zero_point, qmin, qmax)
+        assert torch.equal(ste, fake_quantize(x, qparams))  # 0.25 / 0.5 = 0.5 rounds to 0, 1.5 to 2
+
+
+@pytest.fixture(scope="module")
+def short_run(pretrained, mnist):
+    return qat(pretrained, mnist, SMALL)
+
+
+def test_a_short_qat_run_lowers_the_quantized_loss(short_run, pretrained, mnist):
+    held_out = Split(mnist.train.images[-2000:], mnist.train.labels[-2000:])
+    before = evaluate(quantize_for(pretrained, mnist, SMALL.quant_config()), held_out)
+    after = evaluate(short_run.qnet, held_out)
+    assert after.loss < before.loss
+    assert short_run.held_out[-1]["accuracy"] > short_run.held_out[0]["accuracy"]
+    assert short_run.losses[-1] < short_run.losses[0]
+
+
+def test_the_same_seed_trains_the_same_model(short_run, pretrained, mnist):
+    again = qat(pretrained, mnist, SMALL)
+    trained, retrained = short_run.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(trained[key], retrained[key]) for key in trained)
+    assert all(torch.equal(again.qnet.layers[n].weight_int, q.weight_int) for n, q in short_run.qnet.layers.items())
+
+
+def test_the_checkpoint_loads_weights_only_and_rebuilds_the_same_model(short_run, mnist):
+    raw = torch.load(io.BytesIO(qat_bytes(short_run)), weights_only=True)
+    assert raw["format"] == "qlab-qat/1"
+    loaded = load_qat(qat_bytes(short_run))
+    for name, quant in short_run.qnet.layers.items():
+        assert torch.equal(loaded.qnet.layers[name].weight_int, quant.weight_int)
+        assert torch.equal(loaded.qnet.layers[name].bias_int, quant.bias_int)
+    images = mnist.test.images[:500]
+    assert torch.equal(loaded.qnet(images), short_run.qnet(images))
+
+
+def _tampered(short_run, change) -> bytes:
+    state = qat_state(short_run)
+    change(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda s: s.update(format="qlab-qat/9"), "not a QAT checkpoint"),
+        (lambda s: s.update(extra=torch.zeros(1)), "holds exactly"),
+        (lambda s: s["qparams"]["fc1"].update(weight_scale=-s["qparams"]["fc1"]["weight_scale"]), "finite and above"),
+        (lambda s: s["qparams"]["conv2"].update(input_zero_point=torch.tensor(7)), "outside the 2-bit range"),
+        (lambda s: s["qparams"]["fc2"].update(input_scale=torch.tensor([1.0])), "expected torch.float32 "),
+        (lambda s: s["qparams"].pop("conv1"), "exactly the layers"),
+        (lambda s: s.update(config=json.dumps({**json.loads(s["config"]), "methods": ["adaround"]})), "as trained"),
+        (lambda s: s.update(config='{"weight_bits": "2"'), "config"),
+        (lambda s: s.update(meta="not json"), "meta is not JSON"),
+        (lambda s: s["float_weights"]["fc1.weight"].fill_(float("nan")), "float_weights: fc1.weight"),
+    ],
+    ids=[
+        "format",
+        "extra-key",
+        "negative-scale",
+        "zero-point",
+        "scale-shape",
+        "missing-layer",
+        "config-methods",
+        "config-json",
+        "meta",
+        "nan-weight",
+    ],
+)
+def test_a_tampered_checkpoint_is_refused_with_its_reason(short_run, change, reason):
+    with pytest.raises(CheckpointError, match=reason):
+        load_qat(_tampered(short_run, change))
+
+
+def test_the_two_loaders_refuse_each_others_files(short_run, pretrained):
+    with pytest.raises(CheckpointError, match="QAT"):
+        load_state_dict(qat_bytes(short_run))
+    buffer = io.BytesIO()
+    save_checkpoint(pretrained, buffer)
+    with pytest.raises(CheckpointError, match="not a QAT checkpoint"):
+        load_qat(buffer.getvalue())
+
+
+def test_cli_qat_checkpoint_evaluates_identically_in_new_processes(tmp_path, mnist):
+    """`qat` trains and measures in one process; `evaluate --checkpoint` in fresh ones reports the same
+    simulated and integer accuracies, and ONNX Runtime on the export agrees with the simulation."""
+    out = tmp_path / "w2a2.pt"
+    trained = run_cli("qat", "--epochs", "1", "--train-samples", "2048", "--out", str(out), "--json")
+    assert trained.returncode == 0, trained.stderr
+    made = json.loads(trained.stdout)
+    integer = run_cli("evaluate", "--checkpoint", str(out), "--engine", "integer", "--json")
+    assert integer.returncode == 0, integer.stderr
+    measured = json.loads(integer.stdout)
+    assert measured["qat"] is True and measured["config"]["weight_bits"] == 2
+    assert measured["simulated_accuracy"] == made["qat_accuracy"]
+    assert measured["quant_accuracy"] == made["integer_accuracy"]
+    assert measured["agreement_with_simulation"] == made["integer_agreement"] >= 0.995
+    onnx = run_cli("evaluate", "--checkpoint", str(out), "--engine", "onnxruntime", "--json")
+    assert onnx.returncode == 0, onnx.stderr
+    assert json.loads(onnx.stdout)["agreement_with_simulation"] >= 0.995
+    # and here, in this process, from the file alone
+    loaded = load_qat(out)
+    assert evaluate(loaded.qnet, mnist.test).accuracy == made["qat_accuracy"]
+    here = IntegerNet(loaded.qnet).predict(mnist.test.images)
+    assert float((here == mnist.test.labels).float().mean()) == made["integer_accuracy"]
+
+
+def test_cli_refuses_to_recalibrate_a_qat_checkpoint(short_run, tmp_path):
+    path = tmp_path / "qat.pt"
+    path.write_bytes(qat_bytes(short_run))
+    changed = run_cli("evaluate", "--checkpoint", str(path), "--weight-bits", "4")
+    assert changed.returncode == 2 and "QAT checkpoint trained at W2A2" in changed.stderr
+    assert changed.stderr.count("\n") == 1
+    diagnosed = run_cli("diagnose", "--checkpoint", str(path))
+    assert diagnosed.returncode == 2 and "would not be the QAT model" in diagnosed.stderr
