@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from qcore.analysis import SWEEP_TARGETS
+from qcore.checkpoint import fingerprint
 from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
 from ui import cache, session
@@ -41,6 +42,27 @@ columns[3].metric(
     delta_color="inverse",
 )
 
+if entry.qat is not None and entry.qat_applies(config):
+    # The question QAT answers: at these bits, what does training on the grid buy over rounding after?
+    folder = session.data_folder()
+    if entry.start is not None:
+        start, origin = entry.start, f"the model QAT started from ({entry.start.name})"
+    else:  # an uploaded QAT checkpoint: its own float weights are the only float model at hand
+        start = session.ModelEntry(entry.model, "its float weights", fingerprint(entry.model))
+        origin = "this checkpoint's own float weights (the model it started from is not in the file)"
+    start_float = cache.float_result(start.fingerprint, folder, start.model).accuracy
+    ptq = cache.report(start.fingerprint, config.to_json(), folder, start.model).quant_result.accuracy
+    st.subheader(f"Float, PTQ and QAT at W{config.weight_bits}A{config.act_bits}")
+    side = st.columns(3)
+    side[0].metric("Float", session.percent(start_float))
+    side[1].metric("PTQ", session.percent(ptq), delta=f"{100 * (ptq - start_float):+.2f} pts")
+    side[2].metric(
+        "QAT", session.percent(quant_result.accuracy), delta=f"{100 * (quant_result.accuracy - start_float):+.2f} pts"
+    )
+    st.caption(
+        f"Float and PTQ are of {origin}; PTQ calibrates it with these settings, QAT is this model on its trained "
+        "grid. All three on the 10,000 test images."
+    )
 st.plotly_chart(per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy), key="per_class")
 table_with_csv(
     [

@@ -62,7 +62,7 @@ elif st.button("Run every inference path on the 10k test set", key="run_engines"
     "engines_shown"
 ):
     st.session_state["engines_shown"] = True
-    results = cache.engine_results(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
+    results = cache.engine_results(entry.fingerprint, config.to_json(), session.data_folder(), entry.model, entry.qat)
     table_with_csv(
         [
             {
@@ -89,7 +89,9 @@ st.subheader("Size")
 table_with_csv(size_table(report.qnet), "model size", "sizes")
 
 if config.weight_bits <= 8 and config.act_bits <= 8:
-    qtensors, onnx_model = cache.exports(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
+    qtensors, onnx_model = cache.exports(
+        entry.fingerprint, config.to_json(), session.data_folder(), entry.model, entry.qat
+    )
     left, right = st.columns(2)
     left.download_button(
         "Download integer tensors (.pt, weights_only)",

@@ -4,13 +4,28 @@ import streamlit as st
 
 from qcore.checkpoint import CheckpointError, checkpoint_bytes, load_model
 from qcore.data import DataError
-from qcore.figures import training_curve_figure
+from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
+from qcore.qat import (
+    HELD_OUT,
+    QAT_METHODS,
+    QatConfig,
+    QatError,
+    QatProgress,
+    checkpoint_of,
+    is_qat_checkpoint,
+    load_qat,
+    qat,
+    qat_bytes,
+)
 from qcore.train import TrainConfig, TrainProgress, train
 from ui import cache, session
 
 TRAIN_STATE_KEY = "qlab_training"
 TRAIN_HISTORY_KEY = "qlab_train_history"
+QAT_STATE_KEY = "qlab_qat"
+QAT_HISTORY_KEY = "qlab_qat_history"
+QAT_BITS = [2, 3, 4, 5, 6, 7, 8]
 CURVE_EVERY = 200  # steps between redraws of the live training curve
 MUCH_WORSE_POINTS = 1.0  # a trained model this much below the one it replaced gets a warning
 
@@ -49,7 +64,9 @@ if "qlab_train_message" in st.session_state:
 if "qlab_train_warning" in st.session_state:
     st.warning(st.session_state.pop("qlab_train_warning"))
 
-bundled_tab, upload_tab, train_tab = st.tabs(["Bundled net", "Upload a state_dict", "Train a new net"])
+bundled_tab, upload_tab, train_tab, qat_tab = st.tabs(
+    ["Bundled net", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
+)
 
 with bundled_tab:
     st.markdown(
@@ -61,17 +78,25 @@ with bundled_tab:
         st.rerun()
 
 with upload_tab:
-    st.markdown("Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` from this `Net`.")
+    st.markdown(
+        "Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` from this `Net`, or a QAT "
+        "checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`."
+    )
     upload = st.file_uploader("Checkpoint (.pt or .pth)", type=["pt", "pth"], key="qlab_upload")
     if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
         st.session_state["qlab_upload_done"] = upload.file_id
+        payload = upload.getvalue()
         try:
-            model = load_model(upload.getvalue())
+            if is_qat_checkpoint(payload):
+                trained = load_qat(payload)
+                session.set_model(trained.model, f"uploaded QAT {upload.name}", qat=trained)
+                st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
+            else:
+                session.set_model(load_model(payload), f"uploaded {upload.name}")
         except CheckpointError as error:
             st.session_state["qlab_upload_error"] = (shorten(upload.name), error.problems)
         else:
             st.session_state.pop("qlab_upload_error", None)
-            session.set_model(model, f"uploaded {upload.name}")
             st.rerun()
     if "qlab_upload_error" in st.session_state:
         name, problems = st.session_state["qlab_upload_error"]
@@ -149,6 +174,121 @@ with train_tab:
                     f"({session.percent(replaced_accuracy)}). **Back to the previous model** (above) restores it."
                 )
             st.rerun()
+
+with qat_tab:
+    st.markdown(
+        "Post-training quantization rounds weights that were trained without knowing they would be rounded. "
+        "**Quantization-aware training** fine-tunes them with the quantizer in the forward pass, so the "
+        "network learns to live on the grid it will be deployed on: exactly the simulation's quantizer "
+        "(per-channel symmetric weights, affine activations, the input quantized, int32 bias)."
+    )
+    st.latex(r"\hat{x} = s \cdot \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right), Q_n, Q_p\right)")
+    st.markdown(
+        "Rounding has zero derivative almost everywhere, so training could not move a single weight. The "
+        "**straight-through estimator** (Bengio et al. 2013) pretends round is the identity on the way back:"
+    )
+    st.latex(
+        r"\frac{\partial \hat{x}}{\partial x} \approx \begin{cases} 1 & Q_n \le x/s \le Q_p \\ "
+        r"0 & \text{otherwise} \end{cases}"
+    )
+    st.markdown(
+        "It works because the loss sees the rounded network: a weight whose rounding hurts gets pushed across "
+        "a rounding boundary, while values clipped at the edge of the grid stop receiving gradient. "
+        "**LSQ** (Esser et al. 2019) also learns every step size s: "
+        "∂x̂/∂s = round(x/s) − x/s inside the range and Q_n or Q_p outside, so each scale trades clipping "
+        "against rounding error on the real loss, scaled by 1/√(N·Q_p) to learn at the weights' pace. The "
+        "simpler alternative keeps the weight scales from PTQ and follows each activation range by a moving "
+        "average (method *ste*)."
+    )
+    previous_qat = st.session_state.get(QAT_STATE_KEY)
+    if previous_qat and previous_qat["status"] == "running":  # the last run was interrupted
+        previous_qat["status"] = "cancelled"
+    if previous_qat and previous_qat["status"] == "cancelled":
+        st.warning(f"QAT was cancelled after {previous_qat['steps']} steps; the previous model is kept.")
+    defaults = QatConfig()
+    with st.form("qat_form"):
+        first, second, third = st.columns(3)
+        qat_weight_bits = first.select_slider("Weight bits", QAT_BITS, defaults.weight_bits, key="qat_weight_bits")
+        qat_act_bits = first.select_slider("Activation bits", QAT_BITS, defaults.act_bits, key="qat_act_bits")
+        qat_epochs = second.number_input("Epochs", 1, 5, defaults.epochs, key="qat_epochs")
+        qat_method = second.radio("Method", list(QAT_METHODS), horizontal=True, key="qat_method")
+        qat_samples = third.number_input(
+            f"Training images ({60000 - HELD_OUT} = all but the held-out slice)",
+            256,
+            60000 - HELD_OUT,
+            60000 - HELD_OUT,
+            step=256,
+            key="qat_samples",
+        )
+        start_qat = st.form_submit_button("Train with quantization", disabled=mnist is None)
+    st.caption(
+        f"Starts from the current model's float weights and its PTQ grid (the default settings at these bits). "
+        f"The curve's accuracy is the quantized model's on the last {HELD_OUT} training images, never trained on."
+    )
+    if start_qat and mnist is not None:
+        qat_config = QatConfig(
+            weight_bits=int(qat_weight_bits),
+            act_bits=int(qat_act_bits),
+            epochs=int(qat_epochs),
+            method=str(qat_method),
+            train_samples=None if qat_samples >= len(mnist.train) - HELD_OUT else int(qat_samples),
+        )
+        qat_state = {"status": "running", "steps": 0}
+        st.session_state[QAT_STATE_KEY] = qat_state
+        st.button("Cancel QAT", help="Stops after the current step; the previous model is kept.")
+        qat_bar = st.progress(0.0, text="Calibrating the starting grid…")
+        qat_chart = st.empty()
+        held_out: list[dict[str, float]] = []
+        losses: list[float] = []
+
+        def show_qat(progress: QatProgress) -> None:
+            qat_state["steps"] += 1
+            losses.append(progress.loss)
+            if progress.held_out_accuracy is None:
+                return
+            global_step = (progress.epoch - 1) * progress.steps_per_epoch + progress.step
+            held_out.append({"step": global_step, "accuracy": progress.held_out_accuracy})
+            qat_bar.progress(
+                progress.fraction_done,
+                text=f"Epoch {progress.epoch}/{progress.epochs}, step {progress.step}/{progress.steps_per_epoch}: "
+                f"held-out quantized accuracy {session.percent(progress.held_out_accuracy)}",
+            )
+            qat_chart.plotly_chart(qat_curve_figure(held_out, losses), key=f"qat_curve_{global_step}")
+
+        try:
+            result = qat(entry.model, mnist, qat_config, on_progress=show_qat)
+        except (QatError, ValueError, RuntimeError) as error:  # bad settings, or the device failed mid-run
+            qat_state["status"] = "failed"
+            st.error("QAT failed; the previous model is kept.")
+            session.plain_text(str(error))
+        else:
+            qat_state["status"] = "done"
+            st.session_state[QAT_HISTORY_KEY] = (result.held_out, result.losses)
+            bits = f"W{qat_config.weight_bits}A{qat_config.act_bits}"
+            start_entry = entry if entry.qat is None else entry.start
+            trained = session.set_model(
+                result.model, f"QAT {bits} ({qat_config.method}) from {entry.name}", checkpoint_of(result), start_entry
+            )
+            st.session_state[session.PENDING_SETTINGS_KEY] = result.qnet.config.to_dict()
+            st.session_state["qlab_train_message"] = (
+                f"Quantization-aware training at {bits} done ({qat_config.epochs} epoch(s), "
+                f"{sum(result.seconds_per_epoch):.0f} s). It is now the current model, and the sidebar is set to "
+                f"{bits}: the Accuracy page shows float, PTQ and QAT side by side."
+            )
+            st.rerun()
+    if entry.qat is not None:
+        st.download_button(
+            "Download the QAT checkpoint",
+            qat_bytes(entry.qat),
+            file_name=f"qlab_{entry.fingerprint}.pt",
+            mime="application/octet-stream",
+            key="download_qat",
+        )
+
+if st.session_state.get(QAT_HISTORY_KEY) and not start_qat:
+    st.caption("The last quantization-aware training run:")
+    qat_held_out, qat_losses = st.session_state[QAT_HISTORY_KEY]
+    st.plotly_chart(qat_curve_figure(qat_held_out, qat_losses), key="last_qat_curve")
 
 if st.session_state.get(TRAIN_HISTORY_KEY) and not start:  # during a run the live curve is in the tab
     # below the tabs, not in one: after the run's rerun the tabs show their first tab again

@@ -3,8 +3,9 @@
 import streamlit as st
 
 from qcore.analysis import weight_histogram
-from qcore.figures import error_histogram_figure, sqnr_figure, weight_histogram_figure
+from qcore.figures import error_histogram_figure, sqnr_figure, weight_histogram_figure, weight_snapshots_figure
 from qcore.model import LAYER_NAMES
+from qcore.qat import valid_snapshots
 from ui import session
 from ui.tables import table_with_csv
 
@@ -45,6 +46,18 @@ st.plotly_chart(weight_histogram_figure(histogram), key="weight_hist_chart")
 if not histogram.levels:
     st.caption("Quantization levels are drawn for one channel (per-channel) and at 8 bits or fewer.")
 st.plotly_chart(error_histogram_figure(histogram.errors, layer), key="weight_error_chart")
+
+snapshots = valid_snapshots(entry.qat.meta) if entry.qat is not None else []
+if snapshots:
+    st.subheader("How QAT moved the weights onto the levels")
+    st.plotly_chart(weight_snapshots_figure(snapshots, layer), key="qat_snapshots_chart")
+    st.caption(
+        "Each weight divided by its channel's step size at that moment (w / s): rounding sends it to the nearest "
+        "integer. Before QAT the weights spread evenly between levels; training gathers them near the levels, "
+        "where rounding costs least."
+    )
+elif entry.qat is not None:
+    st.caption("This QAT checkpoint carries no usable weight snapshots.")
 
 st.subheader("SQNR per layer")
 st.plotly_chart(sqnr_figure(report.layers), key="sqnr_chart")

@@ -170,6 +170,36 @@ def training_curve_figure(history: Sequence[dict[str, float]]) -> go.Figure:
     return _layout(fig, "Training", "step", "loss")
 
 
+def qat_curve_figure(held_out: Sequence[dict[str, float]], losses: Sequence[float]) -> go.Figure:
+    """QAT's live curve: the quantized training loss per step and the quantized accuracy on the
+    held-out slice where it was measured."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=list(range(1, len(losses) + 1)), y=list(losses), name="quantized loss", line_color=QUANT_COLOR)
+    fig.add_scatter(
+        x=[point["step"] for point in held_out],
+        y=[100 * point["accuracy"] for point in held_out],
+        name="held-out quantized accuracy (%)",
+        mode="lines+markers",
+        line_color=FLOAT_COLOR,
+        secondary_y=True,
+    )
+    return _layout(fig, "Quantization-aware training", "step", "loss")
+
+
+def weight_snapshots_figure(snapshots: Sequence[dict[str, object]], layer: str) -> go.Figure:
+    """One layer's weights in units of their channel's step (w / s), one histogram line per epoch:
+    during QAT they gather on the integer levels."""
+    fig = go.Figure()
+    for snapshot in snapshots:
+        entry = snapshot["layers"][layer]  # type: ignore[index]
+        counts, low, high = entry["counts"], entry["low"], entry["high"]
+        width = (high - low) / len(counts)
+        centers = [low + width * (i + 0.5) for i in range(len(counts))]
+        label = "start (PTQ grid)" if snapshot["epoch"] == 0 else f"after epoch {snapshot['epoch']}"
+        fig.add_scatter(x=centers, y=counts, name=label, mode="lines", line_shape="hvh")
+    return _layout(fig, f"{layer} weights during QAT, in steps of their channel's scale", "w / s", "weights")
+
+
 def digits_figure(images: Sequence[Sequence[Sequence[float]]], titles: Sequence[str], columns: int = 6) -> go.Figure:
     """A grid of 28x28 images (pixel values as given), each titled: one tiled heatmap, since one
     trace per image makes a slow figure."""

@@ -60,6 +60,9 @@ HELD_OUT = 2000  # the last training images, never trained on: the live curve's 
 HISTOGRAM_BINS = 61
 MAX_META_CHARS = 200_000
 MIN_SCALE = 1e-12
+# int32 bias values stay below 2^24, so that with 8-bit products (800 x 255 x 127 < 2^25) the
+# accumulators of every layer fit int32 with room to spare
+BIAS_HEADROOM_BITS = 24
 
 
 class QatError(ValueError):
@@ -437,10 +440,8 @@ def qat(
             loss.backward()
             optimizer.step()
             schedule.step()
-            with torch.no_grad():  # a step size must stay positive
-                for name in LAYER_NAMES:
-                    net.weight_scales[name].clamp_(min=MIN_SCALE)
-                    net.input_scales[name].clamp_(min=MIN_SCALE)
+            with torch.no_grad():
+                _keep_scales_deployable(net)
             result.losses.append(loss.item())
             accuracy = None
             if step % config.eval_every == 0 or step == steps_per_epoch:
@@ -452,6 +453,16 @@ def qat(
         result.seconds_per_epoch.append(time.perf_counter() - began)
         result.snapshots.append(weight_snapshot(net, epoch))
     return _finish(net, result, quant_config)
+
+
+def _keep_scales_deployable(net: QatNet) -> None:
+    """Step sizes stay positive, and a weight step never shrinks so far that the channel's bias, as an
+    integer at s_in * s_w, exceeds 2^BIAS_HEADROOM_BITS: LSQ drives the step of a channel whose weights
+    are near zero towards zero, and its int32 bias (and accumulator) would overflow."""
+    for name in LAYER_NAMES:
+        net.input_scales[name].clamp_(min=MIN_SCALE)
+        bias_floor = net.biases[name].detach().abs() / (net.input_scales[name] * 2.0**BIAS_HEADROOM_BITS)
+        net.weight_scales[name].copy_(torch.maximum(net.weight_scales[name], bias_floor.clamp(min=MIN_SCALE)))
 
 
 def _finish(net: QatNet, result: QatResult, quant_config: QuantConfig) -> QatResult:
@@ -485,28 +496,30 @@ class QatCheckpoint:
     meta: dict[str, object]
 
 
-def qat_state(result: QatResult) -> dict[str, object]:
+def qat_state(trained: QatResult | QatCheckpoint) -> dict[str, object]:
+    """What a QAT checkpoint file holds, for a finished run or a loaded checkpoint."""
+    meta = trained.meta() if isinstance(trained, QatResult) else trained.meta
     qparams = {
         name: {
             "weight_scale": quant.weight_qparams.scale.clone(),
             "input_scale": quant.input_qparams.scale.clone().reshape(()),
             "input_zero_point": quant.input_qparams.zero_point.clone().to(torch.int64).reshape(()),
         }
-        for name, quant in result.qnet.layers.items()
+        for name, quant in trained.qnet.layers.items()
         if quant.weight_qparams is not None and quant.input_qparams is not None
     }
     return {
         "format": QAT_FORMAT,
-        "config": result.qnet.config.to_json(),
-        "meta": json.dumps(result.meta()),
-        "float_weights": {key: value.clone() for key, value in result.model.state_dict().items()},
+        "config": trained.qnet.config.to_json(),
+        "meta": json.dumps(meta),
+        "float_weights": {key: value.clone() for key, value in trained.model.state_dict().items()},
         "qparams": qparams,
     }
 
 
-def qat_bytes(result: QatResult) -> bytes:
+def qat_bytes(trained: QatResult | QatCheckpoint) -> bytes:
     buffer = io.BytesIO()
-    torch.save(qat_state(result), buffer)
+    torch.save(qat_state(trained), buffer)
     return buffer.getvalue()
 
 
@@ -622,3 +635,49 @@ def is_qat_checkpoint(source: str | os.PathLike[str] | bytes) -> bool:
     except CheckpointError:
         return False
     return isinstance(state, dict) and state.get("format") == QAT_FORMAT
+
+
+def valid_snapshots(meta: dict[str, object]) -> list[dict[str, object]]:
+    """The weight snapshots of a checkpoint's meta, or [] when they are not exactly what qat() writes
+    (meta comes from a file: nothing in it is drawn unless it is plain numbers of the right shape)."""
+    snapshots = meta.get("snapshots")
+    if not isinstance(snapshots, list) or len(snapshots) > MAX_EPOCHS + 1:
+        return []
+    for snapshot in snapshots:
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("epoch"), int):
+            return []
+        layers = snapshot.get("layers")
+        if not isinstance(layers, dict) or sorted(layers) != sorted(LAYER_NAMES):
+            return []
+        for entry in layers.values():
+            counts = entry.get("counts") if isinstance(entry, dict) else None
+            bounds = [entry.get("low"), entry.get("high")] if isinstance(entry, dict) else []
+            if not (
+                isinstance(counts, list)
+                and len(counts) == HISTOGRAM_BINS
+                and all(type(c) is int and c >= 0 for c in counts)
+                and all(type(b) in (int, float) and math.isfinite(b) and abs(b) < 1000 for b in bounds)
+                and bounds[0] < bounds[1]
+            ):
+                return []
+    return snapshots
+
+
+def qat_fingerprint(checkpoint: QatCheckpoint) -> str:
+    """A short content hash of what defines the quantized model: float weights, scales, zero points, config."""
+    import hashlib
+
+    digest = hashlib.sha256(checkpoint.config.to_json().encode())
+    for value in checkpoint.model.state_dict().values():
+        digest.update(value.detach().contiguous().numpy().tobytes())
+    for name in LAYER_NAMES:
+        quant = checkpoint.qnet.layers[name]
+        assert quant.weight_qparams is not None and quant.input_qparams is not None
+        for tensor in (quant.weight_qparams.scale, quant.input_qparams.scale, quant.input_qparams.zero_point):
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return "qat-" + digest.hexdigest()[:12]
+
+
+def checkpoint_of(result: QatResult) -> QatCheckpoint:
+    """A finished run as a loaded checkpoint (what load_qat(qat_bytes(result)) gives)."""
+    return QatCheckpoint(result.model, result.qnet, result.qnet.config, result.meta())

@@ -661,3 +661,56 @@ def test_a_misconfigured_server_says_so_instead_of_serving(app, monkeypatch):
     ]
     assert "QCORE_MAX_COMPUTATIONS must be a whole number from 1 to 64 (got 'x')" in [t.value for t in at.text]
     assert len(at.metric) == 0  # nothing computed
+
+
+def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_ptq_and_qat(app, pretrained, mnist):
+    """A tiny QAT run from the Model page (256 images, 1 epoch, W2A2): the trained model becomes current,
+    the sidebar moves to its bits, and the Accuracy page shows float, PTQ and QAT equal to what qcore
+    computes for the same seeded run here; the previous model stays one click away."""
+    from qcore.qat import QatConfig, qat
+
+    at = app.run()
+    at.number_input(key="qat_epochs").set_value(1)
+    at.number_input(key="qat_samples").set_value(256)
+    next(b for b in at.button if b.label == "Train with quantization").click()
+    at.run()
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: QAT W2A2 (lsq) from bundled pretrained net")
+    assert at.select_slider(key="weight_bits").value == 2 and at.select_slider(key="act_bits").value == 2
+    assert any("It is now the current model" in s.value for s in at.success)
+    assert any(c.key == "last_qat_curve" for c in at.get("plotly_chart"))
+    expected = qat(pretrained, mnist, QatConfig(epochs=1, train_samples=256))
+    qat_accuracy = evaluate(expected.qnet, mnist.test).accuracy
+    assert metric(at, "Quantized accuracy") == percent(qat_accuracy)
+
+    at.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)
+    ptq = evaluate(quantize_for(pretrained, mnist, QuantConfig(weight_bits=2, act_bits=2)), mnist.test).accuracy
+    shown = {m.label: m.value for m in at.main.metric}
+    assert shown["Float"] == percent(evaluate(pretrained, mnist.test).accuracy)
+    assert shown["PTQ"] == percent(ptq)
+    assert shown["QAT"] == percent(qat_accuracy)
+
+    at.switch_page("pages/weights.py").run()
+    no_exceptions(at)
+    assert any(c.key == "qat_snapshots_chart" for c in at.get("plotly_chart"))
+
+    at.switch_page("pages/model.py").run()
+    next(b for b in at.button if b.label == "Back to the previous model").click()
+    at.run()
+    assert fingerprint(pretrained) in model_line(at)
+
+
+def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
+    from qcore.qat import QatConfig, qat, qat_bytes
+
+    trained = qat(pretrained, mnist, QatConfig(weight_bits=3, act_bits=3, epochs=1, train_samples=256))
+    at = upload(app.run(), "w3a3 qat.pt", qat_bytes(trained))
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: uploaded QAT w3a3 qat.pt")
+    assert at.select_slider(key="weight_bits").value == 3 and at.select_slider(key="act_bits").value == 3
+    assert metric(at, "Quantized accuracy") == percent(evaluate(trained.qnet, mnist.test).accuracy)
+    at.select_slider(key="act_bits").set_value(4).run()  # not what it was trained for: PTQ of its weights
+    assert any("calibrate its float weights afresh" in i.value for i in at.sidebar.info)
+    ptq = evaluate(quantize_for(trained.model, mnist, QuantConfig(weight_bits=3, act_bits=4)), mnist.test).accuracy
+    assert metric(at, "Quantized accuracy") == percent(ptq)

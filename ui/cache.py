@@ -25,6 +25,7 @@ from qcore.integer import IntegerNet
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.model import Net
+from qcore.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
 # One gate per server process (this module is imported once). A bad QCORE_MAX_COMPUTATIONS is kept in
@@ -73,11 +74,14 @@ def _float_result(fingerprint: str, folder: str, _model: Net) -> EvalResult:
 
 
 @st.cache_data(max_entries=48, show_spinner="Calibrating and evaluating the quantized model…")
-def _report(fingerprint: str, config_json: str, folder: str, _model: Net) -> Report:
+def _report(fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None) -> Report:
+    """A QAT model (its fingerprint differs from its float weights') is reported with its own grid when
+    the config is the one it was trained for; any other config calibrates its float weights."""
     config = QuantConfig.from_json(config_json)
     reference = float_result(fingerprint, folder, _model)
+    trained = _qat.qnet if _qat is not None and config == _qat.config else None
     with GATE.slot():
-        return build_report(_model, shared_mnist(folder), config, reference)
+        return build_report(_model, shared_mnist(folder), config, reference, qnet=trained)
 
 
 @st.cache_data(max_entries=16, show_spinner="Sweeping bit-widths (seven calibrations and evaluations)…")
@@ -94,17 +98,21 @@ def _sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -
 
 
 @st.cache_data(max_entries=8, show_spinner="Running every inference path over the test set…")
-def _engine_results(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[EngineResult]:
+def _engine_results(
+    fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None
+) -> list[EngineResult]:
     data = shared_mnist(folder)
-    qnet = report(fingerprint, config_json, folder, _model).qnet
+    qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
     with GATE.slot():
         return compare_engines(_model, data, qnet)
 
 
 @st.cache_data(max_entries=8, show_spinner="Building the exports…")
-def _exports(fingerprint: str, config_json: str, folder: str, _model: Net) -> tuple[bytes, bytes]:
+def _exports(
+    fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None
+) -> tuple[bytes, bytes]:
     """(qtensors file, ONNX QDQ model) for this model and config."""
-    qnet = report(fingerprint, config_json, folder, _model).qnet
+    qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
     with GATE.slot():
         return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)
 
@@ -180,9 +188,16 @@ def float_result(fingerprint: str, folder: str, model: Net) -> EvalResult:
     return _in_turn(("float", fingerprint, folder), lambda: _float_result(fingerprint, folder, model))
 
 
-def report(fingerprint: str, config_json: str, folder: str, model: Net, where: DeltaGenerator | None = None) -> Report:
+def report(
+    fingerprint: str,
+    config_json: str,
+    folder: str,
+    model: Net,
+    where: DeltaGenerator | None = None,
+    qat: QatCheckpoint | None = None,
+) -> Report:
     key = ("report", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _report(fingerprint, config_json, folder, model), where)
+    return _in_turn(key, lambda: _report(fingerprint, config_json, folder, model, qat), where)
 
 
 def sweep(fingerprint: str, config_json: str, target: str, folder: str, model: Net) -> list[SweepPoint]:
@@ -195,15 +210,18 @@ def sensitivity(fingerprint: str, config_json: str, folder: str, model: Net) -> 
     return _in_turn(key, lambda: _sensitivity(fingerprint, config_json, folder, model))
 
 
-def engine_results(fingerprint: str, config_json: str, folder: str, model: Net) -> list[EngineResult]:
+def engine_results(
+    fingerprint: str, config_json: str, folder: str, model: Net, qat: QatCheckpoint | None = None
+) -> list[EngineResult]:
     key = ("engines", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _engine_results(fingerprint, config_json, folder, model))
+    return _in_turn(key, lambda: _engine_results(fingerprint, config_json, folder, model, qat))
 
 
-def exports(fingerprint: str, config_json: str, folder: str, model: Net) -> tuple[bytes, bytes]:
-    return _in_turn(
-        ("exports", fingerprint, config_json, folder), lambda: _exports(fingerprint, config_json, folder, model)
-    )
+def exports(
+    fingerprint: str, config_json: str, folder: str, model: Net, qat: QatCheckpoint | None = None
+) -> tuple[bytes, bytes]:
+    key = ("exports", fingerprint, config_json, folder)
+    return _in_turn(key, lambda: _exports(fingerprint, config_json, folder, model, qat))
 
 
 def outliers(

@@ -22,6 +22,7 @@ from qcore.data import MAX_SEED, DataError, DataFileError, Mnist, data_dir
 from qcore.files import shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES, Net
+from qcore.qat import QatCheckpoint, qat_fingerprint
 from qcore.quant import Granularity, Scheme
 from ui import cache
 
@@ -31,6 +32,7 @@ MODEL_KEY = "qlab_model"
 PREVIOUS_MODEL_KEY = "qlab_previous_model"
 URL_WARNINGS_KEY = "qlab_url_warnings"
 CONFIG_KEY = "qlab_config"  # set by app.py on every run, before the page runs
+PENDING_SETTINGS_KEY = "qlab_pending_settings"  # set by a page; applied before the next run draws the sidebar
 BUNDLED_NAME = "bundled pretrained net"
 log = logging.getLogger("qlab")
 
@@ -56,14 +58,21 @@ def require_navigation() -> None:
 class ModelEntry:
     """The session's current model and where it came from."""
 
-    model: Net
+    model: Net  # the float weights (a QAT model's trained float weights)
     name: str
     fingerprint: str
+    qat: QatCheckpoint | None = None  # a QAT model: its own quantization, used when the sidebar matches it
+    start: ModelEntry | None = None  # the float model QAT started from, when it was trained here
+
+    def qat_applies(self, config: QuantConfig) -> bool:
+        """Whether `config` is the one this QAT model was trained for (else results calibrate afresh)."""
+        return self.qat is not None and config == self.qat.config
 
 
-def set_model(model: Net, name: str) -> ModelEntry:
+def set_model(model: Net, name: str, qat: QatCheckpoint | None = None, start: ModelEntry | None = None) -> ModelEntry:
     """Make `model` the session's model; the one it replaces stays one click away."""
-    entry = ModelEntry(model.eval(), shorten(name), fingerprint(model))
+    key = fingerprint(model) if qat is None else qat_fingerprint(qat)
+    entry = ModelEntry(model.eval(), shorten(name), key, qat, start)
     replaced = st.session_state.get(MODEL_KEY)
     if replaced is not None and replaced.fingerprint != entry.fingerprint:
         st.session_state[PREVIOUS_MODEL_KEY] = replaced
@@ -138,6 +147,8 @@ def config_controls() -> QuantConfig:
     """The sidebar's quantization settings; returns the QuantConfig they describe and mirrors it
     into the URL so that the link reproduces this what-if."""
     _seed_widgets_from_url()
+    if PENDING_SETTINGS_KEY in st.session_state:  # before any widget is drawn, so setting them is allowed
+        _set_widgets({**QuantConfig().to_dict(), **st.session_state.pop(PENDING_SETTINGS_KEY)})
     for warning in st.session_state.get(URL_WARNINGS_KEY, []):
         box = st.sidebar.container(border=True)
         box.markdown(":orange[:material/warning: **A link setting was corrected**]")
@@ -212,7 +223,7 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
     sidebar.divider()
     plain_text(f"Model: {entry.name} ({entry.fingerprint})", sidebar)  # an upload's name is untrusted
     try:
-        result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, sidebar)
+        result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, sidebar, entry.qat)
     except DataError:
         sidebar.error("MNIST is missing: see the Model page.")
         return
@@ -225,6 +236,15 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
         percent(result.quant_result.accuracy),
         delta=f"{100 * -result.accuracy_drop:+.2f} pts",
     )
+    if entry.qat is not None:
+        trained = f"W{entry.qat.config.weight_bits}A{entry.qat.config.act_bits}"
+        if entry.qat_applies(config):
+            sidebar.caption(f"A QAT model trained at {trained}: the quantized results use its trained grid.")
+        else:
+            sidebar.info(
+                f"This QAT model was trained at {trained} with the default settings. These settings differ, so "
+                "results calibrate its float weights afresh (PTQ); the Model page sets them back."
+            )
     with sidebar.expander("Current QuantConfig"):
         st.json(config.to_dict())
         st.caption("The page URL holds these settings: share it to share this what-if.")
@@ -236,7 +256,11 @@ def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
     config = st.session_state[CONFIG_KEY]
     mnist_or_stop()
     try:
-        return entry, config, cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model)
+        return (
+            entry,
+            config,
+            cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, qat=entry.qat),
+        )
     except Exception as error:  # noqa: BLE001 - a page for a model that cannot be quantized says so and stops
         show_compute_failure(error)
         st.stop()
