@@ -20,6 +20,30 @@ st.latex(
     r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right) + z,\ 0,\ 2^b - 1\right), \qquad "
     r"\hat{x} = s\,(q - z)"
 )
+if entry.qat_applies(config):
+    st.info(
+        "This is a QAT model on its trained grid: its activation ranges were learned in training (from the PTQ "
+        "calibration they started at), not observed by a calibration, so there is no observer history to show. "
+        "The ranges each layer's integers cover now:"
+    )
+    trained_rows = []
+    for name, quant in report.qnet.layers.items():
+        iq = quant.input_qparams
+        if iq is None:
+            continue
+        scale, zero = float(iq.scale), int(iq.zero_point)
+        trained_rows.append(
+            {
+                "layer": name,
+                "covered min": (iq.qmin - zero) * scale,
+                "covered max": (iq.qmax - zero) * scale,
+                "scale": scale,
+                "zero point": zero,
+                "activation SQNR (dB)": next(r.act_sqnr_db for r in report.layers if r.layer == name),
+            }
+        )
+    table_with_csv(trained_rows, "trained activation ranges", "qat_activation_ranges")
+    st.stop()
 stats = [q.activation for q in report.qnet.layers.values() if q.activation is not None]
 if not stats:
     st.info("Every layer's input is kept in float with these settings: nothing to calibrate.")

@@ -29,6 +29,14 @@ st.markdown(
 )
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum y^2}{\sum (y - \hat{y})^2}\ \mathrm{dB}")
 
+if entry.qat_applies(config):
+    # A diagnosis calibrates variants of the config; for a QAT model they would not be the trained model.
+    st.info(
+        "This is a QAT model on its trained grid. A diagnosis calibrates variants of the settings (each layer "
+        "alone, one more bit, another range rule), which would diagnose PTQ of its float weights, not the "
+        "trained model. Change any setting in the sidebar to diagnose PTQ of its weights."
+    )
+    st.stop()
 key = (entry.fingerprint, config.to_json(), session.data_folder())
 bar = st.empty()  # a progress bar, only while a diagnosis is computed (a cached one returns at once)
 

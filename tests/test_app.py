@@ -29,6 +29,7 @@ PAGES = [
     "pages/deploy.py",
     "pages/diagnose.py",
 ]
+LESSON_PAGES = [f"pages/lessons/{name}.py" for name in ("one_number", "one_kernel", "one_image", "outliers", "tour")]
 TIMEOUT = 180
 
 
@@ -714,3 +715,26 @@ def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
     assert any("calibrate its float weights afresh" in i.value for i in at.sidebar.info)
     ptq = evaluate(quantize_for(trained.model, mnist, QuantConfig(weight_bits=3, act_bits=4)), mnist.test).accuracy
     assert metric(at, "Quantized accuracy") == percent(ptq)
+
+
+def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
+    from qcore.integer import IntegerNet
+    from qcore.qat import QatConfig, qat, qat_bytes
+
+    trained = qat(pretrained, mnist, QatConfig(epochs=1, train_samples=256))
+    at = upload(app.run(), "qat.pt", qat_bytes(trained))
+    for page in PAGES + LESSON_PAGES:
+        at.switch_page(page).run()
+        no_exceptions(at)
+        if page == "pages/activations.py":  # the trained ranges, not "nothing to calibrate"
+            table = next(d.value for d in at.dataframe if "covered max" in d.value.columns)
+            fc1 = trained.qnet.layers["fc1"].input_qparams
+            assert table.set_index("layer").loc["fc1", "scale"] == pytest.approx(float(fc1.scale))
+        if page == "pages/diagnose.py":
+            assert any("QAT model on its trained grid" in i.value for i in at.info)
+        if page == "pages/lessons/one_image.py":  # the walk is of the trained model, as the engine runs it
+            engine = IntegerNet(trained.qnet)
+            logits = engine.logits_int(engine.quantize_input(mnist.test.images[:1]))[0]
+            digit = int(logits.argmax())
+            line = f"fc2 keeps int32: logit {int(logits[digit])} for digit {digit}"
+            assert any(line in c.value for c in at.code)

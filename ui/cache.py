@@ -175,10 +175,20 @@ def _outliers(
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the image through the integer engine…")
-def _walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, _model: Net) -> Walk:
+def _walk(
+    fingerprint: str,
+    config_json: str,
+    image: int,
+    positions_json: str,
+    folder: str,
+    _model: Net,
+    _qat: QatCheckpoint | None = None,
+) -> Walk:
     positions = json.loads(positions_json)
+    config = QuantConfig.from_json(config_json)
+    trained = _qat.qnet if _qat is not None and config == _qat.config else None
     with GATE.slot():
-        return explain(_model, shared_mnist(folder), QuantConfig.from_json(config_json), image, positions)
+        return explain(_model, shared_mnist(folder), config, image, positions, qnet=trained)
 
 
 # --- what pages call: each computation waits its turn in the gate; answers from the cache do not ---
@@ -231,6 +241,14 @@ def outliers(
     return _in_turn(key, lambda: _outliers(fingerprint, config_json, target, factor, folder, model))
 
 
-def walk(fingerprint: str, config_json: str, image: int, positions_json: str, folder: str, model: Net) -> Walk:
+def walk(
+    fingerprint: str,
+    config_json: str,
+    image: int,
+    positions_json: str,
+    folder: str,
+    model: Net,
+    qat: QatCheckpoint | None = None,
+) -> Walk:
     key = ("walk", fingerprint, config_json, image, positions_json, folder)
-    return _in_turn(key, lambda: _walk(fingerprint, config_json, image, positions_json, folder, model))
+    return _in_turn(key, lambda: _walk(fingerprint, config_json, image, positions_json, folder, model, qat))

@@ -47,6 +47,7 @@ walk = cache.walk(
     json.dumps(positions, sort_keys=True),
     session.data_folder(),
     entry.model,
+    entry.qat,
 )
 picture = (mnist.test.images[image, 0] * MNIST_STD + MNIST_MEAN).tolist()
 left, right = st.columns([1, 3])

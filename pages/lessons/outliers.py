@@ -33,6 +33,11 @@ with st.spinner("Eight calibrations and evaluations…"):
     rows = cache.outliers(
         entry.fingerprint, config.to_json(), target, float(factor), session.data_folder(), entry.model
     )
+if entry.qat is not None:
+    st.caption(
+        "This lesson is about how ranges are chosen, so it calibrates the model's float weights afresh: for a QAT "
+        "model it shows PTQ of its trained weights, not the trained grid."
+    )
 settings = [r.setting for r in rows if not r.with_outlier]
 without = {r.setting: r for r in rows if not r.with_outlier}
 with_outlier = {r.setting: r for r in rows if r.with_outlier}

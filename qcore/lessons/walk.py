@@ -18,6 +18,7 @@ from qcore.config import QuantConfig
 from qcore.data import Mnist
 from qcore.integer import INT32_MAX, IntegerNet, _conv_int, _linear_int, _requantize, multiply_by_quantized_multiplier
 from qcore.model import LAYER_NAMES, Net
+from qcore.qmodel import QuantizedNet
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,15 @@ def explain(
     config: QuantConfig,
     image: int,
     positions: dict[str, Sequence[int]] | None = None,
+    qnet: QuantizedNet | None = None,
 ) -> Walk:
     """The integer walk of test image `image`. `positions` picks each layer's output (channel
-    first); by default the largest requantized output of each layer (fc2: the predicted digit)."""
+    first); by default the largest requantized output of each layer (fc2: the predicted digit).
+    Pass `qnet` to walk a quantized model built elsewhere (a QAT checkpoint's) instead of calibrating."""
     if not 0 <= image < len(data.test):
         raise ValueError(f"image must be between 0 and {len(data.test) - 1} (got {image})")
     positions = positions or {}
-    qnet = quantize_for(model, data, config)
+    qnet = quantize_for(model, data, config) if qnet is None else qnet
     engine = IntegerNet(qnet)  # raises IntegerEngineError for configs that cannot run on integers
     x_real = data.test.images[image : image + 1]
     x = engine.quantize_input(x_real)
