@@ -36,5 +36,6 @@ config = st.session_state[session.CONFIG_KEY] = session.config_controls()
 # The summary's place in the sidebar is kept here, but it is filled after the page: a page that needs
 # no quantized result (the Model page, a lesson, a training run's outcome) is drawn before it.
 summary = st.sidebar.container()
-navigation.run()
-session.sidebar_summary(entry, config, summary)
+st.session_state[session.SUMMARY_HOOK_KEY] = lambda: session.sidebar_summary(entry, config, summary)
+navigation.run()  # a page that stops early draws the summary first (session.stop_page)
+session.draw_sidebar_summary()

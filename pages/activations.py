@@ -43,11 +43,11 @@ if entry.qat_applies(config):
             }
         )
     table_with_csv(trained_rows, "trained activation ranges", "qat_activation_ranges")
-    st.stop()
+    session.stop_page()
 stats = [q.activation for q in report.qnet.layers.values() if q.activation is not None]
 if not stats:
     st.info("Every layer's input is kept in float with these settings: nothing to calibrate.")
-    st.stop()
+    session.stop_page()
 st.caption(
     f"Observer **{config.observer}**, {config.calib_batches} batch(es) of {config.batch_size} training images, "
     f"{config.act_bits}-bit activations."

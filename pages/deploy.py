@@ -34,7 +34,7 @@ try:
     engine = IntegerNet(report.qnet)
 except IntegerEngineError as error:
     st.warning(f"{error}. Quantize every layer and the input, at 8 bits or fewer, to deploy on integers.")
-    st.stop()
+    session.stop_page()
 
 st.subheader("Integer parameters per layer")
 table_with_csv(

@@ -36,7 +36,7 @@ if entry.qat_applies(config):
         "alone, one more bit, another range rule), which would diagnose PTQ of its float weights, not the "
         "trained model. Change any setting in the sidebar to diagnose PTQ of its weights."
     )
-    st.stop()
+    session.stop_page()
 key = (entry.fingerprint, config.to_json(), session.data_folder())
 bar = st.empty()  # a progress bar, only while a diagnosis is computed (a cached one returns at once)
 
@@ -49,7 +49,7 @@ try:
     result = cache.diagnosis(*key, entry.model, on_progress=show)
 except Exception as error:  # noqa: BLE001 - a model that cannot be diagnosed is explained, not a traceback
     session.show_compute_failure(error)
-    st.stop()
+    session.stop_page()
 bar.empty()
 
 columns = st.columns(2)

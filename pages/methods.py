@@ -34,7 +34,7 @@ if not config.methods and not config.weight_bits_budget:
         "the quantized accuracy. AdaRound trains a rounding for every weight, so its first run takes a "
         "while (the page then shows how long it took here); later visits are cache hits."
     )
-    st.stop()
+    session.stop_page()
 
 if methods.weight_bits:
     st.subheader("Weight bits per layer")

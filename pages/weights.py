@@ -31,7 +31,7 @@ st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum x^2}{\sum (x - \hat{x})^2}\ \
 quantized_layers = [name for name in LAYER_NAMES if not report.qnet.layers[name].is_float]
 if not quantized_layers:
     st.info("Every layer is kept in float with these settings.")
-    st.stop()
+    session.stop_page()
 left, right = st.columns(2)
 layer = left.selectbox("Layer", quantized_layers, key="weights_layer")
 quant = report.qnet.layers[layer]

@@ -72,7 +72,8 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
         page.screenshot(path=str(SHOTS / f"{path}.png"), full_page=True)
 
     before = sidebar_metric(page, "Quantized accuracy")
-    slider = page.locator("[data-testid='stSlider']").filter(has_text="Weight bits").locator("input[type='range']")
+    sidebar_sliders = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']")
+    slider = sidebar_sliders.filter(has_text="Weight bits").locator("input[type='range']")
     slider.focus()
     for _ in range(6):  # 8 -> 2 bits, one option per key press
         page.keyboard.press("ArrowLeft")
@@ -85,7 +86,7 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
     shared = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()  # a fresh session
     shared.goto(f"{server}/accuracy?weight_bits=4&act_bits=4&observer=percentile")
     settle(shared)
-    sliders = shared.locator("[data-testid='stSlider']")
+    sliders = shared.locator("[data-testid='stSidebar'] [data-testid='stSlider']")
     assert sliders.filter(has_text="Weight bits").locator("[data-testid='stSliderThumbValue']").inner_text() == "4"
     assert sliders.filter(has_text="Activation bits").locator("[data-testid='stSliderThumbValue']").inner_text() == "4"
     expected = percent_for(pretrained, mnist, QuantConfig(weight_bits=4, act_bits=4, observer="percentile"))
@@ -124,7 +125,7 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
         assert_app_page(page, links[link])
         if "weight_bits=" in link:
             bits = link.split("weight_bits=")[1].split("&")[0]
-            slider = page.locator("[data-testid='stSlider']").filter(has_text="Weight bits")
+            slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").filter(has_text="Weight bits")
             assert slider.locator("[data-testid='stSliderThumbValue']").inner_text() == bits
         page.context.close()
 
@@ -199,7 +200,7 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
     page.goto(server)
     settle(page)
-    page.get_by_role("tab", name="Upload a state_dict").click()
+    page.get_by_role("tab", name="Upload a checkpoint").click()
     page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(hostile)
     page.get_by_text("The uploaded file was not loaded; the previous model is kept.").wait_for(timeout=60_000)
     settle(page)

@@ -174,3 +174,24 @@ def test_cli_refuses_to_recalibrate_a_qat_checkpoint(short_run, tmp_path):
     assert changed.stderr.count("\n") == 1
     diagnosed = run_cli("diagnose", "--checkpoint", str(path))
     assert diagnosed.returncode == 2 and "would not be the QAT model" in diagnosed.stderr
+
+
+def test_cli_export_and_sweep_take_a_qat_checkpoint_as_trained(short_run, tmp_path, mnist):
+    from qcore.export import load_qtensors
+
+    path = tmp_path / "qat.pt"
+    path.write_bytes(qat_bytes(short_run))
+    exported = tmp_path / "qat_int.pt"
+    done = run_cli("export", "--checkpoint", str(path), "--format", "qtensors", "--out", str(exported))
+    assert done.returncode == 0, done.stderr
+    images = mnist.test.images[:1000]
+    assert torch.equal(load_qtensors(exported).predict(images), IntegerNet(short_run.qnet).predict(images))
+    swept = run_cli("sweep", "--checkpoint", str(path), "--bits", "2,8", "--json")
+    assert swept.returncode == 0, swept.stderr
+    result = json.loads(swept.stdout)
+    assert result["qat"] == {
+        "weight_bits": 2,
+        "act_bits": 2,
+        "accuracy": evaluate(short_run.qnet, mnist.test).accuracy,
+    }
+    assert result["float_accuracy"] == evaluate(short_run.model, mnist.test).accuracy  # its float weights

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NoReturn
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
@@ -35,6 +36,24 @@ CONFIG_KEY = "qlab_config"  # set by app.py on every run, before the page runs
 PENDING_SETTINGS_KEY = "qlab_pending_settings"  # set by a page; applied before the next run draws the sidebar
 BUNDLED_NAME = "bundled pretrained net"
 log = logging.getLogger("qlab")
+
+
+SUMMARY_HOOK_KEY = "qlab_sidebar_summary"  # app.py's "draw the sidebar summary" for this run
+
+
+def draw_sidebar_summary() -> None:
+    """Draw this run's sidebar summary, once: app.py calls it after the page, stop_page before stopping."""
+    hook = st.session_state.pop(SUMMARY_HOOK_KEY, None)
+    if hook is not None:
+        hook()
+
+
+def stop_page() -> NoReturn:
+    """End the page's run early (st.stop), after drawing the sidebar summary that app.py would have
+    drawn below the page: a stopped run never gets back to app.py."""
+    draw_sidebar_summary()
+    st.stop()
+    raise AssertionError("unreachable: st.stop() ends the script run")
 
 
 def plain_text(text: str, where: DeltaGenerator | None = None) -> None:
@@ -116,8 +135,7 @@ def mnist_or_stop() -> Mnist:
         return cache.shared_mnist(data_folder())
     except DataError as error:
         show_data_error(error)
-        st.stop()
-        raise  # unreachable: st.stop() ends the script run
+        stop_page()
 
 
 def show_compute_failure(error: Exception, where: DeltaGenerator | None = None) -> None:
@@ -263,8 +281,7 @@ def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
         )
     except Exception as error:  # noqa: BLE001 - a page for a model that cannot be quantized says so and stops
         show_compute_failure(error)
-        st.stop()
-        raise  # unreachable: st.stop() ends the script run
+        stop_page()
 
 
 def percent(fraction: float) -> str:

@@ -28,7 +28,7 @@ st.latex(
 problems = integer_path_problems(config)
 if problems:
     st.warning("The integer engine cannot run this config: " + "; ".join(problems) + ". Change it in the sidebar.")
-    st.stop()
+    session.stop_page()
 image = int(st.number_input("Test image (0 to 9999)", 0, len(mnist.test) - 1, 0, key="lesson3_image"))
 positions = {}
 with st.expander("Choose the output followed in each layer (default: each layer's largest output)"):
