@@ -189,14 +189,18 @@ def main() -> None:
     parser.add_argument("--json-out")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="KEY=VALUE", help="set for the server (repeatable)"
+    )
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.server_env)
 
     float_eval = statistics.median(float_eval_seconds(args.repeats))
     seconds: dict[str, float] = {"float_eval_10k": float_eval}
 
     with chromium() as browser:
         launched = time.perf_counter()
-        with streamlit_process(log_name="bench_browser.log") as (base, process):
+        with streamlit_process(log_name="bench_browser.log", extra_env=server_env) as (base, process):
             page = browser.new_context(viewport=VIEWPORT).new_page()
             page.goto(f"{base}/accuracy")
             rendered(page)
@@ -258,7 +262,12 @@ def main() -> None:
     for label, split in CPU.items():
         wall, server, browser_cpu = split["wall_s"], split["server_cpu_s"], split["browser_cpu_s"]
         print(f"  {label:<16} wall {wall:6.2f}  server {server:6.2f}  chromium {browser_cpu:6.2f}")
-    emit({"seconds": seconds, "ratios_and_values": measured, "goals": GOALS, "cpu": CPU}, args.json_out)
+    if server_env:
+        print(f"server environment: {server_env}")
+    emit(
+        {"seconds": seconds, "ratios_and_values": measured, "goals": GOALS, "cpu": CPU, "server_env": server_env},
+        args.json_out,
+    )
 
 
 if __name__ == "__main__":

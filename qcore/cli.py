@@ -340,7 +340,7 @@ def _float_model_only(args: argparse.Namespace, what: str) -> Net:
     if args.checkpoint is not None and is_qat_checkpoint(args.checkpoint):
         raise UsageError(
             f"{what} calibrates its own variants of a config, which would not be the QAT model "
-            f"in {shorten(args.checkpoint)}; use evaluate, sweep or export with it"
+            f"in {shorten(args.checkpoint)}; use evaluate, sweep, export or explain with it"
         )
     return load_model(args.checkpoint)
 
@@ -523,15 +523,15 @@ def _position(text: str | None, layer_name: str | None) -> dict[str, list[int]]:
 def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
     from qcore.lessons.walk import explain
 
-    config = config_from_args(args)
-    _require_integer_path("explain (the integer engine)", config)
     positions = _position(args.position, args.layer)
     if not 0 <= args.image <= 9999:
         raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
-    model = _float_model_only(args, "explain")
+    model, trained = _load_for_quantization(args, "explain")
+    config = config_from_args(args) if trained is None else trained.config
+    _require_integer_path("explain (the integer engine)", config)
     data = load_mnist(args.data_dir)
     try:
-        walk = explain(model, data, config, args.image, positions)
+        walk = explain(model, data, config, args.image, positions, qnet=None if trained is None else trained.qnet)
     except ValueError as error:
         raise UsageError(str(error)) from error
     if not args.json:

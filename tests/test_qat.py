@@ -195,3 +195,8 @@ def test_cli_export_and_sweep_take_a_qat_checkpoint_as_trained(short_run, tmp_pa
         "accuracy": evaluate(short_run.qnet, mnist.test).accuracy,
     }
     assert result["float_accuracy"] == evaluate(short_run.model, mnist.test).accuracy  # its float weights
+    walked = run_cli("explain", "--checkpoint", str(path), "--image", "0", "--json")
+    assert walked.returncode == 0, walked.stderr
+    engine = IntegerNet(short_run.qnet)
+    logits = engine.logits_int(engine.quantize_input(mnist.test.images[:1]))[0]
+    assert json.loads(walked.stdout)["logits_int32"] == logits.tolist()  # the trained model, not a recalibration
