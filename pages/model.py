@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from qcore.checkpoint import CheckpointError, checkpoint_bytes, load_model
+from qcore.checkpoint import CheckpointError, checkpoint_bytes
 from qcore.data import DataError
 from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
@@ -10,11 +10,9 @@ from qcore.qat import (
     HELD_OUT,
     QAT_METHODS,
     QatConfig,
-    QatError,
     QatProgress,
     checkpoint_of,
-    is_qat_checkpoint,
-    load_qat,
+    load_checkpoint,
     qat,
     qat_bytes,
 )
@@ -28,6 +26,17 @@ QAT_HISTORY_KEY = "qlab_qat_history"
 QAT_BITS = [2, 3, 4, 5, 6, 7, 8]
 CURVE_EVERY = 200  # steps between redraws of the live training curve
 MUCH_WORSE_POINTS = 1.0  # a trained model this much below the one it replaced gets a warning
+
+
+def warn_if_cancelled(state_key: str, what: str) -> None:
+    """A run still marked running was interrupted (Cancel, or the user moved on): it is cancelled, and
+    the previous model was kept."""
+    previous = st.session_state.get(state_key)
+    if previous and previous["status"] == "running":
+        previous["status"] = "cancelled"
+    if previous and previous["status"] == "cancelled":
+        st.warning(f"{what} was cancelled after {previous['steps']} steps; the previous model is kept.")
+
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Model")
@@ -85,14 +94,13 @@ with upload_tab:
     upload = st.file_uploader("Checkpoint (.pt or .pth)", type=["pt", "pth"], key="qlab_upload")
     if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
         st.session_state["qlab_upload_done"] = upload.file_id
-        payload = upload.getvalue()
         try:
-            if is_qat_checkpoint(payload):
-                trained = load_qat(payload)
-                session.set_model(trained.model, f"uploaded QAT {upload.name}", qat=trained)
+            model, trained = load_checkpoint(upload.getvalue())
+            if trained is not None:
+                session.set_model(model, f"uploaded QAT {upload.name}", qat=trained)
                 st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
             else:
-                session.set_model(load_model(payload), f"uploaded {upload.name}")
+                session.set_model(model, f"uploaded {upload.name}")
         except CheckpointError as error:
             st.session_state["qlab_upload_error"] = (shorten(upload.name), error.problems)
         else:
@@ -107,11 +115,7 @@ with upload_tab:
 
 with train_tab:
     recipe = TrainConfig()
-    previous = st.session_state.get(TRAIN_STATE_KEY)
-    if previous and previous["status"] == "running":  # the last run was interrupted mid-training
-        previous["status"] = "cancelled"
-    if previous and previous["status"] == "cancelled":
-        st.warning(f"Training was cancelled after {previous['steps']} steps; the previous model is kept.")
+    warn_if_cancelled(TRAIN_STATE_KEY, "Training")
     with st.form("train_form"):
         first, second, third = st.columns(3)
         epochs = first.number_input("Epochs", 1, 20, recipe.epochs)
@@ -200,11 +204,7 @@ with qat_tab:
         "simpler alternative keeps the weight scales from PTQ and follows each activation range by a moving "
         "average (method *ste*)."
     )
-    previous_qat = st.session_state.get(QAT_STATE_KEY)
-    if previous_qat and previous_qat["status"] == "running":  # the last run was interrupted
-        previous_qat["status"] = "cancelled"
-    if previous_qat and previous_qat["status"] == "cancelled":
-        st.warning(f"QAT was cancelled after {previous_qat['steps']} steps; the previous model is kept.")
+    warn_if_cancelled(QAT_STATE_KEY, "QAT")
     defaults = QatConfig()
     with st.form("qat_form"):
         first, second, third = st.columns(3)
@@ -257,7 +257,7 @@ with qat_tab:
 
         try:
             result = qat(entry.model, mnist, qat_config, on_progress=show_qat)
-        except (QatError, ValueError, RuntimeError) as error:  # bad settings, or the device failed mid-run
+        except (ValueError, RuntimeError) as error:  # bad settings (QatError is one), or the device failed
             qat_state["status"] = "failed"
             st.error("QAT failed; the previous model is kept.")
             session.plain_text(str(error))
@@ -266,7 +266,7 @@ with qat_tab:
             st.session_state[QAT_HISTORY_KEY] = (result.held_out, result.losses)
             bits = f"W{qat_config.weight_bits}A{qat_config.act_bits}"
             start_entry = entry if entry.qat is None else entry.start
-            trained = session.set_model(
+            session.set_model(
                 result.model, f"QAT {bits} ({qat_config.method}) from {entry.name}", checkpoint_of(result), start_entry
             )
             st.session_state[session.PENDING_SETTINGS_KEY] = result.qnet.config.to_dict()

@@ -301,11 +301,16 @@ def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[s
     return validate_state_dict(read_checkpoint(source))
 
 
+def model_from_state(state: object) -> Net:
+    """A Net in eval mode from an unpickled checkpoint (read_checkpoint), validated as a state_dict."""
+    model = Net()
+    model.load_state_dict(validate_state_dict(state))
+    return model.eval()
+
+
 def load_model(source: str | os.PathLike[str] | bytes | BinaryIO | None = None) -> Net:
     """A Net in eval mode from `source`, or the bundled pretrained net when source is None."""
-    model = Net()
-    model.load_state_dict(load_state_dict(PRETRAINED_PATH if source is None else source))
-    return model.eval()
+    return model_from_state(read_checkpoint(PRETRAINED_PATH if source is None else source))
 
 
 def fingerprint(model: Net) -> str:

@@ -13,19 +13,26 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NoReturn
 
 from qcore.calibrate import OBSERVERS
-from qcore.checkpoint import PRETRAINED_PATH, CheckpointError, checkpoint_bytes, load_model
+from qcore.checkpoint import (
+    PRETRAINED_PATH,
+    CheckpointError,
+    checkpoint_bytes,
+    load_model,
+    model_from_state,
+    read_checkpoint,
+)
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
 from qcore.data import DataError, data_dir, load_mnist
 from qcore.deploy import ENGINES
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES, Net
-from qcore.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, is_qat_checkpoint, load_qat
+from qcore.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, claims_qat, load_checkpoint
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 from qcore.train import TrainConfig, TrainProgress, train
 
@@ -241,7 +248,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.analysis import quantize_for
     from qcore.evaluate import evaluate
     from qcore.integer import IntegerNet
     from qcore.qat import qat, qat_bytes
@@ -274,8 +280,9 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
             )
 
     float_accuracy = evaluate(model, data.test).accuracy
-    ptq_accuracy = evaluate(quantize_for(model, data, config.quant_config()), data.test).accuracy
     result = qat(model, data, config, on_progress=report)
+    assert result.ptq is not None  # qat() always starts from a PTQ calibration
+    ptq_accuracy = evaluate(result.ptq, data.test).accuracy
     _write(out, "--out", qat_bytes(result))
     simulated = evaluate(result.qnet, data.test)
     integer = IntegerNet(result.qnet).predict(data.test.images)
@@ -314,35 +321,35 @@ def _write(out: Path, flag: str, payload: bytes) -> None:
 
 def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[Net, QatCheckpoint | None]:
     """The float model, and the QAT checkpoint when --checkpoint is one. A QAT checkpoint carries its
-    own config, so quantization flags that differ from it are refused rather than ignored."""
-    if args.checkpoint is None or not is_qat_checkpoint(args.checkpoint):
-        return load_model(args.checkpoint), None
-    checkpoint = load_qat(args.checkpoint)
-    changed = [
-        flag
-        for flag, key in (("--weight-bits", "weight_bits"), ("--act-bits", "act_bits"))
-        if getattr(args, key) != getattr(QuantConfig(), key) and getattr(args, key) != getattr(checkpoint.config, key)
-    ]
-    others = config_from_args(args).with_changes(
-        weight_bits=checkpoint.config.weight_bits, act_bits=checkpoint.config.act_bits
-    )
-    if changed or others != checkpoint.config:
+    own config, so a quantization flag set to neither the default nor the checkpoint's value is refused
+    rather than ignored."""
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint is None:
+        return model, None
+    asked, default = config_from_args(args), QuantConfig()
+    if any(
+        getattr(asked, f.name) not in (getattr(default, f.name), getattr(checkpoint.config, f.name))
+        for f in fields(QuantConfig)
+    ):
         raise UsageError(
             f"{what}: {shorten(args.checkpoint)} is a QAT checkpoint trained at W{checkpoint.config.weight_bits}"
             f"A{checkpoint.config.act_bits} with its own quantization; drop the quantization flags"
         )
-    return checkpoint.model, checkpoint
+    return model, checkpoint
 
 
 def _float_model_only(args: argparse.Namespace, what: str) -> Net:
     """For commands that calibrate variants of a config: a QAT checkpoint's grid is its own, so they
     would measure something else than the trained model; say so instead."""
-    if args.checkpoint is not None and is_qat_checkpoint(args.checkpoint):
+    if args.checkpoint is None:
+        return load_model()
+    state = read_checkpoint(args.checkpoint)
+    if claims_qat(state):
         raise UsageError(
             f"{what} calibrates its own variants of a config, which would not be the QAT model "
             f"in {shorten(args.checkpoint)}; use evaluate, sweep, export or explain with it"
         )
-    return load_model(args.checkpoint)
+    return model_from_state(state)
 
 
 def _require_integer_path(what: str, config: QuantConfig) -> None:

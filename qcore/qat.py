@@ -42,6 +42,8 @@ from qcore.analysis import quantize_for
 from qcore.checkpoint import (
     CheckpointError,
     fingerprint,
+    load_model,
+    model_from_state,
     probe_images,
     read_checkpoint,
     validate_state_dict,
@@ -122,11 +124,6 @@ class QatConfig:
 
 
 # --- the quantizer with straight-through gradients ------------------------------------------------
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward (half to even, as torch.round), identity backward."""
-    return x + (torch.round(x) - x).detach()
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -358,6 +355,7 @@ class QatResult:
     losses: list[float] = field(default_factory=list)  # one per step
     held_out: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", "accuracy"}
     snapshots: list[dict[str, object]] = field(default_factory=list)  # weight histograms, per epoch
+    ptq: QuantizedNet | None = None  # the PTQ-calibrated model it started from
 
     def meta(self) -> dict[str, object]:
         return {
@@ -423,7 +421,7 @@ def qat(
     held_labels = data.train.labels[-HELD_OUT:].to(device)
     steps_per_epoch = (count + config.batch_size - 1) // config.batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    result = QatResult(start, model, config, False, fingerprint(model))
+    result = QatResult(start, model, config, False, fingerprint(model), ptq=start)
     result.snapshots.append(weight_snapshot(net, 0))
     result.held_out.append({"step": 0, "epoch": 0, "accuracy": _held_out_accuracy(net, held_images, held_labels)})
     net.train()
@@ -495,6 +493,11 @@ class QatCheckpoint:
     config: QuantConfig
     meta: dict[str, object]
 
+    def trained_for(self, config: QuantConfig) -> QuantizedNet | None:
+        """The trained model when `config` is the one it was trained for; None means any other config,
+        which calibrates the float weights afresh (PTQ)."""
+        return self.qnet if config == self.config else None
+
 
 def qat_state(trained: QatResult | QatCheckpoint) -> dict[str, object]:
     """What a QAT checkpoint file holds, for a finished run or a loaded checkpoint."""
@@ -565,13 +568,34 @@ def _weight_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {name: (tuple(layer(Net(), name).weight.shape), torch.float32) for name in LAYER_NAMES}
 
 
+def claims_qat(state: object) -> bool:
+    """Whether an unpickled checkpoint says it is a QAT checkpoint (qat_from_state checks the rest)."""
+    return isinstance(state, dict) and state.get("format") == QAT_FORMAT
+
+
 def load_qat(source: str | os.PathLike[str] | bytes | BinaryIO) -> QatCheckpoint:
-    """Read a QAT checkpoint as strictly as a state_dict (same file bounds, tensors only), then check
-    every field, rebuild the quantized model and check it runs finite on probe images and fits the
-    integer engine. Any problem raises CheckpointError listing each."""
+    """Read a QAT checkpoint as strictly as a state_dict (same file bounds, tensors only); see qat_from_state."""
+    return qat_from_state(read_checkpoint(source))
+
+
+def load_checkpoint(source: str | os.PathLike[str] | bytes | BinaryIO | None) -> tuple[Net, QatCheckpoint | None]:
+    """Any checkpoint the lab takes, read once: a Net state_dict gives (model, None), a QAT checkpoint
+    (its float weights, the checkpoint); None gives the bundled net."""
+    if source is None:
+        return load_model(), None
     state = read_checkpoint(source)
-    if not isinstance(state, dict) or state.get("format") != QAT_FORMAT:
+    if claims_qat(state):
+        checkpoint = qat_from_state(state)
+        return checkpoint.model, checkpoint
+    return model_from_state(state), None
+
+
+def qat_from_state(state: object) -> QatCheckpoint:
+    """Check every field of an unpickled QAT checkpoint, rebuild the quantized model and check it runs
+    finite on probe images and fits the integer engine. Any problem raises CheckpointError listing each."""
+    if not claims_qat(state):
         raise CheckpointError([f"not a QAT checkpoint (expected format {QAT_FORMAT})"])
+    assert isinstance(state, dict)
     expected_keys = ["config", "float_weights", "format", "meta", "qparams"]
     if sorted(map(str, state)) != expected_keys:
         raise CheckpointError([f"a QAT checkpoint holds exactly {', '.join(expected_keys)}"])
@@ -628,15 +652,6 @@ def load_qat(source: str | os.PathLike[str] | bytes | BinaryIO) -> QatCheckpoint
     return QatCheckpoint(model.eval(), qnet, config, meta)
 
 
-def is_qat_checkpoint(source: str | os.PathLike[str] | bytes) -> bool:
-    """Whether `source` reads (safely) as a dict claiming the QAT format; the full check is load_qat."""
-    try:
-        state = read_checkpoint(source)
-    except CheckpointError:
-        return False
-    return isinstance(state, dict) and state.get("format") == QAT_FORMAT
-
-
 def valid_snapshots(meta: dict[str, object]) -> list[dict[str, object]]:
     """The weight snapshots of a checkpoint's meta, or [] when they are not exactly what qat() writes
     (meta comes from a file: nothing in it is drawn unless it is plain numbers of the right shape)."""
@@ -668,8 +683,7 @@ def qat_fingerprint(checkpoint: QatCheckpoint) -> str:
     import hashlib
 
     digest = hashlib.sha256(checkpoint.config.to_json().encode())
-    for value in checkpoint.model.state_dict().values():
-        digest.update(value.detach().contiguous().numpy().tobytes())
+    digest.update(fingerprint(checkpoint.model).encode())
     for name in LAYER_NAMES:
         quant = checkpoint.qnet.layers[name]
         assert quant.weight_qparams is not None and quant.input_qparams is not None

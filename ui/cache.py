@@ -34,7 +34,7 @@ try:
     GATE, GATE_PROBLEM = Gate(slots_from_environment()), ""
 except GateConfigError as error:
     GATE, GATE_PROBLEM = Gate(default_slots()), str(error)
-TORCH_THREADS = configure_torch_threads(GATE.slots)
+configure_torch_threads(GATE.slots)
 Result = TypeVar("Result")
 
 
@@ -79,7 +79,7 @@ def _report(fingerprint: str, config_json: str, folder: str, _model: Net, _qat: 
     the config is the one it was trained for; any other config calibrates its float weights."""
     config = QuantConfig.from_json(config_json)
     reference = float_result(fingerprint, folder, _model)
-    trained = _qat.qnet if _qat is not None and config == _qat.config else None
+    trained = None if _qat is None else _qat.trained_for(config)
     with GATE.slot():
         return build_report(_model, shared_mnist(folder), config, reference, qnet=trained)
 
@@ -186,7 +186,7 @@ def _walk(
 ) -> Walk:
     positions = json.loads(positions_json)
     config = QuantConfig.from_json(config_json)
-    trained = _qat.qnet if _qat is not None and config == _qat.config else None
+    trained = None if _qat is None else _qat.trained_for(config)
     with GATE.slot():
         return explain(_model, shared_mnist(folder), config, image, positions, qnet=trained)
 

@@ -85,7 +85,7 @@ class ModelEntry:
 
     def qat_applies(self, config: QuantConfig) -> bool:
         """Whether `config` is the one this QAT model was trained for (else results calibrate afresh)."""
-        return self.qat is not None and config == self.qat.config
+        return self.qat is not None and self.qat.trained_for(config) is not None
 
 
 def set_model(model: Net, name: str, qat: QatCheckpoint | None = None, start: ModelEntry | None = None) -> ModelEntry:
