@@ -182,11 +182,12 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
         out = F.relu(F.max_pool2d(outputs[name], 2, 2)) if name.startswith("conv") else F.relu(outputs[name])
         unrounded = out.double() / float(out_qparams.scale) + int(out_qparams.zero_point)
         simulated_int = quantize(inputs[following], out_qparams).reshape(out.shape).to(torch.int64)
-        integer = engine.layer_int(name, quantize(inputs[name], in_qparams).to(torch.int64)).reshape(out.shape)
+        accumulators = engine.accumulators(name, quantize(inputs[name], in_qparams).to(torch.int64))
+        integer = engine.requantize(name, accumulators).reshape(out.shape)
         difference = (integer - simulated_int).flatten()
         values, counts = difference.unique(return_counts=True)
         tie_distance = ((unrounded - unrounded.floor()) - 0.5).abs().flatten()[difference != 0]
-        step = tie_window(engine, name, quantize(inputs[name], in_qparams).to(torch.int64), unrounded)
+        step = tie_window(engine, name, accumulators, unrounded)
         gaps.append(
             LayerGap(
                 name,
@@ -200,20 +201,14 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
     return EngineGap(True, "", disagreeing, gaps)
 
 
-def tie_window(engine: IntegerNet, name: str, x: torch.Tensor, unrounded: torch.Tensor) -> float:
-    """How far apart, in output LSB, the two paths' unrounded values lie for this layer's input
-    integers `x`, measured: each is compared with the exact value acc * s_in * s_w / s_out (+ z) in
-    float64 from the engine's own integer accumulators. The engine's side is M0's error (at most
-    2^-32 of M, relative), the simulation's is float32's summation error."""
-    from qcore.integer import _conv_int, _linear_int, _max_pool_2x2
-
+def tie_window(engine: IntegerNet, name: str, accumulators: torch.Tensor, unrounded: torch.Tensor) -> float:
+    """How far apart, in output LSB, the two paths' unrounded values lie for this layer's integer
+    `accumulators`, measured: each is compared with the exact value acc * s_in * s_w / s_out (+ z) in
+    float64. The engine's side is M0's error (at most 2^-32 of M, relative), the simulation's is
+    float32's summation error."""
     layer = engine.layers[name]
-    if name.startswith("conv"):
-        acc = _max_pool_2x2(_conv_int(x, layer)).to(torch.float64)
-        shape = (1, -1, 1, 1)
-    else:
-        acc = _linear_int(x.flatten(1), layer).to(torch.float64)
-        shape = (1, -1)
+    acc = accumulators.to(torch.float64)
+    shape = (1, -1, 1, 1) if acc.ndim == 4 else (1, -1)
     fixed = (layer.multiplier.double() * 2.0 ** (layer.shift.double() - 31)).reshape(shape)
     exact_multiplier = engine.real_multipliers[name].reshape(shape)
     # the ReLU: at or below the output zero point both paths give the zero point, nothing to round

@@ -116,7 +116,8 @@ def _real_multipliers(quant: LayerQuant, next_quant: LayerQuant | None) -> torch
     return s_acc / s_acc.min()
 
 
-def _build_layer(quant: LayerQuant, next_quant: LayerQuant | None) -> IntegerLayer:
+def _build_layer(quant: LayerQuant, next_quant: LayerQuant | None, real_multipliers: torch.Tensor) -> IntegerLayer:
+    """The layer's integer form; `real_multipliers` are its _real_multipliers, which M0 and shift approximate."""
     wq, iq = quant.weight_qparams, quant.input_qparams
     assert wq is not None and iq is not None and quant.weight_int is not None and quant.bias_int is not None
     channels = quant.weight.shape[0]
@@ -126,7 +127,7 @@ def _build_layer(quant: LayerQuant, next_quant: LayerQuant | None) -> IntegerLay
         out_zero, out_min, out_max = int(nq.zero_point), int(nq.zero_point), nq.qmax  # ReLU: clamp at z
     else:  # logits: one common int32 scale, the finest of the per-channel accumulator scales
         out_zero, out_min, out_max = 0, INT32_MIN, INT32_MAX
-    multipliers = [quantize_multiplier(float(ratio)) for ratio in _real_multipliers(quant, next_quant).tolist()]
+    multipliers = [quantize_multiplier(float(ratio)) for ratio in real_multipliers.tolist()]
     return IntegerLayer(
         name=quant.name,
         weight=quant.weight_int.to(torch.int64),
@@ -231,7 +232,8 @@ class IntegerNet:
             q.name: _real_multipliers(q, quants[i + 1] if i + 1 < len(quants) else None) for i, q in enumerate(quants)
         }
         self.layers = {
-            q.name: _build_layer(q, quants[i + 1] if i + 1 < len(quants) else None) for i, q in enumerate(quants)
+            q.name: _build_layer(q, quants[i + 1] if i + 1 < len(quants) else None, self.real_multipliers[q.name])
+            for i, q in enumerate(quants)
         }
         self.config = qnet.config
 
@@ -253,10 +255,19 @@ class IntegerNet:
     def layer_int(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One layer on integers: its input integers in, its requantized output out (for conv1,
         conv2 and fc1 the next layer's input integers, after max-pool and the ReLU clamp)."""
+        return self.requantize(name, self.accumulators(name, x))
+
+    def accumulators(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One layer's accumulators (bias included) for its input integers; for conv1 and conv2 after
+        the 2x2 max-pool, which commutes with the monotone requantization that follows."""
         layer = self.layers[name]
         if name in ("conv1", "conv2"):
-            return _requantize(_max_pool_2x2(_conv_int(x, layer)), layer, 1)
-        return _requantize(_linear_int(x.flatten(1), layer), layer, 1)
+            return _max_pool_2x2(_conv_int(x, layer))
+        return _linear_int(x.flatten(1), layer)
+
+    def requantize(self, name: str, accumulators: torch.Tensor) -> torch.Tensor:
+        """Accumulators to the layer's output integers: M0 and the shift, the zero point, the clamp."""
+        return _requantize(accumulators, self.layers[name], 1)
 
     def trace_int(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Integer logits for integer input, and every layer's output integers (conv1, conv2 and
