@@ -715,6 +715,9 @@ def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
     assert any("calibrate its float weights afresh" in i.value for i in at.sidebar.info)
     ptq = evaluate(quantize_for(trained.model, mnist, QuantConfig(weight_bits=3, act_bits=4)), mnist.test).accuracy
     assert metric(at, "Quantized accuracy") == percent(ptq)
+    at.button(key="qat_back_to_trained").click().run()  # the sidebar's way back to the trained grid
+    assert at.select_slider(key="act_bits").value == 3
+    assert metric(at, "Quantized accuracy") == percent(evaluate(trained.qnet, mnist.test).accuracy)
 
 
 def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):

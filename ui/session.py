@@ -261,7 +261,13 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
         else:
             sidebar.info(
                 f"This QAT model was trained at {trained} with the default settings. These settings differ, so "
-                "results calibrate its float weights afresh (PTQ); the Model page sets them back."
+                "results calibrate its float weights afresh (PTQ)."
+            )
+            sidebar.button(
+                f"Back to {trained}, as trained",
+                on_click=apply_settings,
+                args=(entry.qat.config.to_dict(), True),
+                key="qat_back_to_trained",
             )
     with sidebar.expander("Current QuantConfig"):
         st.json(config.to_dict())
