@@ -2,8 +2,10 @@
 
 import streamlit as st
 
+from qcore.config import integer_path_problems
 from qcore.export import size_table
 from qcore.figures import throughput_figure
+from qcore.files import shorten
 from qcore.integer import IntegerEngineError, IntegerNet
 from ui import cache, session
 from ui.tables import table_with_csv
@@ -33,7 +35,13 @@ st.markdown(
 try:
     engine = IntegerNet(report.qnet)
 except IntegerEngineError as error:
-    st.warning(f"{error}. Quantize every layer and the input, at 8 bits or fewer, to deploy on integers.")
+    advice = (
+        " Quantize every layer and the input, at 8 bits or fewer, to deploy on integers."
+        if integer_path_problems(config)
+        else ""
+    )
+    st.warning(f"The integer engine cannot run this model: {shorten(error, 300)}.{advice}")
+    st.session_state.pop("engines_shown", None)  # a later visit does not ask for the comparison again
     session.stop_page()
 
 st.subheader("Integer parameters per layer")

@@ -8,6 +8,7 @@ from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
 from qcore.qat import (
     HELD_OUT,
+    MAX_QAT_EPOCHS,
     QAT_METHODS,
     QatConfig,
     QatProgress,
@@ -16,7 +17,7 @@ from qcore.qat import (
     qat,
     qat_bytes,
 )
-from qcore.train import TrainConfig, TrainProgress, train
+from qcore.train import MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig, TrainProgress, train
 from ui import cache, session
 
 TRAIN_STATE_KEY = "qlab_training"
@@ -118,8 +119,8 @@ with train_tab:
     warn_if_cancelled(TRAIN_STATE_KEY, "Training")
     with st.form("train_form"):
         first, second, third = st.columns(3)
-        epochs = first.number_input("Epochs", 1, 20, recipe.epochs)
-        batch_size = first.number_input("Batch size", 1, 4096, recipe.batch_size)
+        epochs = first.number_input("Epochs", 1, MAX_EPOCHS, recipe.epochs)
+        batch_size = first.number_input("Batch size", 1, MAX_TRAIN_BATCH, recipe.batch_size)
         lr = second.number_input("Learning rate", 1e-5, 1.0, recipe.lr, format="%.4f")
         momentum = second.number_input("Momentum", 0.0, 0.99, recipe.momentum)
         seed = third.number_input("Seed", 0, 2**31 - 1, recipe.seed)
@@ -210,7 +211,7 @@ with qat_tab:
         first, second, third = st.columns(3)
         qat_weight_bits = first.select_slider("Weight bits", QAT_BITS, defaults.weight_bits, key="qat_weight_bits")
         qat_act_bits = first.select_slider("Activation bits", QAT_BITS, defaults.act_bits, key="qat_act_bits")
-        qat_epochs = second.number_input("Epochs", 1, 5, defaults.epochs, key="qat_epochs")
+        qat_epochs = second.number_input("Epochs", 1, MAX_QAT_EPOCHS, defaults.epochs, key="qat_epochs")
         qat_method = second.radio("Method", list(QAT_METHODS), horizontal=True, key="qat_method")
         qat_samples = third.number_input(
             f"Training images ({60000 - HELD_OUT} = all but the held-out slice)",

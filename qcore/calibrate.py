@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qcore import cancel
 from qcore.model import LAYER_NAMES, Net, layer
 from qcore.quant import Scheme, choose_qparams, fake_quantize
 
@@ -300,6 +301,7 @@ def calibrate(
     model.eval()
     try:
         for index, images in enumerate(batches, start=1):
+            cancel.checkpoint()  # per batch: abandoned work stops here
             model(images)
             if index in points:
                 for name, obs in observers.items():

@@ -469,7 +469,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     out = check_output_path(args.out, args.force)
     qnet = quantize_for(model, load_mnist(args.data_dir), config) if trained is None else trained.qnet
     try:
-        payload = qtensors_bytes(IntegerNet(qnet)) if args.format == "qtensors" else export_onnx(qnet)
+        engine = IntegerNet(qnet)  # both formats: a model the integer engine cannot run is not exported
+        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     _write(out, "--out", payload)

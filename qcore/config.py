@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
 from qcore.data import MAX_SEED, TRAIN_SIZE
-from qcore.files import shorten
+from qcore.files import parse_whole_number, read_json, shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
 WEIGHT_RANGES = ("minmax", "mse")
 MAX_QUERY_VALUE = 200  # longer URL values are ignored unread: no setting needs more
+MAX_CONFIG_CHARS = 4000  # a config's JSON is about 300 characters; a file's may not be much longer
+MAX_BATCH_SIZE = 1024  # the sidebar's largest calibration batch, for the CLI and files too
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class QuantConfig:
         object.__setattr__(self, "methods", tuple(sorted(set(self.methods), key=method_rank)))
 
     def problems(self) -> list[str]:
+        typed = _type_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if typed:
+            return typed  # the range checks below compare values, which needs the right types
         found = []
         for name in ("weight_bits", "act_bits"):
             value = getattr(self, name)
@@ -82,8 +88,8 @@ class QuantConfig:
                 found.append(f"{name} must be between {MIN_BITS} and {MAX_BITS} (got {value})")
         if not 0 <= self.seed <= MAX_SEED:
             found.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
-        if self.batch_size < 1:
-            found.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            found.append(f"batch_size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
         if self.calib_batches < 1:
             found.append(f"calib_batches must be >= 1 (got {self.calib_batches})")
         elif self.batch_size >= 1 and self.calib_batches > max_calib_batches(self.batch_size):
@@ -135,7 +141,14 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str) -> QuantConfig:
-        return cls.from_dict(json.loads(text))
+        """Strict, and bounded like any JSON from a file (qcore.files.read_json): ConfigError otherwise."""
+        try:
+            data = read_json(text, "config", MAX_CONFIG_CHARS)
+        except ValueError as error:
+            raise ConfigError([str(error)]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"config must be a JSON object (found {type(data).__name__})"])
+        return cls.from_dict(data)
 
     def to_query(self) -> dict[str, str]:
         """URL query parameters for the settings that differ from the defaults."""
@@ -211,8 +224,35 @@ def integer_path_problems(config: QuantConfig) -> list[str]:
     return problems
 
 
+# The type each setting must have, exactly: 2.0 == 2 and True == 1 in Python, so a file's 2.0 or
+# true would otherwise pass every range check and then be shown and keyed as a different value.
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "weight_bits": (int,),
+    "act_bits": (int,),
+    "calib_batches": (int,),
+    "batch_size": (int,),
+    "seed": (int,),
+    "observer": (str,),
+    "granularity": (str,),
+    "scheme": (str,),
+    "weight_range": (str,),
+    "quantize_input": (bool,),
+    "weight_bits_budget": (int, float),  # a whole budget (4) is as good as 4.0
+}
+
+
+def _type_problems(values: Mapping[str, object]) -> list[str]:
+    problems = []
+    for key, value in values.items():
+        allowed = _SETTING_TYPES.get(key)
+        if allowed is not None and type(value) not in allowed:
+            wanted = " or ".join("a whole number" if t is int else t.__name__ for t in allowed)
+            problems.append(f"{key} must be {wanted} (got {shorten(repr(value), 40)}, a {type(value).__name__})")
+    return problems
+
+
 def make_config(**values: object) -> QuantConfig:
-    """QuantConfig(**values), validated."""
+    """QuantConfig(**values), validated, every setting of its exact type (no 2.0 for 2, no True for 1)."""
     for key in ("float_layers", "methods"):
         if key in values:
             values[key] = _as_names(values[key])
@@ -226,9 +266,9 @@ def make_config(**values: object) -> QuantConfig:
 def _as_names(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
-    if isinstance(value, (list, tuple)):
-        return tuple(str(part) for part in value)
-    raise ConfigError([f"expected a list of names or a comma-separated string (got {value!r})"])
+    if isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        return tuple(value)
+    raise ConfigError([f"expected a list of names or a comma-separated string (got {shorten(repr(value), 40)})"])
 
 
 def _query_text(value: object) -> str:
@@ -239,6 +279,9 @@ def _query_text(value: object) -> str:
     return str(value)
 
 
+_DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?")
+
+
 def _parse_query_value(key: str, text: str, kind: type) -> object:
     if kind is bool:
         if text.lower() in ("1", "true", "yes"):
@@ -247,15 +290,14 @@ def _parse_query_value(key: str, text: str, kind: type) -> object:
             return False
         raise ValueError("expected 1 or 0")
     if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError("expected a whole number") from None
+        value = parse_whole_number(text, 0, 2**63 - 1)
+        if value is None:
+            raise ValueError("expected a whole number in digits 0-9")
+        return value
     if kind is tuple:
         return _as_names(text)
     if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError("expected a number") from None
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError("expected a number like 4 or 4.5")
+        return float(text)
     return text

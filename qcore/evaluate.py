@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcore import cancel
 from qcore.data import Split
 
 EVAL_BATCH = 1000
@@ -36,6 +37,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> Ev
     total_loss = 0.0
     predictions = []
     for start in range(0, len(split), batch_size):
+        cancel.checkpoint()  # per batch: abandoned work stops here
         output = model(split.images[start : start + batch_size])
         total_loss += float(F.nll_loss(output, split.labels[start : start + batch_size], reduction="sum"))
         predictions.append(output.argmax(dim=1))

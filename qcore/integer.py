@@ -37,6 +37,9 @@ BYTE_OFFSET = 128  # uint8 values minus 128 fit int8
 # Each int32 term of the int8 path is at most K * 255 * 255 (K = fan-in); with K <= 8192 even their
 # sum stays below 2^31 (the largest fan-in here is 800).
 MAX_INT8_FAN_IN = 8192
+# TFLite's single-rounding MultiplyByQuantizedMultiplier requires shift in [-31, 30]: the real
+# multiplier M = M0 * 2^(shift - 31) must lie in [2^-32, 2^30), or the rounding shift leaves int64
+MIN_SHIFT, MAX_SHIFT = -31, 30
 
 
 class IntegerEngineError(ValueError):
@@ -114,6 +117,27 @@ def _real_multipliers(quant: LayerQuant, next_quant: LayerQuant | None) -> torch
         assert next_quant.input_qparams is not None
         return s_acc / next_quant.input_qparams.scale.double()
     return s_acc / s_acc.min()
+
+
+def _multiplier_problem(quant: LayerQuant, real_multipliers: torch.Tensor) -> str:
+    """Why a layer's scales cannot be run on integers ('' when they can): the bias scale s_in * s_w
+    must be a positive finite float32 (the simulation's), and every M = s_in * s_w / s_out must have a
+    shift TFLite's requantization allows. Checked once, where the engine is built, so a model whose
+    scales are finite but absurd (a weight scale of 1e30) is refused before it is run or exported."""
+    wq, iq = quant.weight_qparams, quant.input_qparams
+    assert wq is not None and iq is not None
+    bias_scale = iq.scale.float() * wq.scale.float()
+    if not bool((torch.isfinite(bias_scale) & (bias_scale > 0)).all()):
+        return f"{quant.name}'s bias scale s_in * s_w is not a positive finite float32"
+    if not bool((torch.isfinite(real_multipliers) & (real_multipliers > 0)).all()):
+        return f"{quant.name}'s requantization multiplier s_in * s_w / s_out is not a positive finite number"
+    for real in real_multipliers.tolist():
+        if not MIN_SHIFT <= quantize_multiplier(real)[1] <= MAX_SHIFT:
+            return (
+                f"{quant.name}'s requantization multiplier s_in * s_w / s_out = {real:.3g} needs a shift outside "
+                f"TFLite's {MIN_SHIFT} to {MAX_SHIFT} (M must lie in [2^{MIN_SHIFT - 1}, 2^{MAX_SHIFT}))"
+            )
+    return ""
 
 
 def _build_layer(quant: LayerQuant, next_quant: LayerQuant | None, real_multipliers: torch.Tensor) -> IntegerLayer:
@@ -231,6 +255,10 @@ class IntegerNet:
         self.real_multipliers = {
             q.name: _real_multipliers(q, quants[i + 1] if i + 1 < len(quants) else None) for i, q in enumerate(quants)
         }
+        for quant in quants:
+            problem = _multiplier_problem(quant, self.real_multipliers[quant.name])
+            if problem:
+                raise IntegerEngineError(problem)
         self.layers = {
             q.name: _build_layer(q, quants[i + 1] if i + 1 < len(quants) else None, self.real_multipliers[q.name])
             for i, q in enumerate(quants)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qcore import cancel
 from qcore.model import LAYER_NAMES, Net, layer
 from qcore.quant import QParams
 
@@ -207,6 +208,7 @@ def adaround(
         target = _layer_apply(weight, x)
     lo, hi = qparams.qmin - zero, qparams.qmax - zero
     for step in range(iterations):
+        cancel.checkpoint()  # per step: abandoned work stops here
         batch = torch.randint(0, len(x), (min(ADAROUND_BATCH, len(x)),), generator=generator)
         soft = scale * torch.clamp(floor + _rectified_sigmoid(v), lo, hi)
         loss = (_layer_apply(soft, x_hat[batch]) - target[batch]).pow(2).flatten(1).sum(dim=1).mean()

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcore import cancel
 from qcore.analysis import quantize_for
 from qcore.checkpoint import (
     CheckpointError,
@@ -50,16 +51,18 @@ from qcore.checkpoint import (
 )
 from qcore.config import ConfigError, QuantConfig
 from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
+from qcore.files import JsonFileError, read_json, shorten
 from qcore.model import LAYER_NAMES, Net, layer
 from qcore.qmodel import BIAS_BITS, LayerQuant, QuantizedNet
 from qcore.quant import QParams, Scheme, integer_range, quantize, quantize_bias
-from qcore.train import MAX_EPOCHS, resolve_device
+from qcore.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
 
 QAT_FORMAT = "qlab-qat/1"
 QAT_METHODS = ("lsq", "ste")
 EMA_CONSTANT = 0.01  # torch.ao's MovingAverageMinMaxObserver averaging constant
 HELD_OUT = 2000  # the last training images, never trained on: the live curve's accuracy
 HISTOGRAM_BINS = 61
+MAX_QAT_EPOCHS = 5  # the Model page's QAT tab offers 1 to 5; the CLI the same
 MAX_META_CHARS = 200_000
 MIN_SCALE = 1e-12
 # int32 bias values stay below 2^24, so that with 8-bit products (800 x 255 x 127 < 2^25) the
@@ -92,14 +95,14 @@ class QatConfig:
             value = getattr(self, name)
             if not 2 <= value <= 8:
                 found.append(f"{name} must be between 2 and 8 for QAT (got {value})")
-        if not 1 <= self.epochs <= MAX_EPOCHS:
-            found.append(f"epochs must be between 1 and {MAX_EPOCHS} (got {self.epochs})")
+        if not 1 <= self.epochs <= MAX_QAT_EPOCHS:
+            found.append(f"epochs must be between 1 and {MAX_QAT_EPOCHS} (got {self.epochs})")
         if self.method not in QAT_METHODS:
             found.append(f"method must be one of {', '.join(QAT_METHODS)} (got {str(self.method)[:40]!r})")
         if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
             found.append(f"learning rate must be > 0 and at most 1 (got {self.lr})")
-        if not 1 <= self.batch_size <= TRAIN_SIZE - HELD_OUT:
-            found.append(f"batch size must be between 1 and {TRAIN_SIZE - HELD_OUT} (got {self.batch_size})")
+        if not 1 <= self.batch_size <= MAX_TRAIN_BATCH:
+            found.append(f"batch size must be between 1 and {MAX_TRAIN_BATCH} (got {self.batch_size})")
         if not 0 <= self.seed <= MAX_SEED:
             found.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
         if self.train_samples is not None and not 1 <= self.train_samples <= TRAIN_SIZE - HELD_OUT:
@@ -429,6 +432,7 @@ def qat(
         order = torch.randperm(count, generator=generator).to(device)
         began = time.perf_counter()
         for step in range(1, steps_per_epoch + 1):
+            cancel.checkpoint()  # per step: abandoned work stops here
             if should_stop is not None and should_stop():
                 result.cancelled = True
                 return _finish(net, result, quant_config)
@@ -481,7 +485,6 @@ def _finish(net: QatNet, result: QatResult, quant_config: QuantConfig) -> QatRes
 # nearest at the stored scales), and storing them twice would let a file contradict itself.
 
 QPARAM_KEYS = ("weight_scale", "input_scale", "input_zero_point")
-MAX_CONFIG_CHARS = 4000
 
 
 @dataclass
@@ -602,30 +605,24 @@ def qat_from_state(state: object) -> QatCheckpoint:
     problems: list[str] = []
     config_json, meta_json = state["config"], state["meta"]
     config = QuantConfig()
-    if not isinstance(config_json, str) or len(config_json) > MAX_CONFIG_CHARS:
-        problems.append(f"config must be a JSON string of at most {MAX_CONFIG_CHARS} characters")
+    try:
+        config = QuantConfig.from_json(config_json)  # bounded JSON, exact types, validated
+    except ConfigError as error:
+        problems.append(f"config: {shorten(error, 200)}")
     else:
-        try:
-            config = QuantConfig.from_json(config_json).validate()
-        except (ConfigError, ValueError, TypeError) as error:
-            problems.append(f"config: {error}")
-        else:
-            trained = QatConfig(weight_bits=config.weight_bits, act_bits=config.act_bits).quant_config()
-            if config != trained or not 2 <= config.weight_bits <= 8 or not 2 <= config.act_bits <= 8:
-                problems.append("config: a QAT model uses the default QuantConfig at 2 to 8 bits (as trained)")
+        trained = QatConfig(weight_bits=config.weight_bits, act_bits=config.act_bits).quant_config()
+        if config != trained or not 2 <= config.weight_bits <= 8 or not 2 <= config.act_bits <= 8:
+            problems.append("config: a QAT model uses the default QuantConfig at 2 to 8 bits (as trained)")
     meta: dict[str, object] = {}
-    if not isinstance(meta_json, str) or len(meta_json) > MAX_META_CHARS:
-        problems.append(f"meta must be a JSON string of at most {MAX_META_CHARS} characters")
+    try:
+        loaded = read_json(meta_json, "meta", MAX_META_CHARS)
+    except JsonFileError as error:
+        problems.append(str(error))
     else:
-        try:
-            loaded = json.loads(meta_json)
-        except json.JSONDecodeError as error:
-            problems.append(f"meta is not JSON ({error.msg})")
+        if isinstance(loaded, dict):
+            meta = loaded
         else:
-            if isinstance(loaded, dict):
-                meta = loaded
-            else:
-                problems.append("meta must be a JSON object")
+            problems.append("meta must be a JSON object")
     try:
         weights = validate_state_dict(state["float_weights"]) if isinstance(state["float_weights"], dict) else None
     except CheckpointError as error:

@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qcore import cancel
 from qcore.data import MAX_SEED, TRAIN_SIZE, Split
 from qcore.model import Net
 
-MAX_EPOCHS = 100
+# The Model page's bounds, shared by the CLI: a shared server's training runs are bounded, and a
+# flag may not ask for more work than a click could (issue 16: an unbounded batch took 8 GB).
+MAX_EPOCHS = 20
+MAX_TRAIN_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,8 @@ class TrainConfig:
         problems = []
         if not 1 <= self.epochs <= MAX_EPOCHS:
             problems.append(f"epochs must be between 1 and {MAX_EPOCHS} (got {self.epochs})")
-        if not 1 <= self.batch_size <= TRAIN_SIZE:
-            problems.append(f"batch size must be between 1 and {TRAIN_SIZE} (got {self.batch_size})")
+        if not 1 <= self.batch_size <= MAX_TRAIN_BATCH:
+            problems.append(f"batch size must be between 1 and {MAX_TRAIN_BATCH} (got {self.batch_size})")
         if not (math.isfinite(self.lr) and 0 < self.lr <= 10):
             problems.append(f"learning rate must be > 0 and at most 10 (got {self.lr})")
         if not 0 <= self.momentum < 1:
@@ -122,6 +126,7 @@ def train(
         order = orders[epoch - 1].to(device)
         correct = seen = 0
         for step in range(1, steps_per_epoch + 1):
+            cancel.checkpoint()  # per step: abandoned work stops here
             if should_stop is not None and should_stop():
                 return _finished(model, config, True, history)
             batch = order[(step - 1) * config.batch_size : step * config.batch_size]

@@ -249,3 +249,89 @@ def test_data_command_checks_the_folder(data_copy, tmp_path):
     assert json.loads(done.stdout) | {"folder": ""} == {"folder": "", "train_images": 60000, "test_images": 10000}
     assert_one_line_error(run_cli("data", "--data-dir", str(tmp_path)), "MNIST not found")
     assert list(tmp_path.iterdir()) == []  # looking created nothing
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["evaluate", "--batch-size", "1000000000", "--calib-batches", "1"], "batch_size must be between 1 and 1024"),
+        (["evaluate", "--calib-batches", "1000000000"], "calib_batches must be <= 938"),
+        (["sweep", "--batch-size", "2048"], "batch_size must be between 1 and 1024"),
+        (["evaluate", "--weight-bits-budget", "1e9"], "weight_bits_budget must be 0 (off) or between 2 and 8"),
+        (["train", "--batch-size", "1000000000"], "batch size must be between 1 and 4096"),
+        (["train", "--epochs", "21"], "epochs must be between 1 and 20"),
+        (["train", "--train-samples", "1000000000"], "train samples must be between 1 and 60000"),
+        (["train", "--momentum", "5"], "momentum must be in [0, 1)"),
+        (["qat", "--out", "q.pt", "--epochs", "6"], "epochs must be between 1 and 5"),
+        (["qat", "--out", "q.pt", "--batch-size", "1000000000"], "batch size must be between 1 and 4096"),
+        (["qat", "--out", "q.pt", "--train-samples", "1000000000"], "train samples must be between 1 and 58000"),
+        (["qat", "--out", "q.pt", "--lr", "nan"], "learning rate"),
+        (["explain", "--image", "1000000000"], "--image must be between 0 and 9999"),
+    ],
+)
+def test_every_numeric_flag_has_the_apps_bounds(args, needle):
+    """Issue 16: `evaluate --batch-size 1000000000 --calib-batches 1` was accepted and took 8 GB."""
+    done = run_cli(*args)
+    assert_one_line_error(done, needle)
+    assert "epoch 1/" not in done.stderr  # refused before training started
+
+
+@pytest.mark.parametrize("target_exists", [False, True], ids=["dangling", "to-a-file"])
+def test_a_symbolic_link_at_out_is_replaced_only_with_force(tmp_path, target_exists):
+    target = tmp_path / "elsewhere.pt"
+    if target_exists:
+        target.write_bytes(b"precious")
+    link = tmp_path / "out.pt"
+    link.symlink_to(target)
+    done = run_cli("export", "--format", "qtensors", "--out", str(link), "--calib-batches", "1")
+    assert_one_line_error(done, "is a symbolic link; pass --force")
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the link itself untouched
+    assert target.exists() == target_exists and (not target_exists or target.read_bytes() == b"precious")
+
+
+@pytest.fixture(scope="module")
+def qat_state_from_ptq(pretrained, mnist):
+    """A well-formed QAT checkpoint's contents without training: W2A2 PTQ is a QatCheckpoint's shape
+    (the default config at those bits, per-channel weight scales), and load_qat accepts it as is."""
+    from qcore.qat import QatCheckpoint, qat_state
+
+    config = QuantConfig(weight_bits=2, act_bits=2)
+    return qat_state(QatCheckpoint(pretrained, quantize_for(pretrained, mnist, config), config, {}))
+
+
+@pytest.mark.parametrize(
+    "case,change,needle",
+    [
+        ("deep-config", lambda s: s.update(config="[" * 1900 + "]" * 1900), "config nests 1900 deep"),
+        ("long-int", lambda s: s.update(meta='{"seconds": ' + "9" * 5000 + "}"), "a number of 5000 digits"),
+        ("float-bits", lambda s: s.update(config=s["config"].replace('"act_bits": 2', '"act_bits": 2.0')), "act_bits"),
+        ("huge-scale", lambda s: s["qparams"]["fc1"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
+    ],
+)
+def test_a_tampered_qat_checkpoint_is_one_line_in_every_command_and_nothing_is_written(
+    tmp_path, qat_state_from_ptq, case, change, needle
+):
+    import copy
+
+    import torch
+
+    state = copy.deepcopy(qat_state_from_ptq)
+    change(state)
+    bad = tmp_path / f"{case}.pt"
+    torch.save(state, bad)
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", str(bad)), needle)
+    for fmt in ("qtensors", "onnx"):
+        out = tmp_path / f"out.{fmt}"
+        assert_one_line_error(run_cli("export", "--format", fmt, "--checkpoint", str(bad), "--out", str(out)), needle)
+        assert not out.exists()
+
+
+def test_the_untampered_qat_state_loads(qat_state_from_ptq, tmp_path):
+    """The tampering test above starts from a checkpoint the loader accepts (its refusals are the changes')."""
+    import torch
+
+    from qcore.qat import load_qat
+
+    good = tmp_path / "good.pt"
+    torch.save(qat_state_from_ptq, good)
+    assert load_qat(str(good)).config == QuantConfig(weight_bits=2, act_bits=2)

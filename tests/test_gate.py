@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from qcore import cancel
+from qcore.cancel import Cancelled
 from ui.gate import (
     Gate,
     GateConfigError,
@@ -173,7 +175,7 @@ def test_slots_come_from_the_environment(raw, slots):
     assert slots_from_environment({"QCORE_MAX_COMPUTATIONS": raw}) == slots
 
 
-@pytest.mark.parametrize("raw", ["0", "65", "-1", "two", "1.5", "9" * 30])
+@pytest.mark.parametrize("raw", ["0", "65", "-1", "two", "1.5", "9" * 30, "²", "٣", "+2", "1_0", "３"])
 def test_a_bad_slot_setting_is_an_error_not_a_guess(raw):
     with pytest.raises(GateConfigError, match="QCORE_MAX_COMPUTATIONS must be a whole number from 1 to 64"):
         slots_from_environment({"QCORE_MAX_COMPUTATIONS": raw})
@@ -185,3 +187,99 @@ def test_slots_and_threads_share_the_cores():
     assert threads_per_computation(8, cores=16) == 2
     assert threads_per_computation(2, cores=16) == 8
     assert threads_per_computation(4, cores=1) == 1  # never more threads than cores
+
+
+class Sessions:
+    """Who is still connected, as Streamlit's runtime would say (a closed tab leaves at once)."""
+
+    def __init__(self, *names: str) -> None:
+        self.present = set(names)
+
+    def __call__(self, name: object) -> bool:
+        return name in self.present
+
+
+def _work_until_cancelled(gate: Gate, key, requester, steps: list[int], outcome: list[str]) -> None:
+    """A computation with a checkpoint per step, as qcore's evaluation loops have."""
+    try:
+        with gate.turn(key, requester=requester):
+            for step in range(400):
+                cancel.checkpoint()
+                steps.append(step)
+                time.sleep(0.005)
+        outcome.append("finished")
+    except Cancelled:
+        outcome.append("cancelled")
+
+
+def test_work_whose_only_asker_left_stops_at_its_next_checkpoint_and_frees_its_slot():
+    sessions = Sessions("alice")
+    gate = Gate(1, sessions)
+    steps: list[int] = []
+    outcome: list[str] = []
+    worker = start(_work_until_cancelled, gate, ("diagnosis", 1), "alice", steps, outcome)
+    wait_until(lambda: len(steps) >= 5)
+    sessions.present.discard("alice")  # the tab closed
+    left_at = len(steps)
+    finish(worker)
+    assert outcome == ["cancelled"]
+    assert len(steps) <= left_at + 2  # stopped within a step or two, not after 400
+    assert gate.running() == 0 and gate.waiting() == 0
+    sessions.present.add("bob")
+    with gate.turn(("diagnosis", 1), requester="bob"):  # nothing was remembered as done: a new asker computes
+        assert gate.running() == 1
+    assert gate.is_done(("diagnosis", 1))
+
+
+def test_work_goes_on_while_another_session_waits_for_the_same_result():
+    sessions = Sessions("alice", "bob")
+    gate = Gate(1, sessions)
+    steps: list[int] = []
+    outcome: list[str] = []
+    worker = start(_work_until_cancelled, gate, ("diagnosis", 2), "alice", steps, outcome)
+    wait_until(lambda: len(steps) >= 3)
+    waited: list[str] = []
+
+    def second_asker() -> None:
+        with gate.turn(("diagnosis", 2), requester="bob"):
+            waited.append("read the shared result")
+
+    waiter = start(second_asker)
+    time.sleep(0.1)
+    sessions.present.discard("alice")  # the first asker leaves; bob still wants the result
+    time.sleep(0.2)
+    assert outcome == [] and not gate.abandoned(("diagnosis", 2))
+    finish(worker, waiter)
+    assert outcome == ["finished"] and len(steps) == 400
+    assert waited == ["read the shared result"]
+
+
+def test_a_waiting_session_that_left_leaves_the_line_and_anonymous_work_is_never_stopped():
+    sessions = Sessions("alice", "carol")
+    gate = Gate(1, sessions)
+    release = threading.Event()
+    outcome: list[str] = []
+
+    def holder() -> None:  # anonymous (a script or test): never cancelled
+        with gate.turn(("report", "held")):
+            release.wait(TIMEOUT)
+            cancel.checkpoint()
+        outcome.append("holder finished")
+
+    def queued() -> None:
+        try:
+            with gate.turn(("report", "queued"), requester="carol"):
+                outcome.append("carol ran")
+        except Cancelled:
+            outcome.append("carol left the line")
+
+    first = start(holder)
+    wait_until(lambda: gate.running() == 1)
+    second = start(queued)
+    wait_until(lambda: gate.waiting() == 1)
+    sessions.present.clear()  # everyone named has gone
+    finish(second)
+    assert outcome == ["carol left the line"] and gate.waiting() == 0
+    release.set()
+    finish(first)
+    assert outcome == ["carol left the line", "holder finished"]

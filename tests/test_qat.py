@@ -93,6 +93,10 @@ def test_the_checkpoint_loads_weights_only_and_rebuilds_the_same_model(short_run
     assert torch.equal(loaded.qnet(images), short_run.qnet(images))
 
 
+def _config_with(**changes):
+    return lambda state: state.update(config=json.dumps({**json.loads(state["config"]), **changes}))
+
+
 def _tampered(short_run, change) -> bytes:
     state = qat_state(short_run)
     change(state)
@@ -112,8 +116,25 @@ def _tampered(short_run, change) -> bytes:
         (lambda s: s["qparams"].pop("conv1"), "exactly the layers"),
         (lambda s: s.update(config=json.dumps({**json.loads(s["config"]), "methods": ["adaround"]})), "as trained"),
         (lambda s: s.update(config='{"weight_bits": "2"'), "config"),
-        (lambda s: s.update(meta="not json"), "meta is not JSON"),
+        (lambda s: s.update(meta="not json"), "meta is not valid JSON"),
         (lambda s: s["float_weights"]["fc1.weight"].fill_(float("nan")), "float_weights: fc1.weight"),
+        # JSON from the file, bounded before parsing (issue 16: these gave a 31-line traceback)
+        (lambda s: s.update(config="[" * 1900 + "]" * 1900), "config nests 1900 deep"),
+        (lambda s: s.update(meta='{"a": ' * 1900 + "1" + "}" * 1900), "meta nests 1900 deep"),
+        (lambda s: s.update(meta='{"seconds": ' + "9" * 5000 + "}"), "a number of 5000 digits"),
+        (lambda s: s.update(meta='{"loss": NaN}'), "NaN is not a JSON number"),
+        (lambda s: s.update(meta='{"loss": 1e999}'), "beyond float range"),
+        (lambda s: s.update(meta='{"a": 1, "a": 2}'), "appears twice"),
+        (lambda s: s.update(meta=b"{}"), "meta must be a JSON string"),
+        # settings of the wrong type that compare equal (2.0 == 2, True == 1)
+        (_config_with(weight_bits=2.0), "weight_bits must be a whole number"),
+        (_config_with(batch_size=64.0), "batch_size must be a whole number"),
+        (_config_with(calib_batches=16.0), "calib_batches must be"),
+        (_config_with(seed=False), "seed must be a whole number"),
+        (_config_with(quantize_input=1), "quantize_input must be bool"),
+        # finite scales the integer engine cannot represent (issue 16: accepted, then exported)
+        (lambda s: s["qparams"]["conv2"]["weight_scale"].fill_(1e30), "conv2's requantization multiplier"),
+        (lambda s: s["qparams"]["conv1"].update(input_scale=torch.tensor(3e38)), "conv1's requantization multiplier"),
     ],
     ids=[
         "format",
@@ -126,6 +147,20 @@ def _tampered(short_run, change) -> bytes:
         "config-json",
         "meta",
         "nan-weight",
+        "config-deep",
+        "meta-deep",
+        "meta-long-int",
+        "meta-nan",
+        "meta-overflow",
+        "meta-duplicate-key",
+        "meta-bytes",
+        "config-float-bits",
+        "config-float-batch",
+        "config-float-calib",
+        "config-bool-seed",
+        "config-int-bool",
+        "huge-weight-scale",
+        "huge-input-scale",
     ],
 )
 def test_a_tampered_checkpoint_is_refused_with_its_reason(short_run, change, reason):

@@ -12,8 +12,11 @@ from typing import TypeVar
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
+from qcore.cancel import Cancelled
 from qcore.checkpoint import load_model
 from qcore.config import QuantConfig
 from qcore.data import Mnist, load_mnist
@@ -28,12 +31,27 @@ from qcore.model import Net
 from qcore.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
+
 # One gate per server process (this module is imported once). A bad QCORE_MAX_COMPUTATIONS is kept in
 # GATE_PROBLEM, and app.py refuses to serve with it, so the default below never hides it.
+def _session_present(session_id: Hashable) -> bool:
+    """Whether a browser session is still connected. Streamlit drops a session from its active map as
+    soon as its websocket closes (a closed tab), so work for it can stop at once. Without a runtime
+    (AppTest, scripts) every session counts as present."""
+    if not Runtime.exists():
+        return True
+    return Runtime.instance().is_active_session(str(session_id))
+
+
+def _this_session() -> str | None:
+    context = get_script_run_ctx(suppress_warning=True)
+    return None if context is None else context.session_id
+
+
 try:
-    GATE, GATE_PROBLEM = Gate(slots_from_environment()), ""
+    GATE, GATE_PROBLEM = Gate(slots_from_environment(), _session_present), ""
 except GateConfigError as error:
-    GATE, GATE_PROBLEM = Gate(default_slots()), str(error)
+    GATE, GATE_PROBLEM = Gate(default_slots(), _session_present), str(error)
 configure_torch_threads(GATE.slots)
 Result = TypeVar("Result")
 
@@ -49,8 +67,11 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
         notice[0].info(message, icon=":material/hourglass_top:")
 
     try:
-        with GATE.turn(key, show):
+        with GATE.turn(key, show, _this_session()):
             return compute()
+    except Cancelled:
+        st.stop()  # every session that asked has left: nobody to show anything to
+        raise  # unreachable: st.stop() raises
     finally:
         if notice:
             notice[0].empty()
@@ -122,9 +143,6 @@ def _exports(
 # weights, the config and the data), shared by every session.
 _DIAGNOSES: OrderedDict[tuple[str, str, str], Diagnosis] = OrderedDict()
 _DIAGNOSES_LOCK = threading.Lock()
-# One lock per key, as st.cache_data does: sessions asking for the same diagnosis at once wait for
-# the first to finish instead of each running ~20 evaluations.
-_DIAGNOSIS_KEY_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 MAX_DIAGNOSES = 16
 
 
@@ -147,23 +165,24 @@ def diagnosis(
     found = _cached_diagnosis(*key)
     if found is not None:
         return found
-    with _DIAGNOSES_LOCK:
-        key_lock = _DIAGNOSIS_KEY_LOCKS.setdefault(key, threading.Lock())
-    with key_lock:
-        found = _cached_diagnosis(*key)  # another session may have finished it while we waited
+    float_accuracy = float_result(fingerprint, folder, model).accuracy
+    config = QuantConfig.from_json(config_json)
+
+    def compute() -> Diagnosis:
+        # The gate's turn runs one diagnosis per key: sessions asking for the same one while it runs
+        # wait for it, count as its requesters (it stops only when they all leave), and read it here.
+        found = _cached_diagnosis(*key)
         if found is not None:
             return found
-        float_accuracy = float_result(fingerprint, folder, model).accuracy
-        config = QuantConfig.from_json(config_json)
-        result = _in_turn(
-            ("diagnosis", *key), lambda: diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
-        )
+        with GATE.slot():
+            result = diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
         with _DIAGNOSES_LOCK:
             _DIAGNOSES[key] = result
-            _DIAGNOSIS_KEY_LOCKS.pop(key, None)
             while len(_DIAGNOSES) > MAX_DIAGNOSES:
                 _DIAGNOSES.popitem(last=False)
-    return result
+        return result
+
+    return _in_turn(("diagnosis", *key), compute)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -6,6 +6,11 @@ a time and each waiting session is told its place in the line instead of showing
 Identical work asked for while it is running is not queued again: the asker waits for that run and
 then reads the shared cache.
 
+Abandoned work stops: each computation knows who asked for it (a session id) and, through
+`is_present`, whether they are still there. A waiting asker who has left leaves the line at the next
+poll; a running computation whose every asker has left raises qcore.cancel.Cancelled at its next
+checkpoint (qcore calls one per batch or optimizer step), which frees its slot within a batch.
+
 No Streamlit here (the caller passes a callback that shows the wait), so the rules are testable.
 """
 
@@ -13,11 +18,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from qcore import cancel
+from qcore.files import parse_whole_number
 
 SLOTS_VARIABLE = "QCORE_MAX_COMPUTATIONS"
 MAX_SLOTS = 64
@@ -41,9 +49,12 @@ def slots_from_environment(environ: dict[str, str] | None = None) -> int:
     raw = (os.environ if environ is None else environ).get(SLOTS_VARIABLE, "").strip()
     if not raw:
         return default_slots()
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SLOTS:
-        raise GateConfigError(f"{SLOTS_VARIABLE} must be a whole number from 1 to {MAX_SLOTS} (got {raw[:20]!r})")
-    return int(raw)
+    slots = parse_whole_number(raw, 1, MAX_SLOTS)
+    if slots is None:
+        raise GateConfigError(
+            f"{SLOTS_VARIABLE} must be a whole number from 1 to {MAX_SLOTS} in ASCII digits (got {raw[:20]!r})"
+        )
+    return slots
 
 
 def threads_per_computation(slots: int, cores: int | None = None) -> int:
@@ -55,15 +66,19 @@ def threads_per_computation(slots: int, cores: int | None = None) -> int:
 
 
 Wait = Callable[[str], None]
+Presence = Callable[[Hashable], bool]
+_ANONYMOUS = object()  # an asker who did not say who they are (tests, scripts): always present
 
 
 class Gate:
     """At most `slots` computations run at once; others wait in arrival order."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, is_present: Presence | None = None) -> None:
         if slots < 1:
             raise ValueError(f"a gate needs at least one slot (got {slots})")
         self.slots = slots
+        self._is_present = is_present or (lambda _requester: True)
+        self._requesters: dict[Hashable, Counter[Hashable]] = {}  # key -> who asked for it, how often
         self._lock = threading.Condition()
         self._running = 0
         self._line: list[object] = []  # tickets of waiting computations, oldest first
@@ -82,6 +97,29 @@ class Gate:
     def is_done(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._done
+
+    def abandoned(self, key: Hashable) -> bool:
+        """Whether everyone who asked for `key` has left (never while an anonymous asker waits for it)."""
+        with self._lock:
+            requesters = list(self._requesters.get(key, ()))
+        return bool(requesters) and not any(r is _ANONYMOUS or self._is_present(r) for r in requesters)
+
+    @contextmanager
+    def interest(self, key: Hashable, requester: Hashable | None) -> Iterator[None]:
+        """`requester` wants `key`'s result for the block (None: an anonymous asker, who never leaves)."""
+        requester = _ANONYMOUS if requester is None else requester
+        with self._lock:
+            self._requesters.setdefault(key, Counter())[requester] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                counts = self._requesters[key]
+                counts[requester] -= 1
+                if counts[requester] <= 0:
+                    del counts[requester]
+                if not counts:
+                    del self._requesters[key]
 
     @contextmanager
     def slot(self, on_wait: Wait | None = None) -> Iterator[None]:
@@ -108,7 +146,12 @@ class Gate:
                     place, running = self._line.index(ticket) + 1, self._running
                     if place == shown_place or on_wait is None:
                         self._lock.wait(POLL_SECONDS)
-                        continue
+                        waited = True
+                    else:
+                        waited = False
+                if waited:
+                    cancel.checkpoint()  # outside the lock: an asker who has left leaves the line
+                    continue
                 shown_place = place
                 # outside the lock: showing may raise (Streamlit stops a run whose user moved on)
                 on_wait(f"The server is busy: yours is number {place} in line ({running} running now).")
@@ -128,14 +171,22 @@ class Gate:
                 self._lock.notify_all()
 
     @contextmanager
-    def turn(self, key: Hashable, on_wait: Wait | None = None) -> Iterator[None]:
+    def turn(self, key: Hashable, on_wait: Wait | None = None, requester: Hashable | None = None) -> Iterator[None]:
         """Run the block for `key`: at once when `key` was computed before (the cache answers) or when
         this thread already holds a slot; after the same key's run in another session finishes; else
-        in a slot, in line."""
+        in a slot, in line. Inside it, qcore's checkpoints stop the work once everyone who asked for
+        `key` (`requester` and any session waiting for the same run) has left."""
         if getattr(self._held, "depth", 0):
             yield
             return
+        with self.interest(key, requester), cancel.stop_when(lambda: self.abandoned(key)):
+            with self._turn(key, on_wait):
+                yield
+
+    @contextmanager
+    def _turn(self, key: Hashable, on_wait: Wait | None) -> Iterator[None]:
         while True:
+            cancel.checkpoint()  # a run abandoned by all is not started again by one who left too
             with self._lock:
                 if key in self._done:
                     finished = None
@@ -146,7 +197,8 @@ class Gate:
                     break
             if on_wait is not None and not running_elsewhere.wait(POLL_SECONDS):
                 on_wait("Another session is computing these same results; they will be shared.")
-            running_elsewhere.wait()
+            while not running_elsewhere.wait(POLL_SECONDS):
+                cancel.checkpoint()  # everyone who asked has left: stop waiting for it
         if finished is None:
             yield  # computed before: the cache answers
             return

@@ -7,6 +7,8 @@ import streamlit as st
 from qcore.config import integer_path_problems
 from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
+from qcore.files import shorten
+from qcore.integer import IntegerEngineError
 from ui import cache, session
 
 TERMS_SHOWN = 4
@@ -40,15 +42,19 @@ with st.expander("Choose the output followed in each layer (default: each layer'
                 int(column.number_input(f"{name} {label}", 0, top, 0, key=f"lesson3_{name}_{label}"))
                 for column, label, top in zip(columns, labels, shape, strict=True)
             ]
-walk = cache.walk(
-    entry.fingerprint,
-    config.to_json(),
-    image,
-    json.dumps(positions, sort_keys=True),
-    session.data_folder(),
-    entry.model,
-    entry.qat,
-)
+try:
+    walk = cache.walk(
+        entry.fingerprint,
+        config.to_json(),
+        image,
+        json.dumps(positions, sort_keys=True),
+        session.data_folder(),
+        entry.model,
+        entry.qat,
+    )
+except IntegerEngineError as error:  # scales the engine cannot represent: said in words, not a crash
+    st.warning("The integer engine cannot run this model: " + shorten(error, 300))
+    session.stop_page()
 picture = (mnist.test.images[image, 0] * MNIST_STD + MNIST_MEAN).tolist()
 left, right = st.columns([1, 3])
 left.plotly_chart(digits_figure([picture], [f"#{image}: label {walk.label}"], columns=1), key="lesson3_digit")
