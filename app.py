@@ -17,14 +17,15 @@ PAGES = {
         st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
     ],
     "Lessons": [
-        st.Page("pages/lessons/one_number.py", title="One number", icon=":material/looks_one:"),
-        st.Page("pages/lessons/one_kernel.py", title="One kernel", icon=":material/grid_on:"),
-        st.Page("pages/lessons/one_image.py", title="One image on integers", icon=":material/image:"),
-        st.Page("pages/lessons/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
-        st.Page("pages/lessons/tour.py", title="Guided tour", icon=":material/tour:"),
+        st.Page("pages/one_number.py", title="One number", icon=":material/looks_one:"),
+        st.Page("pages/one_kernel.py", title="One kernel", icon=":material/grid_on:"),
+        st.Page("pages/one_image.py", title="One image on integers", icon=":material/image:"),
+        st.Page("pages/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
+        st.Page("pages/tour.py", title="Guided tour", icon=":material/tour:"),
     ],
 }
 
+session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
 navigation = st.navigation(PAGES)
 st.sidebar.title("Quantization Lab")
 if cache.GATE_PROBLEM:  # the operator's setting, not a visitor's: refuse to serve rather than guess

@@ -125,7 +125,7 @@ if st.button("Quantize one layer at a time", key="run_sensitivity") or st.sessio
 st.download_button(
     "Download the full result (JSON)",
     json.dumps({"model": entry.fingerprint, **report.to_dict()}, default=str),
-    file_name="quantization_result.json",
+    file_name=session.download_name(entry, "quantization_result", "json", config),
     mime="application/json",
     key="json_result",
 )

@@ -104,9 +104,12 @@ if config.weight_bits <= 8 and config.act_bits <= 8:
     left.download_button(
         "Download integer tensors (.pt, weights_only)",
         qtensors,
-        file_name=f"qlab_{entry.fingerprint}_qtensors.pt",
+        file_name=session.download_name(entry, "qtensors", "pt", config),
         key="download_qtensors",
     )
     right.download_button(
-        "Download ONNX (QDQ)", onnx_model, file_name=f"qlab_{entry.fingerprint}.onnx", key="download_onnx"
+        "Download ONNX (QDQ)",
+        onnx_model,
+        file_name=session.download_name(entry, "qdq", "onnx", config),
+        key="download_onnx",
     )

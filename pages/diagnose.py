@@ -187,7 +187,7 @@ else:
 st.download_button(
     "Download the diagnosis report (HTML, works offline)",
     diagnosis_html(result, entry.name, entry.fingerprint),
-    file_name=f"diagnosis_{entry.fingerprint}.html",
+    file_name=session.download_name(entry, "diagnosis", "html", config),
     mime="text/html",
     key="diagnosis_html",
 )

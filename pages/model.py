@@ -281,7 +281,7 @@ with qat_tab:
         st.download_button(
             "Download the QAT checkpoint",
             qat_bytes(entry.qat),
-            file_name=f"qlab_{entry.fingerprint}.pt",
+            file_name=session.download_name(entry, "qat_checkpoint", "pt"),
             mime="application/octet-stream",
             key="download_qat",
         )
@@ -298,8 +298,10 @@ if st.session_state.get(TRAIN_HISTORY_KEY) and not start:  # during a run the li
 
 st.divider()
 st.download_button(
-    "Download the current checkpoint (state_dict)",
+    "Download the current checkpoint (state_dict)"
+    if entry.qat is None
+    else "Download the trained float weights (state_dict; they load as a float model, not as QAT)",
     checkpoint_bytes(entry.model),
-    file_name=f"qlab_{entry.fingerprint}.pt",
+    file_name=session.download_name(entry, "state_dict" if entry.qat is None else "float_weights", "pt"),
     mime="application/octet-stream",
 )

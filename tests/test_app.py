@@ -29,7 +29,7 @@ PAGES = [
     "pages/deploy.py",
     "pages/diagnose.py",
 ]
-LESSON_PAGES = [f"pages/lessons/{name}.py" for name in ("one_number", "one_kernel", "one_image", "outliers", "tour")]
+LESSON_PAGES = [f"pages/{name}.py" for name in ("one_number", "one_kernel", "one_image", "outliers", "tour")]
 TIMEOUT = 180
 
 
@@ -460,7 +460,7 @@ def test_lesson_one_number_matches_qcore(app, pretrained):
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3).run()
-    at.switch_page("pages/lessons/one_number.py").run()
+    at.switch_page("pages/one_number.py").run()
     at.number_input(key="lesson1_channel").set_value(5)
     at.number_input(key="lesson1_index").set_value(7)
     at.run()
@@ -484,7 +484,7 @@ def test_lesson_one_kernel_matches_qcore(app, pretrained):
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3).run()
-    at.switch_page("pages/lessons/one_kernel.py").run()
+    at.switch_page("pages/one_kernel.py").run()
     at.number_input(key="lesson2_channel").set_value(9).run()
     no_exceptions(at)
     kernel = one_kernel(pretrained, QuantConfig(weight_bits=3), 9)
@@ -501,7 +501,7 @@ def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bit
     at.select_slider(key="weight_bits").set_value(bits)
     at.select_slider(key="act_bits").set_value(bits)
     at.run()
-    at.switch_page("pages/lessons/one_image.py").run()
+    at.switch_page("pages/one_image.py").run()
     at.number_input(key="lesson3_image").set_value(11).run()
     no_exceptions(at)
     engine = IntegerNet(quantize_for(pretrained, mnist, QuantConfig(weight_bits=bits, act_bits=bits)))
@@ -524,7 +524,7 @@ def test_lesson_outliers_match_qcore(app, pretrained, mnist):
     at.select_slider(key="weight_bits").set_value(4)
     at.select_slider(key="act_bits").set_value(4)
     at.run()
-    at.switch_page("pages/lessons/outliers.py").run()
+    at.switch_page("pages/outliers.py").run()
     at.select_slider(key="lesson4_factor").set_value(20).run()
     no_exceptions(at)
     rows = outlier_lesson(pretrained, mnist, QuantConfig(weight_bits=4, act_bits=4), "weights", 20.0)
@@ -538,7 +538,7 @@ def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_
 
     at = app.run()
     at.select_slider(key="act_bits").set_value(5).run()  # a setting the tour must reset
-    at.switch_page("pages/lessons/tour.py").run()
+    at.switch_page("pages/tour.py").run()
     for index in (2, 5):  # 2-bit weights; 2-bit weights with fc1 float
         next(b for b in at.button if b.key == f"tour_{index}").click()
         at.run()
@@ -735,7 +735,7 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
             assert table.set_index("layer").loc["fc1", "scale"] == pytest.approx(float(fc1.scale))
         if page == "pages/diagnose.py":
             assert any("QAT model on its trained grid" in i.value for i in at.info)
-        if page == "pages/lessons/one_image.py":  # the walk is of the trained model, as the engine runs it
+        if page == "pages/one_image.py":  # the walk is of the trained model, as the engine runs it
             engine = IntegerNet(trained.qnet)
             logits = engine.logits_int(engine.quantize_input(mnist.test.images[:1]))[0]
             digit = int(logits.argmax())

@@ -105,6 +105,7 @@ def assert_app_page(page, title: str) -> None:
     sidebar's settings, and no exception box."""
     assert page.locator("[data-testid='stMain'] h1").first.inner_text().strip() == title
     assert page.locator("[data-testid='stException']").count() == 0
+    assert page.get_by_text("Page not found").count() == 0  # no false modal over the right page
     nav = [
         link.inner_text().strip().splitlines()[-1] for link in page.locator("[data-testid='stSidebarNavLink']").all()
     ]
@@ -142,13 +143,26 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
             "methods?act_bits=6": "Methods",
             "?weight_bits=5": "Model",
         },
+        # lessons first (issue 16: the right page under a false "Page not found" modal)
+        {"tour": "Guided tour", "one_image?weight_bits=4": "One image on integers"},
     ],
-    ids=["accuracy-alone", "activations-alone", "four-at-once"],
+    ids=["accuracy-alone", "activations-alone", "four-at-once", "lessons-first"],
 )
 def test_deep_links_are_the_first_requests_of_a_fresh_server(browser, links):
     """Each server is fresh: the deep links are the first pages it ever serves (its health check aside)."""
     with streamlit_server(log_name=f"fresh_{len(links)}_{next(iter(links)).split('?')[0] or 'root'}.log") as base:
         open_first_requests(browser, base, links)
+
+
+def test_every_page_by_its_name_in_a_later_session(server, browser):
+    """Once the server serves the app's navigation, every page's own path opens it, /model included
+    (issue 16: the Model page lives at / and /model showed "Page not found" and landed on /)."""
+    warm = browser.new_context().new_page()
+    warm.goto(server)
+    settle(warm)
+    warm.context.close()
+    links = {"model?weight_bits=4": "Model", "one_number?weight_bits=3": "One number", "outliers": "Outliers"}
+    open_first_requests(browser, server, links)
 
 
 PHISH = "[Click here to re-login](http://evil.example/phish) ![t](http://127.0.0.1:9/pixel.png)"

@@ -7,6 +7,7 @@ markdown, where a link or an image from a URL would become live.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import NoReturn
@@ -14,6 +15,7 @@ from typing import NoReturn
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime.pages_manager import PagesManager
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from qcore.analysis import Report
 from qcore.calibrate import OBSERVERS
@@ -61,6 +63,23 @@ def plain_text(text: str, where: DeltaGenerator | None = None) -> None:
     (where or st).text(shorten(text, 300))
 
 
+MODEL_PAGE_PATH = "model"  # the Model page's file name; Streamlit serves the default page at "/" instead
+
+
+def route_model_path() -> None:
+    """Let /model open the Model page. Streamlit serves the default page at the root and gives it no
+    other URL, so a link to /model asked for a page that does not exist: the "Page not found" modal,
+    then the root. Asked for by name before st.navigation resolves it, /model means the default page.
+    (Lesson pages sit directly in pages/ for the same modal's other cause: on a fresh server the legacy
+    pages/ mode knows only pages/*.py, and require_navigation then leaves that mode.)"""
+    context = get_script_run_ctx(suppress_warning=True)
+    if context is None:
+        return
+    manager = context.pages_manager
+    if manager.intended_page_name == MODEL_PAGE_PATH and not manager.intended_page_script_hash:
+        manager.set_script_intent("", "")  # no intent: st.navigation falls back to the default page
+
+
 def require_navigation() -> None:
     """On a fresh server Streamlit starts in its legacy pages/ mode (this repo has a pages/ folder)
     until some session runs app.py's st.navigation; a first request for a deep link like /accuracy
@@ -97,6 +116,15 @@ def set_model(model: Net, name: str, qat: QatCheckpoint | None = None, start: Mo
         st.session_state[PREVIOUS_MODEL_KEY] = replaced
     st.session_state[MODEL_KEY] = entry
     return entry
+
+
+def download_name(entry: ModelEntry, what: str, extension: str, config: QuantConfig | None = None) -> str:
+    """One name per kind of file, model and config: two downloads that are different files never share
+    a name (a QAT checkpoint and the float weights it holds were both qlab_qat-<fingerprint>.pt)."""
+    parts = ["qlab", entry.fingerprint]
+    if config is not None:  # what depends on the config carries it: the bits, and a hash of the rest
+        parts.append(f"W{config.weight_bits}A{config.act_bits}-{hashlib.sha256(config.to_json().encode()).hexdigest()[:8]}")
+    return "_".join([*parts, what]) + "." + extension
 
 
 def previous_model() -> ModelEntry | None:
