@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
 from qcore.data import MAX_SEED, TRAIN_SIZE
-from qcore.files import parse_whole_number, read_json, shorten
+from qcore.files import read_json, shorten
 from qcore.methods import METHODS
 from qcore.model import LAYER_NAMES
 from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
@@ -279,6 +279,7 @@ def _query_text(value: object) -> str:
     return str(value)
 
 
+_WHOLE = re.compile(r"-?[0-9]{1,20}")
 _DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?")
 
 
@@ -290,10 +291,10 @@ def _parse_query_value(key: str, text: str, kind: type) -> object:
             return False
         raise ValueError("expected 1 or 0")
     if kind is int:
-        value = parse_whole_number(text, 0, 2**63 - 1)
-        if value is None:
+        # ASCII digits only (int() also takes '+4', ' 4', '4_0' and '٤'); the range is the config's to check
+        if not _WHOLE.fullmatch(text):
             raise ValueError("expected a whole number in digits 0-9")
-        return value
+        return int(text)
     if kind is tuple:
         return _as_names(text)
     if kind is float:

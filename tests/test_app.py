@@ -741,3 +741,88 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
             digit = int(logits.argmax())
             line = f"fc2 keeps int32: logit {int(logits[digit])} for digit {digit}"
             assert any(line in c.value for c in at.code)
+
+
+# --- issue 16: hardening, round two -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def w2a2_qat_state(pretrained, mnist):
+    """A QAT checkpoint's contents without training: W2A2 PTQ has a QatCheckpoint's exact shape."""
+    from qcore.qat import QatCheckpoint, qat_state
+
+    config = QuantConfig(weight_bits=2, act_bits=2)
+    return qat_state(QatCheckpoint(pretrained, quantize_for(pretrained, mnist, config), config, {}))
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda s: s.update(config="[" * 1900 + "]" * 1900), "config nests 1900 deep"),
+        (lambda s: s.update(meta='{"seconds": ' + "9" * 5000 + "}"), "a number of 5000 digits"),
+        (lambda s: s.update(config=s["config"].replace('"weight_bits": 2', '"weight_bits": 2.0')), "weight_bits must"),
+        (lambda s: s["qparams"]["conv2"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
+    ],
+    ids=["deep-config", "long-int-meta", "float-bits", "huge-scale"],
+)
+def test_a_tampered_qat_upload_is_refused_in_plain_text_and_keeps_model_and_settings(
+    app, pretrained, w2a2_qat_state, change, reason
+):
+    import copy
+
+    state = copy.deepcopy(w2a2_qat_state)
+    change(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(5).run()
+    before = metric(at, "Quantized accuracy")
+    upload(at, "tampered.pt", buffer.getvalue())
+    no_exceptions(at)  # no generic "This app has encountered an error"
+    assert any(reason in t.value for t in at.main.text)
+    assert fingerprint(pretrained) in model_line(at)
+    assert at.select_slider(key="weight_bits").value == 5  # the settings kept, and the summary still there
+    assert metric(at, "Quantized accuracy") == before
+
+
+@pytest.mark.parametrize("page", ["pages/deploy.py", "pages/one_image.py"])
+def test_pages_that_run_the_engine_say_why_it_cannot(app, monkeypatch, page):
+    """A model whose scales the engine refuses (the loader refuses such files; this stands in for
+    any other way one could arrive) is explained on the page, and a later visit does not crash."""
+    import qcore.integer
+    import qcore.lessons.walk
+    from qcore.integer import IntegerEngineError
+
+    def refuse(qnet):
+        raise IntegerEngineError("conv2's requantization multiplier s_in * s_w / s_out = 1e+33 needs a shift outside")
+
+    monkeypatch.setattr(qcore.integer, "IntegerNet", refuse)
+    monkeypatch.setattr(qcore.lessons.walk, "IntegerNet", refuse)
+    at = app.run()
+    at.select_slider(key="act_bits").set_value(7).run()  # a config no earlier test cached
+    at.switch_page(page).run()
+    no_exceptions(at)
+    assert any("The integer engine cannot run this model: conv2's requantization" in w.value for w in at.warning)
+    at.switch_page("pages/model.py").run()
+    at.switch_page(page).run()
+    no_exceptions(at)
+
+
+def test_every_download_has_a_name_of_its_own():
+    from qcore.qat import QatCheckpoint
+    from ui.session import ModelEntry, download_name
+
+    plain = ModelEntry(Net(), "bundled", "abc123")
+    qat_model = ModelEntry(Net(), "QAT", "qat-def456", qat=QatCheckpoint.__new__(QatCheckpoint))
+    w4, w4_seed = QuantConfig(weight_bits=4), QuantConfig(weight_bits=4, seed=1)
+    exports = (("qtensors", "pt"), ("qdq", "onnx"))
+    names = [
+        download_name(qat_model, "qat_checkpoint", "pt"),
+        download_name(qat_model, "float_weights", "pt"),
+        download_name(plain, "state_dict", "pt"),
+        *(download_name(plain, what, ext, c) for c in (w4, w4_seed) for what, ext in exports),
+        *(download_name(plain, "diagnosis", "html", c) for c in (w4, w4_seed)),
+    ]
+    assert len(set(names)) == len(names)
+    assert names[0] == "qlab_qat-def456_qat_checkpoint.pt" and names[1] == "qlab_qat-def456_float_weights.pt"
+    assert names[3].startswith("qlab_abc123_W4A8-") and names[3].endswith("_qtensors.pt")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from qcore.config import DASHBOARD, ConfigError, QuantConfig, integer_path_problems, make_config
@@ -79,3 +82,48 @@ def test_integer_path_problems_are_known_before_calibration():
     assert integer_path_problems(QuantConfig()) == []
     problems = integer_path_problems(QuantConfig(weight_bits=16, float_layers=("fc2",), quantize_input=False))
     assert len(problems) == 3 and "fc2" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("weight_bits", 2.0, "weight_bits must be a whole number (got 2.0, a float)"),
+        ("batch_size", 64.0, "batch_size must be a whole number"),
+        ("calib_batches", 16.0, "calib_batches must be a whole number"),
+        ("act_bits", True, "act_bits must be a whole number (got True, a bool)"),
+        ("seed", "3", "seed must be a whole number"),
+        ("quantize_input", 1, "quantize_input must be bool"),
+        ("observer", 5, "observer must be str"),
+        ("weight_bits_budget", True, "weight_bits_budget must be a whole number or float"),
+        ("float_layers", [1], "expected a list of names"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_refused_though_it_compares_equal(key, value, needle):
+    """2.0 == 2 and True == 1 in Python: issue 16's config with 2.0, 64.0 and 16.0 passed every check."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        QuantConfig.from_json(json.dumps({**QuantConfig().to_dict(), key: value}))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        make_config(**{key: value})
+
+
+def test_whole_numbers_stay_accepted_where_a_float_is_meant():
+    assert make_config(weight_bits_budget=4).weight_bits_budget == 4
+    assert make_config(weight_bits_budget=4.5).weight_bits_budget == 4.5
+
+
+@pytest.mark.parametrize("text", ["٢", "+4", " 4", "4_0", "４", "²", "0x4", "4.0"])
+def test_url_whole_numbers_are_ascii_digits_only(text):
+    config, warnings = QuantConfig.from_query({"weight_bits": text})
+    assert config.weight_bits == QuantConfig().weight_bits and len(warnings) == 1
+    assert "expected a whole number in digits 0-9" in warnings[0]
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e1", "٤", "-4"])
+def test_url_budget_is_a_plain_decimal(text):
+    config, warnings = QuantConfig.from_query({"weight_bits_budget": text})
+    assert config.weight_bits_budget == 0 and len(warnings) == 1
+
+
+def test_a_url_whole_number_of_many_digits_is_refused_by_range_not_by_a_crash():
+    config, warnings = QuantConfig.from_query({"seed": "9" * 20})
+    assert config.seed == 0 and "seed must be between 0 and" in warnings[0]
