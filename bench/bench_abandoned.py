@@ -1,0 +1,124 @@
+"""Abandoned work on a real server: sessions that ask for diagnoses and then close their tabs.
+
+A fresh `streamlit run app.py` (with MALLOC_ARENA_MAX=2, as the README serves a class) is warmed by
+one session; then N browser sessions each open the Diagnose page on a different new config (each a
+~20-evaluation diagnosis; the gate runs two at a time, the rest wait in line) and close their tabs
+after --hold seconds. Measured from the moment the last tab closed: how long the server keeps
+computing (its CPU time sampled from /proc every 0.25 s; idle = under 10% of a core for a whole
+second), its memory then and against warm, and how long a later visitor waits for a new what-if on
+the Accuracy page (one alone, before the burst, in the same run, is the yardstick).
+
+    QCORE_DATA_DIR=../shared/data python bench/bench_abandoned.py [--sessions 8] [--hold 4] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import emit  # noqa: E402
+
+from tests.serving import IDLE, chromium, streamlit_process  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+CONFIGS = [(w, a) for w in (2, 3, 4, 5) for a in (3, 4, 5)]  # new configs, none the default
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    raise RuntimeError("no VmRSS")
+
+
+def seconds_until_idle(pid: int, limit: float) -> float:
+    """From now until the server used under 10% of a core over a whole second (four 0.25 s samples)."""
+    started = time.monotonic()
+    samples = [(time.monotonic(), cpu_seconds(pid))]
+    while time.monotonic() - started < limit:
+        time.sleep(0.25)
+        samples.append((time.monotonic(), cpu_seconds(pid)))
+        if len(samples) >= 5:
+            (t0, c0), (t1, c1) = samples[-5], samples[-1]
+            if (c1 - c0) / (t1 - t0) < 0.1:
+                return t0 - started
+    return float("inf")
+
+
+def time_new_whatif(browser, base: str, query: str) -> float:
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    started = time.monotonic()
+    page.goto(f"{base}/accuracy?{query}")
+    page.locator("[data-testid='stSidebar'] [data-testid='stMetric']").filter(has_text="Quantized accuracy").wait_for(
+        timeout=600_000
+    )
+    page.wait_for_selector(IDLE, timeout=600_000)
+    seconds = time.monotonic() - started
+    page.context.close()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--hold", type=float, default=4.0, help="seconds each tab stays open")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    if not 1 <= args.sessions <= len(CONFIGS):
+        parser.error(f"--sessions must be between 1 and {len(CONFIGS)}")
+    with streamlit_process("bench_abandoned.log", {"MALLOC_ARENA_MAX": "2"}) as (base, process), chromium() as browser:
+        pid = process.pid
+        alone = time_new_whatif(browser, base, "weight_bits=6&act_bits=7")  # warms the server too
+        seconds_until_idle(pid, 60)
+        warm_gb = rss_gb(pid)
+        tabs = []
+        for weight_bits, act_bits in CONFIGS[: args.sessions]:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(f"{base}/diagnose?weight_bits={weight_bits}&act_bits={act_bits}", wait_until="commit")
+            tabs.append(page)
+        time.sleep(args.hold)
+        for page in tabs:
+            page.context.close()
+        busy = seconds_until_idle(pid, 600)
+        after_gb = rss_gb(pid)
+        later = time_new_whatif(browser, base, "weight_bits=6&act_bits=6")
+    rows = [
+        ("server busy after the last tab closed (s)", busy),
+        ("server memory, warm (GB)", warm_gb),
+        ("server memory once idle after the burst (GB)", after_gb),
+        ("memory above warm (GB)", after_gb - warm_gb),
+        ("a new what-if alone, before the burst (s)", alone),
+        ("a new what-if right after the burst (s)", later),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"{args.sessions} sessions opened Diagnose on new configs and closed their tabs after {args.hold:g} s")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:8.2f}")
+    emit(
+        {
+            "sessions": args.sessions,
+            "hold_seconds": args.hold,
+            "busy_after_close_seconds": busy,
+            "warm_rss_gb": warm_gb,
+            "idle_rss_gb_after_burst": after_gb,
+            "whatif_alone_seconds": alone,
+            "whatif_after_burst_seconds": later,
+        },
+        args.json_out,
+    )
+
+
+if __name__ == "__main__":
+    main()
