@@ -1,12 +1,12 @@
-"""Abandoned work on a real server: sessions that ask for diagnoses and then close their tabs.
+"""Abandoned work on a real server: sessions that ask for long work and then close their tabs.
 
-A fresh `streamlit run app.py` (with MALLOC_ARENA_MAX=2, as the README serves a class) is warmed by
-one session; then N browser sessions each open the Diagnose page on a different new config (each a
-~20-evaluation diagnosis; the gate runs two at a time, the rest wait in line) and close their tabs
-after --hold seconds. Measured from the moment the last tab closed: how long the server keeps
-computing (its CPU time sampled from /proc every 0.25 s; idle = under 10% of a core for a whole
-second), its memory then and against warm, and how long a later visitor waits for a new what-if on
-the Accuracy page (one alone, before the burst, in the same run, is the yardstick).
+A fresh `streamlit run app.py` (MALLOC_ARENA_MAX=2, as the README serves a class) is warmed by one
+session; then N browser sessions each ask for long new work and close their tabs after --hold
+seconds: every other one opens Diagnose (a diagnosis that shows progress), the others Accuracy with
+AdaRound (a report that shows nothing until done), each on a config of its own; the gate runs two
+at a time, the rest wait in line. From the moment the last tab closed: how long the server keeps
+computing (CPU time from /proc every 0.25 s; idle = under 10% of a core for a whole second), its
+memory then against warm, and how long a later visitor waits for a new what-if.
 
     QCORE_DATA_DIR=../shared/data python bench/bench_abandoned.py [--sessions 8] [--hold 4] [--json-out FILE]
 """
@@ -29,6 +29,12 @@ from tests.serving import IDLE, chromium, streamlit_process  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 CONFIGS = [(w, a) for w in (2, 3, 4, 5) for a in (3, 4, 5)]  # new configs, none the default
+
+
+def abandoned_link(index: int, weight_bits: int, act_bits: int) -> str:
+    if index % 2 == 0:
+        return f"diagnose?weight_bits={weight_bits}&act_bits={act_bits}"
+    return f"accuracy?weight_bits={weight_bits}&act_bits={act_bits}&methods=adaround"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -84,9 +90,9 @@ def main() -> None:
         seconds_until_idle(pid, 60)
         warm_gb = rss_gb(pid)
         tabs = []
-        for weight_bits, act_bits in CONFIGS[: args.sessions]:
+        for index, (weight_bits, act_bits) in enumerate(CONFIGS[: args.sessions]):
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.goto(f"{base}/diagnose?weight_bits={weight_bits}&act_bits={act_bits}", wait_until="commit")
+            page.goto(f"{base}/{abandoned_link(index, weight_bits, act_bits)}", wait_until="commit")
             tabs.append(page)
         time.sleep(args.hold)
         for page in tabs:
@@ -103,7 +109,10 @@ def main() -> None:
         ("a new what-if right after the burst (s)", later),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"{args.sessions} sessions opened Diagnose on new configs and closed their tabs after {args.hold:g} s")
+    print(
+        f"{args.sessions} sessions opened Diagnose or AdaRound on new configs, "
+        f"closed their tabs after {args.hold:g} s"
+    )
     for name, value in rows:
         print(f"{name:<{width}}  {value:8.2f}")
     emit(
