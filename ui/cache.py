@@ -32,8 +32,6 @@ from qcore.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
 
-# One gate per server process (this module is imported once). A bad QCORE_MAX_COMPUTATIONS is kept in
-# GATE_PROBLEM, and app.py refuses to serve with it, so the default below never hides it.
 def _session_present(session_id: Hashable) -> bool:
     """Whether a browser session is still connected. Streamlit drops a session from its active map as
     soon as its websocket closes (a closed tab), so work for it can stop at once. Without a runtime
@@ -48,6 +46,8 @@ def _this_session() -> str | None:
     return None if context is None else context.session_id
 
 
+# One gate per server process (this module is imported once). A bad QCORE_MAX_COMPUTATIONS is kept in
+# GATE_PROBLEM, and app.py refuses to serve with it, so the default below never hides it.
 try:
     GATE, GATE_PROBLEM = Gate(slots_from_environment(), _session_present), ""
 except GateConfigError as error:

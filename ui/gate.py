@@ -137,6 +137,7 @@ class Gate:
             self._line.append(ticket)
         try:
             while True:
+                cancel.checkpoint()  # outside the lock, every poll: an asker who has left leaves the line
                 with self._lock:
                     if self._running < self.slots and self._line[0] is ticket:
                         self._line.pop(0)
@@ -146,12 +147,7 @@ class Gate:
                     place, running = self._line.index(ticket) + 1, self._running
                     if place == shown_place or on_wait is None:
                         self._lock.wait(POLL_SECONDS)
-                        waited = True
-                    else:
-                        waited = False
-                if waited:
-                    cancel.checkpoint()  # outside the lock: an asker who has left leaves the line
-                    continue
+                        continue
                 shown_place = place
                 # outside the lock: showing may raise (Streamlit stops a run whose user moved on)
                 on_wait(f"The server is busy: yours is number {place} in line ({running} running now).")
