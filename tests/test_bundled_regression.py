@@ -1,0 +1,193 @@
+"""The bundled net's numbers from before the model graph (issue 17), kept as a regression test.
+
+Every value in EXPECTED was printed at commit ea8d967 (the last commit with the hand-written forward
+passes) by `python -m tests.test_bundled_regression`, and the graph-driven engine must reproduce them
+to the image: each prediction hash is the SHA-256 of the 10,000 test predictions as bytes, so one
+image predicted differently fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+# (name, QuantConfig changes): the README's PTQ, integer-engine and methods rows
+PTQ_CONFIGS: dict[str, dict[str, object]] = {
+    "W8A8": {},
+    "W6A6": {"weight_bits": 6, "act_bits": 6},
+    "W4A4": {"weight_bits": 4, "act_bits": 4},
+    "W3A3": {"weight_bits": 3, "act_bits": 3},
+    "W2A8": {"weight_bits": 2},
+    "W2A3": {"weight_bits": 2, "act_bits": 3},
+    "W2A2": {"weight_bits": 2, "act_bits": 2},
+    "notebook W6A6": {
+        "weight_bits": 6,
+        "act_bits": 6,
+        "observer": "notebook",
+        "scheme": "asymmetric",
+        "granularity": "per-tensor",
+        "weight_range": "minmax",
+        "float_layers": ("fc2",),
+    },
+    "mse W4A4 per-tensor": {"weight_bits": 4, "act_bits": 4, "observer": "mse", "granularity": "per-tensor"},
+    "percentile W3A3 mse weights": {"weight_bits": 3, "act_bits": 3, "observer": "percentile", "weight_range": "mse"},
+}
+INTEGER_CONFIGS = ("W8A8", "W4A4", "W3A3", "W2A3", "W2A2")
+METHOD_CONFIGS: dict[str, dict[str, object]] = {
+    "W2A8 equalization": {"weight_bits": 2, "methods": ("equalization",)},
+    "W2A8 bias-correction": {"weight_bits": 2, "methods": ("bias-correction",)},
+    "W2A8 all three": {"weight_bits": 2, "methods": ("equalization", "adaround", "bias-correction")},
+    "mixed 2.5 A8": {"weight_bits_budget": 2.5},
+}
+
+# printed at ea8d967; the README's tables give the same accuracies (98.31% W8A8, 0/0/1/17/36 integer
+# disagreements at W8A8/W4A4/W3A3/W2A3/W2A2, 97.85% for all three methods at W2A8, 98.29% torch int8)
+EXPECTED: dict[str, object] = {
+    "ptq W8A8": {"correct": 9831, "hash": "39cc0725da9697b4"},
+    "integer W8A8": {"correct": 9831, "disagreements": 0, "hash": "39cc0725da9697b4"},
+    "onnxruntime W8A8": {"disagreements": 0, "hash": "39cc0725da9697b4"},
+    "ptq W6A6": {"correct": 9834, "hash": "48c35feab4b8d49e"},
+    "ptq W4A4": {"correct": 9827, "hash": "5084c292e8bf587d"},
+    "integer W4A4": {"correct": 9827, "disagreements": 0, "hash": "5084c292e8bf587d"},
+    "onnxruntime W4A4": {"disagreements": 0, "hash": "5084c292e8bf587d"},
+    "ptq W3A3": {"correct": 9764, "hash": "64c86ee1697f2293"},
+    "integer W3A3": {"correct": 9765, "disagreements": 1, "hash": "66f635d6bb126d04"},
+    "ptq W2A8": {"correct": 9518, "hash": "99e2cadefc79cb5d"},
+    "ptq W2A3": {"correct": 9480, "hash": "2cf4e65c67e54712"},
+    "integer W2A3": {"correct": 9481, "disagreements": 17, "hash": "aa5c3b9508eb6650"},
+    "ptq W2A2": {"correct": 9333, "hash": "d8ced209b9dd4454"},
+    "integer W2A2": {"correct": 9332, "disagreements": 36, "hash": "a99ea676338fe7f1"},
+    "ptq notebook W6A6": {"correct": 8482, "hash": "22e53f5a5cb6ee31"},
+    "ptq mse W4A4 per-tensor": {"correct": 9822, "hash": "54e823040fe6f936"},
+    "ptq percentile W3A3 mse weights": {"correct": 9742, "hash": "a4a4600757277e8a"},
+    "explain W4A4 image 0": "3cf3f91526ae341e",
+    "methods W2A8 equalization": {"correct": 9416, "hash": "452b0a6dd4c3e0fb"},
+    "methods W2A8 bias-correction": {"correct": 8570, "hash": "df4ca6169689621a"},
+    "methods W2A8 all three": {"correct": 9785, "hash": "4757b9c4a0802baa"},
+    "methods mixed 2.5 A8": {"correct": 9743, "hash": "250ef93a062dcfe3"},
+    "torch-int8": {"correct": 9829, "hash": "8ba712a00e850445"},
+    "qat lsq W2A2 3000 images": {"correct": 9707, "hash": "403e5c492f2f9a18"},
+    "qat ste W2A2 3000 images": {"correct": 9651, "hash": "a12f260bc236a0b6"},
+    "diagnosis W3A3": "72b5f05ec392f1ed",
+}
+
+
+def _rounded(value: object) -> object:
+    """Floats to 7 significant digits, so that a hash of a report survives a reordered float sum."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, dict):
+        return {str(k): _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _report_hash(report: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(_rounded(report), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _hash(predictions: torch.Tensor) -> str:
+    return hashlib.sha256(predictions.to(torch.int8).numpy().tobytes()).hexdigest()[:16]
+
+
+def _predictions(module, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([module(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+
+
+def _ptq_numbers(model, data, changes: dict[str, object]) -> dict[str, object]:
+    from qcore.analysis import quantize_for
+    from qcore.config import QuantConfig
+
+    qnet = quantize_for(model, data, QuantConfig().with_changes(**changes))
+    predictions = _predictions(qnet, data.test.images)
+    return {"correct": int((predictions == data.test.labels).sum()), "hash": _hash(predictions)}, qnet, predictions
+
+
+def _integer_numbers(qnet, data, simulated: torch.Tensor) -> dict[str, object]:
+    from qcore.integer import IntegerNet
+
+    predictions = IntegerNet(qnet).predict(data.test.images)
+    return {
+        "correct": int((predictions == data.test.labels).sum()),
+        "disagreements": int((predictions != simulated).sum()),
+        "hash": _hash(predictions),
+    }
+
+
+def capture_fast(model, data) -> dict[str, object]:
+    """PTQ and integer-engine numbers, ONNX Runtime and the explain walk: the fast tier's share."""
+    from qcore.export import OnnxRunner, export_onnx
+    from qcore.lessons.walk import explain
+
+    numbers: dict[str, object] = {}
+    for name, changes in PTQ_CONFIGS.items():
+        numbers[f"ptq {name}"], qnet, simulated = _ptq_numbers(model, data, changes)
+        if name in INTEGER_CONFIGS:
+            numbers[f"integer {name}"] = _integer_numbers(qnet, data, simulated)
+        if name in ("W8A8", "W4A4"):
+            onnx_predictions = OnnxRunner(export_onnx(qnet)).predict(data.test.images)
+            numbers[f"onnxruntime {name}"] = {
+                "disagreements": int((onnx_predictions != simulated).sum()),
+                "hash": _hash(onnx_predictions),
+            }
+    from qcore.config import QuantConfig
+
+    walk = explain(model, data, QuantConfig(weight_bits=4, act_bits=4), 0, {})
+    numbers["explain W4A4 image 0"] = _report_hash(walk.to_dict())
+    return numbers
+
+
+def capture_slow(model, data) -> dict[str, object]:
+    """Methods, PyTorch's int8 kernels and a short QAT run."""
+    from qcore.config import QuantConfig
+    from qcore.qat import QatConfig, qat
+    from qcore.qmodel import calibration_data
+    from qcore.torch_int8 import torch_int8_model
+
+    numbers: dict[str, object] = {}
+    for name, changes in METHOD_CONFIGS.items():
+        numbers[f"methods {name}"] = _ptq_numbers(model, data, changes)[0]
+    int8 = torch_int8_model(model, calibration_data(data.train, QuantConfig()))
+    predictions = _predictions(int8, data.test.images)
+    numbers["torch-int8"] = {"correct": int((predictions == data.test.labels).sum()), "hash": _hash(predictions)}
+    for method in ("lsq", "ste"):
+        result = qat(model, data, QatConfig(weight_bits=2, act_bits=2, epochs=1, method=method, train_samples=3000))
+        predictions = _predictions(result.qnet, data.test.images)
+        numbers[f"qat {method} W2A2 3000 images"] = {
+            "correct": int((predictions == data.test.labels).sum()),
+            "hash": _hash(predictions),
+        }
+    from qcore.diagnose import diagnose
+
+    diagnosis = diagnose(model, data, QuantConfig(weight_bits=3, act_bits=3), 0.9832)
+    numbers["diagnosis W3A3"] = _report_hash(diagnosis.to_dict())
+    return numbers
+
+
+def _check(numbers: dict[str, object], keys) -> None:
+    mismatches = {key: (numbers[key], EXPECTED[key]) for key in keys if numbers[key] != EXPECTED[key]}
+    assert not mismatches, f"changed from the numbers before the model graph: {mismatches}"
+
+
+def test_ptq_integer_onnx_and_explain_are_unchanged(pretrained, mnist):
+    numbers = capture_fast(pretrained, mnist)
+    _check(numbers, numbers)
+
+
+@pytest.mark.slow
+def test_methods_torch_int8_and_qat_are_unchanged(pretrained, mnist):
+    numbers = capture_slow(pretrained, mnist)
+    _check(numbers, numbers)
+
+
+if __name__ == "__main__":
+    from qcore.checkpoint import load_model
+    from qcore.data import load_mnist
+
+    model, data = load_model(), load_mnist(download=False)
+    print(json.dumps({**capture_fast(model, data), **capture_slow(model, data)}, indent=1))
