@@ -39,7 +39,7 @@ if not config.methods and not config.weight_bits_budget:
 if methods.weight_bits:
     st.subheader("Weight bits per layer")
     table_with_csv([{"layer": n, "weight bits": b} for n, b in methods.weight_bits.items()], "bits", "method_bits")
-    st.caption(f"Average over parameters: {average_bits(methods.weight_bits):.2f} bits.")
+    st.caption(f"Average over parameters: {average_bits(methods.weight_bits, methods.parameters):.2f} bits.")
 if methods.seconds:
     table_with_csv([{"method": k, "seconds": v} for k, v in methods.seconds.items()], "method times", "method_times")
 

@@ -1,5 +1,5 @@
-"""Observers (one class per range rule, after torch.ao.quantization.observer) and per-layer
-activation calibration through forward pre-hooks.
+"""Observers (one class per range rule, after torch.ao.quantization.observer) and activation
+calibration at the quantization points of the model graph.
 
 Each observer records statistics batch by batch in `observe` and turns them into a clipping range
 in `clipping_range`. Exact running min and max are always kept; rules that need the distribution
@@ -8,17 +8,16 @@ in `clipping_range`. Exact running min and max are always kept; rules that need 
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from qcore import cancel
-from qcore.model import LAYER_NAMES, Net, layer
+from qcore.graph import GraphRun, ModelGraph, Op, model_graph
 from qcore.quant import Scheme, choose_qparams, fake_quantize
 
 # Subsample bounds: per batch at most SAMPLES_PER_BATCH values, at most SAMPLE_CAP overall (when the
@@ -270,46 +269,54 @@ def snapshot_points(num_batches: int) -> list[int]:
     return sorted(set(points + [num_batches]))
 
 
+class _Observing(GraphRun):
+    """The float graph, feeding each observed op's output to its observer and histogram sample."""
+
+    def __init__(self, graph: ModelGraph, watch: dict[str, Callable[[torch.Tensor], None]]) -> None:
+        super().__init__(graph)
+        self.watch = watch
+
+    def after(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        if op.name in self.watch:
+            self.watch[op.name](value)
+        return value
+
+
 @torch.inference_mode()
-def calibrate(
-    model: Net,
+def calibrate_points(
+    model: nn.Module | ModelGraph,
     batches: Sequence[torch.Tensor],
     observer: str,
     bits: int,
-    layers: Sequence[str] = LAYER_NAMES,
+    points: Sequence[str],
     histogram_bins: int = 64,
 ) -> dict[str, ActivationStats]:
-    """Run the float model over `batches` and observe the input of each named layer. Hooks go on a
-    private copy, so a model shared between sessions is never touched."""
+    """Run the float graph over `batches` and observe the output of each named op (a quantization
+    point, qcore.graph.points). The model itself is never touched."""
     if not batches:
         raise ValueError("calibration needs at least one batch")
-    model = copy.deepcopy(model)
-    observers = {name: make_observer(observer, bits, Scheme.ASYMMETRIC) for name in layers}
+    graph = model if isinstance(model, ModelGraph) else model_graph(model)
+    observers = {name: make_observer(observer, bits, Scheme.ASYMMETRIC) for name in points}
     # Histograms always come from a sample, whichever rule chooses the range.
-    samples = {name: ValueSample() for name in layers}
+    samples = {name: ValueSample() for name in points}
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            observers[name].observe(inputs[0])
-            samples[name].add(inputs[0])
+    def watcher(name: str) -> Callable[[torch.Tensor], None]:
+        def watch(value: torch.Tensor) -> None:
+            observers[name].observe(value)
+            samples[name].add(value)
 
-        return hook
+        return watch
 
-    handles = [layer(model, name).register_forward_pre_hook(hook_for(name)) for name in layers]
-    points = set(snapshot_points(len(batches)))
-    history: dict[str, list[RangeSnapshot]] = {name: [] for name in layers}
-    model.eval()
-    try:
-        for index, images in enumerate(batches, start=1):
-            cancel.checkpoint()  # per batch: abandoned work stops here
-            model(images)
-            if index in points:
-                for name, obs in observers.items():
-                    clip_min, clip_max = obs.clipping_range()
-                    history[name].append(RangeSnapshot(index, obs.observed_min, obs.observed_max, clip_min, clip_max))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run = _Observing(graph, {name: watcher(name) for name in points})
+    snapshots = set(snapshot_points(len(batches)))
+    history: dict[str, list[RangeSnapshot]] = {name: [] for name in points}
+    for index, images in enumerate(batches, start=1):
+        cancel.checkpoint()  # per batch: abandoned work stops here
+        run.run(images)
+        if index in snapshots:
+            for name, obs in observers.items():
+                clip_min, clip_max = obs.clipping_range()
+                history[name].append(RangeSnapshot(index, obs.observed_min, obs.observed_max, clip_min, clip_max))
     stats = {}
     for name, obs in observers.items():
         last = history[name][-1]
@@ -328,3 +335,19 @@ def calibrate(
             history[name],
         )
     return stats
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    observer: str,
+    bits: int,
+    layers: Sequence[str] | None = None,
+    histogram_bins: int = 64,
+) -> dict[str, ActivationStats]:
+    """The input of each named layer (default: every layer) observed over `batches`, keyed by layer."""
+    graph = model_graph(model)
+    layers = graph.layers if layers is None else layers
+    inputs = {name: graph.op(name).inputs[0] for name in layers}
+    stats = calibrate_points(graph, batches, observer, bits, sorted(set(inputs.values())), histogram_bins)
+    return {name: replace(stats[point], layer=name) for name, point in inputs.items()}

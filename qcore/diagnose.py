@@ -124,7 +124,7 @@ def variant(qnet: QuantizedNet, weights: Collection[str], inputs: Collection[str
         if not (keep_weights and keep_input):
             changes["bias_int"] = None
         layers[name] = replace(quant, **changes)
-    return QuantizedNet(layers, qnet.config, qnet.float_model, qnet.methods).eval()
+    return qnet.with_layers(layers)
 
 
 def _average_weight_bits(qnet: QuantizedNet) -> float:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import BinaryIO
 
 import torch
 
-from qcore.integer import IntegerLayer, IntegerNet
-from qcore.model import LAYER_NAMES
+from qcore.graph import PASSTHROUGH_KINDS, Op, OpKind, QuantPlan, model_graph
+from qcore.integer import IntegerLayer, IntegerNet, Requantization
+from qcore.model import Net
 from qcore.qmodel import QuantizedNet, float_parts
 from qcore.quant import QParams
 
@@ -90,8 +91,10 @@ class LoadedIntegerNet(IntegerNet):
             int(state["input_qmin"]),
             int(state["input_qmax"]),
         )
+        # format 1 holds the bundled net's four layers; its graph says where each one's output goes
+        self.graph = model_graph(Net())
         self.layers = {}
-        for name in LAYER_NAMES:
+        for name in self.graph.layers:
             shape = [int(v) for v in state[f"{name}.weight_shape"]]  # type: ignore[union-attr]
             count = int(torch.tensor(shape).prod())
             packed = state[f"{name}.weight_packed"]
@@ -103,6 +106,35 @@ class LoadedIntegerNet(IntegerNet):
             }
             tensors = {k: v.to(torch.int64) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             self.layers[name] = IntegerLayer(name=name, weight=weight, **tensors)  # type: ignore[arg-type]
+        self._requant, self._cat_inputs, self._adds, self._layer_requant = {}, {}, {}, {}
+        self._output_point = None
+        self.plan = QuantPlan((), {"input": "input"}, {})
+        self.points = {"input": self.input_qparams}
+        for name, layer in self.layers.items():
+            requant = Requantization(
+                name,
+                torch.zeros(0),
+                layer.multiplier,
+                layer.shift,
+                1,
+                layer.output_zero,
+                layer.output_min,
+                layer.output_max,
+            )
+            self._layer_requant[name] = requant
+            after, last = self.graph.consumers(name), self.graph.op(name)
+            while after and after[0].kind in PASSTHROUGH_KINDS:  # to the op the next layer reads
+                last, after = after[0], self.graph.consumers(after[0].name)
+            if after and after[0].is_layer:
+                self._requant[last.name] = replace(requant, repeat=_flattened_repeat(self.graph, name, last.name))
+            else:
+                self._requant["<logits>"] = requant
+
+
+def _flattened_repeat(graph, layer: str, point: str) -> int:
+    """How many values each of `layer`'s channels holds at `point` (more than one after a flatten)."""
+    before, after = graph.op(layer).shape, graph.op(point).shape
+    return 1 if len(before) == len(after) else after[1] // before[1]
 
 
 def load_qtensors(source: str | os.PathLike[str] | bytes | BinaryIO) -> LoadedIntegerNet:
@@ -149,84 +181,109 @@ def export_onnx(qnet: QuantizedNet) -> bytes:
         initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    current = "input"
-    for index, name in enumerate(LAYER_NAMES):
-        quant = qnet.layers[name]
-        iq, wq = quant.input_qparams, quant.weight_qparams
-        assert iq is not None and wq is not None and quant.weight_int is not None and quant.bias_int is not None
-        scale, zero = float(iq.scale), int(iq.zero_point)
-        if iq.qmax < 255:  # QuantizeLinear clamps to [0, 255]; a b-bit range needs its own clip
-            low, high = scale * (iq.qmin - zero), scale * (iq.qmax - zero)
+    graph_ops, plan = qnet.graph, qnet.plan
+
+    def quantize_dequantize(source: str, tag: str, qparams: QParams) -> str:
+        """[Clip to the b-bit range,] QuantizeLinear, DequantizeLinear: the simulation's fake quantizer."""
+        scale, zero = float(qparams.scale), int(qparams.zero_point)
+        if qparams.qmax < 255:  # QuantizeLinear clamps to [0, 255]; a b-bit range needs its own clip
+            low, high = scale * (qparams.qmin - zero), scale * (qparams.qmax - zero)
             nodes.append(
                 helper.make_node(
                     "Clip",
                     [
-                        current,
-                        constant(f"{name}.clip_min", np.array(low, np.float32)),
-                        constant(f"{name}.clip_max", np.array(high, np.float32)),
+                        source,
+                        constant(f"{tag}.clip_min", np.array(low, np.float32)),
+                        constant(f"{tag}.clip_max", np.array(high, np.float32)),
                     ],
-                    [f"{name}.clipped"],
+                    [f"{tag}.clipped"],
                 )
             )
-            current = f"{name}.clipped"
-        s_in = constant(f"{name}.x_scale", np.array(scale, np.float32))
-        z_in = constant(f"{name}.x_zero", np.array(zero, np.uint8))
-        nodes.append(helper.make_node("QuantizeLinear", [current, s_in, z_in], [f"{name}.xq"]))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.xq", s_in, z_in], [f"{name}.xdq"]))
-        signed = wq.qmin < 0
-        weight_dtype = np.int8 if signed else np.uint8
-        per_channel = wq.axis is not None
-        w_scale = wq.scale.numpy().astype(np.float32)
-        w_zero = wq.zero_point.numpy().astype(weight_dtype)
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [
-                    constant(f"{name}.w_int", quant.weight_int.numpy().astype(weight_dtype)),
-                    constant(f"{name}.w_scale", w_scale),
-                    constant(f"{name}.w_zero", w_zero),
-                ],
-                [f"{name}.wdq"],
-                **({"axis": 0} if per_channel else {}),
-            )
-        )
-        bias_scale = (scale * wq.scale.double()).numpy().astype(np.float32)
-        channels = quant.bias.shape[0]
-        if not per_channel:
-            bias_scale = np.full(channels, float(bias_scale), np.float32)
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [
-                    constant(f"{name}.b_int", quant.bias_int.numpy().astype(np.int32)),
-                    constant(f"{name}.b_scale", bias_scale),
-                    constant(f"{name}.b_zero", np.zeros(channels, np.int32)),
-                ],
-                [f"{name}.bdq"],
-                axis=0,
-            )
-        )
-        if name.startswith("conv"):
-            nodes.append(helper.make_node("Conv", [f"{name}.xdq", f"{name}.wdq", f"{name}.bdq"], [f"{name}.out"]))
+            source = f"{tag}.clipped"
+        s_in = constant(f"{tag}.x_scale", np.array(scale, np.float32))
+        z_in = constant(f"{tag}.x_zero", np.array(zero, np.uint8))
+        nodes.append(helper.make_node("QuantizeLinear", [source, s_in, z_in], [f"{tag}.xq"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.xq", s_in, z_in], [f"{tag}.xdq"]))
+        return f"{tag}.xdq"
+
+    names: dict[str, str] = {}  # op -> the ONNX value holding it
+    for op in graph_ops.ops:
+        args = [names[name] for name in op.inputs]
+        out = f"{op.name}.out"
+        if op.kind is OpKind.INPUT:
+            out = "input"
+        elif op.is_layer:
+            out = _onnx_layer(qnet, op, args[0], nodes, constant, quantize_dequantize)
+        elif op.kind is OpKind.RELU:
+            nodes.append(helper.make_node("Relu", args, [out]))
+        elif op.kind is OpKind.RELU6:
             nodes.append(
-                helper.make_node("MaxPool", [f"{name}.out"], [f"{name}.pool"], kernel_shape=[2, 2], strides=[2, 2])
+                helper.make_node(
+                    "Clip",
+                    [
+                        args[0],
+                        constant(f"{op.name}.min", np.array(0.0, np.float32)),
+                        constant(f"{op.name}.max", np.array(6.0, np.float32)),
+                    ],
+                    [out],
+                )
             )
-            nodes.append(helper.make_node("Relu", [f"{name}.pool"], [f"{name}.act"]))
-            current = f"{name}.act"
-            if LAYER_NAMES[index + 1] == "fc1":
-                nodes.append(helper.make_node("Flatten", [current], ["flat"], axis=1))
-                current = "flat"
-        else:
-            output = "logits" if name == LAYER_NAMES[-1] else f"{name}.out"
-            nodes.append(helper.make_node("Gemm", [f"{name}.xdq", f"{name}.wdq", f"{name}.bdq"], [output], transB=1))
-            if name != LAYER_NAMES[-1]:
-                nodes.append(helper.make_node("Relu", [output], [f"{name}.act"]))
-                current = f"{name}.act"
+        elif op.kind is OpKind.MAXPOOL:
+            kernel, stride, padding = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+            nodes.append(
+                helper.make_node(
+                    "MaxPool",
+                    args,
+                    [out],
+                    kernel_shape=list(kernel),
+                    strides=list(stride),
+                    pads=[*padding, *padding],  # type: ignore[misc]
+                )
+            )
+        elif op.kind is OpKind.AVGPOOL:
+            # on the integers, rounded half up as the engine does (QuantizeLinear would round half to
+            # even): quantize, average the exact integers, floor(v + 0.5), back to the grid's reals
+            qparams = qnet.points[plan.grid[op.name]].qparams
+            tag, scale, zero = op.name, float(qparams.scale), int(qparams.zero_point)
+            s_in = constant(f"{tag}.pool_scale", np.array(scale, np.float32))
+            z_in = constant(f"{tag}.pool_zero", np.array(zero, np.uint8))
+            nodes.append(helper.make_node("QuantizeLinear", [args[0], s_in, z_in], [f"{tag}.q"]))
+            nodes.append(helper.make_node("Cast", [f"{tag}.q"], [f"{tag}.qf"], to=TensorProto.FLOAT))
+            kernel, stride = op.attrs["kernel"], op.attrs["stride"]
+            nodes.append(
+                helper.make_node(
+                    "AveragePool", [f"{tag}.qf"], [f"{tag}.mean"], kernel_shape=list(kernel), strides=list(stride)
+                )  # type: ignore[call-overload]
+            )
+            half = constant(f"{tag}.half", np.array(0.5, np.float32))
+            nodes.append(helper.make_node("Add", [f"{tag}.mean", half], [f"{tag}.nudged"]))
+            nodes.append(helper.make_node("Floor", [f"{tag}.nudged"], [f"{tag}.rounded"]))
+            zero_f = constant(f"{tag}.zero_f", np.array(float(zero), np.float32))
+            nodes.append(helper.make_node("Sub", [f"{tag}.rounded", zero_f], [f"{tag}.centred"]))
+            nodes.append(helper.make_node("Mul", [f"{tag}.centred", s_in], [out]))
+        elif op.kind is OpKind.FLATTEN:
+            nodes.append(helper.make_node("Flatten", args, [out], axis=1))
+        elif op.kind is OpKind.ADD:
+            nodes.append(helper.make_node("Add", args, [out]))
+        elif op.kind is OpKind.CAT:
+            qparams = qnet.points[op.name].qparams
+            parts = [quantize_dequantize(arg, f"{op.name}.in{i}", qparams) for i, arg in enumerate(args)]
+            nodes.append(helper.make_node("Concat", parts, [out], axis=1))
+        else:  # log_softmax: the export's output is the logits before it, as the engine's argmax
+            out = args[0]
+        # where the simulation fake-quantizes a value as it is made (qnet._quantize_after); an average
+        # pool's output is on its grid already
+        after = qnet._quantize_after.get(op.name)
+        if after is not None and op.kind is not OpKind.AVGPOOL:
+            out = quantize_dequantize(out, f"{op.name}.made", after)
+        names[op.name] = out
+    nodes.append(helper.make_node("Identity", [names[graph_ops.output]], ["logits"]))
+    classes = graph_ops.op(graph_ops.output).shape[1]
     graph = helper.make_graph(
         nodes,
         "qlab_quantized_net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *qnet.graph.input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         initializers,
     )
     model = helper.make_model(
@@ -234,6 +291,65 @@ def export_onnx(qnet: QuantizedNet) -> bytes:
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _onnx_layer(qnet: QuantizedNet, op: Op, source: str, nodes: list, constant, quantize_dequantize) -> str:
+    """One conv or linear layer in QDQ form: its input through Q/DQ at its input qparams, its weights
+    as integers behind DequantizeLinear, its int32 bias at s_in * s_w."""
+    import numpy as np
+    from onnx import helper
+
+    name, quant = op.name, qnet.layers[op.name]
+    iq, wq = quant.input_qparams, quant.weight_qparams
+    assert iq is not None and wq is not None and quant.weight_int is not None and quant.bias_int is not None
+    x = quantize_dequantize(source, name, iq)
+    signed = wq.qmin < 0
+    weight_dtype = np.int8 if signed else np.uint8
+    per_channel = wq.axis is not None
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [
+                constant(f"{name}.w_int", quant.weight_int.numpy().astype(weight_dtype)),
+                constant(f"{name}.w_scale", wq.scale.numpy().astype(np.float32)),
+                constant(f"{name}.w_zero", wq.zero_point.numpy().astype(weight_dtype)),
+            ],
+            [f"{name}.wdq"],
+            **({"axis": 0} if per_channel else {}),
+        )
+    )
+    channels = quant.bias.shape[0]
+    bias_scale = (float(iq.scale) * wq.scale.double()).numpy().astype(np.float32)
+    if not per_channel:
+        bias_scale = np.full(channels, float(bias_scale), np.float32)
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [
+                constant(f"{name}.b_int", quant.bias_int.numpy().astype(np.int32)),
+                constant(f"{name}.b_scale", bias_scale),
+                constant(f"{name}.b_zero", np.zeros(channels, np.int32)),
+            ],
+            [f"{name}.bdq"],
+            axis=0,
+        )
+    )
+    out = f"{name}.out"
+    if op.kind is OpKind.CONV:
+        stride, padding = op.attrs["stride"], op.attrs["padding"]
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.wdq", f"{name}.bdq"],
+                [out],
+                strides=list(stride),  # type: ignore[call-overload]
+                pads=[*padding, *padding],  # type: ignore[misc]
+                group=int(op.attrs["groups"]),  # type: ignore[call-overload]
+            )
+        )
+    else:
+        nodes.append(helper.make_node("Gemm", [x, f"{name}.wdq", f"{name}.bdq"], [out], transB=1))
+    return out
 
 
 class OnnxRunner:

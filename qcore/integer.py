@@ -23,11 +23,11 @@ boundary, or exactly on one, can land one integer apart.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from qcore.model import LAYER_NAMES
+from qcore.graph import Op, OpKind
 from qcore.qmodel import LayerQuant, QuantizedNet, float_parts
 
 INT32_MIN = -(2**31)
@@ -108,76 +108,64 @@ def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
     return values.reshape(-1).expand(channels) if values.numel() == 1 else values.reshape(channels)
 
 
-def _real_multipliers(quant: LayerQuant, next_quant: LayerQuant | None) -> torch.Tensor:
-    """s_acc / s_out per output channel, float64: what each layer's (M0, shift) approximates."""
-    wq, iq = quant.weight_qparams, quant.input_qparams
-    assert wq is not None and iq is not None
-    s_acc = iq.scale.double() * _per_channel(wq.scale.double(), quant.weight.shape[0])
-    if next_quant is not None:
-        assert next_quant.input_qparams is not None
-        return s_acc / next_quant.input_qparams.scale.double()
-    return s_acc / s_acc.min()
-
-
-def _multiplier_problem(quant: LayerQuant, real_multipliers: torch.Tensor) -> str:
-    """Why a layer's scales cannot be run on integers ('' when they can): the bias scale s_in * s_w
-    must be a positive finite float32 (the simulation's), and every M = s_in * s_w / s_out must have a
-    shift TFLite's requantization allows. Checked once, where the engine is built, so a model whose
-    scales are finite but absurd (a weight scale of 1e30) is refused before it is run or exported."""
-    wq, iq = quant.weight_qparams, quant.input_qparams
-    assert wq is not None and iq is not None
-    bias_scale = iq.scale.float() * wq.scale.float()
-    if not bool((torch.isfinite(bias_scale) & (bias_scale > 0)).all()):
-        return f"{quant.name}'s bias scale s_in * s_w is not a positive finite float32"
+def _multiplier_problem(what: str, real_multipliers: torch.Tensor, bias_scale: torch.Tensor | None = None) -> str:
+    """Why a requantization cannot run on integers ('' when it can): the bias scale s_in * s_w must be
+    a positive finite float32 (the simulation's), and every multiplier M must have a shift TFLite's
+    requantization allows. Checked once, where the engine is built, so a model whose scales are finite
+    but absurd (a weight scale of 1e30) is refused before it is run or exported."""
+    if bias_scale is not None and not bool((torch.isfinite(bias_scale) & (bias_scale > 0)).all()):
+        return f"{what}'s bias scale s_in * s_w is not a positive finite float32"
     if not bool((torch.isfinite(real_multipliers) & (real_multipliers > 0)).all()):
-        return f"{quant.name}'s requantization multiplier s_in * s_w / s_out is not a positive finite number"
-    for real in real_multipliers.tolist():
+        return f"{what}'s requantization multiplier s_in * s_w / s_out is not a positive finite number"
+    for real in real_multipliers.reshape(-1).tolist():
         if not MIN_SHIFT <= quantize_multiplier(real)[1] <= MAX_SHIFT:
             return (
-                f"{quant.name}'s requantization multiplier s_in * s_w / s_out = {real:.3g} needs a shift outside "
+                f"{what}'s requantization multiplier s_in * s_w / s_out = {real:.3g} needs a shift outside "
                 f"TFLite's {MIN_SHIFT} to {MAX_SHIFT} (M must lie in [2^{MIN_SHIFT - 1}, 2^{MAX_SHIFT}))"
             )
     return ""
 
 
-def _build_layer(quant: LayerQuant, next_quant: LayerQuant | None, real_multipliers: torch.Tensor) -> IntegerLayer:
-    """The layer's integer form; `real_multipliers` are its _real_multipliers, which M0 and shift approximate."""
-    wq, iq = quant.weight_qparams, quant.input_qparams
-    assert wq is not None and iq is not None and quant.weight_int is not None and quant.bias_int is not None
-    channels = quant.weight.shape[0]
-    if next_quant is not None:
-        nq = next_quant.input_qparams
-        assert nq is not None
-        out_zero, out_min, out_max = int(nq.zero_point), int(nq.zero_point), nq.qmax  # ReLU: clamp at z
-    else:  # logits: one common int32 scale, the finest of the per-channel accumulator scales
-        out_zero, out_min, out_max = 0, INT32_MIN, INT32_MAX
-    multipliers = [quantize_multiplier(float(ratio)) for ratio in real_multipliers.tolist()]
-    return IntegerLayer(
-        name=quant.name,
-        weight=quant.weight_int.to(torch.int64),
-        weight_zero=_per_channel(wq.zero_point.to(torch.int64), channels).clone(),
-        input_zero=int(iq.zero_point),
-        bias=quant.bias_int.to(torch.int64),
-        multiplier=torch.tensor([m for m, _ in multipliers], dtype=torch.int64),
-        shift=torch.tensor([s for _, s in multipliers], dtype=torch.int64),
-        output_zero=out_zero,
-        output_min=out_min,
-        output_max=out_max,
+def _fixed_point(real_multipliers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [quantize_multiplier(float(ratio)) for ratio in real_multipliers.reshape(-1).tolist()]
+    return torch.tensor([m for m, _ in pairs], dtype=torch.int64), torch.tensor(
+        [s for _, s in pairs], dtype=torch.int64
     )
 
 
-def _conv_int(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor:
-    """Accumulators of a stride-1 valid convolution, by im2col and an integer matrix product
-    (im2col on bytes when the int8 path applies: 8x less to copy than int64)."""
-    out_channels, in_channels, kernel, _ = layer.weight.shape
+def _pad(x: torch.Tensor, padding: tuple[int, int], value: int) -> torch.Tensor:
+    if padding == (0, 0):
+        return x
+    return torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=value)
+
+
+def _conv_int(
+    x: torch.Tensor,
+    layer: IntegerLayer,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    groups: int = 1,
+) -> torch.Tensor:
+    """Accumulators of a convolution, by im2col and an integer matrix product (im2col on bytes when
+    the int8 path applies: 8x less to copy than int64). Zero padding of the reals is padding with the
+    input's zero point; a grouped (depthwise) convolution is one product per group."""
+    out_channels, group_channels, kh, kw = layer.weight.shape
+    x = _pad(x, padding, layer.input_zero)
     n = x.shape[0]
-    int8 = _int8_operands(x, layer)
+    int8 = _int8_operands(x, layer) if groups == 1 else None
     source = x if int8 is None else (x - BYTE_OFFSET).to(torch.int8)
-    patches = source.unfold(2, kernel, 1).unfold(3, kernel, 1)  # [N, C, OH, OW, k, k]
+    patches = source.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])  # [N, C, OH, OW, kh, kw]
     oh, ow = patches.shape[2], patches.shape[3]
-    columns = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, in_channels * kernel * kernel)
-    acc = _matmul_int(columns, layer) if int8 is None else _matmul_int8(columns, layer, int8)
-    return acc.reshape(n, oh, ow, out_channels).permute(0, 3, 1, 2)
+    if groups == 1:
+        columns = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, group_channels * kh * kw)
+        acc = _matmul_int(columns, layer) if int8 is None else _matmul_int8(columns, layer, int8)
+        return acc.reshape(n, oh, ow, out_channels).permute(0, 3, 1, 2)
+    columns = patches.reshape(n, groups, group_channels, oh, ow, kh * kw).permute(1, 0, 3, 4, 2, 5)
+    columns = columns.reshape(groups, n * oh * ow, group_channels * kh * kw) - layer.input_zero
+    weight = (layer.weight - layer.weight_zero.reshape(-1, 1, 1, 1)).reshape(groups, out_channels // groups, -1)
+    acc = torch.bmm(columns, weight.transpose(1, 2))  # [G, N*OH*OW, O/G]
+    acc = acc.permute(1, 0, 2).reshape(n, oh, ow, out_channels) + layer.bias
+    return acc.permute(0, 3, 1, 2)
 
 
 def _matmul_int(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor:
@@ -219,22 +207,100 @@ def _linear_int(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor:
     return _matmul_int8((x - BYTE_OFFSET).to(torch.int8), layer, int8)
 
 
-def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
+def _max_pool_int(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    """Max-pool on integers (accumulators or quantized values); padding never wins a window."""
+    x = _pad(x, padding, INT32_MIN - 1)
+    return x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).amax(dim=(4, 5))
 
 
-def _requantize(acc: torch.Tensor, layer: IntegerLayer, channel_dim: int) -> torch.Tensor:
-    shape = [1] * acc.ndim
-    shape[channel_dim] = -1
-    scaled = multiply_by_quantized_multiplier(
-        acc.to(torch.int64), layer.multiplier.reshape(shape), layer.shift.reshape(shape)
-    )
-    return torch.clamp(scaled + layer.output_zero, layer.output_min, layer.output_max)
+def average_pool_int(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """TFLite's uint8 reference AveragePool: the window's sum of the quantized values, divided by the
+    count rounded half up, (sum + n / 2) / n in integers; input and output share scale and zero point."""
+    count = kernel[0] * kernel[1]
+    sums = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).sum(dim=(4, 5))
+    return torch.div(sums + count // 2, count, rounding_mode="floor")
+
+
+ADD_LEFT_SHIFT = 20  # TFLite's 8-bit ADD: inputs are shifted left by 20 bits before rescaling
+
+
+def add_multipliers(input_scales: tuple[float, float]) -> tuple[list[float], float]:
+    """TFLite's ADD (kernels/add.cc, PrepareGeneralSubOp): each input rescaled by s_i / (2 max(s1, s2))
+    after a left shift of 20 bits, so the sum's scale is 2 max(s1, s2) / 2^20."""
+    twice_max = 2.0 * max(input_scales)
+    return [scale / twice_max for scale in input_scales], twice_max / 2.0**ADD_LEFT_SHIFT
+
+
+def add_int(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    zeros: tuple[int, int],
+    multipliers: tuple[torch.Tensor, torch.Tensor],
+    shifts: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The raw sum of TFLite's int8 ADD: ((q_i - z_i) << 20) times each input's multiplier, summed;
+    requantized to the output's scale and zero point afterwards, like any accumulator."""
+    scaled = [
+        multiply_by_quantized_multiplier((q.to(torch.int64) - zero) << ADD_LEFT_SHIFT, multiplier, shift)
+        for q, zero, multiplier, shift in zip((a, b), zeros, multipliers, shifts, strict=True)
+    ]
+    return scaled[0] + scaled[1]
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Acc:
+    """An op's value as integers at a known real scale, not yet on a grid: a layer's accumulators or
+    an add's raw sum. `scale` is per channel (float64 [C]) or one value; `repeat` is how many flattened
+    values each channel holds after a flatten; pending ReLU / ReLU6 become the requantization's clamp."""
+
+    source: str
+    scale: torch.Tensor
+    repeat: int = 1
+    relu: bool = False
+    relu6: bool = False
+
+
+@dataclass(frozen=True)
+class _Grid:
+    point: str  # the quantization point whose scale and zero point the integers use
+
+
+@dataclass(frozen=True)
+class Requantization:
+    """Accumulators (or another grid's integers, minus its zero point) to one grid: x * M rounded once,
+    plus the zero point, clamped (a pending ReLU clamps at the zero point, ReLU6 at the quantized 6)."""
+
+    source: str
+    real_multiplier: torch.Tensor  # float64, per channel or one value
+    multiplier: torch.Tensor  # int64, M0
+    shift: torch.Tensor  # int64
+    repeat: int
+    output_zero: int
+    output_min: int
+    output_max: int
+    input_zero: int = 0  # subtracted first when the source is another grid
+
+    def apply(self, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+        multiplier, shift = self.multiplier, self.shift
+        if self.repeat > 1:
+            multiplier, shift = multiplier.repeat_interleave(self.repeat), shift.repeat_interleave(self.repeat)
+        shape = [1] * x.ndim
+        if multiplier.numel() > 1:
+            shape[channel_dim] = -1
+        scaled = multiply_by_quantized_multiplier(
+            x.to(torch.int64) - self.input_zero, multiplier.reshape(shape), shift.reshape(shape)
+        )
+        return torch.clamp(scaled + self.output_zero, self.output_min, self.output_max)
 
 
 class IntegerNet:
-    """The integer-only twin of a QuantizedNet whose every layer and input are quantized."""
+    """The integer-only twin of a QuantizedNet whose every layer and input are quantized, walking the
+    same model graph: integers between the quantized input and the integer logits."""
 
     def __init__(self, qnet: QuantizedNet) -> None:
         missing = float_parts(qnet)
@@ -242,66 +308,254 @@ class IntegerNet:
             raise IntegerEngineError(
                 f"the integer engine needs every layer and the input quantized; float: {', '.join(missing)}"
             )
-        quants = [qnet.layers[n] for n in LAYER_NAMES]
-        for quant in quants:
+        self.graph, self.plan, self.config = qnet.graph, qnet.plan, qnet.config
+        self.points = {name: point.qparams for name, point in qnet.points.items()}
+        if self.graph.ops[0].name not in self.points:
+            raise IntegerEngineError("the integer engine needs the input quantized")
+        for quant in qnet.layers.values():
             bound = accumulator_bound(quant)
             if bound > INT32_MAX:
                 raise IntegerEngineError(
                     f"{quant.name}'s accumulators could reach {bound:.3g}, beyond int32, at "
                     f"W{qnet.config.weight_bits}A{qnet.config.act_bits}; the integer engine runs up to 8 bits"
                 )
-        self.input_qparams = quants[0].input_qparams
+        self.input_qparams = self.points[self.graph.ops[0].name]
+        self._plan_values(qnet)
         # s_in * s_w / s_out per output channel in float64, before M0 approximates it (for diagnostics)
-        self.real_multipliers = {
-            q.name: _real_multipliers(q, quants[i + 1] if i + 1 < len(quants) else None) for i, q in enumerate(quants)
-        }
-        for quant in quants:
-            problem = _multiplier_problem(quant, self.real_multipliers[quant.name])
+        self.real_multipliers = {name: r.real_multiplier for name, r in self._layer_requant.items()}
+        self.layers = {name: self._integer_layer(qnet.layers[name]) for name in self.graph.layers}
+
+    # --- building ---------------------------------------------------------------------------------
+    def _requantization(self, value: _Acc | _Grid, point: str | None) -> Requantization:
+        """How `value` reaches `point`'s grid (None: the logits, at the finest accumulator scale)."""
+        if isinstance(value, _Grid):  # another grid's integers (a cat input)
+            source, target = self.points[value.point], self.points[point]  # type: ignore[index]
+            real = source.scale.double().reshape(1) / target.scale.double()
+            problem = _multiplier_problem(f"the requantization into {point}", real)
             if problem:
                 raise IntegerEngineError(problem)
-        self.layers = {
-            q.name: _build_layer(q, quants[i + 1] if i + 1 < len(quants) else None, self.real_multipliers[q.name])
-            for i, q in enumerate(quants)
-        }
-        self.config = qnet.config
+            multiplier, shift = _fixed_point(real)
+            zero = int(target.zero_point)
+            return Requantization(
+                value.point, real, multiplier, shift, 1, zero, target.qmin, target.qmax, int(source.zero_point)
+            )
+        if point is None:
+            real = value.scale / value.scale.min()
+            zero, low, high = 0, (0 if value.relu or value.relu6 else INT32_MIN), INT32_MAX
+        else:
+            target = self.points[point]
+            real = value.scale / target.scale.double()
+            zero, low, high = int(target.zero_point), target.qmin, target.qmax
+            if value.relu or value.relu6:
+                low = max(low, zero)
+            if value.relu6:
+                high = min(high, int(torch.round(torch.tensor(6.0) / target.scale)) + zero)
+        problem = _multiplier_problem(value.source, real)
+        if problem:
+            raise IntegerEngineError(problem)
+        multiplier, shift = _fixed_point(real)
+        return Requantization(value.source, real, multiplier, shift, value.repeat, zero, low, high)
 
+    def _plan_values(self, qnet: QuantizedNet) -> None:
+        """One walk of the graph without data: what each op's value is (accumulators or a grid), and
+        every requantization and add multiplier, so each is checked before anything runs."""
+        values: dict[str, _Acc | _Grid] = {}
+        self._requant: dict[str, Requantization] = {}  # op -> requantization of its value to its grid
+        self._cat_inputs: dict[tuple[str, int], Requantization] = {}
+        self._adds: dict[
+            str, tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        ] = {}
+        self._layer_requant: dict[str, Requantization] = {}
+        for op in self.graph.ops:
+            inputs = [values[name] for name in op.inputs]
+            value: _Acc | _Grid
+            if op.kind is OpKind.INPUT:
+                value = _Grid(op.name)
+            elif op.is_layer:
+                quant = qnet.layers[op.name]
+                wq, iq = quant.weight_qparams, quant.input_qparams
+                assert wq is not None and iq is not None
+                if not isinstance(inputs[0], _Grid) or self.points[inputs[0].point] is not iq:
+                    raise IntegerEngineError(f"{op.name}'s input is not on the grid its bias was quantized for")
+                bias_scale = iq.scale.float() * wq.scale.float()
+                channels = quant.weight.shape[0]
+                problem = _multiplier_problem(op.name, torch.ones(1), bias_scale)
+                if problem:
+                    raise IntegerEngineError(problem)
+                value = _Acc(op.name, iq.scale.double() * _per_channel(wq.scale.double(), channels))
+            elif op.kind in (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN, OpKind.LOG_SOFTMAX):
+                value = inputs[0]
+                if isinstance(value, _Acc) and op.kind is OpKind.RELU:
+                    value = replace(value, relu=True)
+                elif isinstance(value, _Acc) and op.kind is OpKind.RELU6:
+                    value = replace(value, relu6=True)
+                elif isinstance(value, _Acc) and op.kind is OpKind.FLATTEN and value.scale.numel() > 1:
+                    shape = self.graph.op(op.inputs[0]).shape
+                    value = replace(value, repeat=value.repeat * int(torch.tensor(shape[2:]).prod()))
+            elif op.kind is OpKind.AVGPOOL:
+                value = inputs[0]
+            elif op.kind is OpKind.ADD:
+                grids = [v for v in inputs if isinstance(v, _Grid)]
+                assert len(grids) == 2  # the plan puts both inputs of an add on grids
+                scales = tuple(float(self.points[g.point].scale) for g in grids)
+                multipliers, sum_scale = add_multipliers(scales)  # type: ignore[arg-type]
+                real = torch.tensor(multipliers, dtype=torch.float64)
+                problem = _multiplier_problem(f"{op.name}'s input rescaling", real)
+                if problem:
+                    raise IntegerEngineError(problem)
+                fixed = [_fixed_point(real[i : i + 1]) for i in range(2)]
+                zeros = (int(self.points[grids[0].point].zero_point), int(self.points[grids[1].point].zero_point))
+                self._adds[op.name] = (zeros, (fixed[0][0], fixed[1][0]), (fixed[0][1], fixed[1][1]))
+                value = _Acc(op.name, torch.tensor([sum_scale], dtype=torch.float64))
+            elif op.kind is OpKind.CAT:
+                for index, source in enumerate(inputs):
+                    if not (isinstance(source, _Grid) and source.point == op.name):
+                        self._cat_inputs[(op.name, index)] = self._requantization(source, op.name)
+                value = _Grid(op.name)
+            else:
+                raise IntegerEngineError(f"the integer engine has no rule for {op.kind}")
+            if op.name in self.points and isinstance(value, _Acc):
+                self._requant[op.name] = self._requantization(value, op.name)
+                self._layer_requant.setdefault(value.source, self._requant[op.name])
+                value = _Grid(op.name)
+            values[op.name] = value
+        out = values[self.graph.output]
+        self._output_point = out.point if isinstance(out, _Grid) else None
+        if isinstance(out, _Acc):
+            self._requant["<logits>"] = self._requantization(out, None)
+            self._layer_requant.setdefault(out.source, self._requant["<logits>"])
+
+    def _integer_layer(self, quant: LayerQuant) -> IntegerLayer:
+        wq, iq = quant.weight_qparams, quant.input_qparams
+        assert wq is not None and iq is not None and quant.weight_int is not None and quant.bias_int is not None
+        channels = quant.weight.shape[0]
+        requant = self._layer_requant.get(quant.name)
+        empty = torch.zeros(channels, dtype=torch.int64)
+        return IntegerLayer(
+            name=quant.name,
+            weight=quant.weight_int.to(torch.int64),
+            weight_zero=_per_channel(wq.zero_point.to(torch.int64), channels).clone(),
+            input_zero=int(iq.zero_point),
+            bias=quant.bias_int.to(torch.int64),
+            multiplier=empty if requant is None else requant.multiplier,
+            shift=empty if requant is None else requant.shift,
+            output_zero=0 if requant is None else requant.output_zero,
+            output_min=0 if requant is None else requant.output_min,
+            output_max=0 if requant is None else requant.output_max,
+        )
+
+    # --- running ----------------------------------------------------------------------------------
     def quantize_input(self, images: torch.Tensor) -> torch.Tensor:
         """The only float step: real images to the input's integers (int64)."""
         from qcore.quant import quantize
 
-        assert self.input_qparams is not None
         return quantize(images, self.input_qparams).to(torch.int64)
 
+    def _layer(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[op.name]
+        if op.kind is OpKind.CONV:
+            return _conv_int(x, layer, op.attrs["stride"], op.attrs["padding"], op.attrs["groups"])  # type: ignore[arg-type]
+        return _linear_int(x, layer)
+
+    def _walk(self, x: torch.Tensor, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        values: dict[str, torch.Tensor] = {}
+        for op in self.graph.ops:
+            args = [values[name] for name in op.inputs]
+            kind = op.kind
+            if kind is OpKind.INPUT:
+                value = x
+            elif op.is_layer:
+                value = self._layer(op, args[0])
+            elif kind in (OpKind.RELU, OpKind.RELU6):
+                value = args[0]
+                source = self.plan.grid.get(op.inputs[0])
+                if source is not None:  # on a grid: the clamp itself (on accumulators it waits for the requantization)
+                    qparams = self.points[source]
+                    zero = int(qparams.zero_point)
+                    high = int(torch.round(torch.tensor(6.0) / qparams.scale)) + zero if kind is OpKind.RELU6 else None
+                    value = torch.clamp(value, min=zero, max=high)
+            elif kind is OpKind.MAXPOOL:
+                value = _max_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
+            elif kind is OpKind.FLATTEN:
+                value = args[0].flatten(1)
+            elif kind is OpKind.AVGPOOL:
+                value = average_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
+            elif kind is OpKind.ADD:
+                zeros, multipliers, shifts = self._adds[op.name]
+                value = add_int(args[0], args[1], zeros, multipliers, shifts)
+            elif kind is OpKind.CAT:
+                parts = [
+                    self._cat_inputs[(op.name, i)].apply(v) if (op.name, i) in self._cat_inputs else v
+                    for i, v in enumerate(args)
+                ]
+                value = torch.cat(parts, dim=1)
+            else:  # log_softmax: argmax needs none
+                value = args[0]
+            requant = self._requant.get(op.name)
+            if requant is not None:
+                value = requant.apply(value)
+            values[op.name] = value
+            if keep is not None:
+                keep[op.name] = value
+        out = values[self.graph.output]
+        if self._output_point is not None:
+            return out - int(self.points[self._output_point].zero_point)
+        return self._requant["<logits>"].apply(out)
+
     def logits_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer logits for integer input [N, 1, 28, 28] (no floating-point tensor involved)."""
+        """Integer logits for integer input [N, C, H, W] (no floating-point tensor involved)."""
         if x.is_floating_point():
             raise TypeError("logits_int takes the quantized input integers; use quantize_input first")
-        for name in LAYER_NAMES:
-            x = self.layer_int(name, x)
-        return x
+        return self._walk(x)
+
+    def values_int(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every op's integers for integer input (a point's after its requantization)."""
+        kept: dict[str, torch.Tensor] = {}
+        self._walk(x, kept)
+        return kept
+
+    # --- one layer at a time, for chain-shaped graphs (the explain walk and the engine gap) -----------
+    def _chain_after(self, name: str) -> list[Op]:
+        """The pass-through ops between layer `name` and the grid its output is requantized to."""
+        if not self.graph.is_chain():
+            raise IntegerEngineError("a layer-by-layer walk needs a network without branches")
+        ops, following = [], self.graph.consumers(name)
+        while following and not following[0].is_layer and following[0].kind is not OpKind.LOG_SOFTMAX:
+            ops.append(following[0])
+            if following[0].name in self._requant:
+                break
+            following = self.graph.consumers(following[0].name)
+        return ops
 
     def layer_int(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One layer on integers: its input integers in, its requantized output out (for conv1,
-        conv2 and fc1 the next layer's input integers, after max-pool and the ReLU clamp)."""
+        """One layer on integers: its input integers in, its requantized output out (conv1, conv2 and
+        fc1 of the bundled net: the next layer's input integers, after max-pool and the ReLU clamp,
+        before any flatten)."""
         return self.requantize(name, self.accumulators(name, x))
 
+    def layer_accumulators(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One layer's accumulators (bias included) for its input integers, nothing after it applied."""
+        op = self.graph.op(name)
+        return self._layer(op, x.flatten(1) if op.kind is OpKind.LINEAR else x)
+
     def accumulators(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One layer's accumulators (bias included) for its input integers; for conv1 and conv2 after
-        the 2x2 max-pool, which commutes with the monotone requantization that follows."""
-        layer = self.layers[name]
-        if name in ("conv1", "conv2"):
-            return _max_pool_2x2(_conv_int(x, layer))
-        return _linear_int(x.flatten(1), layer)
+        """One layer's accumulators (bias included) for its input integers, after the max-pools that
+        follow it (they commute with the monotone requantization)."""
+        acc = self.layer_accumulators(name, x)
+        for after in self._chain_after(name):
+            if after.kind is OpKind.MAXPOOL:
+                acc = _max_pool_int(acc, after.attrs["kernel"], after.attrs["stride"], after.attrs["padding"])  # type: ignore[arg-type]
+        return acc
 
     def requantize(self, name: str, accumulators: torch.Tensor) -> torch.Tensor:
         """Accumulators to the layer's output integers: M0 and the shift, the zero point, the clamp."""
-        return _requantize(accumulators, self.layers[name], 1)
+        return replace(self._layer_requant[name], repeat=1).apply(accumulators)
 
     def trace_int(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Integer logits for integer input, and every layer's output integers (conv1, conv2 and
-        fc1: the next layer's input; fc2: the int32 logits)."""
+        """Integer logits for integer input, and every layer's output integers (the next layer's
+        input, unflattened; the last layer: the int32 logits)."""
         outputs = {}
-        for name in LAYER_NAMES:
+        for name in self.graph.layers:
             x = outputs[name] = self.layer_int(name, x)
         return x, outputs
 

@@ -1,6 +1,6 @@
 """Post-training methods beyond choosing ranges, no retraining (applied in this fixed order):
 
-1. equalization: cross-layer equalization of ReLU-connected pairs (Nagel et al. 2019, DFQ):
+1. equalization: cross-layer equalization of layer pairs joined by ReLU, max-pool and flatten (Nagel et al. 2019, DFQ):
    output channel i of the first layer is divided by s_i and the matching inputs of the second
    multiplied by it, s_i = sqrt(r1_i / r2_i), so both weight ranges become sqrt(r1_i * r2_i). ReLU and
    max-pool commute with a positive scale, so the float function is unchanged.
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qcore import cancel
-from qcore.model import LAYER_NAMES, Net, layer
+from qcore.graph import ModelGraph, Op, OpKind, run_float
 from qcore.quant import QParams
 
 METHODS = ("equalization", "adaround", "bias-correction")  # the order they are applied in
@@ -40,9 +39,6 @@ ADAROUND_LR = 1e-2
 ADAROUND_REG = 0.01
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 MIXED_BITS = (2, 3, 4, 5, 6, 7, 8)
-
-# (first layer, second layer, how many inputs of the second belong to one channel of the first)
-EQUALIZATION_PAIRS = (("conv1", "conv2", 1), ("conv2", "fc1", 16), ("fc1", "fc2", 1))
 
 
 @dataclass
@@ -55,11 +51,12 @@ class MethodsReport:
     adaround: dict[str, dict[str, float]] = field(default_factory=dict)
     bias_shift: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    parameters: dict[str, int] = field(default_factory=dict)  # weights per layer, for the averages
 
     def to_dict(self) -> dict[str, object]:
         return {
             "weight_bits": self.weight_bits,
-            "average_weight_bits": average_bits(self.weight_bits) if self.weight_bits else None,
+            "average_weight_bits": average_bits(self.weight_bits, self.parameters) if self.weight_bits else None,
             "equalization": self.equalization,
             "sensitivity": {name: {str(b): v for b, v in row.items()} for name, row in self.sensitivity.items()},
             "adaround": self.adaround,
@@ -68,14 +65,12 @@ class MethodsReport:
         }
 
 
-def parameter_counts() -> dict[str, int]:
-    model = Net()
-    return {name: layer(model, name).weight.numel() for name in LAYER_NAMES}
+def parameter_counts(graph: ModelGraph) -> dict[str, int]:
+    return {name: graph.weight(name).numel() for name in graph.layers}
 
 
-def average_bits(bits: dict[str, int]) -> float:
-    """Weight bits averaged over parameters (fc1 holds 93% of them)."""
-    counts = parameter_counts()
+def average_bits(bits: dict[str, int], counts: dict[str, int]) -> float:
+    """Weight bits averaged over parameters (in the bundled net fc1 holds 93% of them)."""
     return sum(counts[n] * b for n, b in bits.items()) / sum(counts[n] for n in bits)
 
 
@@ -93,35 +88,66 @@ def _input_ranges(weight: torch.Tensor, group: int) -> torch.Tensor:
     return per_input.reshape(-1, group).max(dim=1).values
 
 
-def equalize(model: Net, rounds: int = EQUALIZATION_ROUNDS) -> tuple[Net, dict[str, dict[str, list[float]]]]:
-    """A copy of `model` with every ReLU-connected pair equalized, and per pair the channel ranges
+# Between two layers these keep the float function when the first layer's output channels are scaled
+# by positive factors: ReLU (max(0, s x) = s max(0, x)), max-pool and flatten. ReLU6 does not (its clip
+# at 6 would move to 6 / s), nor does a tensor something else also reads (an add would change).
+EQUALIZATION_THROUGH = (OpKind.RELU, OpKind.MAXPOOL, OpKind.FLATTEN)
+
+
+def equalization_pairs(graph: ModelGraph) -> list[tuple[str, str, int]]:
+    """(first layer, second layer, inputs of the second per output channel of the first) for every
+    pair of layers joined by ReLU, max-pool and flatten only, with nothing else reading between them
+    and the second not a grouped convolution. In the bundled net: conv1->conv2, conv2->fc1 (16 inputs
+    per channel after the flatten), fc1->fc2."""
+    pairs = []
+    for first in graph.layer_ops():
+        name, users = first.name, graph.consumers(first.name)
+        while len(users) == 1 and users[0].kind in EQUALIZATION_THROUGH:
+            name, users = users[0].name, graph.consumers(users[0].name)
+        if len(users) != 1 or not users[0].is_layer or name == graph.output:
+            continue
+        second = users[0]
+        if second.kind is OpKind.CONV and second.attrs["groups"] != 1:
+            continue
+        channels = graph.weight(first.name).shape[0]
+        inputs = graph.weight(second.name).shape[1]
+        if inputs % channels == 0:
+            pairs.append((first.name, second.name, inputs // channels))
+    return pairs
+
+
+def equalize(
+    graph: ModelGraph, rounds: int = EQUALIZATION_ROUNDS
+) -> tuple[ModelGraph, dict[str, dict[str, list[float]]]]:
+    """A copy of `graph` with every equalization pair equalized, and per pair the channel ranges
     of the first layer before and after, and the total scale applied."""
-    model = copy.deepcopy(model)
-    before = {f"{a}->{b}": _output_ranges(layer(model, a).weight.detach()).tolist() for a, b, _ in EQUALIZATION_PAIRS}
-    totals = {f"{a}->{b}": torch.ones(layer(model, a).weight.shape[0]) for a, b, _ in EQUALIZATION_PAIRS}
+    pairs = equalization_pairs(graph)
+    parameters = {name: (w.detach().clone(), b.detach().clone()) for name, (w, b) in graph.parameters.items()}
+    before = {f"{a}->{b}": _output_ranges(parameters[a][0]).tolist() for a, b, _ in pairs}
+    totals = {f"{a}->{b}": torch.ones(parameters[a][0].shape[0]) for a, b, _ in pairs}
     with torch.no_grad():
         for _ in range(rounds):
-            for first_name, second_name, group in EQUALIZATION_PAIRS:
-                first, second = layer(model, first_name), layer(model, second_name)
-                r1 = _output_ranges(first.weight)
-                r2 = _input_ranges(second.weight, group)
+            for first_name, second_name, group in pairs:
+                (first_weight, first_bias), second_weight = parameters[first_name], parameters[second_name][0]
+                r1 = _output_ranges(first_weight)
+                r2 = _input_ranges(second_weight, group)
                 scale = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2), torch.ones_like(r1))
-                shape = [-1] + [1] * (first.weight.ndim - 1)
-                first.weight.div_(scale.reshape(shape))
-                first.bias.div_(scale)
+                shape = [-1] + [1] * (first_weight.ndim - 1)
+                first_weight.div_(scale.reshape(shape))
+                first_bias.div_(scale)
                 expanded = scale.repeat_interleave(group)
-                second_shape = [1, -1] + [1] * (second.weight.ndim - 2)
-                second.weight.mul_(expanded.reshape(second_shape))
+                second_shape = [1, -1] + [1] * (second_weight.ndim - 2)
+                second_weight.mul_(expanded.reshape(second_shape))
                 totals[f"{first_name}->{second_name}"] *= scale
     report = {
         key: {
             "ranges_before": before[key],
-            "ranges_after": _output_ranges(layer(model, key.split("->")[0]).weight.detach()).tolist(),
+            "ranges_after": _output_ranges(parameters[key.split("->")[0]][0]).tolist(),
             "scales": totals[key].tolist(),
         }
         for key in before
     }
-    return model, report
+    return graph.with_parameters(parameters), report
 
 
 # --- 2. mixed precision ----------------------------------------------------------------------
@@ -129,43 +155,62 @@ def equalize(model: Net, rounds: int = EQUALIZATION_ROUNDS) -> tuple[Net, dict[s
 
 @torch.inference_mode()
 def sensitivities(
-    model: Net,
+    graph: ModelGraph,
     images: torch.Tensor,
     weight_quantizer: Callable[[torch.Tensor, int], torch.Tensor],
     bits_options: Sequence[int] = MIXED_BITS,
 ) -> dict[str, dict[int, float]]:
     """KL(float || one layer's weights quantized at b bits) of the output distribution on `images`."""
-    reference = model(images)
+    reference = run_float(graph, images)
     result: dict[str, dict[int, float]] = {}
-    for name in LAYER_NAMES:
+    for name in graph.layers:
         result[name] = {}
         for bits in bits_options:
-            trial = copy.deepcopy(model)
-            target = layer(trial, name)
-            target.weight.copy_(weight_quantizer(target.weight, bits))
-            output = trial(images)
+            cancel.checkpoint()
+            parameters = dict(graph.parameters)
+            parameters[name] = (weight_quantizer(graph.weight(name), bits), graph.bias(name))
+            output = run_float(graph.with_parameters(parameters), images)
             result[name][bits] = float(F.kl_div(output, reference, log_target=True, reduction="batchmean"))
     return result
 
 
-def choose_bits(sensitivity: dict[str, dict[int, float]], budget: float) -> dict[str, int]:
-    """The per-layer bits with the least summed sensitivity whose average is within `budget`
-    (all 7^4 allocations are tried; ties go to fewer bits)."""
-    counts = parameter_counts()
-    total = sum(counts.values())
+EXHAUSTIVE_LAYERS = 6  # 7^6 = 117,649 allocations; beyond that the greedy descent below
+
+
+def choose_bits(sensitivity: dict[str, dict[int, float]], budget: float, counts: dict[str, int]) -> dict[str, int]:
+    """The per-layer bits with the least summed sensitivity whose parameter-weighted average is
+    within `budget`: every allocation is tried for up to EXHAUSTIVE_LAYERS layers (ties go to fewer
+    bits); for more, from the most bits everywhere, the step down that costs the least sensitivity per
+    bit saved is taken until the budget holds."""
+    names = list(sensitivity)
+    total = sum(counts[n] for n in names)
+    smallest = min(min(row) for row in sensitivity.values())
+    if budget + 1e-9 < smallest:
+        raise ValueError(f"weight bits budget {budget} is below the smallest allocation ({smallest} bits everywhere)")
+    if len(names) > EXHAUSTIVE_LAYERS:
+        bits = {n: max(sensitivity[n]) for n in names}
+        while sum(counts[n] * b for n, b in bits.items()) / total > budget + 1e-9:
+            steps = []
+            for n in names:
+                lower = [b for b in sensitivity[n] if b < bits[n]]
+                if lower:
+                    b = max(lower)
+                    extra = sensitivity[n][b] - sensitivity[n][bits[n]]
+                    steps.append((extra / (counts[n] * (bits[n] - b)), n, b))
+            _, n, b = min(steps)
+            bits[n] = b
+        return bits
     best: tuple[float, float, dict[str, int]] | None = None
-    options = [sorted(sensitivity[name]) for name in LAYER_NAMES]
+    options = [sorted(sensitivity[name]) for name in names]
     for combo in itertools.product(*options):
-        bits = dict(zip(LAYER_NAMES, combo, strict=True))
+        bits = dict(zip(names, combo, strict=True))
         average = sum(counts[n] * b for n, b in bits.items()) / total
         if average > budget + 1e-9:
             continue
         cost = sum(sensitivity[n][b] for n, b in bits.items())
         if best is None or (cost, average) < best[:2]:
             best = (cost, average, bits)
-    if best is None:
-        smallest = min(MIXED_BITS)
-        raise ValueError(f"weight bits budget {budget} is below the smallest allocation ({smallest} bits everywhere)")
+    assert best is not None  # the smallest allocation fits the budget
     return best[2]
 
 
@@ -176,14 +221,21 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _layer_apply(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, weight) if weight.ndim == 4 else F.linear(x, weight)
+def _layer_apply(weight: torch.Tensor, x: torch.Tensor, layer: Op | None = None) -> torch.Tensor:
+    """The layer without its bias (a conv with its stride, padding and groups)."""
+    if weight.ndim == 2:
+        return F.linear(x, weight)
+    if layer is None:
+        return F.conv2d(x, weight)
+    return F.conv2d(x, weight, None, layer.attrs["stride"], layer.attrs["padding"], 1, layer.attrs["groups"])  # type: ignore[arg-type]
 
 
-def reconstruction_error(weight: torch.Tensor, weight_hat: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> float:
+def reconstruction_error(
+    weight: torch.Tensor, weight_hat: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, layer: Op | None = None
+) -> float:
     """AdaRound's objective: mean over samples of || W x - W_hat x_hat ||^2."""
     with torch.no_grad():
-        difference = _layer_apply(weight, x) - _layer_apply(weight_hat, x_hat)
+        difference = _layer_apply(weight, x, layer) - _layer_apply(weight_hat, x_hat, layer)
         return float(difference.pow(2).flatten(1).sum(dim=1).mean())
 
 
@@ -194,6 +246,7 @@ def adaround(
     x_hat: torch.Tensor,
     iterations: int = ADAROUND_ITERATIONS,
     seed: int = 0,
+    layer: Op | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Learned rounding of `weight` on the grid of `qparams`, reconstructing W x from W_hat x_hat.
     Returns integer weights and what it did; nearest rounding is returned if it reconstructs better."""
@@ -205,13 +258,13 @@ def adaround(
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=ADAROUND_LR)
     with torch.no_grad():
-        target = _layer_apply(weight, x)
+        target = _layer_apply(weight, x, layer)
     lo, hi = qparams.qmin - zero, qparams.qmax - zero
     for step in range(iterations):
         cancel.checkpoint()  # per step: abandoned work stops here
         batch = torch.randint(0, len(x), (min(ADAROUND_BATCH, len(x)),), generator=generator)
         soft = scale * torch.clamp(floor + _rectified_sigmoid(v), lo, hi)
-        loss = (_layer_apply(soft, x_hat[batch]) - target[batch]).pow(2).flatten(1).sum(dim=1).mean()
+        loss = (_layer_apply(soft, x_hat[batch], layer) - target[batch]).pow(2).flatten(1).sum(dim=1).mean()
         progress = step / iterations
         if progress >= 0.2:  # warm-up without the regulariser, then anneal beta from 20 to 2
             beta = 20.0 + (2.0 - 20.0) * (progress - 0.2) / 0.8
@@ -222,8 +275,8 @@ def adaround(
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).to(weight.dtype), lo, hi) + zero
         nearest = torch.clamp(torch.round(scaled), lo, hi) + zero
-        error_learned = reconstruction_error(weight, scale * (learned - zero), x, x_hat)
-        error_nearest = reconstruction_error(weight, scale * (nearest - zero), x, x_hat)
+        error_learned = reconstruction_error(weight, scale * (learned - zero), x, x_hat, layer)
+        error_nearest = reconstruction_error(weight, scale * (nearest - zero), x, x_hat, layer)
     kept = error_learned <= error_nearest
     chosen = learned if kept else nearest
     return chosen.to(torch.int32), {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -40,25 +39,9 @@ def layer(model: Net, name: str) -> nn.Conv2d | nn.Linear:
     return getattr(model, name)
 
 
-@torch.inference_mode()
-def capture_layers(model: Net, images: torch.Tensor, what: Literal["input", "output"]) -> dict[str, torch.Tensor]:
-    """Every layer's input, or its output before the activation, for `images`. The hooks go on a
-    private copy, so a model shared between sessions is never touched."""
-    model = copy.deepcopy(model).eval()
-    captured: dict[str, torch.Tensor] = {}
+def capture_layers(model: nn.Module, images: torch.Tensor, what: Literal["input", "output"]) -> dict[str, torch.Tensor]:
+    """Every layer's input, or its output before the activation, for `images` (the model graph's
+    float walk; the model itself is never touched)."""
+    from qcore.graph import capture, model_graph
 
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        captured[name] = tensor.detach().clone()
-
-    handles = [
-        layer(model, name).register_forward_pre_hook(lambda _m, inputs, name=name: keep(name, inputs[0]))
-        if what == "input"
-        else layer(model, name).register_forward_hook(lambda _m, _i, output, name=name: keep(name, output))
-        for name in LAYER_NAMES
-    ]
-    try:
-        model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    return capture(model_graph(model), images, what)

@@ -52,8 +52,9 @@ from qcore.checkpoint import (
 from qcore.config import ConfigError, QuantConfig
 from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
 from qcore.files import JsonFileError, read_json, shorten
+from qcore.graph import GraphRun, Op, OpKind, model_graph
 from qcore.model import LAYER_NAMES, Net, layer
-from qcore.qmodel import BIAS_BITS, LayerQuant, QuantizedNet
+from qcore.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan
 from qcore.quant import QParams, Scheme, integer_range, quantize, quantize_bias
 from qcore.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
 
@@ -193,6 +194,11 @@ class QatNet(nn.Module):
         super().__init__()
         self.method = method
         self.config = start.config
+        if start._quantize_after or any(op.kind in (OpKind.AVGPOOL, OpKind.CAT) for op in start.graph.ops):
+            raise QatError(
+                "QAT runs on networks whose quantized tensors are all layer inputs (no add, cat or average pool yet)"
+            )
+        self.graph = start.graph
         self.weights = nn.ParameterDict()
         self.biases = nn.ParameterDict()
         self.weight_scales = nn.ParameterDict()
@@ -262,18 +268,7 @@ class QatNet(nn.Module):
         return weight_q, bias_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in LAYER_NAMES:
-            x = self._quantized_input(name, x)
-            weight, bias = self._quantized_weight_and_bias(name, self.input_scales[name])
-            if name in ("conv1", "conv2"):
-                x = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2, 2))
-                if name == "conv2":
-                    x = x.flatten(1)
-            elif name == "fc1":
-                x = F.relu(F.linear(x, weight, bias))
-            else:
-                x = F.linear(x, weight, bias)
-        return F.log_softmax(x, dim=1)
+        return _QatRun(self).run(x)
 
     def float_model(self) -> Net:
         """The trained float weights as a Net (the latent weights QAT updates)."""
@@ -293,6 +288,27 @@ class QatNet(nn.Module):
             }
             for name in LAYER_NAMES
         }
+
+
+class _QatRun(GraphRun):
+    """The model graph's walk with the STE quantizers on each layer's input, weights and bias."""
+
+    def __init__(self, net: QatNet) -> None:
+        super().__init__(net.graph)
+        self.net = net
+        self._bias: torch.Tensor | None = None
+
+    def layer_input(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        return self.net._quantized_input(op.name, x)
+
+    def weight(self, op: Op) -> torch.Tensor:
+        weight, self._bias = self.net._quantized_weight_and_bias(op.name, self.net.input_scales[op.name])
+        return weight
+
+    def bias(self, op: Op) -> torch.Tensor:
+        assert self._bias is not None  # weight() runs first, for the same layer
+        bias, self._bias = self._bias, None
+        return bias
 
 
 def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], config: QuantConfig) -> QuantizedNet:
@@ -325,7 +341,10 @@ def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], co
         assert quant.bias_scale is not None
         quant.bias_int = quantize_bias(bias, quant.bias_scale, BIAS_BITS)
         layers[name] = quant
-    return QuantizedNet(layers, config, model).eval()
+    graph = model_graph(model)
+    plan = config_plan(graph, config)
+    points = {point: QuantPoint(point, layers[name].input_qparams, None) for name, point in plan.layer_input.items()}  # type: ignore[arg-type]
+    return QuantizedNet(layers, config, model, graph=graph, plan=plan, points=points).eval()
 
 
 # --- training ------------------------------------------------------------------------------------

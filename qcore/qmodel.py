@@ -1,35 +1,37 @@
-"""The quantized twin of a trained Net: fake-quant simulation on the same layers.
+"""The quantized twin of a float model: fake-quant simulation over its model graph (qcore.graph).
 
 Each quantized layer sees its input fake-quantized with the calibrated activation qparams
 (affine, `act_bits`), its weights fake-quantized (`scheme`, `granularity`, `weight_bits`) and its
 bias as int32 at s_in * s_w with zero point 0, exactly what an integer pipeline would add to its
 int32 accumulator. The last layer's output is left as that accumulator (logits at s_in * s_w), so
 argmax needs no further requantization. A layer named in `float_layers` keeps float weights and
-a float input.
+a float input. Adds, cats and average pools are quantized at the points qcore.graph.points
+chooses, and rounded where the integer engine rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcore.calibrate import ActivationStats, calibrate, mse_optimal_weight_range
-from qcore.config import QuantConfig
+from qcore.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
+from qcore.config import ConfigError, QuantConfig
 from qcore.data import Split, calibration_batches
+from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
 from qcore.methods import (
     MethodsReport,
     adaround,
     channel_means,
     choose_bits,
     equalize,
+    parameter_counts,
     sensitivities,
     timed,
 )
-from qcore.model import LAYER_NAMES, Net, capture_layers, layer
 from qcore.quant import (
     Granularity,
     QParams,
@@ -81,29 +83,90 @@ class LayerQuant:
         return dequantize_bias(self.bias_int, self.bias_scale)
 
 
+@dataclass(frozen=True)
+class QuantPoint:
+    """A tensor of the graph with its own observer and qparams (see qcore.graph.points)."""
+
+    name: str
+    qparams: QParams
+    activation: ActivationStats | None  # None: qparams not calibrated here (a QAT checkpoint's)
+
+
+class _Simulation(GraphRun):
+    """The model graph with fake-quantized layer inputs and weights, int32 biases, and every other
+    quantized tensor (add inputs, cat, average pooling, ReLU6 on a grid) on its grid."""
+
+    def __init__(self, qnet: QuantizedNet, outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        super().__init__(qnet.graph)
+        self.qnet, self.outputs, self.inputs = qnet, outputs, inputs
+
+    def weight(self, op: Op) -> torch.Tensor:
+        return self.qnet._weights[op.name]
+
+    def bias(self, op: Op) -> torch.Tensor:
+        return self.qnet._biases[op.name]
+
+    def layer_input(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        qparams = self.qnet.layers[op.name].input_qparams
+        x = self.inputs[op.name] = x if qparams is None else fake_quantize(x, qparams)
+        return x
+
+    def layer_output(self, op: Op, y: torch.Tensor) -> None:
+        self.outputs[op.name] = y
+
+    def after(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        qparams = self.qnet._quantize_after.get(op.name)
+        return value if qparams is None else fake_quantize(value, qparams)
+
+    def cat_input(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(value, self.qnet.points[op.name].qparams)
+
+    def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """On the integers, as the engine computes it: the window's sum, then a division rounded half up
+        (TFLite's uint8 reference AveragePool: (sum + n / 2) / n in integers); the grid is the input's."""
+        qparams = self.qnet.points[self.qnet.plan.grid[op.inputs[0]]].qparams
+        q = torch.round(x / qparams.scale) + qparams.zero_point.to(x.dtype)
+        kernel, stride = op.attrs["kernel"], op.attrs["stride"]
+        count = kernel[0] * kernel[1]  # type: ignore[index]
+        sums = F.avg_pool2d(q.double(), kernel, stride, divisor_override=1)  # type: ignore[arg-type]
+        averaged = torch.div(sums + count // 2, count, rounding_mode="floor").to(x.dtype)
+        return (averaged - qparams.zero_point.to(x.dtype)) * qparams.scale
+
+
 class QuantizedNet(nn.Module):
-    """Net's forward with fake-quantized inputs, weights and int32 biases."""
+    """The model graph with fake-quantized inputs, weights and int32 biases (the simulation)."""
 
     def __init__(
         self,
         layers: dict[str, LayerQuant],
         config: QuantConfig,
-        float_model: Net | None = None,
+        float_model: nn.Module | None = None,
         methods: MethodsReport | None = None,
+        *,
+        graph: ModelGraph,
+        plan: QuantPlan,
+        points: dict[str, QuantPoint],
     ) -> None:
         super().__init__()
         self.config = config
         self.layers = layers
+        self.graph, self.plan, self.points = graph, plan, points
         # The float model the quantizer saw (equalized when that method ran): the reference for
         # activation statistics and SQNR. Kept out of the module tree so it is not a submodule.
         self.__dict__["float_model"] = float_model
         self.methods = methods or MethodsReport()
         self._weights = {name: q.effective_weight() for name, q in layers.items()}
         self._biases = {name: q.effective_bias() for name, q in layers.items()}
-
-    def _input(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        qparams = self.layers[name].input_qparams
-        return x if qparams is None else fake_quantize(x, qparams)
+        # Tensors fake-quantized where they are made rather than where a layer reads them: points that
+        # something other than a layer reads (an add, a pool), and ReLU6 on a grid (6 may lie off it)
+        self._quantize_after: dict[str, QParams] = {}
+        for op in graph.ops:
+            source = plan.grid.get(op.name)
+            if source is None:
+                continue
+            read_by_layers_only = all(user.is_layer for user in graph.consumers(op.name))
+            if (op.name in points and not read_by_layers_only) or op.kind is OpKind.RELU6:
+                self._quantize_after[op.name] = points[source].qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_outputs(x)[0]
@@ -116,22 +179,21 @@ class QuantizedNet(nn.Module):
     def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Log-probabilities, each layer's output before its activation, and each layer's input as
         the layer sees it (fake-quantized where its input is quantized)."""
-        w, b = self._weights, self._biases
-        outputs, inputs = {}, {}
-        x = inputs["conv1"] = self._input("conv1", x)
-        x = outputs["conv1"] = F.conv2d(x, w["conv1"], b["conv1"])
-        x = inputs["conv2"] = self._input("conv2", F.relu(F.max_pool2d(x, 2, 2)))  # Net.forward's order
-        x = outputs["conv2"] = F.conv2d(x, w["conv2"], b["conv2"])
-        x = inputs["fc1"] = self._input("fc1", F.relu(F.max_pool2d(x, 2, 2)).flatten(1))
-        x = outputs["fc1"] = F.linear(x, w["fc1"], b["fc1"])
-        x = inputs["fc2"] = self._input("fc2", F.relu(x))
-        x = outputs["fc2"] = F.linear(x, w["fc2"], b["fc2"])
-        return F.log_softmax(x, dim=1), outputs, inputs
+        outputs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        log_probs = _Simulation(self, outputs, inputs).run(x)
+        return log_probs, outputs, inputs
+
+    def with_layers(self, layers: dict[str, LayerQuant]) -> QuantizedNet:
+        """The same graph and points with other layer decisions (methods, diagnosis variants)."""
+        return QuantizedNet(
+            layers, self.config, self.float_model, self.methods, graph=self.graph, plan=self.plan, points=self.points
+        ).eval()
 
 
 def float_parts(qnet: QuantizedNet) -> list[str]:
     """Layers whose weights or input stay float: an integer-only pipeline cannot run them."""
-    return [n for n in LAYER_NAMES if qnet.layers[n].weight_qparams is None or qnet.layers[n].input_qparams is None]
+    return [n for n, q in qnet.layers.items() if q.weight_qparams is None or q.input_qparams is None]
 
 
 def weight_qparams(weight: torch.Tensor, config: QuantConfig, bits: int | None = None) -> QParams:
@@ -147,29 +209,49 @@ def weight_qparams(weight: torch.Tensor, config: QuantConfig, bits: int | None =
     return choose_qparams(low, high, bits, Scheme(config.scheme), axis)
 
 
-def input_is_quantized(name: str, config: QuantConfig) -> bool:
-    if name in config.float_layers:
-        return False
-    return config.quantize_input or name != LAYER_NAMES[0]
+def config_plan(graph: ModelGraph, config: QuantConfig) -> QuantPlan:
+    """Where `config` quantizes `graph`: every layer not kept float, the input when the config says so."""
+    unknown = [name for name in config.float_layers if name not in graph.layers]
+    if unknown:
+        raise ConfigError(f"float_layers: unknown layer(s) {', '.join(unknown)}; layers are {', '.join(graph.layers)}")
+    quantized = [name for name in graph.layers if name not in config.float_layers]
+    return quant_plan(graph, quantized, config.quantize_input)
+
+
+def quantize_points(
+    graph: ModelGraph, plan: QuantPlan, config: QuantConfig, batches: Sequence[torch.Tensor]
+) -> dict[str, QuantPoint]:
+    """Calibrate every point on `batches` and choose its affine qparams at config.act_bits."""
+    if not plan.points:
+        return {}
+    stats = calibrate_points(graph, batches, config.observer, config.act_bits, plan.points)
+    return {
+        name: QuantPoint(name, choose_qparams(s.clip_min, s.clip_max, config.act_bits, Scheme.ASYMMETRIC), s)
+        for name, s in stats.items()
+    }
 
 
 def quantize_layers(
-    model: Net, config: QuantConfig, activations: dict[str, ActivationStats], bits: dict[str, int] | None = None
+    graph: ModelGraph,
+    config: QuantConfig,
+    plan: QuantPlan,
+    points: dict[str, QuantPoint],
+    bits: dict[str, int] | None = None,
 ) -> dict[str, LayerQuant]:
     """Choose every layer's qparams from the float weights and calibrated activation ranges
     (weights at `bits[name]` when given, else config.weight_bits), rounding to nearest."""
     result = {}
-    for name in LAYER_NAMES:
-        module = layer(model, name)
-        weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
-        quant = LayerQuant(name, weight, bias, None, None, None, None, activations.get(name))
+    for name in graph.layers:
+        weight, bias = graph.weight(name).detach().clone(), graph.bias(name).detach().clone()
+        point = points.get(plan.layer_input.get(name, ""))
+        activation = None if point is None or point.activation is None else replace(point.activation, layer=name)
+        quant = LayerQuant(name, weight, bias, None, None, None, None, activation)
         if name not in config.float_layers:
             quant.weight_bits = config.weight_bits if bits is None else bits[name]
             quant.weight_qparams = weight_qparams(weight, config, quant.weight_bits)
             quant.weight_int = quantize(weight, quant.weight_qparams)
-        if input_is_quantized(name, config) and quant.activation is not None:
-            stats = quant.activation
-            quant.input_qparams = choose_qparams(stats.clip_min, stats.clip_max, config.act_bits, Scheme.ASYMMETRIC)
+        if point is not None:
+            quant.input_qparams = point.qparams
             scale = quant.bias_scale
             assert scale is not None  # both input and weights are quantized here
             quant.bias_int = quantize_bias(bias, scale, BIAS_BITS)
@@ -181,66 +263,69 @@ def calibration_data(train: Split, config: QuantConfig) -> list[torch.Tensor]:
     return calibration_batches(train, config.calib_batches, config.batch_size, config.seed)
 
 
-def quantize_model(model: Net, config: QuantConfig, batches: Sequence[torch.Tensor]) -> QuantizedNet:
-    """Calibrate on `batches` (training images) and build the quantized twin, applying the
-    config's methods in METHODS' order (see qcore.methods)."""
+def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor]) -> QuantizedNet:
+    """Calibrate on `batches` (training images) and build the quantized twin of `model`'s graph,
+    applying the config's methods in METHODS' order (see qcore.methods)."""
     config.validate()
-    report = MethodsReport()
+    graph = model_graph(model)  # refuses an unsupported model before any work
+    plan = config_plan(graph, config)
+    report = MethodsReport(parameters=parameter_counts(graph))
     if "equalization" in config.methods:
         with timed(report, "equalization"):
-            model, report.equalization = equalize(model)
+            graph, report.equalization = equalize(graph)
     images = torch.cat(list(batches))
     bits = None
     if config.weight_bits_budget > 0:
         with timed(report, "mixed precision"):
             report.sensitivity = sensitivities(
-                model, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b))
+                graph, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b))
             )
-            bits = choose_bits(report.sensitivity, config.weight_bits_budget)
-    calibrated = [name for name in LAYER_NAMES if input_is_quantized(name, config)]
-    activations = calibrate(model, batches, config.observer, config.act_bits, calibrated) if calibrated else {}
-    layers = quantize_layers(model, config, activations, bits)
+            bits = choose_bits(report.sensitivity, config.weight_bits_budget, parameter_counts(graph))
+    points = quantize_points(graph, plan, config, batches)
+    layers = quantize_layers(graph, config, plan, points, bits)
     report.weight_bits = {n: q.weight_bits for n, q in layers.items() if q.weight_bits is not None}
+    qnet = QuantizedNet(layers, config, ModelGraphModule(graph), report, graph=graph, plan=plan, points=points)
     if "adaround" in config.methods:
         with timed(report, "adaround"):
-            apply_adaround(model, layers, config, images, report)
+            apply_adaround(qnet, images)
     if "bias-correction" in config.methods:
         with timed(report, "bias-correction"):
-            apply_bias_correction(model, layers, config, images, report)
-    return QuantizedNet(layers, config, model, report).eval()
+            apply_bias_correction(qnet, images)
+    return qnet.with_layers(qnet.layers)
 
 
-def apply_adaround(
-    model: Net, layers: dict[str, LayerQuant], config: QuantConfig, images: torch.Tensor, report: MethodsReport
-) -> None:
+def apply_adaround(qnet: QuantizedNet, images: torch.Tensor) -> None:
     """Replace nearest rounding by AdaRound layer by layer: each layer learns to map the input it
     really gets (from the layers before it, already quantized) to the float model's output."""
-    float_inputs = capture_layers(model, images, "input")
-    for name, quant in layers.items():
+    float_inputs = capture(qnet.graph, images, "input")
+    for name, quant in qnet.layers.items():
         if quant.weight_qparams is None:
             continue
         with torch.inference_mode():
-            _, _, quantized = QuantizedNet(layers, config).trace(images)
+            _, _, quantized = qnet.with_layers(qnet.layers).trace(images)
         weight_int, info = adaround(
-            quant.weight, quant.weight_qparams, float_inputs[name], quantized[name], seed=config.seed
+            quant.weight,
+            quant.weight_qparams,
+            float_inputs[name],
+            quantized[name],
+            seed=qnet.config.seed,
+            layer=qnet.graph.op(name),
         )
         quant.weight_int = weight_int
-        report.adaround[name] = info
+        qnet.methods.adaround[name] = info
 
 
-def apply_bias_correction(
-    model: Net, layers: dict[str, LayerQuant], config: QuantConfig, images: torch.Tensor, report: MethodsReport
-) -> None:
+def apply_bias_correction(qnet: QuantizedNet, images: torch.Tensor) -> None:
     """Layer by layer, add the mean float-minus-quantized output per channel to the bias."""
-    float_outputs = capture_layers(model, images, "output")
-    for name in LAYER_NAMES:
-        quant = layers[name]
+    float_outputs = capture(qnet.graph, images, "output")
+    for name in qnet.graph.layers:
+        quant = qnet.layers[name]
         if quant.weight_qparams is None:
             continue
         with torch.inference_mode():
-            _, outputs = QuantizedNet(layers, config).forward_with_outputs(images)
+            _, outputs = qnet.with_layers(qnet.layers).forward_with_outputs(images)
         shift = channel_means(float_outputs[name]) - channel_means(outputs[name])
         quant.bias = quant.bias + shift
         if quant.bias_scale is not None:
             quant.bias_int = quantize_bias(quant.bias, quant.bias_scale, BIAS_BITS)
-        report.bias_shift[name] = shift.tolist()
+        qnet.methods.bias_shift[name] = shift.tolist()

@@ -9,12 +9,15 @@ import torch
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.evaluate import evaluate
+from qcore.graph import model_graph, run_float
 from qcore.methods import (
     adaround,
     average_bits,
     channel_means,
     choose_bits,
+    equalization_pairs,
     equalize,
+    parameter_counts,
     reconstruction_error,
 )
 from qcore.model import Net
@@ -71,10 +74,15 @@ def mismatched_net() -> Net:
 
 def test_equalization_equalizes_ranges_and_keeps_the_function():
     net = mismatched_net()
-    equalized, report = equalize(net)
+    equalized, report = equalize(model_graph(net))
+    assert [pair[:2] for pair in equalization_pairs(equalized)] == [
+        ("conv1", "conv2"),
+        ("conv2", "fc1"),
+        ("fc1", "fc2"),
+    ]
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(equalized(x), net(x), atol=1e-4)
+        assert torch.allclose(run_float(equalized, x), net(x), atol=1e-4)
     before = torch.tensor(report["conv1->conv2"]["ranges_before"])
     after = torch.tensor(report["conv1->conv2"]["ranges_after"])
     assert float(before.max() / before.min()) > 1000
@@ -86,7 +94,7 @@ def test_equalization_equalizes_ranges_and_keeps_the_function():
         per_channel = (fake_quantize(weight, qparams) - weight).flatten(1).norm(dim=1) / weight.flatten(1).norm(dim=1)
         return float(per_channel.mean())
 
-    assert relative_error(equalized.conv1.weight.detach()) < relative_error(net.conv1.weight.detach()) / 10
+    assert relative_error(equalized.weight("conv1")) < relative_error(net.conv1.weight.detach()) / 10
 
 
 # --- bias correction ------------------------------------------------------------------------
@@ -119,11 +127,23 @@ def test_choose_bits_spends_bits_where_they_matter_within_budget():
         name: {b: (10.0 if name == "conv2" else 1.0) / 2**b for b in range(2, 9)}
         for name in ("conv1", "conv2", "fc1", "fc2")
     }
-    bits = choose_bits(table, 2.5)
-    assert average_bits(bits) <= 2.5
+    counts = parameter_counts(model_graph(Net()))
+    assert counts == {"conv1": 500, "conv2": 25_000, "fc1": 400_000, "fc2": 5_000}
+    bits = choose_bits(table, 2.5, counts)
+    assert average_bits(bits, counts) <= 2.5
     assert bits["conv2"] == 8 and bits["fc1"] == 2
-    assert choose_bits(table, 8.0) == {"conv1": 8, "conv2": 8, "fc1": 8, "fc2": 8}
-    assert choose_bits(table, 2.0) == {"conv1": 2, "conv2": 2, "fc1": 2, "fc2": 2}
+    assert choose_bits(table, 8.0, counts) == {"conv1": 8, "conv2": 8, "fc1": 8, "fc2": 8}
+    assert choose_bits(table, 2.0, counts) == {"conv1": 2, "conv2": 2, "fc1": 2, "fc2": 2}
+
+
+def test_choose_bits_greedy_beyond_the_exhaustive_limit_meets_the_budget():
+    # eight layers of equal size: the cheapest savings first, so the insensitive layers drop to 2 bits
+    names = [f"layer{i}" for i in range(8)]
+    table = {name: {b: (100.0 if i < 2 else 1.0) / 2**b for b in range(2, 9)} for i, name in enumerate(names)}
+    counts = dict.fromkeys(names, 1000)
+    bits = choose_bits(table, 3.5, counts)
+    assert average_bits(bits, counts) <= 3.5
+    assert bits["layer0"] > 2 and bits["layer1"] > 2 and all(bits[n] == 2 for n in names[2:])
 
 
 # --- the goals on MNIST ---------------------------------------------------------------
@@ -144,5 +164,5 @@ def test_low_bit_goals(pretrained, mnist, float_eval, config, max_drop_points):
     accuracy = evaluate(qnet, mnist.test).accuracy
     assert 100 * (float_eval.accuracy - accuracy) <= max_drop_points
     if config.weight_bits_budget:
-        assert average_bits(qnet.methods.weight_bits) <= 2.5
+        assert average_bits(qnet.methods.weight_bits, qnet.methods.parameters) <= 2.5
     assert qnet.methods.adaround and all(v["kept"] in (0.0, 1.0) for v in qnet.methods.adaround.values())

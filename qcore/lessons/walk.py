@@ -11,13 +11,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qcore.analysis import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist
-from qcore.integer import INT32_MAX, IntegerNet, _conv_int, _linear_int, _requantize, multiply_by_quantized_multiplier
-from qcore.model import LAYER_NAMES, Net
+from qcore.integer import INT32_MAX, IntegerNet, multiply_by_quantized_multiplier
+from qcore.model import Net, capture_layers
 from qcore.qmodel import QuantizedNet
 
 
@@ -95,20 +94,18 @@ def explain(
     engine = IntegerNet(qnet)  # raises IntegerEngineError for configs that cannot run on integers
     x_real = data.test.images[image : image + 1]
     x = engine.quantize_input(x_real)
-    float_maps = {}
     reference = qnet.float_model if qnet.float_model is not None else model
-    h = x_real
-    for name in LAYER_NAMES[:2]:
-        h = F.relu(F.max_pool2d(getattr(reference, name)(h), 2, 2))
-        float_maps[name] = h[0]
+    # each layer's float output as the next layer reads it: the feature map beside the integer one
+    float_inputs = capture_layers(reference, x_real, "input")
+    layer_names = engine.graph.layers
     float_log_probs = model(x_real)[0]
     walks = []
-    for name in LAYER_NAMES:
+    for index, name in enumerate(layer_names):
         layer = engine.layers[name]
         is_conv = name.startswith("conv")
         next_x = engine.layer_int(name, x)  # the engine's own output: the next layer's input integers
-        acc = _conv_int(x, layer) if is_conv else _linear_int(x.flatten(1), layer)  # [1, O, H, W] or [1, O]
-        requantized = _requantize(acc, layer, 1)[0]  # every output before the pool, as the engine requantizes
+        acc = engine.layer_accumulators(name, x)  # [1, O, H, W] or [1, O]
+        requantized = engine.requantize(name, acc)[0]  # every output before the pool, as the engine requantizes
         default = list(divmod_index(int(requantized.argmax()), requantized.shape))
         where = _check_position(name, positions.get(name, default), requantized.shape)
         channel = where[0]
@@ -123,7 +120,8 @@ def explain(
             pooled = max(window)
             input_patch = patch[0].tolist()
             feature_int = next_x[0, channel].tolist()
-            feature_float = float_maps[name][channel].tolist()
+            following = float_inputs[layer_names[index + 1]][0].reshape(next_x[0].shape)
+            feature_float = following[channel].tolist()
         else:
             terms = [[int(a), int(b)] for a, b in zip(x.flatten(1)[0], layer.weight[channel], strict=True)]
             window, pooled, input_patch, feature_int, feature_float = [], None, [], [], []
@@ -188,9 +186,10 @@ def _exact_multiplier(qnet, name: str, channel: int) -> float:
     quant = qnet.layers[name]
     s_w = quant.weight_qparams.scale.double().reshape(-1)
     s_acc = quant.input_qparams.scale.double() * (s_w[channel] if s_w.numel() > 1 else s_w[0])
-    following = LAYER_NAMES.index(name) + 1
-    if following < len(LAYER_NAMES):
-        s_out = qnet.layers[LAYER_NAMES[following]].input_qparams.scale.double()
+    names = qnet.graph.layers
+    following = names.index(name) + 1
+    if following < len(names):
+        s_out = qnet.layers[names[following]].input_qparams.scale.double()
     else:
         s_out = (quant.input_qparams.scale.double() * s_w).min()
     return float(s_acc / s_out)

@@ -1,0 +1,110 @@
+"""The model graph: a float network as an ordered list of the operations the lab supports. This is
+the one place that knows the order of operations; the simulation, calibration, methods, QAT, the
+integer engine and the exports all walk it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+
+class GraphError(ValueError):
+    """A model the lab cannot run: one line naming the operation and where it is."""
+
+
+class OpKind(StrEnum):
+    INPUT = "input"
+    CONV = "conv"  # Conv2d (any stride, zero padding, groups; BatchNorm folded in)
+    LINEAR = "linear"
+    RELU = "relu"
+    RELU6 = "relu6"
+    MAXPOOL = "maxpool"
+    AVGPOOL = "avgpool"  # AvgPool2d without padding, and global average pooling
+    FLATTEN = "flatten"  # flatten / view / reshape to (batch, features)
+    ADD = "add"  # residual add of two tensors of one shape
+    CAT = "cat"  # along channels
+    LOG_SOFTMAX = "log_softmax"
+
+
+LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
+# Operations that commute with a positive per-channel scale and a monotone rounding: on the integer
+# path they run on whatever the tensor holds (accumulators or quantized integers) and share its grid
+PASSTHROUGH_KINDS = (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: its name (a layer's module path, else the traced node's name), kind, the names
+    of the ops it reads, its output shape for a batch of two, and its settings (stride, padding, ...)."""
+
+    name: str
+    kind: OpKind
+    inputs: tuple[str, ...]
+    shape: tuple[int, ...]
+    attrs: dict[str, object] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_layer(self) -> bool:
+        return self.kind in LAYER_KINDS
+
+
+@dataclass
+class ModelGraph:
+    """Operations in execution order, the op whose value is the output, each layer's float weight and
+    bias (BatchNorm already folded in), and which BatchNorm was folded into which conv."""
+
+    ops: tuple[Op, ...]
+    output: str
+    parameters: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    folded_batchnorm: dict[str, str] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = (1, 28, 28)
+
+    def __post_init__(self) -> None:
+        self.by_name = {op.name: op for op in self.ops}
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The conv and linear layers in execution order: the names every per-layer table uses."""
+        return tuple(op.name for op in self.ops if op.is_layer)
+
+    def op(self, name: str) -> Op:
+        return self.by_name[name]
+
+    def consumers(self, name: str) -> list[Op]:
+        return [op for op in self.ops if name in op.inputs]
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.parameters[name][0]
+
+    def bias(self, name: str) -> torch.Tensor:
+        return self.parameters[name][1]
+
+    def with_parameters(self, parameters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ModelGraph:
+        """The same operations with other weights (equalization, bias correction, QAT's trained ones)."""
+        return ModelGraph(self.ops, self.output, dict(parameters), dict(self.folded_batchnorm), self.input_shape)
+
+    def layer_ops(self) -> Iterator[Op]:
+        return (op for op in self.ops if op.is_layer)
+
+    def is_chain(self) -> bool:
+        """Every op reads the op just before it and nothing else reads that (the bundled net's shape)."""
+        return all(op.inputs == (self.ops[i].name,) for i, op in enumerate(self.ops[1:])) and all(
+            len(self.consumers(op.name)) <= 1 for op in self.ops
+        )
+
+    def check(self) -> None:
+        """What every path relies on: at least one layer, a layer before the output, and the output a
+        vector of class scores."""
+        if not self.layers:
+            raise GraphError("the model has no Conv2d or Linear layer to quantize")
+        out = self.op(self.output)
+        if len(out.shape) != 2:
+            raise GraphError(f"the model's output must be (batch, classes), not {list(out.shape)}")
+        for op in self.ops:
+            if op.kind is OpKind.LINEAR and len(self.op(op.inputs[0]).shape) != 2:
+                raise GraphError(f"Linear layer {op.name} needs a flattened input (batch, features)")
+            if op.kind is OpKind.CONV and len(self.op(op.inputs[0]).shape) != 4:
+                raise GraphError(f"Conv2d layer {op.name} needs an image-shaped input (batch, channels, h, w)")

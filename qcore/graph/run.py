@@ -1,0 +1,135 @@
+"""The one float forward pass over a model graph. The simulation, calibration, QAT and the layer
+captures are this walk with different hooks (which weights, what happens to a value after an op),
+so no path writes the order of operations again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qcore.graph.ops import ModelGraph, Op, OpKind
+
+
+class GraphRun:
+    """Runs a graph in float. Subclasses change what the hooks do; the defaults give the float model."""
+
+    def __init__(self, graph: ModelGraph) -> None:
+        self.graph = graph
+        # the index of the last op that reads each value, so a value is dropped once nothing needs it
+        self._last_use = {name: index for index, op in enumerate(graph.ops) for name in op.inputs}
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def weight(self, op: Op) -> torch.Tensor:
+        return self.graph.weight(op.name)
+
+    def bias(self, op: Op) -> torch.Tensor:
+        return self.graph.bias(op.name)
+
+    def layer_input(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """The tensor a layer computes on (the simulation keeps it as given; a capture records it)."""
+        return x
+
+    def layer_output(self, op: Op, y: torch.Tensor) -> None:
+        """A layer's output before anything after it (a capture records it)."""
+
+    def after(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        """Each op's output on its way to the ops that read it (the simulation fake-quantizes here)."""
+        return value
+
+    def cat_input(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        """One input of a channel cat, before the cat (the simulation moves it to the cat's grid)."""
+        return value
+
+    def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        kernel, stride = op.attrs["kernel"], op.attrs["stride"]
+        return F.avg_pool2d(x, kernel, stride)  # type: ignore[arg-type]
+
+    # --- the walk --------------------------------------------------------------------------------
+    def compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
+        kind = op.kind
+        if kind is OpKind.CONV:
+            x = self.layer_input(op, args[0])
+            y = F.conv2d(
+                x,
+                self.weight(op),
+                self.bias(op),
+                op.attrs["stride"],  # type: ignore[arg-type]
+                op.attrs["padding"],  # type: ignore[arg-type]
+                1,
+                op.attrs["groups"],  # type: ignore[arg-type]
+            )
+            self.layer_output(op, y)
+            return y
+        if kind is OpKind.LINEAR:
+            y = F.linear(self.layer_input(op, args[0]), self.weight(op), self.bias(op))
+            self.layer_output(op, y)
+            return y
+        if kind is OpKind.RELU:
+            return F.relu(args[0])
+        if kind is OpKind.RELU6:
+            return F.hardtanh(args[0], 0.0, 6.0)
+        if kind is OpKind.MAXPOOL:
+            return F.max_pool2d(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
+        if kind is OpKind.AVGPOOL:
+            return self.avg_pool(op, args[0])
+        if kind is OpKind.FLATTEN:
+            return args[0].flatten(1)
+        if kind is OpKind.ADD:
+            return args[0] + args[1]
+        if kind is OpKind.CAT:
+            return torch.cat([self.cat_input(op, value) for value in args], dim=1)
+        if kind is OpKind.LOG_SOFTMAX:
+            return F.log_softmax(args[0], dim=1)
+        raise AssertionError(f"no float rule for {kind}")
+
+    def run(self, x: torch.Tensor, log_probs: bool = True) -> torch.Tensor:
+        """The graph's output for `x`; with `log_probs`, as log-probabilities (log_softmax is added
+        when the model ends without one, so every model the lab holds returns the same thing)."""
+        values: dict[str, torch.Tensor] = {}
+        for index, op in enumerate(self.graph.ops):
+            if op.kind is OpKind.INPUT:
+                value = x
+            else:
+                value = self.compute(op, [values[name] for name in op.inputs])
+                for name in op.inputs:
+                    if self._last_use[name] == index and name != self.graph.output:
+                        del values[name]
+            values[op.name] = self.after(op, value)
+        out = values[self.graph.output]
+        if log_probs and self.graph.op(self.graph.output).kind is not OpKind.LOG_SOFTMAX:
+            out = F.log_softmax(out, dim=1)
+        return out
+
+
+def run_float(graph: ModelGraph, x: torch.Tensor) -> torch.Tensor:
+    """The float model: log-probabilities for `x`."""
+    return GraphRun(graph).run(x)
+
+
+class _Capture(GraphRun):
+    def __init__(self, graph: ModelGraph, keep: Callable[[str, torch.Tensor], None], what: str) -> None:
+        super().__init__(graph)
+        self._keep, self._what = keep, what
+
+    def layer_input(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        if self._what == "input":
+            self._keep(op.name, x)
+        return x
+
+    def layer_output(self, op: Op, y: torch.Tensor) -> None:
+        if self._what == "output":
+            self._keep(op.name, y)
+
+
+@torch.inference_mode()
+def capture(graph: ModelGraph, images: torch.Tensor, what: str) -> dict[str, torch.Tensor]:
+    """Every layer's input, or its output (before anything after it), for `images`, in float."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name] = tensor.detach().clone()
+
+    _Capture(graph, keep, what).run(images)
+    return captured
