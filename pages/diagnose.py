@@ -10,7 +10,6 @@ from qcore.figures import (
     network_diagram_figure,
     weight_histogram_figure,
 )
-from qcore.model import LAYER_NAMES
 from qcore.report import DIAGRAM_STAGES, damage_points, diagnosis_html
 from ui import cache, session
 from ui.tables import table_with_csv
@@ -62,10 +61,14 @@ columns[1].metric(
 
 damages = {row.layer: damage_points(result.float_accuracy, row) for row in result.layers}
 event = st.plotly_chart(
-    network_diagram_figure(DIAGRAM_STAGES, damages), key="diagram", on_select="rerun", selection_mode="points"
+    network_diagram_figure(result.stages or DIAGRAM_STAGES, damages),
+    key="diagram",
+    on_select="rerun",
+    selection_mode="points",
 )
 picked = next((p.get("customdata") for p in event.selection.points if p.get("customdata")), None)
-if picked in LAYER_NAMES and picked != st.session_state.get(PICK_KEY):
+layer_names = [row.layer for row in result.layers]
+if picked in layer_names and picked != st.session_state.get(PICK_KEY):
     st.session_state[PICK_KEY] = picked
     st.session_state[LAYER_KEY] = picked  # before the radio below is drawn
 if LAYER_KEY not in st.session_state:
@@ -104,7 +107,7 @@ table_with_csv(
 )
 
 st.subheader("Layer detail")
-chosen = st.radio("Layer", LAYER_NAMES, key=LAYER_KEY, horizontal=True)
+chosen = st.radio("Layer", layer_names, key=LAYER_KEY, horizontal=True)
 row = next(r for r in rows if r.layer == chosen)
 layer_row = next(r for r in report.layers if r.layer == chosen)
 lost = 100 * (result.float_accuracy - row.only_this_accuracy) + 0.0  # + 0.0: never "-0.00"

@@ -12,7 +12,8 @@ import torch
 from qcore.config import QuantConfig
 from qcore.data import Mnist, Split
 from qcore.evaluate import EvalResult, evaluate, flipped_indices
-from qcore.model import LAYER_NAMES, Net, capture_layers
+from qcore.graph import model_graph
+from qcore.model import Net, capture_layers
 from qcore.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
 from qcore.quant import fake_quantize, sqnr_db
 
@@ -132,7 +133,7 @@ def _json_number(value: object) -> object:
 
 def layer_rows(qnet: QuantizedNet, inputs: dict[str, torch.Tensor]) -> list[LayerRow]:
     rows = []
-    for name in LAYER_NAMES:
+    for name in qnet.graph.layers:
         quant = qnet.layers[name]
         wq, iq, stats = quant.weight_qparams, quant.input_qparams, quant.activation
         rows.append(
@@ -265,8 +266,9 @@ def layer_sensitivity(
     if float_accuracy is None:
         float_accuracy = evaluate(model, data.test).accuracy
     rows = []
-    for name in LAYER_NAMES:
-        only = replace(config, float_layers=tuple(n for n in LAYER_NAMES if n != name)).validate()
+    layers = model_graph(model).layers
+    for name in layers:
+        only = replace(config, float_layers=tuple(n for n in layers if n != name)).validate(layers)
         accuracy = evaluate(quantize_for(model, data, only), data.test).accuracy
         rows.append(Sensitivity(name, accuracy, float_accuracy - accuracy))
     return rows

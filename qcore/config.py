@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
 from qcore.calibrate import OBSERVERS
@@ -77,7 +77,9 @@ class QuantConfig:
 
         object.__setattr__(self, "methods", tuple(sorted(set(self.methods), key=method_rank)))
 
-    def problems(self) -> list[str]:
+    def problems(self, layers: Sequence[str] = LAYER_NAMES) -> list[str]:
+        """Every setting out of range, one line each; float_layers must name `layers` (the model's
+        graph layers; the bundled net's by default)."""
         typed = _type_problems({f.name: getattr(self, f.name) for f in fields(self)})
         if typed:
             return typed  # the range checks below compare values, which needs the right types
@@ -110,13 +112,14 @@ class QuantConfig:
             found.append(f"methods: unknown {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
         if self.weight_bits_budget != 0 and not 2 <= self.weight_bits_budget <= 8:
             found.append(f"weight_bits_budget must be 0 (off) or between 2 and 8 (got {self.weight_bits_budget})")
-        unknown = [name for name in self.float_layers if name not in LAYER_NAMES]
+        unknown = [name for name in self.float_layers if name not in layers]
         if unknown:
-            found.append(f"float_layers: unknown layer(s) {', '.join(unknown)}; layers are {', '.join(LAYER_NAMES)}")
+            listed = shorten(", ".join(unknown), 200)
+            found.append(f"float_layers: unknown layer(s) {listed}; layers are {shorten(', '.join(layers), 200)}")
         return found
 
-    def validate(self) -> QuantConfig:
-        problems = self.problems()
+    def validate(self, layers: Sequence[str] = LAYER_NAMES) -> QuantConfig:
+        problems = self.problems(layers)
         if problems:
             raise ConfigError(problems)
         return self
@@ -189,8 +192,9 @@ class QuantConfig:
             config = candidate
         return config, warnings
 
-    def with_changes(self, **changes: object) -> QuantConfig:
-        return replace(self, **changes).validate()
+    def with_changes(self, layers: Sequence[str] = LAYER_NAMES, **changes: object) -> QuantConfig:
+        """A copy with `changes`, validated (float_layers against `layers`)."""
+        return replace(self, **changes).validate(layers)
 
 
 def max_calib_batches(batch_size: int) -> int:

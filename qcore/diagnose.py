@@ -10,7 +10,7 @@ with the config's own accuracy, which is the variant with everything on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from qcore.analysis import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Mnist
 from qcore.evaluate import evaluate
+from qcore.graph import OpKind
 from qcore.model import LAYER_NAMES, Net, capture_layers
 from qcore.qmodel import LayerQuant, QuantizedNet
 from qcore.quant import quantize, sqnr_db
@@ -84,6 +85,7 @@ class Diagnosis:
     layers: list[LayerDiagnosis]
     suggestions: list[Suggestion]
     engine_gap: EngineGap
+    stages: tuple[str, ...] = ()  # the network diagram's boxes (qcore.graph's stages); not in to_dict
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready; an infinite SQNR (no error at all) becomes null."""
@@ -129,15 +131,15 @@ def variant(qnet: QuantizedNet, weights: Collection[str], inputs: Collection[str
 
 def _average_weight_bits(qnet: QuantizedNet) -> float:
     """Parameter-weighted average weight bits, a float layer counting 32."""
-    sizes = {n: qnet.layers[n].weight.numel() for n in LAYER_NAMES}
+    sizes = {n: q.weight.numel() for n, q in qnet.layers.items()}
     return sum(size * (qnet.layers[n].weight_bits or 32) for n, size in sizes.items()) / sum(sizes.values())
 
 
-def _candidates(config: QuantConfig) -> list[tuple[str, dict[str, object]]]:
+def _candidates(config: QuantConfig, layers: Sequence[str]) -> list[tuple[str, dict[str, object]]]:
     """Changes worth measuring, from the config: keep a layer float, one more bit of weights or of
     activations, a better range rule or granularity."""
     found: list[tuple[str, dict[str, object]]] = []
-    for name in LAYER_NAMES:
+    for name in layers:
         if name not in config.float_layers:
             found.append((f"keep {name} in float", {"float_layers": [*config.float_layers, name]}))
     for key, noun in (("weight_bits", "weights"), ("act_bits", "activations")):
@@ -174,12 +176,15 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
         return EngineGap(False, str(error))
     simulated = evaluate(qnet, data.test).predictions
     disagreeing = (engine.predict(data.test.images) != simulated).nonzero().flatten().tolist()
+    if not qnet.graph.is_chain():  # the layer-by-layer comparison follows one path; predictions only
+        return EngineGap(True, "", disagreeing, [])
     _, outputs, inputs = qnet.trace(data.test.images[:images])
     gaps = []
-    for name, following in zip(LAYER_NAMES[:-1], LAYER_NAMES[1:], strict=True):
+    layers = qnet.graph.layers
+    for name, following in zip(layers[:-1], layers[1:], strict=True):
         in_qparams, out_qparams = qnet.layers[name].input_qparams, qnet.layers[following].input_qparams
         assert in_qparams is not None and out_qparams is not None
-        out = F.relu(F.max_pool2d(outputs[name], 2, 2)) if name.startswith("conv") else F.relu(outputs[name])
+        out = _float_chain(engine, name, outputs[name])
         unrounded = out.double() / float(out_qparams.scale) + int(out_qparams.zero_point)
         simulated_int = quantize(inputs[following], out_qparams).reshape(out.shape).to(torch.int64)
         accumulators = engine.accumulators(name, quantize(inputs[name], in_qparams).to(torch.int64))
@@ -199,6 +204,19 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
             )
         )
     return EngineGap(True, "", disagreeing, gaps)
+
+
+def _float_chain(engine: IntegerNet, name: str, y: torch.Tensor) -> torch.Tensor:
+    """A layer's float output through the pools and activations between it and the next layer's
+    input (not the flatten: the engine requantizes before it), as the simulation computes them."""
+    for op in engine._chain_after(name):
+        if op.kind is OpKind.MAXPOOL:
+            y = F.max_pool2d(y, op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
+        elif op.kind is OpKind.RELU:
+            y = F.relu(y)
+        elif op.kind is OpKind.RELU6:
+            y = F.hardtanh(y, 0.0, 6.0)
+    return y
 
 
 def tie_window(engine: IntegerNet, name: str, accumulators: torch.Tensor, unrounded: torch.Tensor) -> float:
@@ -232,8 +250,9 @@ def diagnose(
     """Per-layer accuracies and SQNR, the best `suggestions` fixes (each measured), and the
     integer engine's gap. `on_progress(done, total, what)` is called as the runs finish."""
     qnet = quantize_for(model, data, config)
-    candidates = _candidates(config)
-    total = 1 + 4 * len(LAYER_NAMES) + len(candidates) + 1
+    layers = qnet.graph.layers
+    candidates = _candidates(config, layers)
+    total = 1 + 4 * len(layers) + len(candidates) + 1
     done = 0
 
     def step(what: str) -> None:
@@ -244,7 +263,7 @@ def diagnose(
 
     if float_accuracy is None:
         float_accuracy = evaluate(model, data.test).accuracy
-    everything = set(LAYER_NAMES)
+    everything = set(layers)
     cache: dict[tuple[frozenset[str], frozenset[str]], float] = {}
 
     def accuracy(weights: set[str], inputs: set[str]) -> float:
@@ -265,7 +284,7 @@ def diagnose(
     with torch.inference_mode():
         accumulated = qnet.trace(x)[1]
     rows = []
-    for name in LAYER_NAMES:
+    for name in layers:
         only = accuracy({name}, {name})
         step(f"{name}: only this layer")
         all_but = accuracy(everything - {name}, everything - {name})
@@ -290,7 +309,7 @@ def diagnose(
     measured = []
     bits_now = _average_weight_bits(qnet)
     for text, changes in candidates:
-        applied = quantize_for(model, data, _changed(config, changes))
+        applied = quantize_for(model, data, _changed(config, changes, layers))
         result = evaluate(applied, data.test).accuracy
         measured.append(
             Suggestion(text, changes, result, 100 * (result - quant_accuracy), _average_weight_bits(applied) - bits_now)
@@ -299,12 +318,12 @@ def diagnose(
     helpful = sorted((s for s in measured if s.gain_points > 0), key=lambda s: (-s.gain_points, s.extra_weight_bits))
     gap = engine_gap(qnet, data)
     step("integer engine vs simulation")
-    return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap)
+    return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap, qnet.graph.stages())
 
 
-def _changed(config: QuantConfig, changes: dict[str, object]) -> QuantConfig:
+def _changed(config: QuantConfig, changes: dict[str, object], layers: Sequence[str] = LAYER_NAMES) -> QuantConfig:
     """`config` with `changes` made (lists, as JSON and the sidebar hold them, become tuples)."""
-    return config.with_changes(**{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+    return config.with_changes(layers, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
 
 def apply_suggestion(config: QuantConfig, suggestion: Suggestion) -> QuantConfig:

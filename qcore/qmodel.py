@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
-from qcore.config import ConfigError, QuantConfig
+from qcore.config import QuantConfig
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
 from qcore.methods import (
@@ -211,9 +211,7 @@ def weight_qparams(weight: torch.Tensor, config: QuantConfig, bits: int | None =
 
 def config_plan(graph: ModelGraph, config: QuantConfig) -> QuantPlan:
     """Where `config` quantizes `graph`: every layer not kept float, the input when the config says so."""
-    unknown = [name for name in config.float_layers if name not in graph.layers]
-    if unknown:
-        raise ConfigError(f"float_layers: unknown layer(s) {', '.join(unknown)}; layers are {', '.join(graph.layers)}")
+    config.validate(graph.layers)
     quantized = [name for name in graph.layers if name not in config.float_layers]
     return quant_plan(graph, quantized, config.quantize_input)
 
@@ -266,8 +264,8 @@ def calibration_data(train: Split, config: QuantConfig) -> list[torch.Tensor]:
 def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor]) -> QuantizedNet:
     """Calibrate on `batches` (training images) and build the quantized twin of `model`'s graph,
     applying the config's methods in METHODS' order (see qcore.methods)."""
-    config.validate()
     graph = model_graph(model)  # refuses an unsupported model before any work
+    config.validate(graph.layers)
     plan = config_plan(graph, config)
     report = MethodsReport(parameters=parameter_counts(graph))
     if "equalization" in config.methods:

@@ -12,9 +12,8 @@ import math
 from collections.abc import Sequence
 
 from qcore.diagnose import Diagnosis, LayerDiagnosis
-from qcore.model import LAYER_NAMES
 
-DIAGRAM_STAGES = ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")
+DIAGRAM_STAGES = ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")  # the bundled net's graph.stages()
 
 
 def damage_points(float_accuracy: float, row: LayerDiagnosis) -> float:
@@ -42,13 +41,15 @@ def _db(value: float) -> str:
 
 
 def diagram_svg(diagnosis: Diagnosis) -> str:
-    """input -> conv1 -> pool -> conv2 -> pool -> fc1 -> fc2, each layer filled by its damage."""
+    """The graph's stages in order (the bundled net: input -> conv1 -> pool -> conv2 -> pool -> fc1 ->
+    fc2), each layer filled by its damage."""
     rows = {row.layer: row for row in diagnosis.layers}
-    damages = {name: damage_points(diagnosis.float_accuracy, rows[name]) for name in LAYER_NAMES}
+    damages = {name: damage_points(diagnosis.float_accuracy, row) for name, row in rows.items()}
+    stages = diagnosis.stages or DIAGRAM_STAGES
     worst = max(damages.values())
     parts = []
     width, gap, top = 90, 30, 20
-    for index, stage in enumerate(DIAGRAM_STAGES):
+    for index, stage in enumerate(stages):
         x = 10 + index * (width + gap)
         fill = damage_color(damages[stage], worst) if stage in damages else "#eeeeee"
         label = _text(stage)
@@ -58,13 +59,13 @@ def diagram_svg(diagnosis: Diagnosis) -> str:
             f'<text x="{x + width / 2}" y="{top + 24}" text-anchor="middle" font-weight="bold">{label}</text>'
             f'<text x="{x + width / 2}" y="{top + 42}" text-anchor="middle" font-size="12">{_text(detail)}</text>'
         )
-        if index + 1 < len(DIAGRAM_STAGES):
+        if index + 1 < len(stages):
             parts.append(
                 f'<line x1="{x + width}" y1="{top + 25}" x2="{x + width + gap - 4}" y2="{top + 25}" stroke="#555"/>'
                 f'<polygon points="{x + width + gap - 4},{top + 20} {x + width + gap},{top + 25} '
                 f'{x + width + gap - 4},{top + 30}" fill="#555"/>'
             )
-    total = 20 + len(DIAGRAM_STAGES) * (width + gap)
+    total = 20 + len(stages) * (width + gap)
     return (
         f'<svg width="{total}" height="90" font-family="sans-serif" '
         f'role="img" aria-label="network diagram">{"".join(parts)}</svg>'

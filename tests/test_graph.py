@@ -245,3 +245,29 @@ def test_an_unsupported_operation_is_refused_in_one_line(model, message):
     with pytest.raises(GraphError) as refused:
         model_graph(model)
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_the_network_diagram_is_drawn_from_the_graph():
+    # EveryOp.forward, box by box: activations, the flatten and log_softmax are the arrows between
+    assert model_graph(EveryOp().eval()).stages() == (
+        *("input", "stem", "pool", "depthwise", "pointwise", "add", "down", "branch", "cat", "pool", "pool", "fc"),
+    )
+    assert model_graph(Net().eval()).stages() == ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")
+
+
+@pytest.mark.slow
+def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
+    from qcore.diagnose import diagnose
+    from qcore.report import diagnosis_html
+
+    diagnosis = diagnose(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4), suggestions=2)
+    assert [row.layer for row in diagnosis.layers] == list(model_graph(every_op).layers)
+    assert diagnosis.stages == model_graph(every_op).stages()
+    # only this layer quantized can never be worse than everything quantized by more than chance: the
+    # all-quantized accuracy is one of the rows' "all but this" neighbours, so check the ordering that holds
+    for row in diagnosis.layers:
+        assert 0.0 <= row.only_this_accuracy <= 1.0 and 0.0 <= row.all_but_this_accuracy <= 1.0
+    # the layer-by-layer engine gap follows one path; with branches the predictions are compared only
+    assert diagnosis.engine_gap.available and diagnosis.engine_gap.layers == []
+    html = diagnosis_html(diagnosis, "every-op", "fp")
+    assert all(f">{name}<" in html for name in ("stem", "depthwise", "add", "cat"))

@@ -86,6 +86,18 @@ class ModelGraph:
         """The same operations with other weights (equalization, bias correction, QAT's trained ones)."""
         return ModelGraph(self.ops, self.output, dict(parameters), dict(self.folded_batchnorm), self.input_shape)
 
+    def stages(self) -> tuple[str, ...]:
+        """The network diagram's boxes in execution order: the input, each layer, each pool, add and cat
+        (activations and reshapes are drawn as the arrows between them)."""
+        labels = {
+            OpKind.INPUT: "input",
+            OpKind.MAXPOOL: "pool",
+            OpKind.AVGPOOL: "pool",
+            OpKind.ADD: "add",
+            OpKind.CAT: "cat",
+        }
+        return tuple(op.name if op.is_layer else labels[op.kind] for op in self.ops if op.is_layer or op.kind in labels)
+
     def layer_ops(self) -> Iterator[Op]:
         return (op for op in self.ops if op.is_layer)
 
