@@ -11,9 +11,9 @@ def float_eval_seconds(repeats: int) -> list[float]:
     yardstick every benchmark ratio is measured against, in the same run."""
     import time
 
-    from qcore.checkpoint import load_model
     from qcore.data import load_mnist
-    from qcore.evaluate import evaluate
+    from qcore.inference.evaluate import evaluate
+    from qcore.models.checkpoint import load_model
 
     data, model = load_mnist(download=False), load_model()
     evaluate(model, data.test)

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit  # noqa: E402
 
-from qcore.analysis import quantize_for  # noqa: E402
-from qcore.checkpoint import load_model  # noqa: E402
+from qcore.analysis.tables import quantize_for  # noqa: E402
 from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import load_mnist  # noqa: E402
-from qcore.deploy import predictor  # noqa: E402
+from qcore.inference.deploy import predictor  # noqa: E402
+from qcore.models.checkpoint import load_model  # noqa: E402
 
 PATHS = ("float", "simulate", "integer", "torch-int8", "onnxruntime")
 INT8_PATHS = ("integer", "torch-int8", "onnxruntime")

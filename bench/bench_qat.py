@@ -3,7 +3,7 @@
 For each config: float accuracy, PTQ (the default QuantConfig at those bits, the grid QAT starts
 from), QAT with LSQ and with the plain STE after --epochs epochs, and how often the integer engine
 agrees with the simulation on the QAT model; all on the full 10k test set. Then one float training
-epoch (qcore.train, the notebook's recipe) next to a QAT epoch, in the same run.
+epoch (qcore.training.train, the notebook's recipe) next to a QAT epoch, in the same run.
 
     QCORE_DATA_DIR=../shared/data python bench/bench_qat.py [--epochs 2] [--json-out FILE]
 
@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import emit  # noqa: E402
 
-from qcore.analysis import quantize_for  # noqa: E402
-from qcore.checkpoint import load_model  # noqa: E402
+from qcore.analysis.tables import quantize_for  # noqa: E402
 from qcore.data import load_mnist  # noqa: E402
-from qcore.evaluate import evaluate  # noqa: E402
-from qcore.integer import IntegerNet  # noqa: E402
-from qcore.qat import QatConfig, qat  # noqa: E402
-from qcore.train import TrainConfig, train  # noqa: E402
+from qcore.inference.evaluate import evaluate  # noqa: E402
+from qcore.inference.integer import IntegerNet  # noqa: E402
+from qcore.models.checkpoint import load_model  # noqa: E402
+from qcore.training.qat import QatConfig, qat  # noqa: E402
+from qcore.training.train import TrainConfig, train  # noqa: E402
 
 CONFIGS = [(2, 2), (4, 4), (2, 8), (3, 3), (8, 8)]
 GOALS = {(2, 2): 0.3, (4, 4): 0.05, (2, 8): 0.1}
@@ -81,7 +81,7 @@ def main() -> None:
             f"{row['drop_points']:>6.2f} {goal:>5} {100 * row['integer_agreement']:>8.2f}%  "
             + ", ".join(f"{t:.1f}" for t in row["seconds_per_epoch"])
         )
-    print(f"one float training epoch (qcore.train, batch 64): {float_epoch:.1f} s")
+    print(f"one float training epoch (qcore.training.train, batch 64): {float_epoch:.1f} s")
     for method, seconds in qat_epochs.items():
         print(f"one QAT epoch, W2A2 {method} (batch 256): {seconds:.1f} s = {seconds / float_epoch:.2f}x float")
     emit(

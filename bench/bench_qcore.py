@@ -2,7 +2,7 @@
 
     QCORE_DATA_DIR=../shared/data python bench/bench_qcore.py [--json-out bench/results/qcore.json]
 
-Goals (issue 2): quantized-simulation eval <= 1.5x float eval; one training epoch with qcore.train
+Goals (issue 2): quantized-simulation eval <= 1.5x float eval; one training epoch with qcore.training.train
 <= 0.6x a notebook-style DataLoader loop (torchvision MNIST with per-sample ToTensor+Normalize).
 """
 
@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit  # noqa: E402
 
-from qcore.analysis import bit_sweep  # noqa: E402
-from qcore.checkpoint import load_model  # noqa: E402
+from qcore.analysis.tables import bit_sweep  # noqa: E402
 from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import MNIST_MEAN, MNIST_STD, data_dir, load_mnist  # noqa: E402
-from qcore.evaluate import evaluate  # noqa: E402
-from qcore.model import Net  # noqa: E402
-from qcore.qmodel import calibration_data, quantize_model  # noqa: E402
-from qcore.train import TrainConfig, train  # noqa: E402
+from qcore.inference.evaluate import evaluate  # noqa: E402
+from qcore.models.checkpoint import load_model  # noqa: E402
+from qcore.models.net import Net  # noqa: E402
+from qcore.quantize.qmodel import calibration_data, quantize_model  # noqa: E402
+from qcore.training.train import TrainConfig, train  # noqa: E402
 
 
 def timed(function: Callable[[], object], repeats: int) -> float:
@@ -87,7 +87,7 @@ def main() -> None:
     )
     rows.append(("sweep W=A 2..8 bits (7 evals)", timed(lambda: bit_sweep(model, data, config), 1)))
     if not args.skip_training:
-        rows.append(("train 1 epoch, qcore.train", timed(lambda: train(data.train, TrainConfig(epochs=1)), 1)))
+        rows.append(("train 1 epoch, qcore.training.train", timed(lambda: train(data.train, TrainConfig(epochs=1)), 1)))
         rows.append(("train 1 epoch, notebook DataLoader", timed(lambda: notebook_epoch(data_dir(), 1), 1)))
 
     seconds = dict(rows)
@@ -95,7 +95,7 @@ def main() -> None:
     ratios = {"quant_eval_over_float_eval": seconds["quantized-simulation eval, 10k"] / float_eval}
     if not args.skip_training:
         ratios["qcore_epoch_over_notebook_epoch"] = (
-            seconds["train 1 epoch, qcore.train"] / seconds["train 1 epoch, notebook DataLoader"]
+            seconds["train 1 epoch, qcore.training.train"] / seconds["train 1 epoch, notebook DataLoader"]
         )
     machine = {
         "cpu": platform.processor() or platform.machine(),

@@ -4,10 +4,10 @@ import json
 
 import streamlit as st
 
-from qcore.analysis import SWEEP_TARGETS
-from qcore.checkpoint import fingerprint
+from qcore.analysis.tables import SWEEP_TARGETS
 from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
+from qcore.models.checkpoint import fingerprint
 from ui import cache, session
 from ui.tables import table_with_csv
 

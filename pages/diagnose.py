@@ -2,15 +2,15 @@
 
 import streamlit as st
 
-from qcore.analysis import weight_histogram
-from qcore.diagnose import worst_channels
+from qcore.analysis.diagnose import worst_channels
+from qcore.analysis.report import DIAGRAM_STAGES, damage_points, diagnosis_html
+from qcore.analysis.tables import weight_histogram
 from qcore.figures import (
     diagnosis_accuracy_figure,
     lsb_difference_figure,
     network_diagram_figure,
     weight_histogram_figure,
 )
-from qcore.report import DIAGRAM_STAGES, damage_points, diagnosis_html
 from ui import cache, session
 from ui.tables import table_with_csv
 

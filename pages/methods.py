@@ -3,7 +3,7 @@
 import streamlit as st
 
 from qcore.figures import adaround_figure, bias_shift_figure, equalization_figure
-from qcore.methods import average_bits
+from qcore.quantize.methods import average_bits
 from ui import session
 from ui.tables import table_with_csv
 

@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from qcore.checkpoint import CheckpointError, checkpoint_bytes
 from qcore.data import DataError
 from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
-from qcore.qat import (
+from qcore.models.checkpoint import CheckpointError, checkpoint_bytes
+from qcore.training.qat import (
     HELD_OUT,
     MAX_QAT_EPOCHS,
     QAT_METHODS,
@@ -17,7 +17,7 @@ from qcore.qat import (
     qat,
     qat_bytes,
 )
-from qcore.train import MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig, TrainProgress, train
+from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig, TrainProgress, train
 from ui import cache, session
 
 TRAIN_STATE_KEY = "qlab_training"

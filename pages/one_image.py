@@ -8,7 +8,7 @@ from qcore.config import integer_path_problems
 from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from qcore.files import shorten
-from qcore.integer import IntegerEngineError
+from qcore.inference.integer import IntegerEngineError
 from ui import cache, session
 
 TERMS_SHOWN = 4

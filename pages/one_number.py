@@ -4,7 +4,7 @@ import streamlit as st
 
 from qcore.figures import number_line_figure
 from qcore.lessons.steps import one_number
-from qcore.quant import Scheme
+from qcore.quantize.quant import Scheme
 from ui import session
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone

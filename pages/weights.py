@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from qcore.analysis import weight_histogram
+from qcore.analysis.tables import weight_histogram
 from qcore.figures import error_histogram_figure, sqnr_figure, weight_histogram_figure, weight_snapshots_figure
-from qcore.model import LAYER_NAMES
-from qcore.qat import valid_snapshots
+from qcore.models.net import LAYER_NAMES
+from qcore.training.qat import valid_snapshots
 from ui import session
 from ui.tables import table_with_csv
 

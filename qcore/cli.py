@@ -17,8 +17,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NoReturn
 
-from qcore.calibrate import OBSERVERS
-from qcore.checkpoint import (
+from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
+from qcore.data import DataError, data_dir, load_mnist
+from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
+from qcore.inference.deploy import ENGINES
+from qcore.models.checkpoint import (
     PRETRAINED_PATH,
     CheckpointError,
     checkpoint_bytes,
@@ -26,15 +29,12 @@ from qcore.checkpoint import (
     model_from_state,
     read_checkpoint,
 )
-from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
-from qcore.data import DataError, data_dir, load_mnist
-from qcore.deploy import ENGINES
-from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
-from qcore.methods import METHODS
-from qcore.model import LAYER_NAMES, Net
-from qcore.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, claims_qat, load_checkpoint
-from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
-from qcore.train import TrainConfig, TrainProgress, train
+from qcore.models.net import LAYER_NAMES, Net
+from qcore.quantize.calibrate import OBSERVERS
+from qcore.quantize.methods import METHODS
+from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
+from qcore.training.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, claims_qat, load_checkpoint
+from qcore.training.train import TrainConfig, TrainProgress, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -238,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
     result = train(data.train, config, on_progress=report)
     seconds = time.perf_counter() - started
     _write(out, "--out", checkpoint_bytes(result.model))
-    from qcore.evaluate import evaluate
+    from qcore.inference.evaluate import evaluate
 
     test = evaluate(result.model, data.test)
     summary = {"checkpoint": args.out, "config": asdict(config), "seconds": seconds, **test.to_dict()}
@@ -248,9 +248,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.evaluate import evaluate
-    from qcore.integer import IntegerNet
-    from qcore.qat import qat, qat_bytes
+    from qcore.inference.evaluate import evaluate
+    from qcore.inference.integer import IntegerNet
+    from qcore.training.qat import qat, qat_bytes
 
     config = QatConfig(
         weight_bits=args.weight_bits,
@@ -359,7 +359,7 @@ def _require_integer_path(what: str, config: QuantConfig) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.analysis import build_report
+    from qcore.analysis.tables import build_report
 
     model, trained = _load_for_quantization(args, "evaluate")
     config = config_from_args(args) if trained is None else trained.config
@@ -374,8 +374,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
         result["qat"] = True  # quant_accuracy is the trained model's; float_accuracy its float weights'
 
     if args.engine != "simulate":
-        from qcore.deploy import run_engine
-        from qcore.integer import IntegerEngineError
+        from qcore.inference.deploy import run_engine
+        from qcore.inference.integer import IntegerEngineError
 
         try:
             engine = run_engine(args.engine, model, data, report.qnet, report.quant_result.predictions)
@@ -411,8 +411,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.analysis import bit_sweep
-    from qcore.evaluate import evaluate
+    from qcore.analysis.tables import bit_sweep
+    from qcore.inference.evaluate import evaluate
 
     model, trained = _load_for_quantization(args, "sweep")
     config = config_from_args(args)
@@ -444,8 +444,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.analysis import layer_sensitivity
-    from qcore.evaluate import evaluate
+    from qcore.analysis.tables import layer_sensitivity
+    from qcore.inference.evaluate import evaluate
 
     config = config_from_args(args)
     model = _float_model_only(args, "sensitivity")
@@ -459,9 +459,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.analysis import quantize_for
-    from qcore.export import export_onnx, qtensors_bytes
-    from qcore.integer import IntegerEngineError, IntegerNet
+    from qcore.analysis.tables import quantize_for
+    from qcore.export.formats import export_onnx, qtensors_bytes
+    from qcore.inference.integer import IntegerEngineError, IntegerNet
 
     model, trained = _load_for_quantization(args, "export")
     config = config_from_args(args) if trained is None else trained.config
@@ -480,9 +480,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.checkpoint import fingerprint
-    from qcore.diagnose import diagnose
-    from qcore.report import diagnosis_html
+    from qcore.analysis.diagnose import diagnose
+    from qcore.analysis.report import diagnosis_html
+    from qcore.models.checkpoint import fingerprint
 
     config = config_from_args(args)
     out = check_output_path(args.html, args.force) if args.html else None

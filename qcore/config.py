@@ -7,12 +7,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
-from qcore.calibrate import OBSERVERS
 from qcore.data import MAX_SEED, TRAIN_SIZE
 from qcore.files import read_json, shorten
-from qcore.methods import METHODS
-from qcore.model import LAYER_NAMES
-from qcore.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
+from qcore.models.net import LAYER_NAMES
+from qcore.quantize.calibrate import OBSERVERS
+from qcore.quantize.methods import METHODS
+from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
 WEIGHT_RANGES = ("minmax", "mse")
 MAX_QUERY_VALUE = 200  # longer URL values are ignored unread: no setting needs more

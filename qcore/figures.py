@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qcore.analysis import LayerRow, Sensitivity, SweepPoint, WeightHistogram
-from qcore.calibrate import ActivationStats
+from qcore.analysis.tables import LayerRow, Sensitivity, SweepPoint, WeightHistogram
+from qcore.quantize.calibrate import ActivationStats
 
 FLOAT_COLOR = "#1f77b4"
 QUANT_COLOR = "#d62728"

@@ -30,22 +30,22 @@ def mnist():
 
 @pytest.fixture(scope="session")
 def pretrained():
-    from qcore.checkpoint import load_model
+    from qcore.models.checkpoint import load_model
 
     return load_model()
 
 
 @pytest.fixture(scope="session")
 def float_eval(pretrained, mnist):
-    from qcore.evaluate import evaluate
+    from qcore.inference.evaluate import evaluate
 
     return evaluate(pretrained, mnist.test)
 
 
 @pytest.fixture(scope="session")
 def w3a3_diagnosis(pretrained, mnist, float_eval):
-    """qcore.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI and AppTest checks."""
+    """qcore.analysis.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI and AppTest checks."""
+    from qcore.analysis.diagnose import diagnose
     from qcore.config import QuantConfig
-    from qcore.diagnose import diagnose
 
     return diagnose(pretrained, mnist, QuantConfig(weight_bits=3, act_bits=3), float_eval.accuracy)

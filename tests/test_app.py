@@ -11,11 +11,11 @@ import streamlit.testing.v1.app_test as app_test_module
 import torch
 from streamlit.testing.v1 import AppTest
 
-from qcore.analysis import build_report, quantize_for
-from qcore.checkpoint import checkpoint_bytes, fingerprint
+from qcore.analysis.tables import build_report, quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
-from qcore.model import Net
+from qcore.inference.evaluate import evaluate
+from qcore.models.checkpoint import checkpoint_bytes, fingerprint
+from qcore.models.net import Net
 from tests.conftest import ROOT
 from ui.apptest import NavigationPagesManager
 
@@ -371,7 +371,7 @@ def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable
 
     def failing_for_odd(model, *args, **kwargs):
         if fingerprint(model) == fingerprint(odd):
-            raise RuntimeError("overflow in /srv/secret/qcore/quant.py line 99")
+            raise RuntimeError("overflow in /srv/secret/qcore/quantize/quant.py line 99")
         return real_build_report(model, *args, **kwargs)
 
     monkeypatch.setattr(ui.cache, "build_report", failing_for_odd)
@@ -456,7 +456,7 @@ def table_values(at: AppTest, index: int) -> list[str]:
 
 def test_lesson_one_number_matches_qcore(app, pretrained):
     from qcore.lessons.steps import one_number
-    from qcore.quant import Scheme
+    from qcore.quantize.quant import Scheme
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3).run()
@@ -495,7 +495,7 @@ def test_lesson_one_kernel_matches_qcore(app, pretrained):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bits):
-    from qcore.integer import IntegerNet
+    from qcore.inference.integer import IntegerNet
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(bits)
@@ -556,7 +556,7 @@ def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_
 
 
 def test_weights_page_opens_on_one_channel_with_its_levels_and_explains_clipping(app, pretrained, mnist):
-    from qcore.analysis import weight_histogram
+    from qcore.analysis.tables import weight_histogram
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(2).run()
@@ -620,7 +620,7 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
 def test_upload_limit_is_set_below_what_the_loader_accepts():
     import tomllib
 
-    from qcore.checkpoint import MAX_FILE_BYTES
+    from qcore.models.checkpoint import MAX_FILE_BYTES
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] <= 2  # MB: a Net checkpoint is 1.73 MB (it was 5)
@@ -668,7 +668,7 @@ def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_pt
     """A tiny QAT run from the Model page (256 images, 1 epoch, W2A2): the trained model becomes current,
     the sidebar moves to its bits, and the Accuracy page shows float, PTQ and QAT equal to what qcore
     computes for the same seeded run here; the previous model stays one click away."""
-    from qcore.qat import QatConfig, qat
+    from qcore.training.qat import QatConfig, qat
 
     at = app.run()
     at.number_input(key="qat_epochs").set_value(1)
@@ -703,7 +703,7 @@ def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_pt
 
 
 def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
-    from qcore.qat import QatConfig, qat, qat_bytes
+    from qcore.training.qat import QatConfig, qat, qat_bytes
 
     trained = qat(pretrained, mnist, QatConfig(weight_bits=3, act_bits=3, epochs=1, train_samples=256))
     at = upload(app.run(), "w3a3 qat.pt", qat_bytes(trained))
@@ -721,8 +721,8 @@ def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
 
 
 def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
-    from qcore.integer import IntegerNet
-    from qcore.qat import QatConfig, qat, qat_bytes
+    from qcore.inference.integer import IntegerNet
+    from qcore.training.qat import QatConfig, qat, qat_bytes
 
     trained = qat(pretrained, mnist, QatConfig(epochs=1, train_samples=256))
     at = upload(app.run(), "qat.pt", qat_bytes(trained))
@@ -749,7 +749,7 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
 @pytest.fixture(scope="module")
 def w2a2_qat_state(pretrained, mnist):
     """A QAT checkpoint's contents without training: W2A2 PTQ has a QatCheckpoint's exact shape."""
-    from qcore.qat import QatCheckpoint, qat_state
+    from qcore.training.qat import QatCheckpoint, qat_state
 
     config = QuantConfig(weight_bits=2, act_bits=2)
     return qat_state(QatCheckpoint(pretrained, quantize_for(pretrained, mnist, config), config, {}))
@@ -789,14 +789,14 @@ def test_a_tampered_qat_upload_is_refused_in_plain_text_and_keeps_model_and_sett
 def test_pages_that_run_the_engine_say_why_it_cannot(app, monkeypatch, page):
     """A model whose scales the engine refuses (the loader refuses such files; this stands in for
     any other way one could arrive) is explained on the page, and a later visit does not crash."""
-    import qcore.integer
+    import qcore.inference.integer
     import qcore.lessons.walk
-    from qcore.integer import IntegerEngineError
+    from qcore.inference.integer import IntegerEngineError
 
     def refuse(qnet):
         raise IntegerEngineError("conv2's requantization multiplier s_in * s_w / s_out = 1e+33 needs a shift outside")
 
-    monkeypatch.setattr(qcore.integer, "IntegerNet", refuse)
+    monkeypatch.setattr(qcore.inference.integer, "IntegerNet", refuse)
     monkeypatch.setattr(qcore.lessons.walk, "IntegerNet", refuse)
     at = app.run()
     at.select_slider(key="act_bits").set_value(7).run()  # a config no earlier test cached
@@ -809,7 +809,7 @@ def test_pages_that_run_the_engine_say_why_it_cannot(app, monkeypatch, page):
 
 
 def test_every_download_has_a_name_of_its_own():
-    from qcore.qat import QatCheckpoint
+    from qcore.training.qat import QatCheckpoint
     from ui.session import ModelEntry, download_name
 
     plain = ModelEntry(Net(), "bundled", "abc123")

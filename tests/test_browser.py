@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
+from qcore.inference.evaluate import evaluate
 from tests.serving import IDLE, ROOT, chromium, streamlit_server
 
 pytestmark = pytest.mark.browser
@@ -199,8 +199,8 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     'Use the bundled net' never appeared. Now the upload is refused and everything stays usable."""
     import torch
 
-    from qcore.checkpoint import fingerprint
-    from qcore.model import Net
+    from qcore.models.checkpoint import fingerprint
+    from qcore.models.net import Net
 
     state = Net().state_dict()
     state["fc1.weight"] = torch.full((500, 800), 3e38)
@@ -230,7 +230,7 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
 
 
 def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval, tmp_path):
-    from qcore.diagnose import diagnose
+    from qcore.analysis.diagnose import diagnose
 
     expected = diagnose(pretrained, mnist, QuantConfig(), float_eval.accuracy)
     first = expected.suggestions[0]

@@ -100,7 +100,7 @@ def _predictions(module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _ptq_numbers(model, data, changes: dict[str, object]) -> dict[str, object]:
-    from qcore.analysis import quantize_for
+    from qcore.analysis.tables import quantize_for
     from qcore.config import QuantConfig
 
     qnet = quantize_for(model, data, QuantConfig().with_changes(**changes))
@@ -109,7 +109,7 @@ def _ptq_numbers(model, data, changes: dict[str, object]) -> dict[str, object]:
 
 
 def _integer_numbers(qnet, data, simulated: torch.Tensor) -> dict[str, object]:
-    from qcore.integer import IntegerNet
+    from qcore.inference.integer import IntegerNet
 
     predictions = IntegerNet(qnet).predict(data.test.images)
     return {
@@ -121,7 +121,7 @@ def _integer_numbers(qnet, data, simulated: torch.Tensor) -> dict[str, object]:
 
 def capture_fast(model, data) -> dict[str, object]:
     """PTQ and integer-engine numbers, ONNX Runtime and the explain walk: the fast tier's share."""
-    from qcore.export import OnnxRunner, export_onnx
+    from qcore.export.formats import OnnxRunner, export_onnx
     from qcore.lessons.walk import explain
 
     numbers: dict[str, object] = {}
@@ -145,9 +145,9 @@ def capture_fast(model, data) -> dict[str, object]:
 def capture_slow(model, data) -> dict[str, object]:
     """Methods, PyTorch's int8 kernels and a short QAT run."""
     from qcore.config import QuantConfig
-    from qcore.qat import QatConfig, qat
-    from qcore.qmodel import calibration_data
-    from qcore.torch_int8 import torch_int8_model
+    from qcore.inference.torch_int8 import torch_int8_model
+    from qcore.quantize.qmodel import calibration_data
+    from qcore.training.qat import QatConfig, qat
 
     numbers: dict[str, object] = {}
     for name, changes in METHOD_CONFIGS.items():
@@ -162,7 +162,7 @@ def capture_slow(model, data) -> dict[str, object]:
             "correct": int((predictions == data.test.labels).sum()),
             "hash": _hash(predictions),
         }
-    from qcore.diagnose import diagnose
+    from qcore.analysis.diagnose import diagnose
 
     diagnosis = diagnose(model, data, QuantConfig(weight_bits=3, act_bits=3), 0.9832)
     numbers["diagnosis W3A3"] = _report_hash(diagnosis.to_dict())
@@ -186,8 +186,8 @@ def test_methods_torch_int8_and_qat_are_unchanged(pretrained, mnist):
 
 
 if __name__ == "__main__":
-    from qcore.checkpoint import load_model
     from qcore.data import load_mnist
+    from qcore.models.checkpoint import load_model
 
     model, data = load_model(), load_mnist(download=False)
     print(json.dumps({**capture_fast(model, data), **capture_slow(model, data)}, indent=1))

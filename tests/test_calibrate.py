@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcore.calibrate import (
+from qcore.data import calibration_batches, calibration_indices
+from qcore.models.net import Net
+from qcore.quantize.calibrate import (
     OBSERVERS,
     MovingAverageMinMaxObserver,
     calibrate,
@@ -13,9 +15,7 @@ from qcore.calibrate import (
     mse_optimal_weight_range,
     snapshot_points,
 )
-from qcore.data import calibration_batches, calibration_indices
-from qcore.model import Net
-from qcore.quant import Scheme
+from qcore.quantize.quant import Scheme
 
 
 def observe_all(name: str, batches: list[list[float]], **kwargs) -> tuple[float, float]:

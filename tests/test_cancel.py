@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from qcore import cancel
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
+from qcore.inference.evaluate import evaluate
 
 
 def test_without_a_check_nothing_is_ever_cancelled():

@@ -16,7 +16,7 @@ import zipfile
 import pytest
 import torch
 
-from qcore.checkpoint import (
+from qcore.models.checkpoint import (
     PRETRAINED_PATH,
     CheckpointError,
     checkpoint_bytes,
@@ -25,7 +25,7 @@ from qcore.checkpoint import (
     load_state_dict,
     save_checkpoint,
 )
-from qcore.model import Net
+from qcore.models.net import Net
 from tests.conftest import ROOT
 
 
@@ -268,7 +268,7 @@ def test_fuzzed_checkpoints_load_or_raise_checkpoint_error():
 
 MEASURE_BOMB = """
 import resource, sys
-from qcore.checkpoint import CheckpointError, load_state_dict
+from qcore.models.checkpoint import CheckpointError, load_state_dict
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
+from qcore.inference.evaluate import evaluate
 from tests.conftest import run_cli
 
 
@@ -232,7 +232,7 @@ def test_evaluate_with_an_integer_engine(engine, pretrained, mnist):
 def test_export_writes_files_that_load(tmp_path, pretrained, mnist):
     import onnx
 
-    from qcore.export import load_qtensors
+    from qcore.export.formats import load_qtensors
 
     qtensors, onnx_file = tmp_path / "net_q.pt", tmp_path / "net.onnx"
     assert run_cli("export", "--format", "qtensors", "--out", str(qtensors), "--weight-bits", "4").returncode == 0
@@ -293,7 +293,7 @@ def test_a_symbolic_link_at_out_is_replaced_only_with_force(tmp_path, target_exi
 def qat_state_from_ptq(pretrained, mnist):
     """A well-formed QAT checkpoint's contents without training: W2A2 PTQ is a QatCheckpoint's shape
     (the default config at those bits, per-channel weight scales), and load_qat accepts it as is."""
-    from qcore.qat import QatCheckpoint, qat_state
+    from qcore.training.qat import QatCheckpoint, qat_state
 
     config = QuantConfig(weight_bits=2, act_bits=2)
     return qat_state(QatCheckpoint(pretrained, quantize_for(pretrained, mnist, config), config, {}))
@@ -330,7 +330,7 @@ def test_the_untampered_qat_state_loads(qat_state_from_ptq, tmp_path):
     """The tampering test above starts from a checkpoint the loader accepts (its refusals are the changes')."""
     import torch
 
-    from qcore.qat import load_qat
+    from qcore.training.qat import load_qat
 
     good = tmp_path / "good.pt"
     torch.save(qat_state_from_ptq, good)

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcore.analysis import build_report, quantize_for
+from qcore.analysis.diagnose import apply_suggestion, diagnose, variant, worst_channels
+from qcore.analysis.report import diagnosis_html
+from qcore.analysis.tables import build_report, quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist
-from qcore.diagnose import apply_suggestion, diagnose, variant, worst_channels
-from qcore.evaluate import evaluate
-from qcore.model import LAYER_NAMES
-from qcore.quant import dequantize, fake_quantize, sqnr_db
-from qcore.report import diagnosis_html
+from qcore.inference.evaluate import evaluate
+from qcore.models.net import LAYER_NAMES
+from qcore.quantize.quant import dequantize, fake_quantize, sqnr_db
 from tests.conftest import run_cli
 
 W3A3 = QuantConfig(weight_bits=3, act_bits=3)
@@ -97,7 +97,7 @@ def test_engine_gap_is_one_lsb_at_rounding_ties(w3a3, pretrained, mnist):
     gap = w3a3.engine_gap
     assert gap.available
     simulated = evaluate(quantize_for(pretrained, mnist, W3A3), mnist.test).predictions
-    from qcore.integer import IntegerNet
+    from qcore.inference.integer import IntegerNet
 
     integer = IntegerNet(quantize_for(pretrained, mnist, W3A3)).predict(mnist.test.images)
     assert gap.disagreeing_images == (integer != simulated).nonzero().flatten().tolist()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcore.analysis import LayerRow, Sensitivity, SweepPoint, WeightHistogram, weight_histogram
-from qcore.calibrate import ActivationStats, RangeSnapshot
+from qcore.analysis.tables import LayerRow, Sensitivity, SweepPoint, WeightHistogram, weight_histogram
 from qcore.figures import (
     activation_histogram_figure,
     activation_ranges_figure,
@@ -20,8 +19,9 @@ from qcore.figures import (
     training_curve_figure,
     weight_histogram_figure,
 )
-from qcore.qmodel import LayerQuant
-from qcore.quant import Scheme, choose_qparams, quantize
+from qcore.quantize.calibrate import ActivationStats, RangeSnapshot
+from qcore.quantize.qmodel import LayerQuant
+from qcore.quantize.quant import Scheme, choose_qparams, quantize
 
 
 def stats(layer: str, observed: tuple[float, float], clip: tuple[float, float], batches: int = 3) -> ActivationStats:
@@ -109,7 +109,7 @@ def test_sensitivity_training_error_and_digit_figures():
 
 
 def test_sensitivity_chart_keeps_a_one_image_difference_small():
-    from qcore.analysis import Sensitivity
+    from qcore.analysis.tables import Sensitivity
     from qcore.figures import SENSITIVITY_MIN_SPAN, sensitivity_figure
 
     rows = [Sensitivity(n, 0.9831, 0.0001) for n in ("conv1", "conv2")] + [Sensitivity("fc1", 0.9832, 0.0)]

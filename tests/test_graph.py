@@ -11,7 +11,7 @@ from torch import nn
 
 from qcore.config import QuantConfig
 from qcore.graph import GraphError, OpKind, model_graph, quant_plan, run_float
-from qcore.integer import (
+from qcore.inference.integer import (
     INT32_MAX,
     IntegerNet,
     Requantization,
@@ -20,8 +20,8 @@ from qcore.integer import (
     average_pool_int,
     quantize_multiplier,
 )
-from qcore.model import Net
-from qcore.qmodel import calibration_data, quantize_model
+from qcore.models.net import Net
+from qcore.quantize.qmodel import calibration_data, quantize_model
 
 
 class EveryOp(nn.Module):
@@ -156,7 +156,7 @@ def test_integer_engine_agrees_with_the_simulation_on_every_operation(every_op, 
 
 @pytest.mark.slow
 def test_onnx_export_of_every_operation_agrees_in_onnx_runtime(every_op, mnist):
-    from qcore.export import OnnxRunner, export_onnx
+    from qcore.export.formats import OnnxRunner, export_onnx
 
     _, (qnet, simulated) = _agreement(every_op, mnist, QuantConfig())
     predictions = OnnxRunner(export_onnx(qnet)).predict(mnist.test.images[:2000])
@@ -257,8 +257,8 @@ def test_the_network_diagram_is_drawn_from_the_graph():
 
 @pytest.mark.slow
 def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
-    from qcore.diagnose import diagnose
-    from qcore.report import diagnosis_html
+    from qcore.analysis.diagnose import diagnose
+    from qcore.analysis.report import diagnosis_html
 
     diagnosis = diagnose(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4), suggestions=2)
     assert [row.layer for row in diagnosis.layers] == list(model_graph(every_op).layers)

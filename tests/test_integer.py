@@ -9,11 +9,19 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
-from qcore.export import OnnxRunner, export_onnx, load_qtensors, pack_bits, qtensors_bytes, size_table, unpack_bits
-from qcore.integer import (
+from qcore.export.formats import (
+    OnnxRunner,
+    export_onnx,
+    load_qtensors,
+    pack_bits,
+    qtensors_bytes,
+    size_table,
+    unpack_bits,
+)
+from qcore.inference.evaluate import evaluate
+from qcore.inference.integer import (
     INT32_MAX,
     INT32_MIN,
     IntegerEngineError,
@@ -21,8 +29,8 @@ from qcore.integer import (
     multiply_by_quantized_multiplier,
     quantize_multiplier,
 )
-from qcore.qmodel import calibration_data
-from qcore.torch_int8 import torch_int8_model
+from qcore.inference.torch_int8 import torch_int8_model
+from qcore.quantize.qmodel import calibration_data
 
 
 def t(*values: int) -> torch.Tensor:
@@ -108,7 +116,7 @@ def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(
     engine = IntegerNet(quantize_for(pretrained, mnist, config))
     x = engine.quantize_input(mnist.test.images[:200])
     corrected = engine.logits_int(x)  # int8 x int8 -> int32 products plus gemmlowp's corrections
-    monkeypatch.setattr("qcore.integer._int8_operands", lambda _x, _layer: None)
+    monkeypatch.setattr("qcore.inference.integer._int8_operands", lambda _x, _layer: None)
     plain = engine.logits_int(x)  # (x - zx)(w - zw) in int64, zero points subtracted first
     assert torch.equal(corrected, plain)
 

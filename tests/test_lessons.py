@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.integer import IntegerNet
+from qcore.inference.integer import IntegerNet
 from qcore.lessons.walk import explain
-from qcore.model import LAYER_NAMES
+from qcore.models.net import LAYER_NAMES
 from tests.conftest import run_cli
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
 from qcore.graph import model_graph, run_float
-from qcore.methods import (
+from qcore.inference.evaluate import evaluate
+from qcore.models.net import Net
+from qcore.quantize.methods import (
     adaround,
     average_bits,
     channel_means,
@@ -20,8 +21,7 @@ from qcore.methods import (
     parameter_counts,
     reconstruction_error,
 )
-from qcore.model import Net
-from qcore.quant import Granularity, Scheme, choose_qparams, dequantize, fake_quantize, quantize, tensor_range
+from qcore.quantize.quant import Granularity, Scheme, choose_qparams, dequantize, fake_quantize, quantize, tensor_range
 
 ALL_METHODS = ("equalization", "adaround", "bias-correction")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qcore.analysis import bit_sweep, build_report, layer_sensitivity, quantize_for
+from qcore.analysis.tables import bit_sweep, build_report, layer_sensitivity, quantize_for
 from qcore.config import QuantConfig
-from qcore.evaluate import evaluate
+from qcore.inference.evaluate import evaluate
 
 CHANCE = 0.2  # ten balanced classes: anything this low has collapsed
 

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from qcore.analysis import quantize_for
-from qcore.checkpoint import CheckpointError, load_state_dict, save_checkpoint
+from qcore.analysis.tables import quantize_for
 from qcore.data import Split
-from qcore.evaluate import evaluate
-from qcore.integer import IntegerNet
-from qcore.qat import QatConfig, fake_quantize_ste, load_qat, qat, qat_bytes, qat_state
-from qcore.quant import QParams, fake_quantize
+from qcore.inference.evaluate import evaluate
+from qcore.inference.integer import IntegerNet
+from qcore.models.checkpoint import CheckpointError, load_state_dict, save_checkpoint
+from qcore.quantize.quant import QParams, fake_quantize
+from qcore.training.qat import QatConfig, fake_quantize_ste, load_qat, qat, qat_bytes, qat_state
 from tests.conftest import run_cli
 
 SMALL = QatConfig(epochs=1, train_samples=1024, eval_every=2)
@@ -212,7 +212,7 @@ def test_cli_refuses_to_recalibrate_a_qat_checkpoint(short_run, tmp_path):
 
 
 def test_cli_export_and_sweep_take_a_qat_checkpoint_as_trained(short_run, tmp_path, mnist):
-    from qcore.export import load_qtensors
+    from qcore.export.formats import load_qtensors
 
     path = tmp_path / "qat.pt"
     path.write_bytes(qat_bytes(short_run))

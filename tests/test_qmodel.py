@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from qcore.config import QuantConfig
-from qcore.model import LAYER_NAMES, Net
-from qcore.qmodel import quantize_model
+from qcore.models.net import LAYER_NAMES, Net
+from qcore.quantize.qmodel import quantize_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qcore.quant import (
+from qcore.quantize.quant import (
     Granularity,
     Scheme,
     choose_qparams,

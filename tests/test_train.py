@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from qcore.data import Split
-from qcore.model import Net
-from qcore.train import TrainConfig, seeded_start, train
+from qcore.models.net import Net
+from qcore.training.train import TrainConfig, seeded_start, train
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,20 @@ from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from qcore.analysis import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
+from qcore.analysis.diagnose import Diagnosis, diagnose
+from qcore.analysis.tables import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
 from qcore.cancel import Cancelled
-from qcore.checkpoint import load_model
 from qcore.config import QuantConfig
 from qcore.data import Mnist, load_mnist
-from qcore.deploy import EngineResult, compare_engines
-from qcore.diagnose import Diagnosis, diagnose
-from qcore.evaluate import EvalResult, evaluate
-from qcore.export import export_onnx, qtensors_bytes
-from qcore.integer import IntegerNet
+from qcore.export.formats import export_onnx, qtensors_bytes
+from qcore.inference.deploy import EngineResult, compare_engines
+from qcore.inference.evaluate import EvalResult, evaluate
+from qcore.inference.integer import IntegerNet
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
-from qcore.model import Net
-from qcore.qat import QatCheckpoint
+from qcore.models.checkpoint import load_model
+from qcore.models.net import Net
+from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
 

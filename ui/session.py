@@ -17,16 +17,16 @@ from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from qcore.analysis import Report
-from qcore.calibrate import OBSERVERS
-from qcore.checkpoint import fingerprint
+from qcore.analysis.tables import Report
 from qcore.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
 from qcore.data import MAX_SEED, DataError, DataFileError, Mnist, data_dir
 from qcore.files import shorten
-from qcore.methods import METHODS
-from qcore.model import LAYER_NAMES, Net
-from qcore.qat import QatCheckpoint, qat_fingerprint
-from qcore.quant import Granularity, Scheme
+from qcore.models.checkpoint import fingerprint
+from qcore.models.net import LAYER_NAMES, Net
+from qcore.quantize.calibrate import OBSERVERS
+from qcore.quantize.methods import METHODS
+from qcore.quantize.quant import Granularity, Scheme
+from qcore.training.qat import QatCheckpoint, qat_fingerprint
 from ui import cache
 
 BIT_OPTIONS = list(DASHBOARD.bits)

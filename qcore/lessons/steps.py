@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist, Split, calibration_indices
-from qcore.evaluate import evaluate
-from qcore.model import Net, capture_layers, layer
-from qcore.qmodel import weight_qparams
-from qcore.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize, sqnr_db
+from qcore.inference.evaluate import evaluate
+from qcore.models.net import Net, capture_layers, layer
+from qcore.quantize.qmodel import weight_qparams
+from qcore.quantize.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize, sqnr_db
 
 OUTLIER_CALIB_BATCHES = 4
 MAX_LEVELS_SHOWN = 256  # a number line with more levels than this is a smear; say so instead

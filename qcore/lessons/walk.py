@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Mnist
-from qcore.integer import INT32_MAX, IntegerNet, multiply_by_quantized_multiplier
-from qcore.model import Net, capture_layers
-from qcore.qmodel import QuantizedNet
+from qcore.inference.integer import INT32_MAX, IntegerNet, multiply_by_quantized_multiplier
+from qcore.models.net import Net, capture_layers
+from qcore.quantize.qmodel import QuantizedNet
 
 
 @dataclass(frozen=True)

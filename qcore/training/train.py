@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from qcore import cancel
 from qcore.data import MAX_SEED, TRAIN_SIZE, Split
-from qcore.model import Net
+from qcore.models.net import Net
 
 # The Model page's bounds, shared by the CLI: a shared server's training runs are bounded, and a
 # flag may not ask for more work than a click could (issue 16: an unbounded batch took 8 GB).

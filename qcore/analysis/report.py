@@ -11,7 +11,7 @@ import html
 import math
 from collections.abc import Sequence
 
-from qcore.diagnose import Diagnosis, LayerDiagnosis
+from qcore.analysis.diagnose import Diagnosis, LayerDiagnosis
 
 DIAGRAM_STAGES = ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")  # the bundled net's graph.stages()
 

@@ -28,7 +28,7 @@ import torch
 
 from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.files import shorten
-from qcore.model import Net
+from qcore.models.net import Net
 
 PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "mnist_net.pt"
 # Keys some training scripts wrap a state_dict in; the first found is used.
@@ -213,7 +213,10 @@ def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
     """Return `state` as a Net state_dict, or raise CheckpointError listing exactly what is wrong."""
     if isinstance(state, dict) and isinstance(state.get("format"), str) and state["format"].startswith("qlab-qat/"):
         raise CheckpointError(
-            ["a quantization-aware-trained (QAT) checkpoint, which carries its own quantization: use qcore.qat"]
+            [
+                "a quantization-aware-trained (QAT) checkpoint, which carries its own quantization: "
+                "use qcore.training.qat"
+            ]
         )
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:

@@ -11,11 +11,11 @@ import torch
 
 from qcore.config import QuantConfig
 from qcore.data import Mnist, Split
-from qcore.evaluate import EvalResult, evaluate, flipped_indices
 from qcore.graph import model_graph
-from qcore.model import Net, capture_layers
-from qcore.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
-from qcore.quant import fake_quantize, sqnr_db
+from qcore.inference.evaluate import EvalResult, evaluate, flipped_indices
+from qcore.models.net import Net, capture_layers
+from qcore.quantize.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
+from qcore.quantize.quant import fake_quantize, sqnr_db
 
 SQNR_SAMPLES = 1000  # activation SQNR is measured on the first this-many test images
 MAX_LEVELS_SHOWN = 256

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from qcore import cancel
 from qcore.graph import ModelGraph, Op, OpKind, run_float
-from qcore.quant import QParams
+from qcore.quantize.quant import QParams
 
 METHODS = ("equalization", "adaround", "bias-correction")  # the order they are applied in
 EQUALIZATION_ROUNDS = 10

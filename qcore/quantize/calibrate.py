@@ -18,7 +18,7 @@ from torch import nn
 
 from qcore import cancel
 from qcore.graph import GraphRun, ModelGraph, Op, model_graph
-from qcore.quant import Scheme, choose_qparams, fake_quantize
+from qcore.quantize.quant import Scheme, choose_qparams, fake_quantize
 
 # Subsample bounds: per batch at most SAMPLES_PER_BATCH values, at most SAMPLE_CAP overall (when the
 # store overflows, every stored batch is halved and later batches keep half as many, so each batch

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qcore.graph import Op, OpKind
-from qcore.qmodel import LayerQuant, QuantizedNet, float_parts
+from qcore.quantize.qmodel import LayerQuant, QuantizedNet, float_parts
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -447,7 +447,7 @@ class IntegerNet:
     # --- running ----------------------------------------------------------------------------------
     def quantize_input(self, images: torch.Tensor) -> torch.Tensor:
         """The only float step: real images to the input's integers (int64)."""
-        from qcore.quant import quantize
+        from qcore.quantize.quant import quantize
 
         return quantize(images, self.input_qparams).to(torch.int64)
 

@@ -39,8 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore import cancel
-from qcore.analysis import quantize_for
-from qcore.checkpoint import (
+from qcore.analysis.tables import quantize_for
+from qcore.config import ConfigError, QuantConfig
+from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
+from qcore.files import JsonFileError, read_json, shorten
+from qcore.graph import GraphRun, Op, OpKind, model_graph
+from qcore.models.checkpoint import (
     CheckpointError,
     fingerprint,
     load_model,
@@ -49,14 +53,10 @@ from qcore.checkpoint import (
     read_checkpoint,
     validate_state_dict,
 )
-from qcore.config import ConfigError, QuantConfig
-from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
-from qcore.files import JsonFileError, read_json, shorten
-from qcore.graph import GraphRun, Op, OpKind, model_graph
-from qcore.model import LAYER_NAMES, Net, layer
-from qcore.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan
-from qcore.quant import QParams, Scheme, integer_range, quantize, quantize_bias
-from qcore.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
+from qcore.models.net import LAYER_NAMES, Net, layer
+from qcore.quantize.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan
+from qcore.quantize.quant import QParams, Scheme, integer_range, quantize, quantize_bias
+from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
 
 QAT_FORMAT = "qlab-qat/1"
 QAT_METHODS = ("lsq", "ste")
@@ -168,7 +168,7 @@ def fake_quantize_ste(
     qmax: int,
     scale_factor: float = 1.0,
 ) -> torch.Tensor:
-    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, as qcore.quant.fake_quantize computes it. With
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, as qcore.quantize.quant.fake_quantize computes it. With
     v = x / s, Qn = qmin - z and Qp = qmax - z, the gradient to x is 1 where Qn <= v <= Qp and 0
     outside (the STE), and the gradient to s is LSQ's: round(v) - v inside, Qn below, Qp above, times
     `scale_factor` (LSQ's g). `scale` is 0-d, or broadcastable to x with the channel dimension kept."""
@@ -212,7 +212,7 @@ class QatNet(nn.Module):
             wq, iq = quant.weight_qparams, quant.input_qparams
             if wq is None or iq is None or wq.axis != 0:
                 raise QatError("QAT needs every layer and the input quantized, weights per-channel")
-            # channels_last: oneDNN's convolution kernels run faster in it (as in qcore.train)
+            # channels_last: oneDNN's convolution kernels run faster in it (as in qcore.training.train)
             weight = quant.weight.clone()
             if weight.ndim == 4:
                 weight = weight.contiguous(memory_format=torch.channels_last)
@@ -659,7 +659,7 @@ def qat_from_state(state: object) -> QatCheckpoint:
     with torch.inference_mode():
         if not bool(torch.isfinite(qnet(probe_images())).all()):
             raise CheckpointError(["its quantized forward pass is not finite on ordinary images"])
-    from qcore.integer import IntegerEngineError, IntegerNet
+    from qcore.inference.integer import IntegerEngineError, IntegerNet
 
     try:
         IntegerNet(qnet)

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from qcore.analysis import quantize_for
+from qcore.analysis.tables import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Mnist
-from qcore.evaluate import evaluate
 from qcore.graph import OpKind
-from qcore.model import LAYER_NAMES, Net, capture_layers
-from qcore.qmodel import LayerQuant, QuantizedNet
-from qcore.quant import quantize, sqnr_db
+from qcore.inference.evaluate import evaluate
+from qcore.models.net import LAYER_NAMES, Net, capture_layers
+from qcore.quantize.qmodel import LayerQuant, QuantizedNet
+from qcore.quantize.quant import quantize, sqnr_db
 
 if TYPE_CHECKING:
-    from qcore.integer import IntegerNet
+    from qcore.inference.integer import IntegerNet
 
 SQNR_IMAGES = 1000  # test images for the SQNR columns (the accuracies use all 10,000)
 Progress = Callable[[int, int, str], None]
@@ -168,7 +168,7 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
     problems = integer_path_problems(qnet.config)
     if problems:
         return EngineGap(False, "; ".join(problems))
-    from qcore.integer import IntegerEngineError, IntegerNet
+    from qcore.inference.integer import IntegerEngineError, IntegerNet
 
     try:
         engine = IntegerNet(qnet)

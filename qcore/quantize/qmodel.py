@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcore.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
 from qcore.config import QuantConfig
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
-from qcore.methods import (
+from qcore.quantize.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
+from qcore.quantize.methods import (
     MethodsReport,
     adaround,
     channel_means,
@@ -32,7 +32,7 @@ from qcore.methods import (
     sensitivities,
     timed,
 )
-from qcore.quant import (
+from qcore.quantize.quant import (
     Granularity,
     QParams,
     Scheme,
@@ -263,7 +263,7 @@ def calibration_data(train: Split, config: QuantConfig) -> list[torch.Tensor]:
 
 def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor]) -> QuantizedNet:
     """Calibrate on `batches` (training images) and build the quantized twin of `model`'s graph,
-    applying the config's methods in METHODS' order (see qcore.methods)."""
+    applying the config's methods in METHODS' order (see qcore.quantize.methods)."""
     graph = model_graph(model)  # refuses an unsupported model before any work
     config.validate(graph.layers)
     plan = config_plan(graph, config)

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qcore.data import Mnist
-from qcore.evaluate import evaluate
-from qcore.model import Net
-from qcore.qmodel import QuantizedNet, calibration_data
+from qcore.inference.evaluate import evaluate
+from qcore.models.net import Net
+from qcore.quantize.qmodel import QuantizedNet, calibration_data
 
 ENGINES = ("simulate", "integer", "torch-int8", "onnxruntime")
 
@@ -41,11 +41,11 @@ def predictor(engine: str, model: Net, data: Mnist, qnet: QuantizedNet) -> Calla
 
         return run_module
     if engine == "integer":
-        from qcore.integer import IntegerNet
+        from qcore.inference.integer import IntegerNet
 
         return IntegerNet(qnet).predict
     if engine == "torch-int8":
-        from qcore.torch_int8 import torch_int8_model
+        from qcore.inference.torch_int8 import torch_int8_model
 
         int8 = torch_int8_model(model, calibration_data(data.train, qnet.config))
 
@@ -55,7 +55,7 @@ def predictor(engine: str, model: Net, data: Mnist, qnet: QuantizedNet) -> Calla
 
         return run_int8
     if engine == "onnxruntime":
-        from qcore.export import OnnxRunner, export_onnx
+        from qcore.export.formats import OnnxRunner, export_onnx
 
         return OnnxRunner(export_onnx(qnet), threads=torch.get_num_threads()).predict
     raise ValueError(f"unknown engine {engine!r}; choose from float, {', '.join(ENGINES)}")

@@ -19,10 +19,10 @@ from typing import BinaryIO
 import torch
 
 from qcore.graph import PASSTHROUGH_KINDS, Op, OpKind, QuantPlan, model_graph
-from qcore.integer import IntegerLayer, IntegerNet, Requantization
-from qcore.model import Net
-from qcore.qmodel import QuantizedNet, float_parts
-from qcore.quant import QParams
+from qcore.inference.integer import IntegerLayer, IntegerNet, Requantization
+from qcore.models.net import Net
+from qcore.quantize.qmodel import QuantizedNet, float_parts
+from qcore.quantize.quant import QParams
 
 QTENSORS_FORMAT = "qlab-qtensors/1"
 ONNX_OPSET = 17

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcore.model import Net
+from qcore.models.net import Net
 
 TORCH_ENGINE = "x86"
 

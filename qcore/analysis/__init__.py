@@ -1,0 +1,1 @@
+"""Explaining a quantized model: per-layer tables and sweeps, the diagnosis and its HTML report."""

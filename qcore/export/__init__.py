@@ -1,0 +1,1 @@
+"""Writing a quantized model out: integer tensors (qtensors) and ONNX in QDQ form."""

@@ -1,0 +1,1 @@
+"""Training: the float recipe and quantization-aware training."""
