@@ -20,6 +20,7 @@ from typing import NoReturn
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
 from qcore.data import DataError, data_dir, load_mnist
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
+from qcore.graph import GraphError
 from qcore.inference.deploy import ENGINES
 from qcore.models.checkpoint import (
     PRETRAINED_PATH,
@@ -166,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cmd.add_argument(
         "--position", help="that layer's output index, channel first: c,row,col for conv1/conv2, j for fc1/fc2"
     )
+    graph_cmd = commands.add_parser(
+        "graph", help="the model graph every path walks: operations, shapes, quantization points, BatchNorm folding"
+    )
+    _add_quant_flags(graph_cmd)
+    _add_common(graph_cmd)
+    graph_cmd.add_argument("--channel", type=int, default=0, help="the output channel shown before and after folding")
     data_cmd = commands.add_parser("data", help="check the MNIST folder (every idx file validated)")
     data_cmd.add_argument(
         "--download", action="store_true", help="fetch MNIST with torchvision first when files are missing (online)"
@@ -566,8 +573,55 @@ def cmd_data(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
+def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.graph import batchnorm_folding, model_graph
+    from qcore.quantize.qmodel import config_plan
+
+    model, trained = _load_for_quantization(args, "graph")
+    config = config_from_args(args) if trained is None else trained.config
+    graph = model_graph(model)
+    plan = config_plan(graph, config)
+    rows = []
+    for op in graph.ops:
+        if op.name in plan.points:
+            where = "point (own scale and zero point)"
+        elif op.name in plan.grid:
+            where = f"on {plan.grid[op.name]}'s grid"
+        else:
+            where = ""
+        rows.append(
+            {
+                "op": op.name,
+                "kind": op.kind.value,
+                "reads": ", ".join(op.inputs),
+                "shape": "x".join(map(str, op.shape[1:])),
+                "quantized": where,
+                "batchnorm folded": graph.folded_batchnorm.get(op.name, ""),
+            }
+        )
+    folds = []
+    for layer in graph.folded_batchnorm:
+        channels = graph.weight(layer).shape[0]
+        if not 0 <= args.channel < channels:
+            raise UsageError(f"--channel must be between 0 and {channels - 1} for {layer} (got {args.channel})")
+        folds.append(batchnorm_folding(model, layer, args.channel).to_dict())
+    if not args.json:
+        print(_table(rows))
+        if not folds:
+            print("BatchNorm: none in this model, so nothing is folded")
+        for fold in folds:
+            print(
+                f"{fold['layer']} <- {fold['batchnorm']}, channel {fold['channel']}: weights x {fold['factor']:.4g} "
+                f"(gamma / sqrt(var + eps)), bias {fold['bias_before']:.4g} -> {fold['bias_after']:.4g}; "
+                f"per-channel weight range spread (largest / smallest) {fold['spread_before']:.3g} -> "
+                f"{fold['spread_after']:.3g}"
+            )
+    return {"config": config.to_dict(), "ops": rows, "points": list(plan.points), "batchnorm_folding": folds}
+
+
 COMMANDS = {
     "data": cmd_data,
+    "graph": cmd_graph,
     "diagnose": cmd_diagnose,
     "explain": cmd_explain,
     "train": cmd_train,
@@ -585,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_dir is not None and not data_dir(args.data_dir).is_dir():
             raise UsageError(f"--data-dir {args.data_dir}: no such folder")
         result = COMMANDS[args.command](args)
-    except (UsageError, ConfigError, CheckpointError, DataError, OutputPathError) as error:
+    except (UsageError, ConfigError, CheckpointError, DataError, OutputPathError, GraphError) as error:
         print(f"qcore: error: {shorten(error, 1000)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -271,3 +271,33 @@ def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
     assert diagnosis.engine_gap.available and diagnosis.engine_gap.layers == []
     html = diagnosis_html(diagnosis, "every-op", "fp")
     assert all(f">{name}<" in html for name in ("stem", "depthwise", "add", "cat"))
+
+
+def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
+    from qcore.graph import batchnorm_folding
+
+    report = batchnorm_folding(every_op, "depthwise", 3)
+    bn, conv = every_op.depthwise_bn, every_op.depthwise
+    factor = float(bn.weight[3] / torch.sqrt(bn.running_var[3] + bn.eps))  # gamma / sqrt(var + eps)
+    assert report.batchnorm == "depthwise_bn" and report.factor == pytest.approx(factor, rel=1e-6)
+    assert torch.allclose(torch.tensor(report.weights_after), conv.weight[3].flatten().detach() * factor, atol=1e-6)
+    expected_bias = float((conv.bias[3] - bn.running_mean[3]) * factor + bn.bias[3])
+    assert report.bias_after == pytest.approx(expected_bias, rel=1e-5, abs=1e-6)
+    after = (
+        conv.weight.detach().flatten(1).abs().max(dim=1).values
+        * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs()
+    )
+    assert torch.allclose(torch.tensor(report.ranges_after), after.detach(), atol=1e-6)
+    assert report.spread_after == pytest.approx(float(after.max() / after.min()), rel=1e-5)
+    with pytest.raises(GraphError, match="no BatchNorm is folded into 'pointwise'"):
+        batchnorm_folding(every_op, "pointwise", 0)
+
+
+@pytest.mark.parametrize("command", ["graph", "evaluate"])
+def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsys, command):
+    from qcore import cli
+
+    monkeypatch.setattr(cli, "load_checkpoint", lambda source: (WithSigmoid(), None))
+    assert cli.main([command]) == 2
+    err = capsys.readouterr().err
+    assert err == "qcore: error: unsupported operation 'sigmoid' after conv1\n"

@@ -1,11 +1,14 @@
 """The model graph: a float network as the ordered operations every path walks (see ops.py)."""
 
+from qcore.graph.folding import FoldReport, batchnorm_folding
 from qcore.graph.ops import LAYER_KINDS, PASSTHROUGH_KINDS, GraphError, ModelGraph, Op, OpKind
 from qcore.graph.points import QuantPlan, quant_plan
 from qcore.graph.run import GraphRun, capture, run_float
 from qcore.graph.trace import ModelGraphModule, model_graph
 
 __all__ = [
+    "FoldReport",
+    "batchnorm_folding",
     "LAYER_KINDS",
     "PASSTHROUGH_KINDS",
     "GraphError",
