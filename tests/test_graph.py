@@ -301,3 +301,30 @@ def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsy
     assert cli.main([command]) == 2
     err = capsys.readouterr().err
     assert err == "qcore: error: unsupported operation 'sigmoid' after conv1\n"
+
+
+def test_the_graph_command_prints_the_bundled_nets_points(capsys):
+    import json
+
+    from qcore import cli
+
+    assert cli.main(["graph", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # Net.forward: conv1 reads the image, conv2 relu(pool(conv1)), fc1 the flatten, fc2 relu(fc1)
+    assert printed["points"] == ["input", "relu", "flatten", "relu_2"]
+    assert printed["batchnorm_folding"] == []
+    assert [row["op"] for row in printed["ops"] if row["kind"] in ("conv", "linear")] == [
+        "conv1",
+        "conv2",
+        "fc1",
+        "fc2",
+    ]
+
+
+def test_qat_refuses_a_graph_it_cannot_train_yet(mnist):
+    from qcore.training.qat import QatError, QatNet
+
+    config = QuantConfig(weight_bits=4, act_bits=4)
+    qnet = quantize_model(EveryOp().eval(), config, calibration_data(mnist.train, config))
+    with pytest.raises(QatError, match="no add, cat or average pool yet"):
+        QatNet(qnet, "lsq")
