@@ -328,3 +328,85 @@ def test_qat_refuses_a_graph_it_cannot_train_yet(mnist):
     qnet = quantize_model(EveryOp().eval(), config, calibration_data(mnist.train, config))
     with pytest.raises(QatError, match="no add, cat or average pool yet"):
         QatNet(qnet, "lsq")
+
+
+# --- the engine against the simulation, tensor by tensor, on the rarer paths -------------------
+
+
+class RarePaths(nn.Module):
+    """A padded strided max-pool on accumulators, a cat of two tensors already on other grids
+    (requantized grid to grid), an add straight into another add, a 3x3 stride-2 average pool, and
+    logits read off a grid (the network ends in a global average pool of a ReLU6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.head = nn.Conv2d(18, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.a(x)), 3, 2, 1)  # 6 x 14 x 14
+        y = self.b(x)
+        z = self.c(x)
+        s = (y + z) + x  # an add into an add
+        t = torch.cat([x, y, s], dim=1)  # x and y are points of their own: requantized into the cat
+        t = F.avg_pool2d(t, 3, 2)  # 18 x 6 x 6
+        return F.adaptive_avg_pool2d(F.relu6(self.head(t)), 1).flatten(1)
+
+
+def _integers_at_points(qnet, images) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(simulation, engine) integers at every op on a grid."""
+    from qcore.quantize.quant import quantize
+
+    from qcore.quantize.qmodel import _Simulation
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recording(_Simulation):
+        def after(self, op, value):
+            value = super().after(op, value)
+            seen[op.name] = value
+            return value
+
+        def layer_input(self, op, x):
+            x = super().layer_input(op, x)
+            seen[f"input of {op.name}"] = x
+            return x
+
+    with torch.inference_mode():
+        Recording(qnet, {}, {}).run(images)
+        engine = IntegerNet(qnet)
+        integers = engine.values_int(engine.quantize_input(images))
+    pairs = {}
+    for name, source in qnet.plan.grid.items():
+        value = seen[name]
+        if name not in qnet._quantize_after and qnet.graph.op(name).kind not in (OpKind.AVGPOOL, OpKind.CAT):
+            readers = [op.name for op in qnet.graph.consumers(name) if op.is_layer]
+            if not readers:
+                continue  # on a grid only through what reads it later
+            value = seen[f"input of {readers[0]}"]
+        pairs[name] = (quantize(value, qnet.points[source].qparams).reshape(integers[name].shape), integers[name])
+    return pairs
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rare_paths_agree_integer_by_integer(mnist, bits):
+    torch.manual_seed(1)
+    model = RarePaths().eval()
+    config = QuantConfig(weight_bits=bits, act_bits=bits)
+    qnet = quantize_model(model, config, calibration_data(mnist.train, config))
+    kinds = {qnet.graph.op(name).kind for name in qnet.plan.points}
+    assert {OpKind.CAT, OpKind.CONV, OpKind.MAXPOOL} <= kinds
+    engine = IntegerNet(qnet)
+    assert len(engine._cat_inputs) == 3  # x and y from their own grids, s from the raw sum of the add
+    pairs = _integers_at_points(qnet, mnist.test.images[:200])
+    for name, (simulated, integer) in pairs.items():
+        differ = (simulated.to(torch.int64) != integer).float().mean()
+        # one LSB apart only where the two paths' unrounded values straddle a rounding boundary
+        assert float(differ) <= 1e-3, name
+        assert int((simulated.to(torch.int64) - integer).abs().max()) <= 1, name
+    # the logits are read off the average pool's grid (q - z), so the argmax is the simulation's
+    with torch.inference_mode():
+        simulated = qnet(mnist.test.images[:200]).argmax(1)
+    assert float((engine.predict(mnist.test.images[:200]) == simulated).float().mean()) >= 0.99

@@ -211,7 +211,8 @@ def _max_pool_int(
     x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
     """Max-pool on integers (accumulators or quantized values); padding never wins a window."""
-    x = _pad(x, padding, INT32_MIN - 1)
+    if padding != (0, 0):  # int8-path accumulators are int32: widen so the pad value lies below them all
+        x = _pad(x.to(torch.int64), padding, INT32_MIN - 1)
     return x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).amax(dim=(4, 5))
 
 
