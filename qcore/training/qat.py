@@ -43,7 +43,7 @@ from qcore.analysis.tables import quantize_for
 from qcore.config import ConfigError, QuantConfig
 from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
 from qcore.files import JsonFileError, read_json, shorten
-from qcore.graph import GraphRun, Op, OpKind, model_graph
+from qcore.graph import GraphRun, ModelGraphModule, Op, OpKind, model_graph
 from qcore.models.checkpoint import (
     CheckpointError,
     fingerprint,
@@ -187,27 +187,30 @@ def _channel_view(vector: torch.Tensor, ndim: int) -> torch.Tensor:
     return vector.reshape([-1] + [1] * (ndim - 1))
 
 
-class QatNet(nn.Module):
-    """Net's layers with fake-quantized inputs, weights and biases; the grid starts at `start`'s."""
+def _key(name: str) -> str:
+    """A graph name as a ParameterDict key (which may not contain dots)."""
+    return name.replace(".", "__")
 
-    def __init__(self, start: QuantizedNet, method: str) -> None:
+
+class QatNet(nn.Module):
+    """The model graph's layers with fake-quantized weights and biases and every quantization point
+    fake-quantized; the grid starts at `start`'s (PTQ calibration)."""
+
+    def __init__(self, start: QuantizedNet, method: str, source: nn.Module | None = None) -> None:
         super().__init__()
         self.method = method
         self.config = start.config
-        if start._quantize_after or any(op.kind in (OpKind.AVGPOOL, OpKind.CAT) for op in start.graph.ops):
-            raise QatError(
-                "QAT runs on networks whose quantized tensors are all layer inputs (no add, cat or average pool yet)"
-            )
-        self.graph = start.graph
+        self.graph, self.plan = start.graph, start.plan
+        self.__dict__["source"] = source  # the float model QAT started from (not a submodule)
         self.weights = nn.ParameterDict()
         self.biases = nn.ParameterDict()
         self.weight_scales = nn.ParameterDict()
-        self.input_scales = nn.ParameterDict()
+        self.input_scales = nn.ParameterDict()  # one per quantization point
         self.weight_range: dict[str, tuple[int, int]] = {}
         self.input_range: dict[str, tuple[int, int]] = {}
         learn_scales = method == "lsq"
         self.register_buffer("no_zero", torch.zeros((), dtype=torch.int64))
-        for name in LAYER_NAMES:
+        for name in self.graph.layers:
             quant = start.layers[name]
             wq, iq = quant.weight_qparams, quant.input_qparams
             if wq is None or iq is None or wq.axis != 0:
@@ -216,53 +219,61 @@ class QatNet(nn.Module):
             weight = quant.weight.clone()
             if weight.ndim == 4:
                 weight = weight.contiguous(memory_format=torch.channels_last)
-            self.weights[name] = nn.Parameter(weight)
-            self.biases[name] = nn.Parameter(quant.bias.clone())
-            self.weight_scales[name] = nn.Parameter(wq.scale.clone().float(), requires_grad=learn_scales)
-            # the network's input grid is the data's: it stays at its calibrated range (learning it would
-            # also cost conv1 a gradient with respect to its input, about a fifth of a step)
-            learn_input = learn_scales and name != LAYER_NAMES[0]
-            self.input_scales[name] = nn.Parameter(iq.scale.clone().float(), requires_grad=learn_input)
-            self.register_buffer(f"{name}_input_zero", iq.zero_point.clone().to(torch.int64))
+            self.weights[_key(name)] = nn.Parameter(weight)
+            self.biases[_key(name)] = nn.Parameter(quant.bias.clone())
+            self.weight_scales[_key(name)] = nn.Parameter(wq.scale.clone().float(), requires_grad=learn_scales)
             self.weight_range[name] = (wq.qmin, wq.qmax)
-            self.input_range[name] = (iq.qmin, iq.qmax)
+        for point in self.plan.points:
+            qparams = start.points[point].qparams
+            # the network's input grid is the data's: it stays at its calibrated range (learning it would
+            # also cost the first layer a gradient with respect to its input, about a fifth of a step)
+            learn_input = learn_scales and self.graph.op(point).kind is not OpKind.INPUT
+            self.input_scales[_key(point)] = nn.Parameter(qparams.scale.clone().float(), requires_grad=learn_input)
+            self.register_buffer(f"{_key(point)}_input_zero", qparams.zero_point.clone().to(torch.int64))
+            self.input_range[point] = (qparams.qmin, qparams.qmax)
             # the EMA-observed range of the plain STE (the range the calibrated qparams cover)
-            low = (iq.qmin - float(iq.zero_point)) * float(iq.scale)
-            high = (iq.qmax - float(iq.zero_point)) * float(iq.scale)
-            self.register_buffer(f"{name}_ema", torch.tensor([low, high], dtype=torch.float32))
+            low = (qparams.qmin - float(qparams.zero_point)) * float(qparams.scale)
+            high = (qparams.qmax - float(qparams.zero_point)) * float(qparams.scale)
+            self.register_buffer(f"{_key(point)}_ema", torch.tensor([low, high], dtype=torch.float32))
 
-    def input_zero(self, name: str) -> torch.Tensor:
-        return getattr(self, f"{name}_input_zero")
+    def input_zero(self, point: str) -> torch.Tensor:
+        return getattr(self, f"{_key(point)}_input_zero")
 
-    def _observe(self, name: str, x: torch.Tensor) -> None:
+    def point_scale(self, point: str) -> torch.Tensor:
+        return self.input_scales[_key(point)]
+
+    def layer_input_point(self, layer: str) -> str:
+        return self.plan.layer_input[layer]
+
+    def _observe(self, point: str, x: torch.Tensor) -> None:
         """The plain STE's activation range: an EMA of batch min and max, then scale and zero point."""
-        ema = getattr(self, f"{name}_ema")
+        ema = getattr(self, f"{_key(point)}_ema")
         batch = torch.stack([x.detach().min(), x.detach().max()])
         ema.add_(EMA_CONSTANT * (batch - ema))
-        qmin, qmax = self.input_range[name]
+        qmin, qmax = self.input_range[point]
         low, high = float(min(ema[0], 0.0)), float(max(ema[1], 0.0))
         scale = max((high - low) / (qmax - qmin), MIN_SCALE)
         with torch.no_grad():
-            self.input_scales[name].fill_(scale)
-            self.input_zero(name).fill_(int(min(max(round(qmin - low / scale), qmin), qmax)))
+            self.point_scale(point).fill_(scale)
+            self.input_zero(point).fill_(int(min(max(round(qmin - low / scale), qmin), qmax)))
 
-    def _quantized_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "ste" and self.training:
-            self._observe(name, x)
-        scale = self.input_scales[name]
-        qmin, qmax = self.input_range[name]
-        zero = self.input_zero(name)
+    def _quantized_point(self, point: str, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if observe and self.method == "ste" and self.training:
+            self._observe(point, x)
+        scale = self.point_scale(point)
+        qmin, qmax = self.input_range[point]
+        zero = self.input_zero(point)
         factor = lsq_gradient_factor(x[0].numel(), qmax - int(zero)) if self.method == "lsq" else 1.0
         return fake_quantize_ste(x, scale, zero, qmin, qmax, factor)
 
     def _quantized_weight_and_bias(self, name: str, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight, scale = self.weights[name], self.weight_scales[name]
+        weight, scale = self.weights[_key(name)], self.weight_scales[_key(name)]
         qmin, qmax = self.weight_range[name]
         factor = lsq_gradient_factor(weight[0].numel(), qmax) if self.method == "lsq" else 1.0
         view = _channel_view(scale, weight.ndim)
         weight_q = fake_quantize_ste(weight, view, self.no_zero, qmin, qmax, factor)
         # int32 bias: its rounding is far below the weights' and inputs', so plain STE, no scale gradient
-        bias = self.biases[name]
+        bias = self.biases[_key(name)]
         bias_scale = (input_scale * scale).detach()
         bias_q = bias + (torch.round(bias / bias_scale) * bias_scale - bias).detach()
         return weight_q, bias_q
@@ -270,24 +281,69 @@ class QatNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QatRun(self).run(x)
 
-    def float_model(self) -> Net:
-        """The trained float weights as a Net (the latent weights QAT updates)."""
+    def trained_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            name: (
+                self.weights[_key(name)].detach().cpu().contiguous().clone(),
+                self.biases[_key(name)].detach().cpu().clone(),
+            )
+            for name in self.graph.layers
+        }
+
+    def float_model(self) -> nn.Module:
+        """The trained float weights (the latent weights QAT updates): a Net for the bundled net's
+        architecture, else the graph with the trained weights."""
+        parameters = self.trained_parameters()
+        if self.source is not None and not isinstance(self.source, Net):
+            return ModelGraphModule(self.graph.with_parameters(parameters)).eval()
         net = Net()
         with torch.no_grad():
             for name in LAYER_NAMES:
-                layer(net, name).weight.copy_(self.weights[name].detach().cpu())
-                layer(net, name).bias.copy_(self.biases[name].detach().cpu())
+                layer(net, name).weight.copy_(parameters[name][0])
+                layer(net, name).bias.copy_(parameters[name][1])
         return net.eval()
 
     def qparams(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer: its weight scales and its input point's scale and zero point (the checkpoint's)."""
         return {
             name: {
-                "weight_scale": self.weight_scales[name].detach().cpu().clone(),
-                "input_scale": self.input_scales[name].detach().cpu().clone(),
-                "input_zero_point": self.input_zero(name).detach().cpu().clone(),
+                "weight_scale": self.weight_scales[_key(name)].detach().cpu().clone(),
+                "input_scale": self.point_scale(self.layer_input_point(name)).detach().cpu().clone(),
+                "input_zero_point": self.input_zero(self.layer_input_point(name)).detach().cpu().clone(),
             }
-            for name in LAYER_NAMES
+            for name in self.graph.layers
         }
+
+    def quantized_net(self, config: QuantConfig) -> QuantizedNet:
+        """The deployed model for any graph: integer weights and int32 biases at the trained scales,
+        every point at its trained scale and zero point."""
+        amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
+        points = {
+            point: QuantPoint(
+                point,
+                QParams(
+                    self.point_scale(point).detach().cpu().float().reshape(()).clone(),
+                    self.input_zero(point).detach().cpu().to(torch.int64).reshape(()).clone(),
+                    amin,
+                    amax,
+                ),
+                None,
+            )
+            for point in self.plan.points
+        }
+        graph = self.graph.with_parameters(self.trained_parameters())
+        layers = {
+            name: _layer_quant(
+                name,
+                graph.weight(name),
+                graph.bias(name),
+                self.weight_scales[_key(name)].detach().cpu().float(),
+                points[self.layer_input_point(name)].qparams,
+                config,
+            )
+            for name in graph.layers
+        }
+        return QuantizedNet(layers, config, ModelGraphModule(graph), graph=graph, plan=self.plan, points=points).eval()
 
 
 class _QatRun(GraphRun):
@@ -298,11 +354,35 @@ class _QatRun(GraphRun):
         self.net = net
         self._bias: torch.Tensor | None = None
 
-    def layer_input(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        return self.net._quantized_input(op.name, x)
+    def compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
+        if op.kind is OpKind.CAT and self.net.method == "ste" and self.net.training:
+            # the cat's range is observed on its float inputs, before they are moved onto its grid
+            self.net._observe(op.name, torch.cat(args, dim=1))
+        return super().compute(op, args)
+
+    def after(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        if op.name in self.net.input_range:  # a quantization point
+            return self.net._quantized_point(op.name, value, observe=op.kind is not OpKind.CAT)
+        if op.kind is OpKind.RELU6 and op.name in self.net.plan.grid:  # 6 may lie off the grid
+            return self.net._quantized_point(self.net.plan.grid[op.name], value, observe=False)
+        return value
+
+    def cat_input(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        return self.net._quantized_point(op.name, value, observe=False)
+
+    def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """The engine's rounded integer average, with the average pool's own gradient (STE)."""
+        point = self.net.plan.grid[op.inputs[0]]
+        scale, zero = self.net.point_scale(point), self.net.input_zero(point).to(x.dtype)
+        kernel, stride = op.attrs["kernel"], op.attrs["stride"]
+        count = kernel[0] * kernel[1]  # type: ignore[index]
+        levels = F.avg_pool2d(x / scale + zero, kernel, stride)  # type: ignore[arg-type]
+        rounded = torch.floor((torch.round(levels * count) + count // 2) / count)
+        return (levels + (rounded - levels).detach() - zero) * scale
 
     def weight(self, op: Op) -> torch.Tensor:
-        weight, self._bias = self.net._quantized_weight_and_bias(op.name, self.net.input_scales[op.name])
+        input_scale = self.net.point_scale(self.net.layer_input_point(op.name))
+        weight, self._bias = self.net._quantized_weight_and_bias(op.name, input_scale)
         return weight
 
     def bias(self, op: Op) -> torch.Tensor:
@@ -311,36 +391,53 @@ class _QatRun(GraphRun):
         return bias
 
 
+def _layer_quant(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_qparams: QParams,
+    config: QuantConfig,
+) -> LayerQuant:
+    """One layer at trained scales: weights rounded to nearest, the bias to int32 at s_in * s_w."""
+    wmin, wmax = integer_range(config.weight_bits, Scheme.SYMMETRIC)
+    weight_qparams = QParams(weight_scale, torch.zeros_like(weight_scale, dtype=torch.int64), wmin, wmax, 0)
+    quant = LayerQuant(
+        name,
+        weight,
+        bias,
+        weight_qparams,
+        quantize(weight, weight_qparams),
+        input_qparams,
+        None,
+        None,
+        config.weight_bits,
+    )
+    assert quant.bias_scale is not None
+    quant.bias_int = quantize_bias(bias, quant.bias_scale, BIAS_BITS)
+    return quant
+
+
 def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], config: QuantConfig) -> QuantizedNet:
     """The deployed model: integer weights and int32 biases at the trained scales, as PTQ builds them."""
+    amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
     layers = {}
     for name in LAYER_NAMES:
         module = layer(model, name)
-        weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
-        wmin, wmax = integer_range(config.weight_bits, Scheme.SYMMETRIC)
-        amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
-        weight_scale = qparams[name]["weight_scale"].float()
-        weight_qparams = QParams(weight_scale, torch.zeros_like(weight_scale, dtype=torch.int64), wmin, wmax, 0)
         input_qparams = QParams(
             qparams[name]["input_scale"].float().reshape(()),
             qparams[name]["input_zero_point"].to(torch.int64).reshape(()),
             amin,
             amax,
         )
-        quant = LayerQuant(
+        layers[name] = _layer_quant(
             name,
-            weight,
-            bias,
-            weight_qparams,
-            quantize(weight, weight_qparams),
+            module.weight.detach().clone(),
+            module.bias.detach().clone(),
+            qparams[name]["weight_scale"].float(),
             input_qparams,
-            None,
-            None,
-            config.weight_bits,
+            config,
         )
-        assert quant.bias_scale is not None
-        quant.bias_int = quantize_bias(bias, quant.bias_scale, BIAS_BITS)
-        layers[name] = quant
     graph = model_graph(model)
     plan = config_plan(graph, config)
     points = {point: QuantPoint(point, layers[name].input_qparams, None) for name, point in plan.layer_input.items()}  # type: ignore[arg-type]
@@ -369,7 +466,7 @@ class QatProgress:
 @dataclass
 class QatResult:
     qnet: QuantizedNet  # the deployed model (integer weights at the trained scales)
-    model: Net  # its float (latent) weights
+    model: nn.Module  # its float (latent) weights: a Net for the bundled architecture
     config: QatConfig
     cancelled: bool
     started_from: str  # fingerprint of the float model QAT started from
@@ -394,10 +491,10 @@ def weight_snapshot(net: QatNet, epoch: int) -> dict[str, object]:
     """Each layer's weights in units of its channel's step (w / s_w), as a histogram: at low bits QAT
     gathers them on the integer levels."""
     layers = {}
-    for name in LAYER_NAMES:
+    for name in net.graph.layers:
         qmin, qmax = net.weight_range[name]
-        weight = net.weights[name].detach().cpu()
-        steps = weight / _channel_view(net.weight_scales[name].detach().cpu(), weight.ndim)
+        weight = net.weights[_key(name)].detach().cpu()
+        steps = weight / _channel_view(net.weight_scales[_key(name)].detach().cpu(), weight.ndim)
         low, high = qmin - 1.5, qmax + 1.5
         counts = torch.histc(steps.clamp(low, high), bins=HISTOGRAM_BINS, min=low, max=high)
         layers[name] = {"low": low, "high": high, "counts": [int(c) for c in counts]}
@@ -432,7 +529,7 @@ def qat(
     start = quantize_for(model, data, quant_config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # nothing in the step is random, but cuda kernels may pick by seed
-    net = QatNet(start, config.method).to(device)
+    net = QatNet(start, config.method, model).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     count = TRAIN_SIZE - HELD_OUT if config.train_samples is None else config.train_samples
@@ -480,16 +577,22 @@ def _keep_scales_deployable(net: QatNet) -> None:
     """Step sizes stay positive, and a weight step never shrinks so far that the channel's bias, as an
     integer at s_in * s_w, exceeds 2^BIAS_HEADROOM_BITS: LSQ drives the step of a channel whose weights
     are near zero towards zero, and its int32 bias (and accumulator) would overflow."""
-    for name in LAYER_NAMES:
-        net.input_scales[name].clamp_(min=MIN_SCALE)
-        bias_floor = net.biases[name].detach().abs() / (net.input_scales[name] * 2.0**BIAS_HEADROOM_BITS)
-        net.weight_scales[name].copy_(torch.maximum(net.weight_scales[name], bias_floor.clamp(min=MIN_SCALE)))
+    for scale in net.input_scales.values():
+        scale.clamp_(min=MIN_SCALE)
+    for name in net.graph.layers:
+        input_scale = net.point_scale(net.layer_input_point(name))
+        bias_floor = net.biases[_key(name)].detach().abs() / (input_scale * 2.0**BIAS_HEADROOM_BITS)
+        weight_scale = net.weight_scales[_key(name)]
+        weight_scale.copy_(torch.maximum(weight_scale, bias_floor.clamp(min=MIN_SCALE)))
 
 
 def _finish(net: QatNet, result: QatResult, quant_config: QuantConfig) -> QatResult:
     net = net.cpu().eval()
     result.model = net.float_model()
-    result.qnet = to_quantized_net(result.model, net.qparams(), quant_config)
+    if isinstance(result.model, Net):  # the checkpoint's path, so a saved model loads back identical
+        result.qnet = to_quantized_net(result.model, net.qparams(), quant_config)
+    else:
+        result.qnet = net.quantized_net(quant_config)
     return result
 
 
