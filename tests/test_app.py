@@ -66,6 +66,7 @@ def upload(at: AppTest, name: str, data: bytes) -> AppTest:
     return at.run()
 
 
+@pytest.mark.slow
 def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained, mnist, float_eval):
     at = app.run()
     no_exceptions(at)
@@ -76,6 +77,7 @@ def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained,
 
 
 @pytest.mark.parametrize("page", PAGES)
+@pytest.mark.slow
 def test_every_page_renders_with_charts(app, page):
     at = app.run()
     at.switch_page(page).run()
@@ -86,6 +88,7 @@ def test_every_page_renders_with_charts(app, page):
         assert len(at.get("plotly_chart")) >= 2
 
 
+@pytest.mark.slow
 def test_bits_and_calibration_change_shown_numbers_to_qcores(app, pretrained, mnist, float_eval):
     at = app.run()
     at.switch_page("pages/activations.py").run()
@@ -108,6 +111,7 @@ def test_bits_and_calibration_change_shown_numbers_to_qcores(app, pretrained, mn
         assert row["zero point"] == layer.act_zero_point
 
 
+@pytest.mark.slow
 def test_accuracy_page_metrics_match_qcore(app, pretrained, mnist, float_eval):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3).run()
@@ -124,6 +128,7 @@ def test_accuracy_page_metrics_match_qcore(app, pretrained, mnist, float_eval):
     ]
 
 
+@pytest.mark.slow
 def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
     good = random_net(7)
     at = app.run()
@@ -158,6 +163,7 @@ def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_tiny_training_run_replaces_the_model(app, pretrained):
     at = app.run()
     form_inputs = {n.label: n for n in at.number_input}
@@ -171,6 +177,7 @@ def test_tiny_training_run_replaces_the_model(app, pretrained):
     assert any("It is now the current model" in s.value for s in at.success)
 
 
+@pytest.mark.slow
 def test_two_sessions_see_their_own_models(monkeypatch):
     monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
     first, second = (AppTest.from_file(APP, default_timeout=TIMEOUT) for _ in range(2))
@@ -218,6 +225,7 @@ def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
     assert str(tmp_path) not in every_text(at)  # a server path never reaches the user
 
 
+@pytest.mark.slow
 def test_deploy_page_compares_engines_and_offers_exports(app, pretrained, mnist):
     at = app.run()
     at.switch_page("pages/deploy.py").run()
@@ -238,6 +246,7 @@ def test_deploy_page_compares_engines_and_offers_exports(app, pretrained, mnist)
     assert rows["onnxruntime"]["same prediction as simulation"] >= 0.999
 
 
+@pytest.mark.slow
 def test_deploy_page_explains_when_integers_are_impossible(app):
     at = app.run()
     at.checkbox(key="float_fc2").check()
@@ -246,6 +255,7 @@ def test_deploy_page_explains_when_integers_are_impossible(app):
     assert any("fc2" in w.value and "Quantize every layer" in w.value for w in at.warning)
 
 
+@pytest.mark.slow
 def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretrained, mnist, float_eval):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(2).run()
@@ -271,6 +281,7 @@ def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretr
     assert len(at.get("plotly_chart")) >= 2  # AdaRound flips and the bias shift
 
 
+@pytest.mark.slow
 def test_weights_page_sqnr_matches_qcore(app, pretrained, mnist, float_eval):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3)
@@ -325,6 +336,7 @@ def test_hostile_link_is_shown_as_plain_text_and_bounded(app):
     assert dict(at.query_params) == {"weight_bits": "4", "batch_size": "16"}
 
 
+@pytest.mark.slow
 def test_upload_names_are_plain_text(app):
     at = app.run()
     hostile_name = "[Click here](http://evil.example/phish).pt"
@@ -353,6 +365,7 @@ def test_hostile_uploads_keep_the_model_and_say_why(app, pretrained, case):
     assert metric(at, "Quantized accuracy").endswith("%")  # the sidebar still computes for the kept model
 
 
+@pytest.mark.slow
 def test_zip_bomb_upload_is_refused(app, pretrained):
     from tests.test_checkpoint import zip_bomb
 
@@ -393,6 +406,7 @@ def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable
     assert metric(at, "Quantized accuracy").endswith("%")
 
 
+@pytest.mark.slow
 def test_training_keeps_the_previous_model_and_the_curve_and_warns_when_worse(app, pretrained, float_eval):
     at = app.run()
     form_inputs = {n.label: n for n in at.number_input}
@@ -418,6 +432,7 @@ def test_training_keeps_the_previous_model_and_the_curve_and_warns_when_worse(ap
     assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
 
 
+@pytest.mark.slow
 def test_diagnose_page_matches_qcore_and_apply_sets_the_sidebar(app, w3a3_diagnosis):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3)
@@ -494,6 +509,7 @@ def test_lesson_one_kernel_matches_qcore(app, pretrained):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.slow
 def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bits):
     from qcore.inference.integer import IntegerNet
 
@@ -517,6 +533,7 @@ def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bit
     assert any(f"predicts **{predicted}**" in m.value for m in at.markdown)
 
 
+@pytest.mark.slow
 def test_lesson_outliers_match_qcore(app, pretrained, mnist):
     from qcore.lessons.steps import outlier_lesson
 
@@ -533,6 +550,7 @@ def test_lesson_outliers_match_qcore(app, pretrained, mnist):
     assert list(shown["levels in the typical range"]) == [r.levels_in_typical_range for r in rows]
 
 
+@pytest.mark.slow
 def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_eval):
     from qcore.lessons.tour import TOUR, step_config
 
@@ -664,6 +682,7 @@ def test_a_misconfigured_server_says_so_instead_of_serving(app, monkeypatch):
     assert len(at.metric) == 0  # nothing computed
 
 
+@pytest.mark.slow
 def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_ptq_and_qat(app, pretrained, mnist):
     """A tiny QAT run from the Model page (256 images, 1 epoch, W2A2): the trained model becomes current,
     the sidebar moves to its bits, and the Accuracy page shows float, PTQ and QAT equal to what qcore
@@ -702,6 +721,7 @@ def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_pt
     assert fingerprint(pretrained) in model_line(at)
 
 
+@pytest.mark.slow
 def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
     from qcore.training.qat import QatConfig, qat, qat_bytes
 
@@ -720,6 +740,7 @@ def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
     assert metric(at, "Quantized accuracy") == percent(evaluate(trained.qnet, mnist.test).accuracy)
 
 
+@pytest.mark.slow
 def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
     from qcore.inference.integer import IntegerNet
     from qcore.training.qat import QatConfig, qat, qat_bytes
@@ -765,6 +786,7 @@ def w2a2_qat_state(pretrained, mnist):
     ],
     ids=["deep-config", "long-int-meta", "float-bits", "huge-scale"],
 )
+@pytest.mark.slow
 def test_a_tampered_qat_upload_is_refused_in_plain_text_and_keeps_model_and_settings(
     app, pretrained, w2a2_qat_state, change, reason
 ):
@@ -786,6 +808,7 @@ def test_a_tampered_qat_upload_is_refused_in_plain_text_and_keeps_model_and_sett
 
 
 @pytest.mark.parametrize("page", ["pages/deploy.py", "pages/one_image.py"])
+@pytest.mark.slow
 def test_pages_that_run_the_engine_say_why_it_cannot(app, monkeypatch, page):
     """A model whose scales the engine refuses (the loader refuses such files; this stands in for
     any other way one could arrive) is explained on the page, and a later visit does not crash."""

@@ -57,6 +57,7 @@ def percent_for(pretrained, mnist, config: QuantConfig) -> str:
     return f"{100 * evaluate(quantize_for(pretrained, mnist, config), mnist.test).accuracy:.2f}%"
 
 
+@pytest.mark.slow
 def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 2600})  # tall: Streamlit scrolls inside the page
@@ -148,12 +149,14 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
     ],
     ids=["accuracy-alone", "activations-alone", "four-at-once", "lessons-first"],
 )
+@pytest.mark.slow
 def test_deep_links_are_the_first_requests_of_a_fresh_server(browser, links):
     """Each server is fresh: the deep links are the first pages it ever serves (its health check aside)."""
     with streamlit_server(log_name=f"fresh_{len(links)}_{next(iter(links)).split('?')[0] or 'root'}.log") as base:
         open_first_requests(browser, base, links)
 
 
+@pytest.mark.slow
 def test_every_page_by_its_name_in_a_later_session(server, browser):
     """Once the server serves the app's navigation, every page's own path opens it, /model included
     (issue 16: the Model page lives at / and /model showed "Page not found" and landed on /)."""
@@ -168,6 +171,7 @@ def test_every_page_by_its_name_in_a_later_session(server, browser):
 PHISH = "[Click here to re-login](http://evil.example/phish) ![t](http://127.0.0.1:9/pixel.png)"
 
 
+@pytest.mark.slow
 def test_injected_link_and_image_stay_plain_text(server, browser):
     from urllib.parse import quote
 
@@ -194,6 +198,7 @@ def test_injected_link_and_image_stay_plain_text(server, browser):
     page.context.close()
 
 
+@pytest.mark.slow
 def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     """Finite weights of 3e38 overflowed the forward pass: every rerun then failed in the sidebar and
     'Use the bundled net' never appeared. Now the upload is refused and everything stays usable."""
@@ -229,6 +234,7 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     page.context.close()
 
 
+@pytest.mark.slow
 def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval, tmp_path):
     from qcore.analysis.diagnose import diagnose
 
@@ -290,6 +296,7 @@ LESSONS = {
 }
 
 
+@pytest.mark.slow
 def test_every_lesson_renders_and_is_captured(server, browser):
     page = browser.new_context(viewport={"width": 1400, "height": 2600}).new_page()
     page.goto(f"{server}/?weight_bits=4&act_bits=4")
@@ -324,6 +331,7 @@ new MutationObserver(() => {
 """
 
 
+@pytest.mark.slow
 def test_sessions_beyond_the_computation_slots_see_their_place_in_line(browser, pretrained, mnist):
     """One computation at a time (QCORE_MAX_COMPUTATIONS=1) and three sessions asking for three new
     configs at once: the later ones are told their place in line instead of a frozen page, and each

@@ -174,6 +174,7 @@ def _check(numbers: dict[str, object], keys) -> None:
     assert not mismatches, f"changed from the numbers before the model graph: {mismatches}"
 
 
+@pytest.mark.slow
 def test_ptq_integer_onnx_and_explain_are_unchanged(pretrained, mnist):
     numbers = capture_fast(pretrained, mnist)
     _check(numbers, numbers)

@@ -215,6 +215,7 @@ def zip_bomb(inflated: int = 1 << 30) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_zip_bomb_is_refused_from_its_declared_size():
     bomb = zip_bomb()
     assert len(bomb) < 2_000_000
@@ -279,6 +280,7 @@ print("peak_growth_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - be
 """
 
 
+@pytest.mark.slow
 def test_zip_bomb_refusal_costs_little_memory(tmp_path):
     bomb = tmp_path / "bomb.pt"
     bomb.write_bytes(zip_bomb())

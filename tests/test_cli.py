@@ -18,6 +18,7 @@ from qcore.inference.evaluate import evaluate
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_evaluate_json(pretrained, mnist, float_eval):
     done = run_cli("evaluate", "--weight-bits", "4", "--act-bits", "5", "--observer", "percentile", "--json")
     assert done.returncode == 0, done.stderr
@@ -40,12 +41,14 @@ def test_evaluate_json(pretrained, mnist, float_eval):
         assert key in layer
 
 
+@pytest.mark.slow
 def test_evaluate_prints_a_table():
     done = run_cli("evaluate", "--float-layers", "fc2", "--calib-batches", "2")
     assert done.returncode == 0, done.stderr
     assert "float accuracy" in done.stdout and "fc1" in done.stdout
 
 
+@pytest.mark.slow
 def test_sweep_json():
     done = run_cli("sweep", "--bits", "6,8", "--target", "activations", "--json")
     assert done.returncode == 0, done.stderr
@@ -53,6 +56,7 @@ def test_sweep_json():
     assert [(p["weight_bits"], p["act_bits"]) for p in points] == [(8, 6), (8, 8)]
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "tiny.pt"
     done = run_cli("train", "--epochs", "1", "--train-samples", "256", "--out", str(out), "--json")
@@ -103,6 +107,7 @@ def test_hostile_checkpoints_are_one_line(tmp_path, case):
     assert_one_line_error(run_cli("evaluate", "--checkpoint", str(bad)), reason)  # raw pickle: no torch warnings
 
 
+@pytest.mark.slow
 def test_zip_bomb_checkpoint_is_one_line(tmp_path):
     from tests.test_checkpoint import zip_bomb
 
@@ -131,6 +136,7 @@ def test_arguments_are_checked_before_any_work(args, needle):
     assert "epoch" not in done.stderr  # refused before training (or calibration) started
 
 
+@pytest.mark.slow
 def test_existing_files_are_replaced_only_with_force(tmp_path):
     out = tmp_path / "net.onnx"
     out.write_bytes(b"precious")
@@ -161,10 +167,16 @@ def test_full_disk_leaves_the_existing_file_untouched(tmp_path, monkeypatch, cap
     assert [p.name for p in tmp_path.iterdir()] == ["net_q.pt"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "net.pt"
+    # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: give the child the default disposition, as a terminal would
     process = subprocess.Popen(
-        [sys.executable, "-m", "qcore", "train", "--out", str(out)], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "qcore", "train", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stderr is not None
     first = process.stderr.readline()  # the first progress line: training is under way
@@ -198,6 +210,7 @@ def data_copy(tmp_path_factory):
         (lambda data: b"\x00\x00\x08\x02" + data[4:], "t10k-images-idx3-ubyte: magic number 0x00000802"),
     ],
 )
+@pytest.mark.slow
 def test_damaged_data_file_is_one_line(data_copy, damage, needle):
     path = data_copy / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     original = path.read_bytes()
@@ -219,6 +232,7 @@ def test_label_out_of_range_is_one_line(data_copy):
 
 
 @pytest.mark.parametrize("engine", ["integer", "onnxruntime"])
+@pytest.mark.slow
 def test_evaluate_with_an_integer_engine(engine, pretrained, mnist):
     done = run_cli("evaluate", "--engine", engine, "--json")
     assert done.returncode == 0, done.stderr
@@ -229,6 +243,7 @@ def test_evaluate_with_an_integer_engine(engine, pretrained, mnist):
     assert abs(result["quant_accuracy"] - simulated) <= 0.0005
 
 
+@pytest.mark.slow
 def test_export_writes_files_that_load(tmp_path, pretrained, mnist):
     import onnx
 
@@ -243,6 +258,7 @@ def test_export_writes_files_that_load(tmp_path, pretrained, mnist):
     assert bad.returncode == 2 and "at most 8" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_data_command_checks_the_folder(data_copy, tmp_path):
     done = run_cli("data", "--data-dir", str(data_copy), "--json")
     assert done.returncode == 0, done.stderr
@@ -269,6 +285,7 @@ def test_data_command_checks_the_folder(data_copy, tmp_path):
         (["explain", "--image", "1000000000"], "--image must be between 0 and 9999"),
     ],
 )
+@pytest.mark.slow
 def test_every_numeric_flag_has_the_apps_bounds(args, needle):
     """Issue 16: `evaluate --batch-size 1000000000 --calib-batches 1` was accepted and took 8 GB."""
     done = run_cli(*args)
@@ -277,6 +294,7 @@ def test_every_numeric_flag_has_the_apps_bounds(args, needle):
 
 
 @pytest.mark.parametrize("target_exists", [False, True], ids=["dangling", "to-a-file"])
+@pytest.mark.slow
 def test_a_symbolic_link_at_out_is_replaced_only_with_force(tmp_path, target_exists):
     target = tmp_path / "elsewhere.pt"
     if target_exists:
@@ -308,6 +326,7 @@ def qat_state_from_ptq(pretrained, mnist):
         ("huge-scale", lambda s: s["qparams"]["fc1"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
     ],
 )
+@pytest.mark.slow
 def test_a_tampered_qat_checkpoint_is_one_line_in_every_command_and_nothing_is_written(
     tmp_path, qat_state_from_ptq, case, change, needle
 ):

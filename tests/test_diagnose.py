@@ -34,6 +34,7 @@ def test_sqnr_by_hand():
     assert sqnr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == math.inf
 
 
+@pytest.mark.slow
 def test_every_layer_float_reports_float_accuracy_everywhere(pretrained, mnist):
     small = Mnist(mnist.train, mnist.test.subset(2000))
     float_accuracy = evaluate(pretrained, small.test).accuracy
@@ -48,16 +49,19 @@ def test_every_layer_float_reports_float_accuracy_everywhere(pretrained, mnist):
     assert result.to_dict()["layers"][0]["sqnr_isolated_db"] is None  # JSON has no infinity
 
 
+@pytest.mark.slow
 def test_quantized_accuracy_is_the_configs_own(w3a3, pretrained, mnist):
     assert w3a3.quant_accuracy == evaluate(quantize_for(pretrained, mnist, W3A3), mnist.test).accuracy
 
 
+@pytest.mark.slow
 def test_all_but_one_lies_between_quantized_and_float(w3a3):
     low, high = sorted((w3a3.quant_accuracy, w3a3.float_accuracy))
     for row in w3a3.layers:
         assert low - 5 * ONE_IMAGE <= row.all_but_this_accuracy <= high + 5 * ONE_IMAGE, row
 
 
+@pytest.mark.slow
 def test_first_layer_isolated_sqnr_equals_accumulated_and_a_hand_built_conv1(w3a3, pretrained, mnist):
     conv1 = next(r for r in w3a3.layers if r.layer == "conv1")
     assert conv1.sqnr_isolated_db == conv1.sqnr_accumulated_db
@@ -71,11 +75,13 @@ def test_first_layer_isolated_sqnr_equals_accumulated_and_a_hand_built_conv1(w3a
     assert conv1.sqnr_isolated_db == pytest.approx(sqnr_db(reference, by_hand), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_later_layers_accumulate_more_error_than_they_add(w3a3):
     for row in w3a3.layers[1:]:
         assert row.sqnr_accumulated_db < row.sqnr_isolated_db
 
 
+@pytest.mark.slow
 def test_each_suggestion_gains_what_it_predicts_when_applied(w3a3, pretrained, mnist, float_eval):
     assert w3a3.suggestions, "at W3A3 some change must help"
     gains = [s.gain_points for s in w3a3.suggestions]
@@ -87,12 +93,14 @@ def test_each_suggestion_gains_what_it_predicts_when_applied(w3a3, pretrained, m
         assert suggestion.gain_points == pytest.approx(100 * (measured - w3a3.quant_accuracy))
 
 
+@pytest.mark.slow
 def test_keeping_a_layer_float_costs_its_share_of_weight_bits(w3a3):
     fc2 = next((s for s in w3a3.suggestions if s.changes.get("float_layers") == ["fc2"]), None)
     if fc2 is not None:  # fc2 holds 5,000 of the 431,000 weights: (32 - 3) x 5000 / 431080
         assert fc2.extra_weight_bits == pytest.approx(29 * 5000 / (500 + 25000 + 400000 + 5000))
 
 
+@pytest.mark.slow
 def test_engine_gap_is_one_lsb_at_rounding_ties(w3a3, pretrained, mnist):
     gap = w3a3.engine_gap
     assert gap.available
@@ -126,6 +134,7 @@ def test_worst_channels_by_hand(pretrained, mnist):
     assert [(w.weight_sqnr_db, w.channel) for w in worst] == pytest.approx(by_hand)
 
 
+@pytest.mark.slow
 def test_html_report_is_self_contained_and_escapes_names(w3a3):
     page = diagnosis_html(w3a3, "<script>alert(1)</script>", "abc")
     lowered = page.lower()
@@ -137,6 +146,7 @@ def test_html_report_is_self_contained_and_escapes_names(w3a3):
     assert "<a " not in linked and "&lt;a href=&quot;http://evil.example&quot;&gt;" in linked  # text, not a link
 
 
+@pytest.mark.slow
 def test_cli_diagnose_json_and_html(tmp_path, w3a3):
     out = tmp_path / "report.html"
     done = run_cli("diagnose", "--weight-bits", "3", "--act-bits", "3", "--json", "--html", str(out), timeout=600)

@@ -53,8 +53,20 @@ def test_only_strings_are_read():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("7", 7), ("64", 64), ("007", 7), ("65", None), ("0", None), ("²", None), ("٧", None), ("+7", None),
-     (" 7", None), ("7_0", None), ("", None), ("9" * 21, None)],
+    [
+        ("7", 7),
+        ("64", 64),
+        ("007", 7),
+        ("65", None),
+        ("0", None),
+        ("²", None),
+        ("٧", None),
+        ("+7", None),
+        (" 7", None),
+        ("7_0", None),
+        ("", None),
+        ("9" * 21, None),
+    ],
 )
 def test_whole_numbers_are_ascii_digits_in_range(text, expected):
     assert parse_whole_number(text, 1, 64) == expected

@@ -84,6 +84,7 @@ def test_the_graph_names_every_operation_and_folds_batchnorm():
     assert kinds[-1] is OpKind.LOG_SOFTMAX and graph.op("fc").shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_folded_float_graph_computes_what_torch_computes(every_op):
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -278,10 +279,10 @@ def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
 
     report = batchnorm_folding(every_op, "depthwise", 3)
     bn, conv = every_op.depthwise_bn, every_op.depthwise
-    factor = float(bn.weight[3] / torch.sqrt(bn.running_var[3] + bn.eps))  # gamma / sqrt(var + eps)
+    factor = float(bn.weight[3].detach() / torch.sqrt(bn.running_var[3] + bn.eps))  # gamma / sqrt(var + eps)
     assert report.batchnorm == "depthwise_bn" and report.factor == pytest.approx(factor, rel=1e-6)
     assert torch.allclose(torch.tensor(report.weights_after), conv.weight[3].flatten().detach() * factor, atol=1e-6)
-    expected_bias = float((conv.bias[3] - bn.running_mean[3]) * factor + bn.bias[3])
+    expected_bias = float((conv.bias[3].detach() - bn.running_mean[3]) * factor + bn.bias[3].detach())
     assert report.bias_after == pytest.approx(expected_bias, rel=1e-5, abs=1e-6)
     after = (
         conv.weight.detach().flatten(1).abs().max(dim=1).values

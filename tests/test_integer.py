@@ -121,6 +121,7 @@ def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(
     assert torch.equal(corrected, plain)
 
 
+@pytest.mark.slow
 def test_agrees_with_simulation_on_the_full_test_set(pretrained, mnist):
     qnet = quantize_for(pretrained, mnist, QuantConfig())
     simulated = evaluate(qnet, mnist.test)
@@ -131,6 +132,7 @@ def test_agrees_with_simulation_on_the_full_test_set(pretrained, mnist):
 
 
 @pytest.mark.parametrize(("weight_bits", "act_bits"), [(2, 3), (2, 2)])
+@pytest.mark.slow
 def test_agrees_with_simulation_at_low_bits(pretrained, mnist, weight_bits, act_bits):
     """With gemmlowp's two roundings the engine parted from the simulation on 2.2% of test images at
     W2A3 and 4.7% at W2A2; rounded once, only values on (or within 2^-31 of) a tie can part."""

@@ -78,6 +78,7 @@ def test_explain_equals_the_engines_intermediate_tensors(pretrained, mnist, bits
     assert [t[1] for t in layers["conv2"].terms] == engine.layers["conv2"].weight[7].flatten().tolist()
 
 
+@pytest.mark.slow
 def test_explain_cli_json(pretrained, mnist):
     done = run_cli("explain", "--image", "5", "--layer", "conv1", "--position", "2,8,9", "--json")
     assert done.returncode == 0, done.stderr
@@ -106,6 +107,7 @@ def test_explain_cli_json(pretrained, mnist):
         (["--image", "1", "--float-layers", "fc2"], "every layer must be quantized"),
     ],
 )
+@pytest.mark.slow
 def test_explain_refuses_bad_arguments_in_one_line(args, needle):
     done = run_cli("explain", *args)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr

@@ -158,6 +158,7 @@ def test_choose_bits_greedy_beyond_the_exhaustive_limit_meets_the_budget():
         (QuantConfig(weight_bits_budget=2.5, methods=ALL_METHODS), 1.0),
     ],
 )
+@pytest.mark.slow
 def test_low_bit_goals(pretrained, mnist, float_eval, config, max_drop_points):
     assert config.calib_batches * config.batch_size <= 1024 and config.float_layers == ()
     qnet = quantize_for(pretrained, mnist, config)

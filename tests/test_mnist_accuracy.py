@@ -37,6 +37,7 @@ def test_default_ptq_stays_near_float(pretrained, mnist, float_eval, bits, max_d
     assert 100 * (float_eval.accuracy - accuracy) <= max_drop_points
 
 
+@pytest.mark.slow
 def test_notebook_method_is_worse_than_default_at_8_bits(pretrained, mnist):
     default = evaluate(quantize_for(pretrained, mnist, QuantConfig()), mnist.test).accuracy
     notebook = evaluate(quantize_for(pretrained, mnist, notebook_config(8)), mnist.test).accuracy
@@ -49,6 +50,7 @@ def test_notebook_method_collapses_at_5_bits_and_below(pretrained, mnist, bits):
     assert accuracy < CHANCE
 
 
+@pytest.mark.slow
 def test_report_agrees_with_direct_evaluation(pretrained, mnist, float_eval):
     config = QuantConfig(weight_bits=4, act_bits=6)
     report = build_report(pretrained, mnist, config, float_eval)
@@ -64,6 +66,7 @@ def test_report_agrees_with_direct_evaluation(pretrained, mnist, float_eval):
     assert all(row.act_clip_max <= row.act_observed_max + 1e-6 for row in report.layers)
 
 
+@pytest.mark.slow
 def test_sweep_point_equals_evaluating_that_config(pretrained, mnist):
     points = bit_sweep(pretrained, mnist, QuantConfig(), [3], target="weights")
     direct = evaluate(quantize_for(pretrained, mnist, QuantConfig(weight_bits=3)), mnist.test)
@@ -71,6 +74,7 @@ def test_sweep_point_equals_evaluating_that_config(pretrained, mnist):
     assert points[0].accuracy == direct.accuracy
 
 
+@pytest.mark.slow
 def test_sensitivity_with_many_bits_loses_nothing(pretrained, mnist, float_eval):
     rows = layer_sensitivity(pretrained, mnist, QuantConfig(weight_bits=16, act_bits=16), float_eval.accuracy)
     assert [r.layer for r in rows] == ["conv1", "conv2", "fc1", "fc2"]

@@ -66,6 +66,7 @@ def short_run(pretrained, mnist):
     return qat(pretrained, mnist, SMALL)
 
 
+@pytest.mark.slow
 def test_a_short_qat_run_lowers_the_quantized_loss(short_run, pretrained, mnist):
     held_out = Split(mnist.train.images[-2000:], mnist.train.labels[-2000:])
     before = evaluate(quantize_for(pretrained, mnist, SMALL.quant_config()), held_out)
@@ -177,6 +178,7 @@ def test_the_two_loaders_refuse_each_others_files(short_run, pretrained):
         load_qat(buffer.getvalue())
 
 
+@pytest.mark.slow
 def test_cli_qat_checkpoint_evaluates_identically_in_new_processes(tmp_path, mnist):
     """`qat` trains and measures in one process; `evaluate --checkpoint` in fresh ones reports the same
     simulated and integer accuracies, and ONNX Runtime on the export agrees with the simulation."""
@@ -201,6 +203,7 @@ def test_cli_qat_checkpoint_evaluates_identically_in_new_processes(tmp_path, mni
     assert float((here == mnist.test.labels).float().mean()) == made["integer_accuracy"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_recalibrate_a_qat_checkpoint(short_run, tmp_path):
     path = tmp_path / "qat.pt"
     path.write_bytes(qat_bytes(short_run))
@@ -211,6 +214,7 @@ def test_cli_refuses_to_recalibrate_a_qat_checkpoint(short_run, tmp_path):
     assert diagnosed.returncode == 2 and "would not be the QAT model" in diagnosed.stderr
 
 
+@pytest.mark.slow
 def test_cli_export_and_sweep_take_a_qat_checkpoint_as_trained(short_run, tmp_path, mnist):
     from qcore.export.formats import load_qtensors
 
