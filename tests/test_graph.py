@@ -286,7 +286,7 @@ def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
     assert report.bias_after == pytest.approx(expected_bias, rel=1e-5, abs=1e-6)
     after = (
         conv.weight.detach().flatten(1).abs().max(dim=1).values
-        * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs()
+        * (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).abs()
     )
     assert torch.allclose(torch.tensor(report.ranges_after), after.detach(), atol=1e-6)
     assert report.spread_after == pytest.approx(float(after.max() / after.min()), rel=1e-5)
