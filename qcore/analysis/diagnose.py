@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Mnist
-from qcore.graph import OpKind
+from qcore.graph import GraphRun, OpKind
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import LAYER_NAMES, Net, capture_layers
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet
@@ -208,14 +207,11 @@ def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> En
 
 def _float_chain(engine: IntegerNet, name: str, y: torch.Tensor) -> torch.Tensor:
     """A layer's float output through the pools and activations between it and the next layer's
-    input (not the flatten: the engine requantizes before it), as the simulation computes them."""
+    input (not the flatten: the engine requantizes before it), as the graph's float walk computes them."""
+    run = GraphRun(engine.graph)
     for op in engine._chain_after(name):
-        if op.kind is OpKind.MAXPOOL:
-            y = F.max_pool2d(y, op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
-        elif op.kind is OpKind.RELU:
-            y = F.relu(y)
-        elif op.kind is OpKind.RELU6:
-            y = F.hardtanh(y, 0.0, 6.0)
+        if op.kind is not OpKind.FLATTEN:
+            y = run.compute(op, [y])
     return y
 
 

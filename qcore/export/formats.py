@@ -107,6 +107,7 @@ class LoadedIntegerNet(IntegerNet):
             tensors = {k: v.to(torch.int64) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             self.layers[name] = IntegerLayer(name=name, weight=weight, **tensors)  # type: ignore[arg-type]
         self._requant, self._cat_inputs, self._adds, self._layer_requant = {}, {}, {}, {}
+        self._grid_clamps = {}  # the chain's ReLUs all act on accumulators
         self._output_point = None
         self.plan = QuantPlan((), {"input": "input"}, {})
         self.points = {"input": self.input_qparams}

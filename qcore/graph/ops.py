@@ -64,6 +64,10 @@ class ModelGraph:
 
     def __post_init__(self) -> None:
         self.by_name = {op.name: op for op in self.ops}
+        self._consumers: dict[str, list[Op]] = {op.name: [] for op in self.ops}
+        for op in self.ops:
+            for name in dict.fromkeys(op.inputs):  # x + x reads x once as far as consumers go
+                self._consumers[name].append(op)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -74,7 +78,8 @@ class ModelGraph:
         return self.by_name[name]
 
     def consumers(self, name: str) -> list[Op]:
-        return [op for op in self.ops if name in op.inputs]
+        """The ops that read `name`, in execution order."""
+        return list(self._consumers[name])
 
     def weight(self, name: str) -> torch.Tensor:
         return self.parameters[name][0]

@@ -29,6 +29,7 @@ import torch
 
 from qcore.graph import Op, OpKind
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet, float_parts
+from qcore.quantize.quant import QParams
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -224,6 +225,11 @@ def average_pool_int(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int
     return torch.div(sums + count // 2, count, rounding_mode="floor")
 
 
+def quantized_six(qparams: QParams) -> int:
+    """ReLU6's upper clamp on a grid: round(6 / s) + z, rounded as the simulation's float32 divides."""
+    return int(torch.round(torch.tensor(6.0) / qparams.scale)) + int(qparams.zero_point)
+
+
 ADD_LEFT_SHIFT = 20  # TFLite's 8-bit ADD: inputs are shifted left by 20 bits before rescaling
 
 
@@ -350,7 +356,7 @@ class IntegerNet:
             if value.relu or value.relu6:
                 low = max(low, zero)
             if value.relu6:
-                high = min(high, int(torch.round(torch.tensor(6.0) / target.scale)) + zero)
+                high = min(high, quantized_six(target))
         problem = _multiplier_problem(value.source, real)
         if problem:
             raise IntegerEngineError(problem)
@@ -367,6 +373,8 @@ class IntegerNet:
             str, tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         ] = {}
         self._layer_requant: dict[str, Requantization] = {}
+        # ReLU / ReLU6 of a tensor on a grid: the clamp itself (on accumulators it waits for the requantization)
+        self._grid_clamps: dict[str, tuple[int, int | None]] = {}
         for op in self.graph.ops:
             inputs = [values[name] for name in op.inputs]
             value: _Acc | _Grid
@@ -386,7 +394,11 @@ class IntegerNet:
                 value = _Acc(op.name, iq.scale.double() * _per_channel(wq.scale.double(), channels))
             elif op.kind in (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN, OpKind.LOG_SOFTMAX):
                 value = inputs[0]
-                if isinstance(value, _Acc) and op.kind is OpKind.RELU:
+                if isinstance(value, _Grid) and op.kind in (OpKind.RELU, OpKind.RELU6):
+                    qparams = self.points[value.point]
+                    high = quantized_six(qparams) if op.kind is OpKind.RELU6 else None
+                    self._grid_clamps[op.name] = (int(qparams.zero_point), high)
+                elif isinstance(value, _Acc) and op.kind is OpKind.RELU:
                     value = replace(value, relu=True)
                 elif isinstance(value, _Acc) and op.kind is OpKind.RELU6:
                     value = replace(value, relu6=True)
@@ -458,40 +470,35 @@ class IntegerNet:
             return _conv_int(x, layer, op.attrs["stride"], op.attrs["padding"], op.attrs["groups"])  # type: ignore[arg-type]
         return _linear_int(x, layer)
 
+    def _compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
+        """One op on integers, before any requantization to its grid."""
+        kind = op.kind
+        if op.is_layer:
+            return self._layer(op, args[0])
+        if kind in (OpKind.RELU, OpKind.RELU6):
+            clamp = self._grid_clamps.get(op.name)
+            return args[0] if clamp is None else torch.clamp(args[0], min=clamp[0], max=clamp[1])
+        if kind is OpKind.MAXPOOL:
+            return _max_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
+        if kind is OpKind.FLATTEN:
+            return args[0].flatten(1)
+        if kind is OpKind.AVGPOOL:
+            return average_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
+        if kind is OpKind.ADD:
+            zeros, multipliers, shifts = self._adds[op.name]
+            return add_int(args[0], args[1], zeros, multipliers, shifts)
+        if kind is OpKind.CAT:
+            parts = [
+                self._cat_inputs[(op.name, i)].apply(v) if (op.name, i) in self._cat_inputs else v
+                for i, v in enumerate(args)
+            ]
+            return torch.cat(parts, dim=1)
+        return args[0]  # log_softmax: argmax needs none
+
     def _walk(self, x: torch.Tensor, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
         for op in self.graph.ops:
-            args = [values[name] for name in op.inputs]
-            kind = op.kind
-            if kind is OpKind.INPUT:
-                value = x
-            elif op.is_layer:
-                value = self._layer(op, args[0])
-            elif kind in (OpKind.RELU, OpKind.RELU6):
-                value = args[0]
-                source = self.plan.grid.get(op.inputs[0])
-                if source is not None:  # on a grid: the clamp itself (on accumulators it waits for the requantization)
-                    qparams = self.points[source]
-                    zero = int(qparams.zero_point)
-                    high = int(torch.round(torch.tensor(6.0) / qparams.scale)) + zero if kind is OpKind.RELU6 else None
-                    value = torch.clamp(value, min=zero, max=high)
-            elif kind is OpKind.MAXPOOL:
-                value = _max_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
-            elif kind is OpKind.FLATTEN:
-                value = args[0].flatten(1)
-            elif kind is OpKind.AVGPOOL:
-                value = average_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
-            elif kind is OpKind.ADD:
-                zeros, multipliers, shifts = self._adds[op.name]
-                value = add_int(args[0], args[1], zeros, multipliers, shifts)
-            elif kind is OpKind.CAT:
-                parts = [
-                    self._cat_inputs[(op.name, i)].apply(v) if (op.name, i) in self._cat_inputs else v
-                    for i, v in enumerate(args)
-                ]
-                value = torch.cat(parts, dim=1)
-            else:  # log_softmax: argmax needs none
-                value = args[0]
+            value = x if op.kind is OpKind.INPUT else self._compute(op, [values[name] for name in op.inputs])
             requant = self._requant.get(op.name)
             if requant is not None:
                 value = requant.apply(value)
@@ -544,8 +551,8 @@ class IntegerNet:
         follow it (they commute with the monotone requantization)."""
         acc = self.layer_accumulators(name, x)
         for after in self._chain_after(name):
-            if after.kind is OpKind.MAXPOOL:
-                acc = _max_pool_int(acc, after.attrs["kernel"], after.attrs["stride"], after.attrs["padding"])  # type: ignore[arg-type]
+            if after.kind is OpKind.MAXPOOL:  # ReLUs on accumulators are the requantization's clamp
+                acc = self._compute(after, [acc])
         return acc
 
     def requantize(self, name: str, accumulators: torch.Tensor) -> torch.Tensor:

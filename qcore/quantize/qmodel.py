@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qcore.config import QuantConfig
@@ -122,15 +121,18 @@ class _Simulation(GraphRun):
         return fake_quantize(value, self.qnet.points[op.name].qparams)
 
     def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        """On the integers, as the engine computes it: the window's sum, then a division rounded half up
-        (TFLite's uint8 reference AveragePool: (sum + n / 2) / n in integers); the grid is the input's."""
+        """On the integers, with the engine's own rounded division; the grid is the input's."""
         qparams = self.qnet.points[self.qnet.plan.grid[op.inputs[0]]].qparams
-        q = torch.round(x / qparams.scale) + qparams.zero_point.to(x.dtype)
-        kernel, stride = op.attrs["kernel"], op.attrs["stride"]
-        count = kernel[0] * kernel[1]  # type: ignore[index]
-        sums = F.avg_pool2d(q.double(), kernel, stride, divisor_override=1)  # type: ignore[arg-type]
-        averaged = torch.div(sums + count // 2, count, rounding_mode="floor").to(x.dtype)
-        return (averaged - qparams.zero_point.to(x.dtype)) * qparams.scale
+        return dequantize(rounded_average_levels(x, qparams, op), qparams)
+
+
+def rounded_average_levels(x: torch.Tensor, qparams: QParams, op: Op) -> torch.Tensor:
+    """The integers of an average pool of `x` (on `qparams`' grid) as the integer engine computes them
+    (qcore.inference.integer.average_pool_int: the window's sum divided rounding half up)."""
+    from qcore.inference.integer import average_pool_int
+
+    q = quantize(x.detach(), qparams).to(torch.int64)
+    return average_pool_int(q, op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
 
 
 class QuantizedNet(nn.Module):
@@ -265,8 +267,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torc
     """Calibrate on `batches` (training images) and build the quantized twin of `model`'s graph,
     applying the config's methods in METHODS' order (see qcore.quantize.methods)."""
     graph = model_graph(model)  # refuses an unsupported model before any work
-    config.validate(graph.layers)
-    plan = config_plan(graph, config)
+    plan = config_plan(graph, config)  # validates the config against the graph's layers
     report = MethodsReport(parameters=parameter_counts(graph))
     if "equalization" in config.methods:
         with timed(report, "equalization"):

@@ -54,7 +54,7 @@ from qcore.models.checkpoint import (
     validate_state_dict,
 )
 from qcore.models.net import LAYER_NAMES, Net, layer
-from qcore.quantize.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan
+from qcore.quantize.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan, rounded_average_levels
 from qcore.quantize.quant import QParams, Scheme, integer_range, quantize, quantize_bias
 from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
 
@@ -371,13 +371,15 @@ class _QatRun(GraphRun):
         return self.net._quantized_point(op.name, value, observe=False)
 
     def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        """The engine's rounded integer average, with the average pool's own gradient (STE)."""
+        """The engine's rounded integer average (as the simulation computes it), with the average
+        pool's own gradient (STE)."""
         point = self.net.plan.grid[op.inputs[0]]
-        scale, zero = self.net.point_scale(point), self.net.input_zero(point).to(x.dtype)
-        kernel, stride = op.attrs["kernel"], op.attrs["stride"]
-        count = kernel[0] * kernel[1]  # type: ignore[index]
-        levels = F.avg_pool2d(x / scale + zero, kernel, stride)  # type: ignore[arg-type]
-        rounded = torch.floor((torch.round(levels * count) + count // 2) / count)
+        amin, amax = self.net.input_range[point]
+        scale, zero = self.net.point_scale(point), self.net.input_zero(point)
+        qparams = QParams(scale.detach().reshape(()), zero.reshape(()), amin, amax)
+        zero = zero.to(x.dtype)
+        levels = F.avg_pool2d(x / scale + zero, op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
+        rounded = rounded_average_levels(x, qparams, op).to(x.dtype)
         return (levels + (rounded - levels).detach() - zero) * scale
 
     def weight(self, op: Op) -> torch.Tensor:
