@@ -1,22 +1,81 @@
-"""MNIST held in memory as normalized float tensors, read once from QCORE_DATA_DIR."""
+"""The datasets (MNIST, Fashion-MNIST) held in memory as normalized float tensors, read once.
+
+Both are 28x28 grey images of 10 classes in the same idx format: 60,000 training and 10,000 test
+images. Each is read from QCORE_DATA_DIR in torchvision's layout (<folder>/raw/*-ubyte), and
+Fashion-MNIST offline from Debian's dataset-fashion-mnist package (gzipped idx files). Every file is
+validated before use: magic, item shape, count, exact length, labels in 0..9.
+"""
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qcore.files import write_atomic
+from qcore.files import shorten, write_atomic
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 DATA_DIR_ENV = "QCORE_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
+MAX_GZIP_BYTES = 30 * 1024 * 1024  # Fashion-MNIST's largest .gz is 26.4 MB; a bigger one is refused unread
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the lab knows about a dataset before reading it: where it lives and how it is scaled."""
+
+    name: str  # the id used in URLs, flags and cache keys
+    title: str
+    folder: str  # torchvision's folder name under the data dir
+    mean: float  # normalization over the training set's pixels scaled to [0, 1]
+    std: float
+    class_names: tuple[str, ...]
+    system_dir: Path | None  # an offline copy installed by a system package (gzipped idx files)
+    how_to_get: str  # one line for the user when it is missing
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+
+MNIST = DatasetSpec(
+    "mnist",
+    "MNIST",
+    "MNIST",
+    MNIST_MEAN,
+    MNIST_STD,
+    tuple(str(digit) for digit in range(10)),
+    None,
+    "run once with internet access so torchvision can download it there",
+)
+# mean and std of Fashion-MNIST's 60,000 training images in [0, 1] (tests recompute them from the files)
+FASHION_MNIST = DatasetSpec(
+    "fashion-mnist",
+    "Fashion-MNIST",
+    "FashionMNIST",
+    0.2860,
+    0.3530,
+    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    Path("/usr/share/datasets/fashion-mnist"),
+    "install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), "
+    "or run once with internet access so torchvision can download it there",
+)
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The dataset called `name`, or a one-line DataError listing the known ones."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {shorten(name)!r}; datasets are {', '.join(DATASETS)}")
+    return DATASETS[name]
+
 
 _RAW_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -25,26 +84,26 @@ _RAW_FILES = {
 
 
 class DataError(Exception):
-    """MNIST cannot be used: missing or damaged. The message is one line and says what to do."""
+    """A dataset cannot be used: unknown, missing or damaged. The message is one line and says what to do."""
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
-    """MNIST is not in the data folder and could not be downloaded."""
+    """The dataset is not in the data folder (nor installed by the system) and could not be downloaded."""
 
 
 class DataFileError(DataError, ValueError):
-    """An MNIST idx file exists but is not what it must be (magic, dimensions, count, length, labels)."""
+    """An idx file exists but is not what it must be (magic, dimensions, count, length, labels)."""
 
 
 _IMAGE_MAGIC = 0x00000803  # idx: unsigned bytes, 3 dimensions
 _LABEL_MAGIC = 0x00000801  # idx: unsigned bytes, 1 dimension
-TRAIN_SIZE, TEST_SIZE = 60000, 10000  # MNIST's splits; every idx file must hold exactly this many
+TRAIN_SIZE, TEST_SIZE = 60000, 10000  # both datasets' splits; every idx file must hold exactly this many
 MAX_SEED = 2**31 - 1  # seeds for calibration sampling and training, as the sidebar offers them
 
 
 @dataclass(frozen=True)
 class Split:
-    """One MNIST split: `images` normalized float32 [N,1,28,28], `labels` int64 [N]."""
+    """One split: `images` normalized float32 [N,1,28,28], `labels` int64 [N]."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -58,60 +117,95 @@ class Split:
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The folder MNIST is read from: `explicit`, else $QCORE_DATA_DIR, else ./data."""
+    """The folder datasets are read from: `explicit`, else $QCORE_DATA_DIR, else ./data."""
     if explicit is not None:
         return Path(explicit)
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 
 
-def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,28,28] -> float32 [N,1,28,28], scaled to [0,1] then standardized like the notebook."""
-    return ((images_uint8.to(torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+def normalize(images_uint8: torch.Tensor, spec: DatasetSpec = MNIST) -> torch.Tensor:
+    """uint8 [N,28,28] -> float32 [N,1,28,28], scaled to [0,1] then standardized by the dataset's
+    training-set mean and std (MNIST's are the notebook's)."""
+    return ((images_uint8.to(torch.float32) / 255.0 - spec.mean) / spec.std).unsqueeze(1)
 
 
-def missing_files(root: Path) -> list[Path]:
-    """The raw MNIST files that are absent from `root`."""
-    raw = root / "MNIST" / "raw"
-    return [raw / name for names in _RAW_FILES.values() for name in names if not (raw / name).is_file()]
+def _raw_names() -> list[str]:
+    return [name for names in _RAW_FILES.values() for name in names]
 
 
-def load_split(train: bool, root: str | os.PathLike[str] | None = None, download: bool = True) -> Split:
+def _raw_path(root: Path, spec: DatasetSpec, name: str) -> Path | None:
+    """Where `name` is found: the data folder's torchvision layout (plain, then gzipped), then the
+    system package's gzipped copy; None when nowhere."""
+    raw = root / spec.folder / "raw"
+    candidates = [raw / name, raw / f"{name}.gz"]
+    if spec.system_dir is not None:
+        candidates.append(spec.system_dir / f"{name}.gz")
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def missing_files(root: Path, spec: DatasetSpec = MNIST) -> list[Path]:
+    """The raw files of `spec` found nowhere it is looked for (named as in the data folder)."""
+    raw = root / spec.folder / "raw"
+    return [raw / name for name in _raw_names() if _raw_path(root, spec, name) is None]
+
+
+def load_split(
+    train: bool, root: str | os.PathLike[str] | None = None, download: bool = True, spec: DatasetSpec = MNIST
+) -> Split:
     """Load one split into memory. Downloads with torchvision only when files are missing and
     `download` is set; any failure becomes a DataNotFoundError that says what to do."""
     folder = data_dir(root)
-    if missing_files(folder) and download:
-        _try_download(folder)
-    if missing_files(folder):
-        raise DataNotFoundError(_missing_message(folder))
+    if missing_files(folder, spec) and download:
+        _try_download(folder, spec)
+    if missing_files(folder, spec):
+        raise DataNotFoundError(_missing_message(folder, spec))
     image_name, label_name = _RAW_FILES[train]
-    raw = folder / "MNIST" / "raw"
     count = TRAIN_SIZE if train else TEST_SIZE
-    images = read_idx_images(raw / image_name, count)
-    labels = read_idx_labels(raw / label_name, count)
-    return Split(normalize(images), labels)
+    image_path, label_path = _raw_path(folder, spec, image_name), _raw_path(folder, spec, label_name)
+    assert image_path is not None and label_path is not None  # missing_files just said so
+    images = read_idx_images(image_path, count)
+    labels = read_idx_labels(label_path, count)
+    return Split(normalize(images, spec), labels)
+
+
+def _idx_bytes(path: Path, limit: int) -> bytes:
+    """The file's bytes, at most `limit` + 1 of them (so a longer file is seen to be longer); a .gz
+    file is inflated only that far, so a small file that would inflate without end is never expanded."""
+    if path.suffix != ".gz":
+        with open(path, "rb") as handle:
+            return handle.read(limit + 1)
+    if path.stat().st_size > MAX_GZIP_BYTES:
+        raise DataFileError(f"{path.name}: {path.stat().st_size} bytes, more than any idx file of 10 classes gzips to")
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataFileError(f"{path.name}: not a valid gzip file ({shorten(error, 120)})") from None
 
 
 def _read_idx(path: Path, magic: int, dims: tuple[int, ...], count: int) -> torch.Tensor:
-    """The uint8 payload of an idx file, after checking everything its header claims."""
+    """The uint8 payload of an idx file (plain or gzipped), after checking everything its header claims."""
     header_size = 4 * (1 + 1 + len(dims))
     expected_size = header_size + count * math.prod(dims)
+    name = path.name.removesuffix(".gz")
     try:
-        size = path.stat().st_size
-        if size < header_size:
-            raise DataFileError(f"{path.name}: {size} bytes, shorter than an idx header; the file is truncated")
-        with open(path, "rb") as handle:
-            header = struct.unpack(f">{2 + len(dims)}I", handle.read(header_size))
-            if header[0] != magic:
-                raise DataFileError(f"{path.name}: magic number {header[0]:#010x}, expected {magic:#010x}")
-            if header[1] != count:
-                raise DataFileError(f"{path.name}: declares {header[1]} items, expected {count}")
-            if tuple(header[2:]) != dims:
-                raise DataFileError(f"{path.name}: item shape {list(header[2:])}, expected {list(dims)}")
-            if size != expected_size:
-                raise DataFileError(f"{path.name}: {size} bytes, expected {expected_size} for {count} items")
-            payload = bytearray(handle.read(expected_size - header_size))
+        data = _idx_bytes(path, expected_size)
     except OSError as error:
-        raise DataFileError(f"{path.name}: cannot be read ({error.strerror})") from None
+        raise DataFileError(f"{name}: cannot be read ({error.strerror})") from None
+    size = path.stat().st_size if path.suffix != ".gz" else len(data)
+    if len(data) < header_size:
+        raise DataFileError(f"{name}: {size} bytes, shorter than an idx header; the file is truncated")
+    header = struct.unpack(f">{2 + len(dims)}I", data[:header_size])
+    if header[0] != magic:
+        raise DataFileError(f"{name}: magic number {header[0]:#010x}, expected {magic:#010x}")
+    if header[1] != count:
+        raise DataFileError(f"{name}: declares {header[1]} items, expected {count}")
+    if tuple(header[2:]) != dims:
+        raise DataFileError(f"{name}: item shape {list(header[2:])}, expected {list(dims)}")
+    if len(data) != expected_size:
+        shown = f"more than {expected_size}" if len(data) > expected_size and path.suffix == ".gz" else str(size)
+        raise DataFileError(f"{name}: {shown} bytes, expected {expected_size} for {count} items")
+    payload = bytearray(data[header_size:])
     return torch.frombuffer(payload, dtype=torch.uint8).reshape(count, *dims)
 
 
@@ -121,7 +215,7 @@ def read_idx_images(path: Path, count: int) -> torch.Tensor:
 
 
 def read_idx_labels(path: Path, count: int) -> torch.Tensor:
-    """int64 [count] digit labels from an idx1 label file, validated (every label in 0..9)."""
+    """int64 [count] class labels from an idx1 label file, validated (every label in 0..9)."""
     labels = _read_idx(path, _LABEL_MAGIC, (), count).to(torch.int64)
     if labels.numel() and int(labels.max()) > 9:
         bad = int((labels > 9).sum())
@@ -129,50 +223,69 @@ def read_idx_labels(path: Path, count: int) -> torch.Tensor:
     return labels
 
 
-def _try_download(folder: Path) -> None:
+def _try_download(folder: Path, spec: DatasetSpec = MNIST) -> None:
     """Download with torchvision into a temporary folder and move the files in only when all four
     arrived, so a failed download (offline, say) creates nothing where the data was looked for."""
-    from torchvision.datasets import MNIST
+    from torchvision import datasets
 
-    with tempfile.TemporaryDirectory(prefix="qcore-mnist-") as staging:
+    source = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[spec.name]
+    with tempfile.TemporaryDirectory(prefix=f"qcore-{spec.name}-") as staging:
         try:
             for train in (True, False):
-                MNIST(staging, train=train, download=True)
+                source(staging, train=train, download=True)
         except (OSError, RuntimeError) as error:  # no network, or a mirror failed: report below
             detail = " ".join(str(error).split())  # torchvision's message spans lines; keep one
-            raise DataNotFoundError(f"{_missing_message(folder)} Download failed: {detail}") from error
-        fetched = Path(staging) / "MNIST" / "raw"
-        raw = folder / "MNIST" / "raw"
+            raise DataNotFoundError(f"{_missing_message(folder, spec)} Download failed: {detail}") from error
+        fetched = Path(staging) / spec.folder / "raw"
+        raw = folder / spec.folder / "raw"
         raw.mkdir(parents=True, exist_ok=True)
-        for names in _RAW_FILES.values():
-            for name in names:
-                write_atomic(raw / name, (fetched / name).read_bytes())  # a reader never sees half a file
+        for name in _raw_names():
+            write_atomic(raw / name, (fetched / name).read_bytes())  # a reader never sees half a file
 
 
-def _missing_message(folder: Path) -> str:
-    absent = ", ".join(path.name for path in missing_files(folder))
+def _missing_message(folder: Path, spec: DatasetSpec = MNIST) -> str:
+    absent = ", ".join(path.name for path in missing_files(folder, spec))
     return (
-        f"MNIST not found in {folder.resolve()}/MNIST/raw (missing: {absent}). "
-        f"Set {DATA_DIR_ENV} (or --data-dir) to a folder holding MNIST/raw/*-ubyte in torchvision's "
-        f"layout, or run once with internet access so torchvision can download it there."
+        f"{spec.title} not found in {folder.resolve()}/{spec.folder}/raw (missing: {absent}). "
+        f"Set {DATA_DIR_ENV} (or --data-dir) to a folder holding {spec.folder}/raw/*-ubyte in torchvision's "
+        f"layout, or {spec.how_to_get}."
     )
 
 
 @dataclass(frozen=True)
-class Mnist:
+class Dataset:
+    """Both splits of one dataset, normalized with its own constants."""
+
     train: Split
     test: Split
+    spec: DatasetSpec = MNIST
 
 
-_CACHE: dict[Path, Mnist] = {}
+_CACHE: dict[tuple[str, Path], Dataset] = {}
 
 
-def load_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> Mnist:
-    """Both splits, loaded once per folder per process (about 220 MB as float32)."""
+def load_dataset(name: str = "mnist", root: str | os.PathLike[str] | None = None, download: bool = True) -> Dataset:
+    """Both splits of dataset `name`, loaded once per folder per process (about 220 MB as float32)."""
+    spec = dataset_spec(name)
     folder = data_dir(root).resolve()
-    if folder not in _CACHE:
-        _CACHE[folder] = Mnist(load_split(True, folder, download), load_split(False, folder, download))
-    return _CACHE[folder]
+    if (spec.name, folder) not in _CACHE:
+        splits = (load_split(train, folder, download, spec) for train in (True, False))
+        _CACHE[spec.name, folder] = Dataset(*splits, spec=spec)
+    return _CACHE[spec.name, folder]
+
+
+def load_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> Dataset:
+    """MNIST's two splits (load_dataset("mnist"))."""
+    return load_dataset("mnist", root, download)
+
+
+def available_datasets(root: str | os.PathLike[str] | None = None) -> dict[str, str | None]:
+    """Every dataset with None when its files are all found, else the one line saying how to get it."""
+    folder = data_dir(root)
+    return {
+        name: (_missing_message(folder, spec) if missing_files(folder, spec) else None)
+        for name, spec in DATASETS.items()
+    }
 
 
 def calibration_indices(num_train: int, num_batches: int, batch_size: int, seed: int) -> torch.Tensor:
