@@ -56,13 +56,18 @@ def quant_plan(graph: ModelGraph, quantized_layers: Collection[str], quantize_in
                 grid[op.name] = op.name
             elif (op.kind in PASSTHROUGH_KINDS or op.kind is OpKind.AVGPOOL) and op.inputs[0] in grid:
                 grid[op.name] = grid[op.inputs[0]]
-        needed = set()
-        for op in graph.ops:
-            if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL):
-                needed.update(name for name in op.inputs if name not in grid)
+        needed = [
+            name
+            for op in graph.ops
+            if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL)
+            for name in op.inputs
+            if name not in grid
+        ]
         if not needed:
             break
-        points |= needed
+        # one point at a time, the earliest first: it may put a later requirement on its grid (a global
+        # pool's flatten before the classifier shares the pool's grid rather than getting its own)
+        points.add(min(needed, key=lambda name: graph.ops.index(graph.op(name))))
     ordered = tuple(op.name for op in graph.ops if op.name in points)
     layer_input = {name: grid[graph.op(name).inputs[0]] for name in graph.layers if name in wants_input}
     return QuantPlan(ordered, grid, layer_input)
