@@ -48,6 +48,13 @@ if methods.equalization:
     for pair, data in methods.equalization.items():
         st.plotly_chart(equalization_figure(pair, data["ranges_before"], data["ranges_after"]), key=f"eq_{pair}")
     st.caption("Each chart: how the channels' weight ranges are distributed before and after (log scale).")
+    replaced = [name for data in methods.equalization.values() for name in data.get("relu6_replaced_by_relu", [])]
+    if replaced:
+        st.caption(
+            f"Equalization rescales channels across ReLU6, whose clip at 6 would move per channel, so it replaced "
+            f"{len(replaced)} ReLU6 by ReLU ({', '.join(replaced)}), as Nagel et al. (2019) did for MobileNetV2: "
+            "the quantized model computes max(0, x) there."
+        )
 if methods.adaround:
     st.subheader("AdaRound")
     names = list(methods.adaround)

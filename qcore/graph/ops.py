@@ -5,7 +5,7 @@ integer engine and the exports all walk it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import torch
@@ -30,6 +30,21 @@ class OpKind(StrEnum):
 
 
 LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
+# The operation kinds `python -m qcore models` lists, in this order
+OP_KIND_NAMES = (
+    "conv",
+    "depthwise_conv",
+    "linear",
+    "batchnorm",
+    "relu",
+    "relu6",
+    "maxpool",
+    "avgpool",
+    "global_avgpool",
+    "add",
+    "concat",
+    "flatten",
+)
 # Operations that commute with a positive per-channel scale and a monotone rounding: on the integer
 # path they run on whatever the tensor holds (accumulators or quantized integers) and share its grid
 PASSTHROUGH_KINDS = (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN)
@@ -91,6 +106,11 @@ class ModelGraph:
         """The same operations with other weights (equalization, bias correction, QAT's trained ones)."""
         return ModelGraph(self.ops, self.output, dict(parameters), dict(self.folded_batchnorm), self.input_shape)
 
+    def with_kinds(self, kinds: dict[str, OpKind]) -> ModelGraph:
+        """The same graph with some ops of another kind (equalization turns the ReLU6 it crosses into ReLU)."""
+        ops = tuple(replace(op, kind=kinds[op.name]) if op.name in kinds else op for op in self.ops)
+        return ModelGraph(ops, self.output, dict(self.parameters), dict(self.folded_batchnorm), self.input_shape)
+
     def stages(self) -> tuple[str, ...]:
         """The network diagram's boxes in execution order: the input, each layer, each pool, add and cat
         (activations and reshapes are drawn as the arrows between them)."""
@@ -102,6 +122,31 @@ class ModelGraph:
             OpKind.CAT: "cat",
         }
         return tuple(op.name if op.is_layer else labels[op.kind] for op in self.ops if op.is_layer or op.kind in labels)
+
+    def is_depthwise(self, name: str) -> bool:
+        """A conv with one group per input channel (MobileNet's depthwise layer)."""
+        op = self.op(name)
+        channels = self.op(op.inputs[0]).shape[1]
+        return op.kind is OpKind.CONV and channels > 1 and op.attrs.get("groups") == channels
+
+    def is_global_pool(self, name: str) -> bool:
+        """An average pool whose window is the whole feature map (global average pooling)."""
+        op = self.op(name)
+        return op.kind is OpKind.AVGPOOL and tuple(op.attrs["kernel"]) == tuple(self.op(op.inputs[0]).shape[2:])
+
+    def op_kinds(self) -> list[str]:
+        """The kinds of operation in this model, in OP_KIND_NAMES' order: a conv counts as
+        depthwise_conv when it is one, folded BatchNorm as batchnorm, a whole-map average pool as
+        global_avgpool (the final log_softmax is not listed: it is not quantized)."""
+        found = {"batchnorm"} if self.folded_batchnorm else set()
+        for op in self.ops:
+            if op.kind is OpKind.CONV:
+                found.add("depthwise_conv" if self.is_depthwise(op.name) else "conv")
+            elif op.kind is OpKind.AVGPOOL:
+                found.add("global_avgpool" if self.is_global_pool(op.name) else "avgpool")
+            else:
+                found.add({OpKind.CAT: "concat"}.get(op.kind, op.kind.value))
+        return [kind for kind in OP_KIND_NAMES if kind in found]
 
     def layer_ops(self) -> Iterator[Op]:
         return (op for op in self.ops if op.is_layer)

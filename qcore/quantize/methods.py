@@ -89,25 +89,40 @@ def _input_ranges(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 # Between two layers these keep the float function when the first layer's output channels are scaled
-# by positive factors: ReLU (max(0, s x) = s max(0, x)), max-pool and flatten. ReLU6 does not (its clip
-# at 6 would move to 6 / s), nor does a tensor something else also reads (an add would change).
-EQUALIZATION_THROUGH = (OpKind.RELU, OpKind.MAXPOOL, OpKind.FLATTEN)
+# by positive factors: ReLU (max(0, s x) = s max(0, x)), max-pool, average pool and flatten. ReLU6 does
+# not (its clip at 6 would move to 6 / s per channel), so equalization crosses it by replacing it with ReLU, as Nagel
+# et al. 2019 (section 5) did for MobileNetV2; the report names each one replaced. A tensor something
+# else also reads (an add) is never crossed: the other reader would change.
+EQUALIZATION_THROUGH = (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.AVGPOOL, OpKind.FLATTEN)
+
+
+def _between(graph: ModelGraph, first: str) -> tuple[list[str], Op | None]:
+    """The pass-through ops after layer `first` up to the next op, and that op when it is the only reader
+    of what they pass on (None where something else also reads it, or the network ends there)."""
+    crossed, name, users = [], first, graph.consumers(first)
+    while len(users) == 1 and users[0].kind in EQUALIZATION_THROUGH:
+        name, users = users[0].name, graph.consumers(users[0].name)
+        crossed.append(name)
+    if len(users) != 1 or name == graph.output:
+        return crossed, None
+    return crossed, users[0]
 
 
 def equalization_pairs(graph: ModelGraph) -> list[tuple[str, str, int]]:
     """(first layer, second layer, inputs of the second per output channel of the first) for every
-    pair of layers joined by ReLU, max-pool and flatten only, with nothing else reading between them
-    and the second not a grouped convolution. In the bundled net: conv1->conv2, conv2->fc1 (16 inputs
-    per channel after the flatten), fc1->fc2."""
+    pair of layers joined by ReLU, ReLU6, max-pool and flatten only, with nothing else reading between
+    them and the second a plain (groups 1) or depthwise convolution or a linear layer (a depthwise second
+    has one input per channel). In the bundled net: conv1->conv2, conv2->fc1 (16 inputs per channel after
+    the flatten), fc1->fc2; in a MobileNet block depthwise->pointwise and pointwise->the next depthwise."""
     pairs = []
     for first in graph.layer_ops():
-        name, users = first.name, graph.consumers(first.name)
-        while len(users) == 1 and users[0].kind in EQUALIZATION_THROUGH:
-            name, users = users[0].name, graph.consumers(users[0].name)
-        if len(users) != 1 or not users[0].is_layer or name == graph.output:
+        _, second = _between(graph, first.name)
+        if second is None or not second.is_layer:
             continue
-        second = users[0]
-        if second.kind is OpKind.CONV and second.attrs["groups"] != 1:
+        if second.kind is OpKind.CONV and second.attrs["groups"] != 1 and not graph.is_depthwise(second.name):
+            continue
+        if graph.is_depthwise(second.name):
+            pairs.append((first.name, second.name, 1))
             continue
         channels = graph.weight(first.name).shape[0]
         inputs = graph.weight(second.name).shape[1]
@@ -122,6 +137,7 @@ def equalize(
     """A copy of `graph` with every equalization pair equalized, and per pair the channel ranges
     of the first layer before and after, and the total scale applied."""
     pairs = equalization_pairs(graph)
+    depthwise = {second for _, second, _ in pairs if graph.is_depthwise(second)}
     parameters = {name: (w.detach().clone(), b.detach().clone()) for name, (w, b) in graph.parameters.items()}
     before = {f"{a}->{b}": _output_ranges(parameters[a][0]).tolist() for a, b, _ in pairs}
     totals = {f"{a}->{b}": torch.ones(parameters[a][0].shape[0]) for a, b, _ in pairs}
@@ -130,13 +146,16 @@ def equalize(
             for first_name, second_name, group in pairs:
                 (first_weight, first_bias), second_weight = parameters[first_name], parameters[second_name][0]
                 r1 = _output_ranges(first_weight)
-                r2 = _input_ranges(second_weight, group)
+                # a depthwise second: its output channel c is the one that reads input channel c
+                r2 = _output_ranges(second_weight) if second_name in depthwise else _input_ranges(second_weight, group)
                 scale = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2), torch.ones_like(r1))
                 shape = [-1] + [1] * (first_weight.ndim - 1)
                 first_weight.div_(scale.reshape(shape))
                 first_bias.div_(scale)
                 expanded = scale.repeat_interleave(group)
                 second_shape = [1, -1] + [1] * (second_weight.ndim - 2)
+                if second_name in depthwise:  # [C, 1, k, k]: channel c's filter scales (its bias does not)
+                    second_shape = [-1] + [1] * (second_weight.ndim - 1)
                 second_weight.mul_(expanded.reshape(second_shape))
                 totals[f"{first_name}->{second_name}"] *= scale
     report = {
@@ -147,7 +166,12 @@ def equalize(
         }
         for key in before
     }
-    return graph.with_parameters(parameters), report
+    replaced = []
+    for first, second, _ in pairs:
+        crossed = [name for name in _between(graph, first)[0] if graph.op(name).kind is OpKind.RELU6]
+        report[f"{first}->{second}"]["relu6_replaced_by_relu"] = crossed  # type: ignore[assignment]
+        replaced += crossed
+    return graph.with_parameters(parameters).with_kinds({name: OpKind.RELU for name in replaced}), report
 
 
 # --- 2. mixed precision ----------------------------------------------------------------------
