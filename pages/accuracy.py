@@ -5,7 +5,6 @@ import json
 import streamlit as st
 
 from qcore.analysis.tables import SWEEP_TARGETS
-from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
 from qcore.models.checkpoint import fingerprint
 from ui import cache, session
@@ -20,7 +19,7 @@ mnist = session.mnist_or_stop()
 st.markdown(
     "The test that matters: the same 10,000 test images through the float network and through its "
     "quantized twin. Quantization noise usually costs little until a few bits; which layer is most "
-    "sensitive, and which digits suffer first, tells you where to spend bits."
+    "sensitive, and which classes suffer first, tells you where to spend bits."
 )
 st.latex(
     r"\mathrm{accuracy} = \frac{1}{N}\sum_{i=1}^{N} [\arg\max_k f(x_i)_k = y_i], \qquad "
@@ -48,7 +47,7 @@ if entry.qat is not None and entry.qat_applies(config):
     if entry.start is not None:
         start, origin = entry.start, f"the model QAT started from ({entry.start.name})"
     else:  # an uploaded QAT checkpoint: its own float weights are the only float model at hand
-        start = session.ModelEntry(entry.model, "its float weights", fingerprint(entry.model))
+        start = session.ModelEntry(entry.model, "its float weights", fingerprint(entry.model), zoo=entry.zoo)
         origin = "this checkpoint's own float weights (the model it started from is not in the file)"
     start_float = cache.float_result(start.fingerprint, folder, start.model).accuracy
     ptq = cache.report(start.fingerprint, config.to_json(), folder, start.model).quant_result.accuracy
@@ -63,11 +62,14 @@ if entry.qat is not None and entry.qat_applies(config):
         f"Float and PTQ are of {origin}; PTQ calibrates it with these settings, QAT is this model on its trained "
         "grid. All three on the 10,000 test images."
     )
-st.plotly_chart(per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy), key="per_class")
+classes = mnist.spec.class_names
+st.plotly_chart(
+    per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy, classes), key="per_class"
+)
 table_with_csv(
     [
         {
-            "digit": digit,
+            "class": classes[digit],
             "float accuracy (%)": round(100 * f, 2),
             "quantized accuracy (%)": round(100 * q, 2),
             "difference (points)": round(100 * (q - f), 2),
@@ -76,7 +78,7 @@ table_with_csv(
             zip(float_result.per_class_accuracy, quant_result.per_class_accuracy, strict=True)
         )
     ],
-    "per-digit accuracy",
+    "per-class accuracy",
     "per_class",
 )
 
@@ -89,13 +91,14 @@ st.caption(
 )
 shown = (broke + fixed + other)[:MAX_FLIPS_SHOWN]
 if shown:
-    images = [(mnist.test.images[i, 0] * MNIST_STD + MNIST_MEAN).tolist() for i in shown]
+    images = [(mnist.test.images[i, 0] * mnist.spec.std + mnist.spec.mean).tolist() for i in shown]
     titles = [
-        f"#{i} label {int(mnist.test.labels[i])}: {int(float_result.predictions[i])}→{int(quant_result.predictions[i])}"
+        f"#{i} {classes[int(mnist.test.labels[i])]}: "
+        f"{classes[int(float_result.predictions[i])]}→{classes[int(quant_result.predictions[i])]}"
         for i in shown
     ]
     st.plotly_chart(digits_figure(images, titles), key="flips_grid")
-    st.caption("Each title: test index, true label, float prediction → quantized prediction.")
+    st.caption("Each title: test index, true class, float prediction → quantized prediction.")
 
 st.subheader("Bit-width sweep")
 target = st.radio(
@@ -130,6 +133,6 @@ st.download_button(
     key="json_result",
 )
 st.info(
-    "Try next: sweep activations only, then keep fc2 in float (sidebar) and sweep again; "
+    f"Try next: sweep activations only, then keep {entry.graph.layers[-1]} in float (sidebar) and sweep again; "
     "the layer with the biggest sensitivity bar is the one to keep at more bits."
 )

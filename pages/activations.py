@@ -77,6 +77,6 @@ chosen = next(s for s in stats if s.layer == layer)
 st.plotly_chart(activation_histogram_figure(chosen), key="act_hist_chart")
 st.info(
     "Try next: set activation bits to 4 and switch the observer between **minmax** and **mse**; "
-    "watch conv2's clipping range and the activation SQNR. Then try **notebook** to see the original "
-    "notebook's ranges, about batch-size times too wide."
+    f"watch {entry.graph.layers[min(1, len(entry.graph.layers) - 1)]}'s clipping range and the activation SQNR. "
+    "Then try **notebook** to see the original notebook's ranges, about batch-size times too wide."
 )

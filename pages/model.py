@@ -1,4 +1,4 @@
-"""Model: the bundled net, an uploaded state_dict, or a freshly trained one."""
+"""Model: a zoo model (and so its dataset), an uploaded state_dict of its architecture, or a freshly trained one."""
 
 import streamlit as st
 
@@ -6,6 +6,7 @@ from qcore.data import DataError
 from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
 from qcore.models.checkpoint import CheckpointError, checkpoint_bytes
+from qcore.models.zoo import ZOO, zoo_model
 from qcore.training.qat import (
     HELD_OUT,
     MAX_QAT_EPOCHS,
@@ -43,13 +44,36 @@ session.require_navigation()  # first: a deep link on a fresh server may run thi
 st.title("Model")
 entry = session.current_model()
 st.markdown(
-    "Quantization starts from a trained float network. This is the original notebook's CNN: "
-    "conv 1→20 (5×5), max-pool, conv 20→50 (5×5), max-pool, fully connected 800→500 and 500→10."
+    "Quantization starts from a trained float network. Choose one of the zoo's models (each comes with "
+    "its dataset); the choice is part of the page's link."
 )
-st.latex(r"x = \frac{\text{pixel}/255 - 0.1307}{0.3081}")
+names = list(ZOO)
+chosen = st.selectbox(
+    "Model",
+    names,
+    index=names.index(entry.zoo),
+    format_func=lambda name: f"{ZOO[name].title}: {ZOO[name].name}",
+)  # no key: the widget follows the session's model (Back to the previous model changes it too)
+if chosen != entry.zoo:
+    try:
+        session.switch_model(chosen)
+    except (CheckpointError, DataError) as error:  # a damaged bundled file: say so, keep the model
+        st.error("That model could not be loaded; the current model is kept.")
+        session.plain_text(str(error))
+    else:
+        st.rerun()
+spec = zoo_model(entry.zoo)
+layers = entry.graph.layers
+st.markdown(f"**{spec.title}**: {spec.description}.")
 st.caption(
-    "Every image is scaled and standardized like this before it reaches conv1; quantizing the input "
-    "means quantizing this x."
+    f"{len(layers)} quantizable layers ({', '.join(layers)}); operations: {', '.join(entry.graph.op_kinds())}; "
+    f"{sum(p.numel() for p in entry.model.parameters()):,} parameters."
+)
+dataset = entry.dataset
+st.latex(rf"x = \frac{{\text{{pixel}}/255 - {dataset.mean}}}{{{dataset.std}}}")
+st.caption(
+    f"Every {dataset.title} image is scaled and standardized like this (the mean and standard deviation of its "
+    f"training pixels) before it reaches {layers[0]}; quantizing the input means quantizing this x."
 )
 st.subheader("Current model")
 session.plain_text(f"{entry.name} (fingerprint {entry.fingerprint})")  # an upload's name is untrusted
@@ -57,13 +81,13 @@ previous = session.previous_model()
 if previous is not None:
     session.plain_text(f"Previous model: {previous.name} ({previous.fingerprint})")
     if st.button("Back to the previous model", key="back_to_previous"):
-        session.set_model(previous.model, previous.name)
+        session.restore_model(previous)
         st.rerun()
 
 folder = session.data_folder()
 try:
-    mnist = cache.shared_mnist(folder)
-    st.caption(f"MNIST: {len(mnist.train)} training and {len(mnist.test)} test images, held in memory.")
+    mnist = cache.shared_data(folder)
+    st.caption(f"{dataset.title}: {len(mnist.train)} training and {len(mnist.test)} test images, held in memory.")
 except DataError as error:
     session.show_data_error(error)
     mnist = None
@@ -75,28 +99,37 @@ if "qlab_train_warning" in st.session_state:
     st.warning(st.session_state.pop("qlab_train_warning"))
 
 bundled_tab, upload_tab, train_tab, qat_tab = st.tabs(
-    ["Bundled net", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
+    ["Bundled weights", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
 )
+recipe = TrainConfig(**spec.recipe)  # type: ignore[arg-type]
 
 with bundled_tab:
     st.markdown(
-        "Trained by `python -m qcore train` with the notebook's recipe (SGD lr 0.01, momentum 0.5, "
-        "batch 64, 3 epochs, seed 1)."
+        f"Trained by `python -m qcore train --model {spec.name}`: SGD{' (Nesterov)' * (recipe.optimizer != 'sgd')} "
+        f"lr {recipe.lr}, momentum {recipe.momentum}, batch {recipe.batch_size}, {recipe.epochs} epochs"
+        f"{', weight decay ' + str(recipe.weight_decay) if recipe.weight_decay else ''}"
+        f"{', one-cycle schedule' if recipe.schedule == 'one-cycle' else ''}, seed {recipe.seed}: "
+        f"{session.percent(spec.float_accuracy)} on the {dataset.title} test set."
     )
-    if st.button("Use the bundled net", disabled=entry.name == session.BUNDLED_NAME):
-        session.set_model(cache.bundled_model(), session.BUNDLED_NAME)
+    if st.button("Use the bundled net", disabled=entry.is_bundled):
+        session.switch_model(entry.zoo)
         st.rerun()
 
 with upload_tab:
     st.markdown(
-        "Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` from this `Net`, or a QAT "
-        "checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`."
+        f"Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` from this architecture "
+        f"({spec.name})"
+        + (
+            ", or a QAT checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`."
+            if spec.is_notebook_net
+            else "."
+        )
     )
     upload = st.file_uploader("Checkpoint (.pt or .pth)", type=["pt", "pth"], key="qlab_upload")
     if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
         st.session_state["qlab_upload_done"] = upload.file_id
         try:
-            model, trained = load_checkpoint(upload.getvalue())
+            model, trained = load_checkpoint(upload.getvalue(), entry.zoo)
             if trained is not None:
                 session.set_model(model, f"uploaded QAT {upload.name}", qat=trained)
                 st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
@@ -115,7 +148,6 @@ with upload_tab:
             session.plain_text(f"- {problem}")
 
 with train_tab:
-    recipe = TrainConfig()
     warn_if_cancelled(TRAIN_STATE_KEY, "Training")
     with st.form("train_form"):
         first, second, third = st.columns(3)
@@ -134,6 +166,9 @@ with train_tab:
             momentum=float(momentum),
             seed=int(seed),
             train_samples=None if samples >= len(mnist.train) else int(samples),
+            optimizer=recipe.optimizer,
+            weight_decay=recipe.weight_decay,
+            schedule=recipe.schedule,
         )
         state = {"status": "running", "steps": 0}
         st.session_state[TRAIN_STATE_KEY] = state
@@ -157,7 +192,7 @@ with train_tab:
                 chart.plotly_chart(training_curve_figure(history), key=f"curve_{len(history)}")
 
         try:
-            result = train(mnist.train, config, on_progress=show)
+            result = train(mnist.train, config, on_progress=show, build=spec.build)
         except (ValueError, RuntimeError) as error:  # bad settings, or the device failed mid-run
             state["status"] = "failed"
             st.error("Training failed; the previous model is kept.")
@@ -277,7 +312,9 @@ with qat_tab:
                 f"{bits}: the Accuracy page shows float, PTQ and QAT side by side."
             )
             st.rerun()
-    if entry.qat is not None:
+    if entry.qat is not None and not spec.is_notebook_net:
+        st.caption("QAT checkpoints are saved for the notebook's net only; this trained model lives in this session.")
+    elif entry.qat is not None:
         st.download_button(
             "Download the QAT checkpoint",
             qat_bytes(entry.qat),
@@ -297,11 +334,14 @@ if st.session_state.get(TRAIN_HISTORY_KEY) and not start:  # during a run the li
     st.plotly_chart(training_curve_figure(st.session_state[TRAIN_HISTORY_KEY]), key="last_training_curve")
 
 st.divider()
-st.download_button(
-    "Download the current checkpoint (state_dict)"
-    if entry.qat is None
-    else "Download the trained float weights (state_dict; they load as a float model, not as QAT)",
-    checkpoint_bytes(entry.model),
-    file_name=session.download_name(entry, "state_dict" if entry.qat is None else "float_weights", "pt"),
-    mime="application/octet-stream",
-)
+if entry.qat is not None and not spec.is_notebook_net:
+    st.caption("A QAT model of a BatchNorm network holds folded weights, which no zoo architecture loads.")
+else:
+    st.download_button(
+        "Download the current checkpoint (state_dict)"
+        if entry.qat is None
+        else "Download the trained float weights (state_dict; they load as a float model, not as QAT)",
+        checkpoint_bytes(entry.model),
+        file_name=session.download_name(entry, "state_dict" if entry.qat is None else "float_weights", "pt"),
+        mime="application/octet-stream",
+    )

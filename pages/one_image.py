@@ -5,10 +5,10 @@ import json
 import streamlit as st
 
 from qcore.config import integer_path_problems
-from qcore.data import MNIST_MEAN, MNIST_STD
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from qcore.files import shorten
 from qcore.inference.integer import IntegerEngineError
+from qcore.models.zoo import zoo_model
 from ui import cache, session
 
 TERMS_SHOWN = 4
@@ -27,6 +27,13 @@ st.latex(
     r"y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{acc} \cdot M_0 \cdot 2^{\mathrm{shift} - 31})"
     r" + z_y,\ z_y,\ q_{\max}\big)"
 )
+if not zoo_model(entry.zoo).is_notebook_net:
+    st.info(
+        "This lesson writes out the notebook's net (conv, pool, conv, pool, fc, fc) term by term; it does not "
+        "walk this model's graph yet. The Deploy page runs this model on the integer engine and compares it "
+        "with the simulation image by image; choose a notebook net on the Model page to follow one image here."
+    )
+    session.stop_page()
 problems = integer_path_problems(config)
 if problems:
     st.warning("The integer engine cannot run this config: " + "; ".join(problems) + ". Change it in the sidebar.")
@@ -55,7 +62,7 @@ try:
 except IntegerEngineError as error:  # scales the engine cannot represent: said in words, not a crash
     st.warning("The integer engine cannot run this model: " + shorten(error, 300))
     session.stop_page()
-picture = (mnist.test.images[image, 0] * MNIST_STD + MNIST_MEAN).tolist()
+picture = (mnist.test.images[image, 0] * mnist.spec.std + mnist.spec.mean).tolist()
 left, right = st.columns([1, 3])
 left.plotly_chart(digits_figure([picture], [f"#{image}: label {walk.label}"], columns=1), key="lesson3_digit")
 right.markdown(

@@ -1,23 +1,33 @@
-"""Lesson 2: one conv1 filter as float, integers, reconstruction and error; per-channel vs per-tensor."""
+"""Lesson 2: one conv filter as float, integers, reconstruction and error; per-channel vs per-tensor."""
 
 import streamlit as st
 
 from qcore.figures import heatmaps_figure
-from qcore.lessons.steps import one_kernel
+from qcore.lessons.steps import kernel_layers, one_kernel
 from ui import session
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("One kernel")
 entry, config, report = session.current_report()
+choices = kernel_layers(entry.model)
+layer_name = st.selectbox("Conv layer", choices, key="lesson2_layer")
+size = int(entry.graph.weight(layer_name)[0, 0].numel())
 st.markdown(
-    "A conv1 filter is 25 weights. Quantizing it stores 25 small integers and one scale: the "
+    f"A {layer_name} filter (one input channel of it) is {size} weights. Quantizing it stores {size} small "
+    "integers and one scale: the "
     "reconstruction s·q is what the network computes with, and the difference is the error. With a "
     "scale per filter (per-channel) a small filter gets a fine grid; with one scale for the whole layer "
     "(per-tensor) it shares the coarse grid of the layer's largest filter."
 )
 st.latex(r"\hat{w} = s \cdot q, \qquad q = \mathrm{clamp}(\mathrm{round}(w / s), -q_{\max}, q_{\max})")
-channel = st.number_input("Filter (0 to 19)", 0, 19, 0, key="lesson2_channel")
-kernel = one_kernel(entry.model, config, int(channel))
+filters = int(entry.graph.weight(layer_name).shape[0])
+channel = st.number_input(f"Filter (0 to {filters - 1})", 0, filters - 1, 0, key=f"lesson2_channel_{layer_name}")
+kernel = one_kernel(entry.model, config, int(channel), layer_name)
+if entry.graph.folded_batchnorm.get(layer_name):
+    st.caption(
+        f"{layer_name}'s BatchNorm ({entry.graph.folded_batchnorm[layer_name]}) is folded into these weights: "
+        "each filter is multiplied by its channel's γ/√(var+ε), which is why folded filters differ so much in range."
+    )
 st.caption(f"At the sidebar's {config.weight_bits}-bit {config.scheme} weights, {config.weight_range} ranges.")
 for view in (kernel.per_channel, kernel.per_tensor):
     st.subheader(f"{view.granularity}: scale {view.scale:.5g}, SQNR {view.sqnr_db:.1f} dB")

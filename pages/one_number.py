@@ -19,28 +19,37 @@ st.latex(
     r"q = \mathrm{clamp}\!\left(\mathrm{round}\!\left(\tfrac{x}{s}\right) + z,\ q_{\min},\ q_{\max}\right),"
     r"\qquad \hat{x} = s\,(q - z)"
 )
+first_layer = entry.graph.layers[0]
+# an activation: the input of the second layer (fc1 in the notebook's net), which follows a ReLU
+activation_layer = entry.graph.layers[min(2, len(entry.graph.layers) - 1)]
 source = st.radio(
     "The value",
-    ["a weight of conv1", "an input of fc1 (an activation)", "a value I type"],
+    [f"a weight of {first_layer}", f"an input of {activation_layer} (an activation)", "a value I type"],
     horizontal=True,
     key="lesson1_source",
 )
-if source == "a weight of conv1":
+if source == f"a weight of {first_layer}":
+    first_weight = entry.graph.weight(first_layer).detach()  # BatchNorm folded in, as it is quantized
+    per_filter = first_weight[0].numel()
     columns = st.columns(2)
-    channel = columns[0].number_input("Filter (output channel)", 0, 19, 0, key="lesson1_channel")
-    index = columns[1].number_input("Position in the 5x5 filter (0 to 24)", 0, 24, 12, key="lesson1_index")
-    weights = entry.model.conv1.weight.detach()[int(channel)].flatten()
+    channel = columns[0].number_input(
+        "Filter (output channel)", 0, first_weight.shape[0] - 1, 0, key="lesson1_channel"
+    )
+    index = columns[1].number_input(
+        f"Position in the filter (0 to {per_filter - 1})", 0, per_filter - 1, per_filter // 2, key="lesson1_index"
+    )
+    weights = first_weight[int(channel)].flatten()
     x = float(weights[int(index)])
     low, high = float(weights.min()), float(weights.max())
-    where = f"conv1 filter {channel}, weight {index}; its filter's range [{low:.4g}, {high:.4g}] (min/max)"
+    where = f"{first_layer} filter {channel}, weight {index}; its filter's range [{low:.4g}, {high:.4g}] (min/max)"
 else:
-    fc1 = next(row for row in report.layers if row.layer == "fc1")
-    if fc1.act_clip_min is None or fc1.act_clip_max is None:
+    row = next(row for row in report.layers if row.layer == activation_layer)
+    if row.act_clip_min is None or row.act_clip_max is None:
         low, high = 0.0, 10.0
-        where = "fc1's input stays float in this config; a range of [0, 10] is used"
+        where = f"{activation_layer}'s input stays float in this config; a range of [0, 10] is used"
     else:
-        low, high = fc1.act_clip_min, fc1.act_clip_max
-        where = f"fc1's input range from calibration [{low:.4g}, {high:.4g}]"
+        low, high = row.act_clip_min, row.act_clip_max
+        where = f"{activation_layer}'s input range from calibration [{low:.4g}, {high:.4g}]"
     if source == "a value I type":
         columns = st.columns(3)
         x = columns[0].number_input("x", value=1.2345, format="%.5f", key="lesson1_x")

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from qcore.figures import outlier_figure
-from qcore.lessons.steps import OUTLIER_CALIB_BATCHES
+from qcore.lessons.steps import OUTLIER_CALIB_BATCHES, outlier_layer
 from ui import cache, session
 from ui.tables import table_with_csv
 
@@ -20,11 +20,12 @@ st.latex(
     r"s = \frac{\max |x|}{q_{\max}} \quad\Rightarrow\quad "
     r"\text{levels in the typical range} \approx \frac{\mathrm{range}}{s}"
 )
+layer_name = outlier_layer(entry.model)
 columns = st.columns(2)
 target = columns[0].radio(
     "Where",
     ["weights", "calibration"],
-    format_func=lambda t: {"weights": "fc1's largest weight", "calibration": "one calibration image"}[t],
+    format_func=lambda t: {"weights": f"{layer_name}'s largest weight", "calibration": "one calibration image"}[t],
     key="lesson4_target",
     horizontal=True,
 )
@@ -42,7 +43,7 @@ settings = [r.setting for r in rows if not r.with_outlier]
 without = {r.setting: r for r in rows if not r.with_outlier}
 with_outlier = {r.setting: r for r in rows if r.with_outlier}
 st.caption(
-    f"fc1 at the sidebar's W{config.weight_bits}A{config.act_bits}, calibrated on {OUTLIER_CALIB_BATCHES} batches "
+    f"{layer_name} at the sidebar's W{config.weight_bits}A{config.act_bits}, calibrated on {OUTLIER_CALIB_BATCHES} batches "
     "to stay quick; accuracy on the first 2,000 test images; SQNR leaves the outlier itself out."
 )
 first, second = st.columns(2)

@@ -4,7 +4,6 @@ import streamlit as st
 
 from qcore.analysis.tables import weight_histogram
 from qcore.figures import error_histogram_figure, sqnr_figure, weight_histogram_figure, weight_snapshots_figure
-from qcore.models.net import LAYER_NAMES
 from qcore.training.qat import valid_snapshots
 from ui import session
 from ui.tables import table_with_csv
@@ -28,7 +27,7 @@ st.markdown(
 )
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum x^2}{\sum (x - \hat{x})^2}\ \mathrm{dB}")
 
-quantized_layers = [name for name in LAYER_NAMES if not report.qnet.layers[name].is_float]
+quantized_layers = [name for name in entry.graph.layers if not report.qnet.layers[name].is_float]
 if not quantized_layers:
     st.info("Every layer is kept in float with these settings.")
     session.stop_page()
@@ -74,6 +73,6 @@ rows = [
 ]
 table_with_csv(rows, "weight SQNR", "weight_sqnr")
 st.info(
-    "Try next: set weight bits to 3, then switch granularity to per-tensor and watch conv1's SQNR "
-    "fall; switch weight range from mse to minmax to see what clipping the outliers buys."
+    f"Try next: set weight bits to 3, then switch granularity to per-tensor and watch {entry.graph.layers[0]}'s "
+    "SQNR fall; switch weight range from mse to minmax to see what clipping the outliers buys."
 )

@@ -17,25 +17,27 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NoReturn
 
+from torch import nn
+
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
-from qcore.data import DataError, data_dir, load_mnist
+from qcore.data import DATASETS, DataError, Dataset, data_dir, load_dataset
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.graph import GraphError
 from qcore.inference.deploy import ENGINES
 from qcore.models.checkpoint import (
-    PRETRAINED_PATH,
     CheckpointError,
     checkpoint_bytes,
     load_model,
     model_from_state,
     read_checkpoint,
 )
-from qcore.models.net import LAYER_NAMES, Net
+from qcore.models.net import LAYER_NAMES
+from qcore.models.zoo import DEFAULT_MODEL, ZOO, UnknownModelError, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 from qcore.training.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, claims_qat, load_checkpoint
-from qcore.training.train import TrainConfig, TrainProgress, train
+from qcore.training.train import OPTIMIZERS, SCHEDULES, TrainConfig, TrainProgress, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -68,16 +70,25 @@ def _bits_list(text: str) -> list[int]:
     return list(range(bits[0], bits[1] + 1)) if "-" in text else sorted(set(bits))
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="folder holding MNIST/raw (default: $QCORE_DATA_DIR or ./data)")
+def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    parser.add_argument(
+        "--data-dir", help="folder holding MNIST/raw and FashionMNIST/raw (default: $QCORE_DATA_DIR or ./data)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    if model:
+        parser.add_argument(
+            "--model",
+            choices=list(ZOO),
+            default=DEFAULT_MODEL,
+            help="the zoo model (architecture and dataset); --checkpoint replaces its bundled weights",
+        )
 
 
 def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     default = QuantConfig()
     parser.add_argument(
         "--checkpoint",
-        help=f"a Net state_dict or a QAT checkpoint (default: the bundled {PRETRAINED_PATH.name})",
+        help="a state_dict of --model's architecture, or a QAT checkpoint (default: the model's bundled one)",
     )
     parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
     parser.add_argument("--act-bits", type=int, default=default.act_bits)
@@ -88,7 +99,11 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=[s.value for s in Scheme], default=default.scheme, help="weights' scheme")
     parser.add_argument("--weight-range", choices=list(WEIGHT_RANGES), default=default.weight_range)
     parser.add_argument("--float-input", action="store_true", help="leave the network's input unquantized")
-    parser.add_argument("--float-layers", default="", help=f"comma-separated, from {','.join(LAYER_NAMES)}")
+    parser.add_argument(
+        "--float-layers",
+        default="",
+        help=f"comma-separated layer names (for the notebook's net: {','.join(LAYER_NAMES)})",
+    )
     parser.add_argument("--seed", type=int, default=default.seed, help="calibration sample seed")
     parser.add_argument(
         "--methods", default="", help=f"comma-separated, from {','.join(METHODS)} (applied in that order)"
@@ -102,26 +117,35 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m qcore", description="Quantization Lab: MNIST CNN post-training quantization")
+    parser = _Parser(
+        prog="python -m qcore", description="Quantization Lab: quantizing small CNNs on MNIST and Fashion-MNIST"
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    recipe = TrainConfig()
-    train_cmd = commands.add_parser("train", help="train a Net (the notebook's recipe by default)")
+    train_cmd = commands.add_parser(
+        "train", help="train a zoo model from scratch by its recipe (the notebook's for the notebook's net)"
+    )
     train_cmd.add_argument("--out", default="model.pt", help="where to write the state_dict")
     train_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
-    train_cmd.add_argument("--epochs", type=int, default=recipe.epochs)
-    train_cmd.add_argument("--batch-size", type=int, default=recipe.batch_size)
-    train_cmd.add_argument("--lr", type=float, default=recipe.lr)
-    train_cmd.add_argument("--momentum", type=float, default=recipe.momentum)
-    train_cmd.add_argument("--seed", type=int, default=recipe.seed)
+    # defaults: the --model's recipe (qcore.models.zoo), else TrainConfig's
+    train_cmd.add_argument("--epochs", type=int)
+    train_cmd.add_argument("--batch-size", type=int)
+    train_cmd.add_argument("--lr", type=float, help="the learning rate (the peak with --schedule one-cycle)")
+    train_cmd.add_argument("--momentum", type=float)
+    train_cmd.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    train_cmd.add_argument("--weight-decay", type=float)
+    train_cmd.add_argument("--schedule", choices=list(SCHEDULES))
+    train_cmd.add_argument("--seed", type=int)
     train_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
-    train_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=recipe.device)
+    train_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=TrainConfig().device)
     _add_common(train_cmd)
 
     qat_defaults = QatConfig()
     qat_cmd = commands.add_parser("qat", help="quantization-aware training from a float model; writes a QAT checkpoint")
-    qat_cmd.add_argument("--checkpoint", help=f"the float Net to start from (default: {PRETRAINED_PATH.name})")
-    qat_cmd.add_argument("--out", required=True, help="where to write the QAT checkpoint")
+    qat_cmd.add_argument("--checkpoint", help="the float weights to start from (default: the model's bundled ones)")
+    qat_cmd.add_argument(
+        "--out", help="where to write the QAT checkpoint (required for the notebook's net, which alone has one)"
+    )
     qat_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
     qat_cmd.add_argument("--weight-bits", type=int, default=qat_defaults.weight_bits)
     qat_cmd.add_argument("--act-bits", type=int, default=qat_defaults.act_bits)
@@ -163,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_flags(explain_cmd)
     _add_common(explain_cmd)
     explain_cmd.add_argument("--image", type=int, required=True, help="test image index (0 to 9999)")
-    explain_cmd.add_argument("--layer", choices=list(LAYER_NAMES), help="the layer whose --position is given")
+    explain_cmd.add_argument("--layer", help="the layer whose --position is given (conv1, conv2, fc1 or fc2)")
     explain_cmd.add_argument(
         "--position", help="that layer's output index, channel first: c,row,col for conv1/conv2, j for fc1/fc2"
     )
@@ -173,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_flags(graph_cmd)
     _add_common(graph_cmd)
     graph_cmd.add_argument("--channel", type=int, default=0, help="the output channel shown before and after folding")
-    data_cmd = commands.add_parser("data", help="check the MNIST folder (every idx file validated)")
+    data_cmd = commands.add_parser("data", help="check a dataset's files (every idx file validated)")
     data_cmd.add_argument(
-        "--download", action="store_true", help="fetch MNIST with torchvision first when files are missing (online)"
+        "--download", action="store_true", help="fetch it with torchvision first when files are missing (online)"
     )
-    _add_common(data_cmd)
+    data_cmd.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    _add_common(data_cmd, model=False)
+    models_cmd = commands.add_parser("models", help="the model zoo: each model's dataset, accuracy, size and ops")
+    _add_common(models_cmd, model=False)
     export = commands.add_parser("export", help="write the quantized model as integer tensors or ONNX (QDQ)")
     _add_quant_flags(export)
     _add_common(export)
@@ -187,8 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_layers(args: argparse.Namespace) -> tuple[str, ...]:
+    """The conv and linear layers of --model's architecture (from its graph; no weights needed)."""
+    from qcore.graph import model_graph
+
+    return model_graph(zoo_model(args.model).build().eval()).layers
+
+
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
     return make_config(
+        _model_layers(args),
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
         calib_batches=args.calib_batches,
@@ -216,22 +251,31 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
 
+def _dataset(args: argparse.Namespace) -> Dataset:
+    """The dataset of --model, from --data-dir."""
+    return load_dataset(zoo_model(args.model).dataset, args.data_dir)
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, object]:
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        seed=args.seed,
-        train_samples=args.train_samples,
-        device=args.device,
-    )
+    spec = zoo_model(args.model)
+    flags = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "optimizer": args.optimizer,
+        "weight_decay": args.weight_decay,
+        "schedule": args.schedule,
+        "seed": args.seed,
+    }
+    recipe = {**spec.recipe, **{key: value for key, value in flags.items() if value is not None}}
+    config = TrainConfig(**recipe, train_samples=args.train_samples, device=args.device)  # type: ignore[arg-type]
     try:
         config.validate()
     except ValueError as error:
         raise UsageError(str(error)) from error
     out = check_output_path(args.out, args.force)
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
 
     def report(progress: TrainProgress) -> None:
         if progress.step % 100 == 0 or progress.step == progress.steps_per_epoch:
@@ -242,15 +286,25 @@ def cmd_train(args: argparse.Namespace) -> dict[str, object]:
             )
 
     started = time.perf_counter()
-    result = train(data.train, config, on_progress=report)
+    result = train(data.train, config, on_progress=report, build=spec.build)
     seconds = time.perf_counter() - started
     _write(out, "--out", checkpoint_bytes(result.model))
     from qcore.inference.evaluate import evaluate
 
     test = evaluate(result.model, data.test)
-    summary = {"checkpoint": args.out, "config": asdict(config), "seconds": seconds, **test.to_dict()}
+    summary = {
+        "checkpoint": args.out,
+        "model": spec.name,
+        "dataset": spec.dataset,
+        "config": asdict(config),
+        "seconds": seconds,
+        **test.to_dict(),
+    }
     if not args.json:
-        print(f"wrote {args.out}: test accuracy {_percent(test.accuracy)}, loss {test.loss:.4f}, {seconds:.1f} s")
+        print(
+            f"wrote {args.out} ({spec.name} on {spec.dataset}): test accuracy {_percent(test.accuracy)}, "
+            f"loss {test.loss:.4f}, {seconds:.1f} s"
+        )
     return summary
 
 
@@ -274,9 +328,17 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
         config.validate()
     except QatError as error:
         raise UsageError(str(error)) from error
-    out = check_output_path(args.out, args.force)
+    keeps_checkpoint = zoo_model(args.model).is_notebook_net
+    if keeps_checkpoint and args.out is None:
+        raise UsageError("qat: --out is required (where to write the QAT checkpoint)")
+    if not keeps_checkpoint and args.out is not None:
+        raise UsageError(
+            f"qat --model {args.model}: QAT checkpoints are saved for the notebook's net only; drop --out "
+            "to train and measure this model"
+        )
+    out = check_output_path(args.out, args.force) if args.out is not None else None
     model = _float_model_only(args, "qat (it starts from a float model)")
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
 
     def report(progress: QatProgress) -> None:
         if progress.held_out_accuracy is not None:
@@ -290,11 +352,13 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
     result = qat(model, data, config, on_progress=report)
     assert result.ptq is not None  # qat() always starts from a PTQ calibration
     ptq_accuracy = evaluate(result.ptq, data.test).accuracy
-    _write(out, "--out", qat_bytes(result))
+    if out is not None:
+        _write(out, "--out", qat_bytes(result))
     simulated = evaluate(result.qnet, data.test)
     integer = IntegerNet(result.qnet).predict(data.test.images)
     summary = {
         "checkpoint": args.out,
+        "model": args.model,
         "config": asdict(config),
         "float_accuracy": float_accuracy,
         "ptq_accuracy": ptq_accuracy,
@@ -308,7 +372,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
     if not args.json:
         bits = f"W{config.weight_bits}A{config.act_bits}"
         print(
-            f"wrote {args.out}: {bits} {config.method}, {config.epochs} epoch(s): float {_percent(float_accuracy)}, "
+            f"{'wrote ' + args.out if out is not None else args.model}: {bits} {config.method}, "
+            f"{config.epochs} epoch(s): float {_percent(float_accuracy)}, "
             f"PTQ {_percent(ptq_accuracy)}, QAT {_percent(simulated.accuracy)} "
             f"({-summary['drop_points']:+.2f} points vs float); "
             f"integer engine {_percent(summary['integer_accuracy'])}, "
@@ -326,11 +391,11 @@ def _write(out: Path, flag: str, payload: bytes) -> None:
         raise UsageError(f"{flag} {shorten(out)}: {error.strerror}; nothing was written") from error
 
 
-def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[Net, QatCheckpoint | None]:
+def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Module, QatCheckpoint | None]:
     """The float model, and the QAT checkpoint when --checkpoint is one. A QAT checkpoint carries its
     own config, so a quantization flag set to neither the default nor the checkpoint's value is refused
     rather than ignored."""
-    model, checkpoint = load_checkpoint(args.checkpoint)
+    model, checkpoint = load_checkpoint(args.checkpoint, args.model)
     if checkpoint is None:
         return model, None
     asked, default = config_from_args(args), QuantConfig()
@@ -345,18 +410,18 @@ def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[Net, Qa
     return model, checkpoint
 
 
-def _float_model_only(args: argparse.Namespace, what: str) -> Net:
+def _float_model_only(args: argparse.Namespace, what: str) -> nn.Module:
     """For commands that calibrate variants of a config: a QAT checkpoint's grid is its own, so they
     would measure something else than the trained model; say so instead."""
     if args.checkpoint is None:
-        return load_model()
+        return load_model(None, args.model)
     state = read_checkpoint(args.checkpoint)
     if claims_qat(state):
         raise UsageError(
             f"{what} calibrates its own variants of a config, which would not be the QAT model "
             f"in {shorten(args.checkpoint)}; use evaluate, sweep, export or explain with it"
         )
-    return model_from_state(state)
+    return model_from_state(state, args.model)
 
 
 def _require_integer_path(what: str, config: QuantConfig) -> None:
@@ -374,9 +439,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
         _require_integer_path(f"--engine {args.engine}", config)
     if trained is not None and args.engine == "torch-int8":
         raise UsageError("--engine torch-int8 calibrates its own ranges, so it cannot run a QAT checkpoint's")
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
     report = build_report(model, data, config, qnet=None if trained is None else trained.qnet)
-    result = {"checkpoint": args.checkpoint or str(PRETRAINED_PATH), **report.to_dict(), "engine": args.engine}
+    checkpoint = args.checkpoint or str(zoo_model(args.model).checkpoint)
+    result = {"checkpoint": checkpoint, "model": args.model, **report.to_dict(), "engine": args.engine}
     if trained is not None:
         result["qat"] = True  # quant_accuracy is the trained model's; float_accuracy its float weights'
 
@@ -423,7 +489,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, object]:
 
     model, trained = _load_for_quantization(args, "sweep")
     config = config_from_args(args)
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
     float_accuracy = evaluate(model, data.test).accuracy
     try:
         points = bit_sweep(model, data, config, args.bits, args.target)
@@ -456,7 +522,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
 
     config = config_from_args(args)
     model = _float_model_only(args, "sensitivity")
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
     float_accuracy = evaluate(model, data.test).accuracy
     rows = [asdict(row) for row in layer_sensitivity(model, data, config, float_accuracy)]
     if not args.json:
@@ -474,10 +540,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     config = config_from_args(args) if trained is None else trained.config
     _require_integer_path(f"export --format {args.format}", config)
     out = check_output_path(args.out, args.force)
-    qnet = quantize_for(model, load_mnist(args.data_dir), config) if trained is None else trained.qnet
+    qnet = quantize_for(model, _dataset(args), config) if trained is None else trained.qnet
     try:
         engine = IntegerNet(qnet)  # both formats: a model the integer engine cannot run is not exported
-        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet)
+        dataset = DATASETS[zoo_model(args.model).dataset]
+        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet, dataset)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     _write(out, "--out", payload)
@@ -494,14 +561,14 @@ def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
     config = config_from_args(args)
     out = check_output_path(args.html, args.force) if args.html else None
     model = _float_model_only(args, "diagnose")
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
 
     def report(done: int, total: int, what: str) -> None:
         print(f"[{done}/{total}] {what}", file=sys.stderr)
 
     result = diagnose(model, data, config, on_progress=report)
     if out is not None:
-        name = shorten(args.checkpoint) if args.checkpoint else "bundled pretrained net"
+        name = shorten(args.checkpoint) if args.checkpoint else f"bundled {args.model}"
         _write(out, "--html", diagnosis_html(result, name, fingerprint(model)).encode())
     summary = result.to_dict()
     if not args.json:
@@ -538,13 +605,19 @@ def _position(text: str | None, layer_name: str | None) -> dict[str, list[int]]:
 def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
     from qcore.lessons.walk import explain
 
+    if not zoo_model(args.model).is_notebook_net:
+        raise UsageError(
+            f"explain walks the notebook's net (conv, pool, conv, pool, fc, fc) only; {args.model} is not it yet"
+        )
+    if args.layer is not None and args.layer not in LAYER_NAMES:
+        raise UsageError(f"--layer must be one of {', '.join(LAYER_NAMES)} (got {shorten(args.layer)!r})")
     positions = _position(args.position, args.layer)
     if not 0 <= args.image <= 9999:
         raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
     model, trained = _load_for_quantization(args, "explain")
     config = config_from_args(args) if trained is None else trained.config
     _require_integer_path("explain (the integer engine)", config)
-    data = load_mnist(args.data_dir)
+    data = _dataset(args)
     try:
         walk = explain(model, data, config, args.image, positions, qnet=None if trained is None else trained.qnet)
     except ValueError as error:
@@ -566,11 +639,46 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_data(args: argparse.Namespace) -> dict[str, object]:
     folder = data_dir(args.data_dir).resolve()
-    data = load_mnist(folder, download=args.download)
-    summary = {"folder": str(folder), "train_images": len(data.train), "test_images": len(data.test)}
+    data = load_dataset(args.dataset, folder, download=args.download)
+    summary = {
+        "dataset": data.spec.name,
+        "folder": str(folder),
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+    }
     if not args.json:
-        print(f"MNIST in {folder}/MNIST/raw: {len(data.train)} training and {len(data.test)} test images, all valid")
+        print(f"{data.spec.title} in {folder}: {len(data.train)} training and {len(data.test)} test images, all valid")
     return summary
+
+
+def cmd_models(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.graph import model_graph
+    from qcore.models.checkpoint import load_model
+
+    rows = []
+    for spec in ZOO.values():
+        model = load_model(None, spec.name)
+        rows.append(
+            {
+                "name": spec.name,
+                "dataset": spec.dataset,
+                "float_accuracy": spec.float_accuracy,
+                "parameters": sum(parameter.numel() for parameter in model.parameters()),
+                "ops": model_graph(model).op_kinds(),
+                "checkpoint": spec.checkpoint.name,
+                "description": spec.description,
+            }
+        )
+    if not args.json:
+        shown = [
+            {**row, "float_accuracy": _percent(row["float_accuracy"]), "ops": ",".join(row["ops"])} for row in rows
+        ]
+        print(
+            _table(
+                [{key: row[key] for key in ("name", "dataset", "float_accuracy", "parameters", "ops")} for row in shown]
+            )
+        )
+    return {"models": rows}
 
 
 def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
@@ -621,6 +729,7 @@ def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
 
 COMMANDS = {
     "data": cmd_data,
+    "models": cmd_models,
     "graph": cmd_graph,
     "diagnose": cmd_diagnose,
     "explain": cmd_explain,
@@ -639,7 +748,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_dir is not None and not data_dir(args.data_dir).is_dir():
             raise UsageError(f"--data-dir {args.data_dir}: no such folder")
         result = COMMANDS[args.command](args)
-    except (UsageError, ConfigError, CheckpointError, DataError, OutputPathError, GraphError) as error:
+    except (
+        UsageError,
+        ConfigError,
+        CheckpointError,
+        DataError,
+        OutputPathError,
+        GraphError,
+        UnknownModelError,
+    ) as error:
         print(f"qcore: error: {shorten(error, 1000)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

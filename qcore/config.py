@@ -77,9 +77,10 @@ class QuantConfig:
 
         object.__setattr__(self, "methods", tuple(sorted(set(self.methods), key=method_rank)))
 
-    def problems(self, layers: Sequence[str] = LAYER_NAMES) -> list[str]:
+    def problems(self, layers: Sequence[str] | None = LAYER_NAMES) -> list[str]:
         """Every setting out of range, one line each; float_layers must name `layers` (the model's
-        graph layers; the bundled net's by default)."""
+        graph layers; the bundled net's by default; None: not checked here, because the model is not
+        known yet; quantizing checks them against its graph)."""
         typed = _type_problems({f.name: getattr(self, f.name) for f in fields(self)})
         if typed:
             return typed  # the range checks below compare values, which needs the right types
@@ -112,13 +113,13 @@ class QuantConfig:
             found.append(f"methods: unknown {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
         if self.weight_bits_budget != 0 and not 2 <= self.weight_bits_budget <= 8:
             found.append(f"weight_bits_budget must be 0 (off) or between 2 and 8 (got {self.weight_bits_budget})")
-        unknown = [name for name in self.float_layers if name not in layers]
+        unknown = [] if layers is None else [name for name in self.float_layers if name not in layers]
         if unknown:
             listed = shorten(", ".join(unknown), 200)
-            found.append(f"float_layers: unknown layer(s) {listed}; layers are {shorten(', '.join(layers), 200)}")
+            found.append(f"float_layers: unknown layer(s) {listed}; layers are {shorten(', '.join(layers or ()), 200)}")
         return found
 
-    def validate(self, layers: Sequence[str] = LAYER_NAMES) -> QuantConfig:
+    def validate(self, layers: Sequence[str] | None = LAYER_NAMES) -> QuantConfig:
         problems = self.problems(layers)
         if problems:
             raise ConfigError(problems)
@@ -134,13 +135,14 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> QuantConfig:
-        """Strict: unknown keys or bad values raise ConfigError."""
+    def from_dict(cls, data: Mapping[str, object], layers: Sequence[str] | None = None) -> QuantConfig:
+        """Strict: unknown keys or bad values raise ConfigError. float_layers are checked against
+        `layers` when given (a stored config's model is checked when it is quantized)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError([f"unknown setting(s): {', '.join(unknown)}"])
-        return make_config(**data)
+        return make_config(layers, **data)
 
     @classmethod
     def from_json(cls, text: str) -> QuantConfig:
@@ -164,11 +166,13 @@ class QuantConfig:
         return query
 
     @classmethod
-    def from_query(cls, query: Mapping[str, str], offered: Offered | None = None) -> tuple[QuantConfig, list[str]]:
+    def from_query(
+        cls, query: Mapping[str, str], offered: Offered | None = None, layers: Sequence[str] | None = LAYER_NAMES
+    ) -> tuple[QuantConfig, list[str]]:
         """A config from URL query parameters, lenient: each bad value is replaced by the default
         and explained in the returned warnings (one line each; any text from the URL in them is
         shortened, and callers must still show them as plain text). With `offered`, values are
-        also bounded by what the dashboard offers."""
+        also bounded by what the dashboard offers; float_layers must name `layers` (the model's)."""
         warnings: list[str] = []
         config = cls()
         known = {f.name: f for f in fields(cls)}
@@ -183,7 +187,7 @@ class QuantConfig:
                 continue
             try:
                 value = _parse_query_value(key, text, type(getattr(config, key)))
-                candidate = make_config(**{**config.to_dict(), key: value})
+                candidate = make_config(layers, **{**config.to_dict(), key: value})
                 if offered is not None:
                     _check_offered(candidate, key, offered)
             except (ValueError, ConfigError) as error:
@@ -192,8 +196,9 @@ class QuantConfig:
             config = candidate
         return config, warnings
 
-    def with_changes(self, layers: Sequence[str] = LAYER_NAMES, **changes: object) -> QuantConfig:
-        """A copy with `changes`, validated (float_layers against `layers`)."""
+    def with_changes(self, layers: Sequence[str] | None = None, **changes: object) -> QuantConfig:
+        """A copy with `changes`, validated (float_layers against `layers` when given; quantizing
+        checks them against the model's graph in any case)."""
         return replace(self, **changes).validate(layers)
 
 
@@ -255,8 +260,9 @@ def _type_problems(values: Mapping[str, object]) -> list[str]:
     return problems
 
 
-def make_config(**values: object) -> QuantConfig:
-    """QuantConfig(**values), validated, every setting of its exact type (no 2.0 for 2, no True for 1)."""
+def make_config(layers: Sequence[str] | None = LAYER_NAMES, **values: object) -> QuantConfig:
+    """QuantConfig(**values), validated (float_layers against `layers`, the model's), every setting of
+    its exact type (no 2.0 for 2, no True for 1)."""
     for key in ("float_layers", "methods"):
         if key in values:
             values[key] = _as_names(values[key])
@@ -264,7 +270,7 @@ def make_config(**values: object) -> QuantConfig:
         config = QuantConfig(**values)  # type: ignore[arg-type]
     except TypeError as error:
         raise ConfigError([str(error)]) from error
-    return config.validate()
+    return config.validate(layers)
 
 
 def _as_names(value: object) -> tuple[str, ...]:

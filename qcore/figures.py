@@ -123,14 +123,19 @@ def sqnr_figure(rows: Sequence[LayerRow]) -> go.Figure:
     return _layout(fig, "Signal-to-quantization-noise ratio per layer (higher is better)", "layer", "SQNR (dB)")
 
 
-def per_class_figure(float_accuracy: Sequence[float], quant_accuracy: Sequence[float]) -> go.Figure:
-    digits = [str(d) for d in range(len(float_accuracy))]
+def per_class_figure(
+    float_accuracy: Sequence[float], quant_accuracy: Sequence[float], class_names: Sequence[str] | None = None
+) -> go.Figure:
+    """Float and quantized accuracy per class; named by `class_names` (MNIST's digits by default)."""
+    names = list(class_names) if class_names is not None else [str(d) for d in range(len(float_accuracy))]
+    digits = names == [str(d) for d in range(len(names))]
     fig = go.Figure()
-    fig.add_bar(x=digits, y=[100 * a for a in float_accuracy], name="float", marker_color=FLOAT_COLOR)
-    fig.add_bar(x=digits, y=[100 * a for a in quant_accuracy], name="quantized", marker_color=QUANT_COLOR)
+    fig.add_bar(x=names, y=[100 * a for a in float_accuracy], name="float", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=names, y=[100 * a for a in quant_accuracy], name="quantized", marker_color=QUANT_COLOR)
     low = min(list(float_accuracy) + list(quant_accuracy))
     fig.update_layout(barmode="group", yaxis_range=[max(0.0, 100 * low - 2), 100])
-    return _layout(fig, "Accuracy per digit", "digit", "accuracy (%)")
+    what = "digit" if digits else "class"
+    return _layout(fig, f"Accuracy per {what}", what, "accuracy (%)")
 
 
 def sweep_figure(points: Sequence[SweepPoint], float_accuracy: float, target: str) -> go.Figure:

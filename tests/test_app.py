@@ -214,7 +214,7 @@ def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained)
 
 def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
     monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))
-    monkeypatch.setattr("qcore.data._try_download", lambda folder: None)  # stay offline in tests
+    monkeypatch.setattr("qcore.data._try_download", lambda folder, spec: None)  # stay offline in tests
     at = app.run()
     no_exceptions(at)
     shown = " ".join(e.value for e in at.error)
@@ -500,7 +500,7 @@ def test_lesson_one_kernel_matches_qcore(app, pretrained):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(3).run()
     at.switch_page("pages/one_kernel.py").run()
-    at.number_input(key="lesson2_channel").set_value(9).run()
+    at.number_input(key="lesson2_channel_conv1").set_value(9).run()
     no_exceptions(at)
     kernel = one_kernel(pretrained, QuantConfig(weight_bits=3), 9)
     headers = [h.value for h in at.subheader]
@@ -624,7 +624,7 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
 
     monkeypatch.setattr(ui.cache, "diagnose", slow_diagnose)
     monkeypatch.setattr(ui.cache, "float_result", lambda *args: type("R", (), {"accuracy": 0.98})())
-    monkeypatch.setattr(ui.cache, "shared_mnist", lambda folder: None)
+    monkeypatch.setattr(ui.cache, "shared_data", lambda folder: None)
     key = ("concurrency-test", QuantConfig(weight_bits=5).to_json(), "folder")
     results: list[object] = []
     threads = [threading.Thread(target=lambda: results.append(ui.cache.diagnosis(*key, pretrained))) for _ in range(6)]

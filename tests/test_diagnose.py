@@ -14,7 +14,7 @@ from qcore.analysis.diagnose import apply_suggestion, diagnose, variant, worst_c
 from qcore.analysis.report import diagnosis_html
 from qcore.analysis.tables import build_report, quantize_for
 from qcore.config import QuantConfig
-from qcore.data import Mnist
+from qcore.data import Dataset
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import LAYER_NAMES
 from qcore.quantize.quant import dequantize, fake_quantize, sqnr_db
@@ -36,7 +36,7 @@ def test_sqnr_by_hand():
 
 @pytest.mark.slow
 def test_every_layer_float_reports_float_accuracy_everywhere(pretrained, mnist):
-    small = Mnist(mnist.train, mnist.test.subset(2000))
+    small = Dataset(mnist.train, mnist.test.subset(2000))
     float_accuracy = evaluate(pretrained, small.test).accuracy
     result = diagnose(pretrained, small, QuantConfig(float_layers=LAYER_NAMES), float_accuracy)
     assert result.quant_accuracy == float_accuracy

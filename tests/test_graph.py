@@ -298,7 +298,7 @@ def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
 def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsys, command):
     from qcore import cli
 
-    monkeypatch.setattr(cli, "load_checkpoint", lambda source: (WithSigmoid(), None))
+    monkeypatch.setattr(cli, "load_checkpoint", lambda source, model_name: (WithSigmoid(), None))
     assert cli.main([command]) == 2
     err = capsys.readouterr().err
     assert err == "qcore: error: unsupported operation 'sigmoid' after conv1\n"

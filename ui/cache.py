@@ -14,12 +14,13 @@ import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
+from torch import nn
 
 from qcore.analysis.diagnose import Diagnosis, diagnose
 from qcore.analysis.tables import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
-from qcore.data import Mnist, load_mnist
+from qcore.data import Dataset, load_dataset
 from qcore.export.formats import export_onnx, qtensors_bytes
 from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate
@@ -27,7 +28,6 @@ from qcore.inference.integer import IntegerNet
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
-from qcore.models.net import Net
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
@@ -77,52 +77,61 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
             notice[0].empty()
 
 
-@st.cache_resource(show_spinner="Loading MNIST into memory…")
-def shared_mnist(folder: str) -> Mnist:
-    return load_mnist(folder)
+def data_source(dataset: str, folder: str) -> str:
+    """The one string that names a dataset and where it is read from: every cached result is keyed by
+    it (so two datasets never share a result), and shared_data reads it back."""
+    return f"{dataset}|{folder}"
+
+
+@st.cache_resource(show_spinner="Loading the dataset into memory…")
+def shared_data(source: str) -> Dataset:
+    dataset, folder = source.split("|", 1)
+    return load_dataset(dataset, folder)
 
 
 @st.cache_resource(show_spinner=False)
-def bundled_model() -> Net:
+def bundled_model(zoo: str) -> nn.Module:
     """Shared by every session: never trained, mutated or hooked in place (qcore copies before hooks)."""
-    return load_model()
+    return load_model(None, zoo)
 
 
 @st.cache_data(max_entries=16, show_spinner="Evaluating the float model…")
-def _float_result(fingerprint: str, folder: str, _model: Net) -> EvalResult:
+def _float_result(fingerprint: str, folder: str, _model: nn.Module) -> EvalResult:
     with GATE.slot():
-        return evaluate(_model, shared_mnist(folder).test)
+        return evaluate(_model, shared_data(folder).test)
 
 
 @st.cache_data(max_entries=48, show_spinner="Calibrating and evaluating the quantized model…")
-def _report(fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None) -> Report:
+def _report(
+    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
+) -> Report:
     """A QAT model (its fingerprint differs from its float weights') is reported with its own grid when
     the config is the one it was trained for; any other config calibrates its float weights."""
     config = QuantConfig.from_json(config_json)
     reference = float_result(fingerprint, folder, _model)
     trained = None if _qat is None else _qat.trained_for(config)
     with GATE.slot():
-        return build_report(_model, shared_mnist(folder), config, reference, qnet=trained)
+        return build_report(_model, shared_data(folder), config, reference, qnet=trained)
 
 
 @st.cache_data(max_entries=16, show_spinner="Sweeping bit-widths (seven calibrations and evaluations)…")
-def _sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: Net) -> list[SweepPoint]:
+def _sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: nn.Module) -> list[SweepPoint]:
     with GATE.slot():
-        return bit_sweep(_model, shared_mnist(folder), QuantConfig.from_json(config_json), range(2, 9), target)
+        return bit_sweep(_model, shared_data(folder), QuantConfig.from_json(config_json), range(2, 9), target)
 
 
 @st.cache_data(max_entries=16, show_spinner="Quantizing one layer at a time…")
-def _sensitivity(fingerprint: str, config_json: str, folder: str, _model: Net) -> list[Sensitivity]:
+def _sensitivity(fingerprint: str, config_json: str, folder: str, _model: nn.Module) -> list[Sensitivity]:
     accuracy = float_result(fingerprint, folder, _model).accuracy
     with GATE.slot():
-        return layer_sensitivity(_model, shared_mnist(folder), QuantConfig.from_json(config_json), accuracy)
+        return layer_sensitivity(_model, shared_data(folder), QuantConfig.from_json(config_json), accuracy)
 
 
 @st.cache_data(max_entries=8, show_spinner="Running every inference path over the test set…")
 def _engine_results(
-    fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None
+    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
 ) -> list[EngineResult]:
-    data = shared_mnist(folder)
+    data = shared_data(folder)
     qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
     with GATE.slot():
         return compare_engines(_model, data, qnet)
@@ -130,12 +139,12 @@ def _engine_results(
 
 @st.cache_data(max_entries=8, show_spinner="Building the exports…")
 def _exports(
-    fingerprint: str, config_json: str, folder: str, _model: Net, _qat: QatCheckpoint | None = None
+    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
 ) -> tuple[bytes, bytes]:
     """(qtensors file, ONNX QDQ model) for this model and config."""
     qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
     with GATE.slot():
-        return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet)
+        return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, shared_data(folder).spec)
 
 
 # A diagnosis runs ~20 evaluations and reports progress as it goes, which st.cache_data cannot pass
@@ -158,7 +167,7 @@ def diagnosis(
     fingerprint: str,
     config_json: str,
     folder: str,
-    model: Net,
+    model: nn.Module,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Diagnosis:
     key = (fingerprint, config_json, folder)
@@ -175,7 +184,7 @@ def diagnosis(
         if found is not None:
             return found
         with GATE.slot():
-            result = diagnose(model, shared_mnist(folder), config, float_accuracy, on_progress)
+            result = diagnose(model, shared_data(folder), config, float_accuracy, on_progress)
         with _DIAGNOSES_LOCK:
             _DIAGNOSES[key] = result
             while len(_DIAGNOSES) > MAX_DIAGNOSES:
@@ -187,10 +196,10 @@ def diagnosis(
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _outliers(
-    fingerprint: str, config_json: str, target: str, factor: float, folder: str, _model: Net
+    fingerprint: str, config_json: str, target: str, factor: float, folder: str, _model: nn.Module
 ) -> list[OutlierRow]:
     with GATE.slot():
-        return outlier_lesson(_model, shared_mnist(folder), QuantConfig.from_json(config_json), target, factor)
+        return outlier_lesson(_model, shared_data(folder), QuantConfig.from_json(config_json), target, factor)
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the image through the integer engine…")
@@ -200,20 +209,20 @@ def _walk(
     image: int,
     positions_json: str,
     folder: str,
-    _model: Net,
+    _model: nn.Module,
     _qat: QatCheckpoint | None = None,
 ) -> Walk:
     positions = json.loads(positions_json)
     config = QuantConfig.from_json(config_json)
     trained = None if _qat is None else _qat.trained_for(config)
     with GATE.slot():
-        return explain(_model, shared_mnist(folder), config, image, positions, qnet=trained)
+        return explain(_model, shared_data(folder), config, image, positions, qnet=trained)
 
 
 # --- what pages call: each computation waits its turn in the gate; answers from the cache do not ---
 
 
-def float_result(fingerprint: str, folder: str, model: Net) -> EvalResult:
+def float_result(fingerprint: str, folder: str, model: nn.Module) -> EvalResult:
     return _in_turn(("float", fingerprint, folder), lambda: _float_result(fingerprint, folder, model))
 
 
@@ -221,7 +230,7 @@ def report(
     fingerprint: str,
     config_json: str,
     folder: str,
-    model: Net,
+    model: nn.Module,
     where: DeltaGenerator | None = None,
     qat: QatCheckpoint | None = None,
 ) -> Report:
@@ -229,32 +238,32 @@ def report(
     return _in_turn(key, lambda: _report(fingerprint, config_json, folder, model, qat), where)
 
 
-def sweep(fingerprint: str, config_json: str, target: str, folder: str, model: Net) -> list[SweepPoint]:
+def sweep(fingerprint: str, config_json: str, target: str, folder: str, model: nn.Module) -> list[SweepPoint]:
     key = ("sweep", fingerprint, config_json, target, folder)
     return _in_turn(key, lambda: _sweep(fingerprint, config_json, target, folder, model))
 
 
-def sensitivity(fingerprint: str, config_json: str, folder: str, model: Net) -> list[Sensitivity]:
+def sensitivity(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[Sensitivity]:
     key = ("sensitivity", fingerprint, config_json, folder)
     return _in_turn(key, lambda: _sensitivity(fingerprint, config_json, folder, model))
 
 
 def engine_results(
-    fingerprint: str, config_json: str, folder: str, model: Net, qat: QatCheckpoint | None = None
+    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
 ) -> list[EngineResult]:
     key = ("engines", fingerprint, config_json, folder)
     return _in_turn(key, lambda: _engine_results(fingerprint, config_json, folder, model, qat))
 
 
 def exports(
-    fingerprint: str, config_json: str, folder: str, model: Net, qat: QatCheckpoint | None = None
+    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
 ) -> tuple[bytes, bytes]:
     key = ("exports", fingerprint, config_json, folder)
     return _in_turn(key, lambda: _exports(fingerprint, config_json, folder, model, qat))
 
 
 def outliers(
-    fingerprint: str, config_json: str, target: str, factor: float, folder: str, model: Net
+    fingerprint: str, config_json: str, target: str, factor: float, folder: str, model: nn.Module
 ) -> list[OutlierRow]:
     key = ("outliers", fingerprint, config_json, target, factor, folder)
     return _in_turn(key, lambda: _outliers(fingerprint, config_json, target, factor, folder, model))
@@ -266,7 +275,7 @@ def walk(
     image: int,
     positions_json: str,
     folder: str,
-    model: Net,
+    model: nn.Module,
     qat: QatCheckpoint | None = None,
 ) -> Walk:
     key = ("walk", fingerprint, config_json, image, positions_json, folder)

@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NoReturn
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
+from torch import nn
 
 from qcore.analysis.tables import Report
 from qcore.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
-from qcore.data import MAX_SEED, DataError, DataFileError, Mnist, data_dir
+from qcore.data import DATASETS, MAX_SEED, DataError, DataFileError, Dataset, DatasetSpec, data_dir
 from qcore.files import shorten
+from qcore.graph import ModelGraph, model_graph
 from qcore.models.checkpoint import fingerprint
-from qcore.models.net import LAYER_NAMES, Net
+from qcore.models.zoo import DEFAULT_MODEL, ZOO, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import Granularity, Scheme
@@ -36,7 +39,7 @@ PREVIOUS_MODEL_KEY = "qlab_previous_model"
 URL_WARNINGS_KEY = "qlab_url_warnings"
 CONFIG_KEY = "qlab_config"  # set by app.py on every run, before the page runs
 PENDING_SETTINGS_KEY = "qlab_pending_settings"  # set by a page; applied before the next run draws the sidebar
-BUNDLED_NAME = "bundled pretrained net"
+MODEL_QUERY_KEY = "model"  # the zoo model in the URL, beside the QuantConfig's settings
 log = logging.getLogger("qlab")
 
 
@@ -96,21 +99,47 @@ def require_navigation() -> None:
 class ModelEntry:
     """The session's current model and where it came from."""
 
-    model: Net  # the float weights (a QAT model's trained float weights)
+    model: nn.Module  # the float weights (a QAT model's trained float weights)
     name: str
     fingerprint: str
     qat: QatCheckpoint | None = None  # a QAT model: its own quantization, used when the sidebar matches it
     start: ModelEntry | None = None  # the float model QAT started from, when it was trained here
+    zoo: str = DEFAULT_MODEL  # its zoo architecture, and so its dataset
+
+    @cached_property
+    def graph(self) -> ModelGraph:
+        """The model graph (layers for the sidebar and the lessons)."""
+        return model_graph(self.model)
+
+    @property
+    def dataset(self) -> DatasetSpec:
+        return DATASETS[zoo_model(self.zoo).dataset]
+
+    @property
+    def is_bundled(self) -> bool:
+        return self.name == bundled_name(self.zoo)
 
     def qat_applies(self, config: QuantConfig) -> bool:
         """Whether `config` is the one this QAT model was trained for (else results calibrate afresh)."""
         return self.qat is not None and self.qat.trained_for(config) is not None
 
 
-def set_model(model: Net, name: str, qat: QatCheckpoint | None = None, start: ModelEntry | None = None) -> ModelEntry:
-    """Make `model` the session's model; the one it replaces stays one click away."""
+def bundled_name(zoo: str) -> str:
+    return f"bundled {zoo}"
+
+
+def set_model(
+    model: nn.Module,
+    name: str,
+    qat: QatCheckpoint | None = None,
+    start: ModelEntry | None = None,
+    zoo: str | None = None,
+) -> ModelEntry:
+    """Make `model` the session's model (of zoo architecture `zoo`, by default the current model's);
+    the one it replaces stays one click away."""
+    zoo = current_model().zoo if zoo is None else zoo
     key = fingerprint(model) if qat is None else qat_fingerprint(qat)
-    entry = ModelEntry(model.eval(), shorten(name), key, qat, start)
+    entry = ModelEntry(model.eval(), shorten(name), f"{zoo}-{key}", qat, start, zoo)
     replaced = st.session_state.get(MODEL_KEY)
     if replaced is not None and replaced.fingerprint != entry.fingerprint:
         st.session_state[PREVIOUS_MODEL_KEY] = replaced
@@ -131,36 +160,64 @@ def previous_model() -> ModelEntry | None:
     return st.session_state.get(PREVIOUS_MODEL_KEY)
 
 
+def restore_model(entry: ModelEntry) -> None:
+    """Make a model the session held before current again (the current one becomes the previous)."""
+    replaced = current_model()
+    if replaced.fingerprint != entry.fingerprint:
+        st.session_state[PREVIOUS_MODEL_KEY] = replaced
+    st.session_state[MODEL_KEY] = entry
+
+
+def switch_model(zoo: str) -> None:
+    """The zoo model `zoo` with its bundled weights becomes the session's model (and its dataset)."""
+    restore_model(bundled_entry(zoo))
+
+
+def bundled_entry(zoo: str) -> ModelEntry:
+    bundled = cache.bundled_model(zoo)
+    return ModelEntry(bundled, bundled_name(zoo), f"{zoo}-{fingerprint(bundled)}", zoo=zoo)
+
+
 def current_model() -> ModelEntry:
+    """The session's model; on its first run, the bundled model the URL names (else the default)."""
     if MODEL_KEY not in st.session_state:
-        bundled = cache.bundled_model()
-        st.session_state[MODEL_KEY] = ModelEntry(bundled, BUNDLED_NAME, fingerprint(bundled))
+        asked = st.query_params.get(MODEL_QUERY_KEY, DEFAULT_MODEL)
+        zoo = asked if asked in ZOO else DEFAULT_MODEL
+        if zoo != asked:
+            st.session_state.setdefault(URL_WARNINGS_KEY, []).append(
+                f"ignored model={shorten(asked)!r}: not a model of the zoo; using {DEFAULT_MODEL}"
+            )
+        st.session_state[MODEL_KEY] = bundled_entry(zoo)
     return st.session_state[MODEL_KEY]
 
 
 def data_folder() -> str:
-    return str(data_dir().resolve())
+    """The data source of the current model, as the cache keys it: its dataset and the data folder."""
+    return cache.data_source(current_model().dataset.name, str(data_dir().resolve()))
 
 
 def show_data_error(error: DataError, where: DeltaGenerator | None = None) -> None:
     """What a user may see of a data problem: no server path (the log has it), what to do."""
-    log.error("MNIST unavailable: %s", error)
+    spec = current_model().dataset
+    log.error("%s unavailable: %s", spec.title, error)
     where = where or st
     if isinstance(error, DataFileError):
-        where.error("**MNIST is not available: a data file on this server is damaged.** The server's log has details.")
+        where.error(
+            f"**{spec.title} is not available: a data file on this server is damaged.** The server's log has details."
+        )
         plain_text(str(error), where)  # names the file (no folder) and what is wrong with it
     else:
         where.error(
-            "**MNIST is not available on this server.** Whoever runs it must put MNIST's four "
-            "`*-ubyte` files in `MNIST/raw/` under the folder that `QCORE_DATA_DIR` names "
-            "(see the README's Data section); the server's log names the folder searched."
+            f"**{spec.title} is not available on this server.** Whoever runs it must put its four "
+            f"`*-ubyte` files in `{spec.folder}/raw/` under the folder that `QCORE_DATA_DIR` names, or "
+            f"{spec.how_to_get} (see the README's Data section); the server's log names the folder searched."
         )
 
 
-def mnist_or_stop() -> Mnist:
-    """The shared MNIST tensors, or a clear error and stop."""
+def mnist_or_stop() -> Dataset:
+    """The current model's dataset (shared tensors), or a clear error and stop."""
     try:
-        return cache.shared_mnist(data_folder())
+        return cache.shared_data(data_folder())
     except DataError as error:
         show_data_error(error)
         stop_page()
@@ -184,9 +241,10 @@ def _seed_widgets_from_url() -> None:
     if "weight_bits" in st.session_state:
         return
     query = {key: st.query_params[key] for key in st.query_params}
-    config, warnings = QuantConfig.from_query(query, DASHBOARD)  # bounded by what the sidebar offers
+    layers = current_model().graph.layers
+    config, warnings = QuantConfig.from_query(query, DASHBOARD, layers)  # bounded by what the sidebar offers
     _set_widgets(config.to_dict())
-    st.session_state[URL_WARNINGS_KEY] = warnings
+    st.session_state[URL_WARNINGS_KEY] = [*st.session_state.get(URL_WARNINGS_KEY, []), *warnings]
 
 
 def config_controls() -> QuantConfig:
@@ -221,9 +279,10 @@ def config_controls() -> QuantConfig:
         st.checkbox("Quantize the network's input", key="quantize_input")
         st.number_input("Calibration sample seed", min_value=0, max_value=MAX_SEED, key="seed")
         st.caption("Keep these layers in float:")
-        for row_start in range(0, len(LAYER_NAMES), 2):  # two per row: four columns cut the names to "c…"
+        layers = current_model().graph.layers
+        for row_start in range(0, len(layers), 2):  # two per row: four columns cut the names to "c…"
             columns = st.columns(2)
-            for column, name in zip(columns, LAYER_NAMES[row_start : row_start + 2], strict=True):
+            for column, name in zip(columns, layers[row_start : row_start + 2], strict=False):
                 column.checkbox(name, key=f"float_{name}")
     with (
         sidebar.expander("PTQ methods", expanded=bool(st.session_state["methods"])),
@@ -252,12 +311,14 @@ def config_controls() -> QuantConfig:
         scheme=st.session_state["scheme"],
         weight_range=st.session_state["weight_range"],
         quantize_input=st.session_state["quantize_input"],
-        float_layers=tuple(name for name in LAYER_NAMES if st.session_state[f"float_{name}"]),
+        float_layers=tuple(name for name in layers if st.session_state.get(f"float_{name}", False)),
         seed=int(st.session_state["seed"]),
         methods=tuple(st.session_state["methods"]),
         weight_bits_budget=budget,
-    ).validate()
+    ).validate(layers)
     query = config.to_query()
+    if current_model().zoo != DEFAULT_MODEL:
+        query[MODEL_QUERY_KEY] = current_model().zoo
     if {key: st.query_params[key] for key in st.query_params} != query:
         st.query_params.from_dict(query)
     return config
@@ -268,10 +329,11 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
     `sidebar` (a container in the sidebar)."""
     sidebar.divider()
     plain_text(f"Model: {entry.name} ({entry.fingerprint})", sidebar)  # an upload's name is untrusted
+    sidebar.caption(f"Dataset: {entry.dataset.title}")
     try:
         result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, sidebar, entry.qat)
     except DataError:
-        sidebar.error("MNIST is missing: see the Model page.")
+        sidebar.error(f"{entry.dataset.title} is missing: see the Model page.")
         return
     except Exception as error:  # noqa: BLE001 - whatever fails for this model, the sidebar must still render
         show_compute_failure(error, sidebar)
@@ -326,7 +388,7 @@ def _set_widgets(settings: dict[str, object]) -> None:
     """Put QuantConfig fields into the sidebar's widget state (float_layers is one checkbox a layer)."""
     for key, value in settings.items():
         if key == "float_layers":
-            for name in LAYER_NAMES:
+            for name in current_model().graph.layers:
                 st.session_state[f"float_{name}"] = name in value  # type: ignore[operator]
         elif key == "methods":
             st.session_state[key] = list(value)  # type: ignore[call-overload]

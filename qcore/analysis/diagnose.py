@@ -18,10 +18,10 @@ import torch
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
-from qcore.data import Mnist
+from qcore.data import Dataset
 from qcore.graph import GraphRun, OpKind
 from qcore.inference.evaluate import evaluate
-from qcore.models.net import LAYER_NAMES, Net, capture_layers
+from qcore.models.net import Net, capture_layers
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet
 from qcore.quantize.quant import quantize, sqnr_db
 
@@ -159,7 +159,7 @@ def _candidates(config: QuantConfig, layers: Sequence[str]) -> list[tuple[str, d
 
 
 @torch.inference_mode()
-def engine_gap(qnet: QuantizedNet, data: Mnist, images: int = SQNR_IMAGES) -> EngineGap:
+def engine_gap(qnet: QuantizedNet, data: Dataset, images: int = SQNR_IMAGES) -> EngineGap:
     """Images whose prediction differs between the integer engine and the simulation (full test
     set), and for conv1, conv2 and fc1 the integer differences of their requantized outputs when the
     engine's layer gets the simulation's own input integers (so each layer's gap is its own, not
@@ -237,7 +237,7 @@ def tie_window(engine: IntegerNet, name: str, accumulators: torch.Tensor, unroun
 
 def diagnose(
     model: Net,
-    data: Mnist,
+    data: Dataset,
     config: QuantConfig,
     float_accuracy: float | None = None,
     on_progress: Progress | None = None,
@@ -317,7 +317,7 @@ def diagnose(
     return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap, qnet.graph.stages())
 
 
-def _changed(config: QuantConfig, changes: dict[str, object], layers: Sequence[str] = LAYER_NAMES) -> QuantConfig:
+def _changed(config: QuantConfig, changes: dict[str, object], layers: Sequence[str] | None = None) -> QuantConfig:
     """`config` with `changes` made (lists, as JSON and the sidebar hold them, become tuples)."""
     return config.with_changes(layers, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qcore.config import QuantConfig
-from qcore.data import Mnist, Split
+from qcore.data import Dataset, Split
 from qcore.graph import model_graph
 from qcore.inference.evaluate import EvalResult, evaluate, flipped_indices
 from qcore.models.net import Net, capture_layers
@@ -191,13 +191,13 @@ class Report:
         }
 
 
-def quantize_for(model: Net, data: Mnist, config: QuantConfig) -> QuantizedNet:
+def quantize_for(model: Net, data: Dataset, config: QuantConfig) -> QuantizedNet:
     return quantize_model(model, config, calibration_data(data.train, config))
 
 
 def build_report(
     model: Net,
-    data: Mnist,
+    data: Dataset,
     config: QuantConfig,
     float_result: EvalResult | None = None,
     qnet: QuantizedNet | None = None,
@@ -227,7 +227,7 @@ SWEEP_TARGETS = ("both", "weights", "activations")
 
 def bit_sweep(
     model: Net,
-    data: Mnist,
+    data: Dataset,
     base: QuantConfig,
     bits: Iterable[int] = range(2, 9),
     target: str = "both",
@@ -260,7 +260,7 @@ class Sensitivity:
 
 
 def layer_sensitivity(
-    model: Net, data: Mnist, config: QuantConfig, float_accuracy: float | None = None
+    model: Net, data: Dataset, config: QuantConfig, float_accuracy: float | None = None
 ) -> list[Sensitivity]:
     """Quantize one layer at a time (its weights and its input), every other layer float."""
     if float_accuracy is None:

@@ -12,12 +12,14 @@ qtensors format (torch.save of a dict of tensors and plain values; read with wei
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import fields, replace
 from typing import BinaryIO
 
 import torch
 
+from qcore.data import MNIST, DatasetSpec
 from qcore.graph import PASSTHROUGH_KINDS, Op, OpKind, QuantPlan, model_graph
 from qcore.inference.integer import IntegerLayer, IntegerNet, Requantization
 from qcore.models.net import Net
@@ -162,11 +164,13 @@ def size_table(qnet: QuantizedNet, bit_widths: tuple[int, ...] = (2, 3, 4, 5, 6,
 # --- ONNX in QDQ form ------------------------------------------------------------------------
 
 
-def export_onnx(qnet: QuantizedNet) -> bytes:
-    """The quantized Net as an ONNX graph in QDQ form: QuantizeLinear/DequantizeLinear pairs on each
+def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
+    """The quantized model as an ONNX graph in QDQ form: QuantizeLinear/DequantizeLinear pairs on each
     layer's input (uint8, after a Clip to the b-bit range when b < 8), weights as int8/uint8
     initializers behind per-channel or per-tensor DequantizeLinear, int32 bias at s_in * s_w.
-    Output: logits (float). ONNX Runtime fuses the pairs into its integer kernels."""
+    Output: logits (float). ONNX Runtime fuses the pairs into its integer kernels. The graph takes the
+    normalized image; metadata_props say how to make it (normalize_mean, normalize_std of pixels in
+    [0, 1]), the dataset and its class names (JSON)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -289,6 +293,15 @@ def export_onnx(qnet: QuantizedNet) -> bytes:
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="quantization-lab"
+    )
+    helper.set_model_props(
+        model,
+        {
+            "normalize_mean": repr(dataset.mean),
+            "normalize_std": repr(dataset.std),
+            "dataset": dataset.name,
+            "class_names": json.dumps(list(dataset.class_names)),
+        },
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()

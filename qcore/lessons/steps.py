@@ -7,12 +7,14 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.data import Mnist, Split, calibration_indices
+from qcore.data import Dataset, Split, calibration_indices
+from qcore.graph import OpKind, model_graph
 from qcore.inference.evaluate import evaluate
-from qcore.models.net import Net, capture_layers, layer
+from qcore.models.net import capture_layers
 from qcore.quantize.qmodel import weight_qparams
 from qcore.quantize.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize, sqnr_db
 
@@ -117,12 +119,22 @@ def _kernel_view(weight: torch.Tensor, channel: int, qparams: QParams, granulari
     )
 
 
-def one_kernel(model: Net, config: QuantConfig, channel: int) -> OneKernel:
-    """conv1's filter `channel` at the config's weight bits, scheme and range rule, with a scale
-    of its own (per-channel) and with the one scale of the whole layer (per-tensor)."""
-    weight = layer(model, "conv1").weight.detach()
+def kernel_layers(model: nn.Module) -> list[str]:
+    """The conv layers whose filters are more than one weight wide, in execution order (the lesson's choices)."""
+    graph = model_graph(model)
+    return [name for name in graph.layers if graph.op(name).kind is OpKind.CONV and graph.weight(name).shape[-1] > 1]
+
+
+def one_kernel(model: nn.Module, config: QuantConfig, channel: int, layer_name: str = "conv1") -> OneKernel:
+    """Filter `channel` of conv layer `layer_name` (its first input channel; BatchNorm folded in, as
+    every path quantizes it) at the config's weight bits, scheme and range rule, with a scale of its
+    own (per-channel) and with the one scale of the whole layer (per-tensor)."""
+    graph = model_graph(model)
+    if layer_name not in kernel_layers(model):
+        raise ValueError(f"{layer_name} is not a conv layer with filters wider than 1x1")
+    weight = graph.weight(layer_name).detach()
     if not 0 <= channel < weight.shape[0]:
-        raise ValueError(f"conv1 has filters 0 to {weight.shape[0] - 1} (got {channel})")
+        raise ValueError(f"{layer_name} has filters 0 to {weight.shape[0] - 1} (got {channel})")
     views = {
         granularity: _kernel_view(
             weight, channel, weight_qparams(weight, replace(config, granularity=granularity)), granularity
@@ -157,28 +169,37 @@ def _levels_within(low: float, high: float, scale: float) -> int:
     return int(math.floor(high / scale) - math.ceil(low / scale) + 1)
 
 
+def outlier_layer(model: nn.Module) -> str:
+    """The lesson's layer: the first linear layer (fc1 in the notebook's net; never BatchNorm-folded,
+    so its module's weights are the ones quantized)."""
+    graph = model_graph(model)
+    return next(name for name in graph.layers if graph.op(name).kind is OpKind.LINEAR)
+
+
 def outlier_lesson(
-    model: Net,
-    data: Mnist,
+    model: nn.Module,
+    data: Dataset,
     config: QuantConfig,
     target: str,
     factor: float,
     test_images: int = 2000,
     calib_batches: int = OUTLIER_CALIB_BATCHES,
 ) -> list[OutlierRow]:
-    """Put one outlier in and watch: `target` "weights" multiplies fc1's largest weight by `factor`;
-    "calibration" multiplies the first calibration image by `factor`, which widens fc1's input range.
-    For each range setting, with and without the outlier: fc1's scale, the levels left where its
+    """Put one outlier in and watch: `target` "weights" multiplies the first linear layer's (fc1's)
+    largest weight by `factor`; "calibration" multiplies the first calibration image by `factor`,
+    which widens that layer's input range.
+    For each range setting, with and without the outlier: the layer's scale, the levels left where its
     values are, SQNR and accuracy (on the first `test_images` test images). Eight calibrations, each
     on `calib_batches` batches so the lesson stays quick."""
-    config = replace(config, calib_batches=min(config.calib_batches, calib_batches)).validate()
+    config = replace(config, calib_batches=min(config.calib_batches, calib_batches)).validate(None)
     if target not in ("weights", "calibration"):
         raise ValueError(f"target must be weights or calibration (got {target!r})")
     test = data.test.subset(test_images)
-    clean_data = Mnist(data.train, test)
-    weight = layer(model, "fc1").weight.detach()
+    clean_data = Dataset(data.train, test)
+    name = outlier_layer(model)
+    weight = model.get_submodule(name).weight.detach()
     outlier_index = int(weight.abs().argmax())
-    clean_inputs = capture_layers(model, test.images[:500], "input")["fc1"]
+    clean_inputs = capture_layers(model, test.images[:500], "input")[name]
     values = weight.reshape(-1) if target == "weights" else clean_inputs.reshape(-1)
     low, high = torch.quantile(values, torch.tensor([0.005, 0.995])).tolist()
     rows = []
@@ -186,14 +207,14 @@ def outlier_lesson(
         subject, calibration = model, clean_data
         if with_outlier and target == "weights":
             subject = copy.deepcopy(model)
-            layer(subject, "fc1").weight.data.view(-1)[outlier_index] *= factor
+            subject.get_submodule(name).weight.data.view(-1)[outlier_index] *= factor
         if with_outlier and target == "calibration":
             images = data.train.images.clone()
             images[int(calibration_indices(len(images), 1, 1, config.seed)[0])] *= factor
-            calibration = Mnist(Split(images, data.train.labels), test)
-        for name, changes in SETTINGS:
-            qnet = quantize_for(subject, calibration, replace(config, **changes).validate())
-            quant = qnet.layers["fc1"]
+            calibration = Dataset(Split(images, data.train.labels), test)
+        for setting, changes in SETTINGS:
+            qnet = quantize_for(subject, calibration, replace(config, **changes).validate(None))
+            quant = qnet.layers[name]
             if target == "weights":
                 assert quant.weight_qparams is not None
                 keep = torch.ones(weight.numel(), dtype=torch.bool)
@@ -205,5 +226,5 @@ def outlier_lesson(
                 scale = float(quant.input_qparams.scale)
                 sqnr = sqnr_db(clean_inputs, fake_quantize(clean_inputs, quant.input_qparams))
             accuracy = evaluate(qnet, test).accuracy
-            rows.append(OutlierRow(name, with_outlier, scale, _levels_within(low, high, scale), sqnr, accuracy))
+            rows.append(OutlierRow(setting, with_outlier, scale, _levels_within(low, high, scale), sqnr, accuracy))
     return rows

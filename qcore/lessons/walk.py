@@ -14,7 +14,7 @@ import torch
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
-from qcore.data import Mnist
+from qcore.data import Dataset
 from qcore.inference.integer import INT32_MAX, IntegerNet, multiply_by_quantized_multiplier
 from qcore.models.net import Net, capture_layers
 from qcore.quantize.qmodel import QuantizedNet
@@ -78,7 +78,7 @@ def _check_position(name: str, position: Sequence[int], shape: Sequence[int]) ->
 @torch.inference_mode()
 def explain(
     model: Net,
-    data: Mnist,
+    data: Dataset,
     config: QuantConfig,
     image: int,
     positions: dict[str, Sequence[int]] | None = None,

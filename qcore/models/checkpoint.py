@@ -1,4 +1,4 @@
-"""Save and load Net state_dicts. Loading treats every file as hostile.
+"""Save and load state_dicts of the zoo's architectures. Loading treats every file as hostile.
 
 `load_state_dict` is the one door for checkpoints (the CLI and the app both use it). In order, it
 1. bounds the work: the file's size, then (for a zip) the number of entries and their declared
@@ -8,8 +8,9 @@
 3. copies the validated entries into a fresh uncompressed zip, so torch's reader only ever sees an
    archive we built from bounded, CRC-checked bytes;
 4. unpickles with weights_only (no code runs) and turns every exception into CheckpointError;
-5. checks the result is this Net's state_dict: dense, finite float32 CPU tensors of the right
-   shapes, and that a forward pass on a few probe images stays finite.
+5. checks the result is a state_dict of the expected architecture (the notebook's Net unless a zoo
+   model is named): dense, finite CPU tensors of the right shapes and dtypes, BatchNorm variances not
+   negative, and that a forward pass on a few probe images stays finite.
 """
 
 from __future__ import annotations
@@ -21,23 +22,27 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from torch import nn
 
-from qcore.data import MNIST_MEAN, MNIST_STD
+from qcore.data import DATASETS, MNIST, DatasetSpec
 from qcore.files import shorten
 from qcore.models.net import Net
+from qcore.models.zoo import DEFAULT_MODEL, zoo_model
 
-PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "mnist_net.pt"
+PRETRAINED_PATH = zoo_model(DEFAULT_MODEL).checkpoint
 # Keys some training scripts wrap a state_dict in; the first found is used.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
-# A Net state_dict saved by torch.save is 1.73 MB in 14 entries, stored uncompressed. The bounds
-# leave room for wrapped state_dicts (an epoch counter, a small optimizer state) and nothing more.
+# The notebook's Net saved by torch.save is 1.73 MB in 14 entries, stored uncompressed; the zoo's
+# residual net is 0.3 MB in about 60 (one per tensor, BatchNorm's five each). The bounds leave room
+# for wrapped state_dicts (an epoch counter, a small optimizer state) and nothing more.
 MAX_FILE_BYTES = 4 * 1024 * 1024
-MAX_ENTRIES = 64
+MAX_ENTRIES = 128
 MAX_TOTAL_UNCOMPRESSED = 8 * 1024 * 1024
 MAX_PICKLE_BYTES = 1024 * 1024
 PROBE_IMAGES = 8
@@ -51,18 +56,18 @@ class CheckpointError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
-def expected_state() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every key of Net's state_dict with its shape and dtype."""
-    return {key: (tuple(value.shape), value.dtype) for key, value in Net().state_dict().items()}
+def expected_state(build: Callable[[], nn.Module] = Net) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every key of the architecture's state_dict with its shape and dtype."""
+    return {key: (tuple(value.shape), value.dtype) for key, value in build().state_dict().items()}
 
 
-def save_checkpoint(model: Net, path: str | os.PathLike[str] | BinaryIO) -> None:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str] | BinaryIO) -> None:
     """Save a plain state_dict (CPU tensors), loadable by the notebook's Net."""
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     torch.save(state, path)
 
 
-def checkpoint_bytes(model: Net) -> bytes:
+def checkpoint_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     save_checkpoint(model, buffer)
     return buffer.getvalue()
@@ -108,13 +113,13 @@ def _read_bounded_zip(data: bytes) -> dict[str, bytes]:
     except Exception as error:  # noqa: BLE001 - hostile bytes can raise anything in zipfile; all mean "damaged"
         raise CheckpointError([f"a damaged zip archive, not a PyTorch checkpoint ({_reason(error)})"]) from None
     if len(entries) > MAX_ENTRIES:
-        raise CheckpointError([f"a zip archive of {len(entries)} entries; a Net checkpoint has about 14"])
+        raise CheckpointError([f"a zip archive of {len(entries)} entries; a zoo checkpoint has at most about 60"])
     declared = sum(max(entry.file_size, 0) for entry in entries)
     if declared > MAX_TOTAL_UNCOMPRESSED:
         raise CheckpointError(
             [
                 f"a zip archive that would inflate to {_mb(declared)} "
-                f"(a Net checkpoint is about 1.7 MB; at most {_mb(MAX_TOTAL_UNCOMPRESSED)} is accepted)"
+                f"(the largest zoo checkpoint is about 1.7 MB; at most {_mb(MAX_TOTAL_UNCOMPRESSED)} is accepted)"
             ]
         )
     names = [entry.filename for entry in entries]
@@ -130,7 +135,9 @@ def _read_bounded_zip(data: bytes) -> dict[str, bytes]:
         raise CheckpointError(["a zip archive that mixes a PyTorch checkpoint with other folders"])
     pickle_entry = next(entry for entry in entries if entry.filename == pickles[0])
     if pickle_entry.file_size > MAX_PICKLE_BYTES:
-        raise CheckpointError([f"a checkpoint whose data.pkl declares {_mb(pickle_entry.file_size)}; a Net's is 1 kB"])
+        raise CheckpointError(
+            [f"a checkpoint whose data.pkl declares {_mb(pickle_entry.file_size)}; a state_dict's is a few kB"]
+        )
     contents: dict[str, bytes] = {}
     try:
         for entry in entries:
@@ -180,7 +187,10 @@ def _unpickling_problem(error: Exception) -> str:
 def _check_size(size: int) -> None:
     if size > MAX_FILE_BYTES:
         raise CheckpointError(
-            [f"a file of {_mb(size)}; a Net checkpoint is 1.7 MB and at most {_mb(MAX_FILE_BYTES)} is accepted"]
+            [
+                f"a file of {_mb(size)}; the largest zoo checkpoint is 1.7 MB "
+                f"and at most {_mb(MAX_FILE_BYTES)} is accepted"
+            ]
         )
 
 
@@ -209,8 +219,11 @@ def _short_list(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
-    """Return `state` as a Net state_dict, or raise CheckpointError listing exactly what is wrong."""
+def validate_state_dict(
+    state: object, build: Callable[[], nn.Module] = Net, dataset: DatasetSpec = MNIST
+) -> dict[str, torch.Tensor]:
+    """Return `state` as a state_dict of `build`'s architecture, or raise CheckpointError listing
+    exactly what is wrong."""
     if isinstance(state, dict) and isinstance(state.get("format"), str) and state["format"].startswith("qlab-qat/"):
         raise CheckpointError(
             [
@@ -226,7 +239,7 @@ def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError([f"a pickled {type(state).__name__}, not a state_dict (a dict of tensors)"])
     problems: list[str] = []
-    expected = expected_state()
+    expected = expected_state(build)
     missing = [key for key in expected if key not in state]
     unexpected = [str(key) for key in state if key not in expected]
     if missing:
@@ -250,27 +263,31 @@ def validate_state_dict(state: object) -> dict[str, torch.Tensor]:
         elif not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             problems.append(f"{key}: {bad} non-finite value(s) (NaN or inf)")
+        elif key.endswith("running_var") and bool((value < 0).any()):
+            problems.append(f"{key}: {int((value < 0).sum())} negative BatchNorm variance(s)")
     if problems:
         raise CheckpointError(problems)
     clean = {key: state[key].detach().clone().contiguous() for key in expected}
-    _check_forward_is_finite(clean)
+    _check_forward_is_finite(clean, build, dataset)
     return clean
 
 
-def probe_images() -> torch.Tensor:
-    """A few inputs spanning what MNIST normalization can produce: all background, all ink, and
-    seeded random pixels; no data files needed, so the check works wherever loading does."""
-    low, high = (0.0 - MNIST_MEAN) / MNIST_STD, (1.0 - MNIST_MEAN) / MNIST_STD
+def probe_images(dataset: DatasetSpec = MNIST) -> torch.Tensor:
+    """A few inputs spanning what the dataset's normalization can produce: all background, all ink,
+    and seeded random pixels; no data files needed, so the check works wherever loading does."""
+    low, high = (0.0 - dataset.mean) / dataset.std, (1.0 - dataset.mean) / dataset.std
     generator = torch.Generator().manual_seed(0)
     random = low + (high - low) * torch.rand(PROBE_IMAGES - 2, 1, 28, 28, generator=generator)
     return torch.cat([torch.full((1, 1, 28, 28), low), torch.full((1, 1, 28, 28), high), random])
 
 
-def _check_forward_is_finite(state: dict[str, torch.Tensor]) -> None:
-    model = Net()
+def _check_forward_is_finite(
+    state: dict[str, torch.Tensor], build: Callable[[], nn.Module], dataset: DatasetSpec
+) -> None:
+    model = build()
     model.load_state_dict(state)
     with torch.inference_mode():
-        logits = model.eval()(probe_images())
+        logits = model.eval()(probe_images(dataset))
     if not bool(torch.isfinite(logits).all()):
         largest = max(float(value.abs().max()) for value in state.values())
         raise CheckpointError(
@@ -299,24 +316,32 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes | BinaryIO) -> object
     return _unpickle(data)
 
 
-def load_state_dict(source: str | os.PathLike[str] | bytes | BinaryIO) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (see the module's docstring) and validate it against Net."""
-    return validate_state_dict(read_checkpoint(source))
+def load_state_dict(
+    source: str | os.PathLike[str] | bytes | BinaryIO, model_name: str = DEFAULT_MODEL
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (see the module's docstring) and validate it against the zoo
+    model's architecture (the notebook's Net by default)."""
+    spec = zoo_model(model_name)
+    return validate_state_dict(read_checkpoint(source), spec.build, DATASETS[spec.dataset])
 
 
-def model_from_state(state: object) -> Net:
-    """A Net in eval mode from an unpickled checkpoint (read_checkpoint), validated as a state_dict."""
-    model = Net()
-    model.load_state_dict(validate_state_dict(state))
+def model_from_state(state: object, model_name: str = DEFAULT_MODEL) -> nn.Module:
+    """The zoo model's architecture in eval mode from an unpickled checkpoint (read_checkpoint),
+    validated as its state_dict."""
+    spec = zoo_model(model_name)
+    model = spec.build()
+    model.load_state_dict(validate_state_dict(state, spec.build, DATASETS[spec.dataset]))
     return model.eval()
 
 
-def load_model(source: str | os.PathLike[str] | bytes | BinaryIO | None = None) -> Net:
-    """A Net in eval mode from `source`, or the bundled pretrained net when source is None."""
-    return model_from_state(read_checkpoint(PRETRAINED_PATH if source is None else source))
+def load_model(
+    source: str | os.PathLike[str] | bytes | BinaryIO | None = None, model_name: str = DEFAULT_MODEL
+) -> nn.Module:
+    """The zoo model `model_name` in eval mode from `source`, or its bundled checkpoint when source is None."""
+    return model_from_state(read_checkpoint(zoo_model(model_name).checkpoint if source is None else source), model_name)
 
 
-def fingerprint(model: Net) -> str:
+def fingerprint(model: nn.Module) -> str:
     """A short content hash of the weights, to key caches by model."""
     import hashlib
 

@@ -41,7 +41,7 @@ from torch import nn
 from qcore import cancel
 from qcore.analysis.tables import quantize_for
 from qcore.config import ConfigError, QuantConfig
-from qcore.data import MAX_SEED, TRAIN_SIZE, Mnist
+from qcore.data import MAX_SEED, TRAIN_SIZE, Dataset
 from qcore.files import JsonFileError, read_json, shorten
 from qcore.graph import GraphRun, ModelGraphModule, Op, OpKind, model_graph
 from qcore.models.checkpoint import (
@@ -54,6 +54,7 @@ from qcore.models.checkpoint import (
     validate_state_dict,
 )
 from qcore.models.net import LAYER_NAMES, Net, layer
+from qcore.models.zoo import DEFAULT_MODEL, zoo_model
 from qcore.quantize.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan, rounded_average_levels
 from qcore.quantize.quant import QParams, Scheme, integer_range, quantize, quantize_bias
 from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
@@ -517,7 +518,7 @@ def _held_out_accuracy(net: QatNet, images: torch.Tensor, labels: torch.Tensor) 
 
 def qat(
     model: Net,
-    data: Mnist,
+    data: Dataset,
     config: QatConfig = QatConfig(),
     on_progress: Callable[[QatProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -705,16 +706,26 @@ def load_qat(source: str | os.PathLike[str] | bytes | BinaryIO) -> QatCheckpoint
     return qat_from_state(read_checkpoint(source))
 
 
-def load_checkpoint(source: str | os.PathLike[str] | bytes | BinaryIO | None) -> tuple[Net, QatCheckpoint | None]:
-    """Any checkpoint the lab takes, read once: a Net state_dict gives (model, None), a QAT checkpoint
-    (its float weights, the checkpoint); None gives the bundled net."""
+def load_checkpoint(
+    source: str | os.PathLike[str] | bytes | BinaryIO | None, model_name: str = DEFAULT_MODEL
+) -> tuple[nn.Module, QatCheckpoint | None]:
+    """Any checkpoint the lab takes for zoo model `model_name`, read once: a state_dict of its
+    architecture gives (model, None), a QAT checkpoint (its float weights, the checkpoint); None
+    gives the model's bundled checkpoint. QAT checkpoints are saved for the notebook's net only."""
     if source is None:
-        return load_model(), None
+        return load_model(None, model_name), None
     state = read_checkpoint(source)
     if claims_qat(state):
+        if not zoo_model(model_name).is_notebook_net:
+            raise CheckpointError(
+                [
+                    f"a QAT checkpoint, which holds the notebook's net; "
+                    f"{model_name} takes a state_dict of its own architecture"
+                ]
+            )
         checkpoint = qat_from_state(state)
         return checkpoint.model, checkpoint
-    return model_from_state(state), None
+    return model_from_state(state, model_name), None
 
 
 def qat_from_state(state: object) -> QatCheckpoint:
@@ -805,11 +816,15 @@ def qat_fingerprint(checkpoint: QatCheckpoint) -> str:
 
     digest = hashlib.sha256(checkpoint.config.to_json().encode())
     digest.update(fingerprint(checkpoint.model).encode())
-    for name in LAYER_NAMES:
+    for name in checkpoint.qnet.graph.layers:
         quant = checkpoint.qnet.layers[name]
         assert quant.weight_qparams is not None and quant.input_qparams is not None
         for tensor in (quant.weight_qparams.scale, quant.input_qparams.scale, quant.input_qparams.zero_point):
             digest.update(tensor.detach().contiguous().numpy().tobytes())
+    if not isinstance(checkpoint.model, Net):  # a graph's other points (adds, cats) are part of it too
+        for point in sorted(checkpoint.qnet.points):
+            qparams = checkpoint.qnet.points[point].qparams
+            digest.update(point.encode() + qparams.scale.numpy().tobytes() + qparams.zero_point.numpy().tobytes())
     return "qat-" + digest.hexdigest()[:12]
 
 

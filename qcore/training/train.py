@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from qcore import cancel
 from qcore.data import MAX_SEED, TRAIN_SIZE, Split
 from qcore.models.net import Net
+
+OPTIMIZERS = ("sgd", "sgd-nesterov")
+SCHEDULES = ("constant", "one-cycle")
 
 # The Model page's bounds, shared by the CLI: a shared server's training runs are bounded, and a
 # flag may not ask for more work than a click could (issue 16: an unbounded batch took 8 GB).
@@ -21,7 +25,9 @@ MAX_TRAIN_BATCH = 4096
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The notebook's recipe: SGD lr 0.01, momentum 0.5, batch 64, 3 epochs, seed 1."""
+    """The notebook's recipe by default: SGD lr 0.01, momentum 0.5, batch 64, 3 epochs, seed 1. The
+    zoo's BatchNorm networks add Nesterov momentum, weight decay and a one-cycle schedule (lr is
+    then the peak)."""
 
     epochs: int = 3
     batch_size: int = 64
@@ -30,6 +36,9 @@ class TrainConfig:
     seed: int = 1
     train_samples: int | None = None  # None: the whole training split
     device: str = "auto"  # "auto": cuda when present, else cpu
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
 
     def validate(self) -> None:
         problems = []
@@ -45,6 +54,12 @@ class TrainConfig:
             problems.append(f"seed must be between 0 and {MAX_SEED} (got {self.seed})")
         if self.train_samples is not None and not 1 <= self.train_samples <= TRAIN_SIZE:
             problems.append(f"train samples must be between 1 and {TRAIN_SIZE} (got {self.train_samples})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1):
+            problems.append(f"weight decay must be in [0, 1] (got {self.weight_decay})")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -71,7 +86,7 @@ class TrainProgress:
 
 @dataclass
 class TrainResult:
-    model: Net
+    model: nn.Module
     config: TrainConfig
     cancelled: bool
     history: list[dict[str, float]] = field(default_factory=list)  # one row per step
@@ -83,15 +98,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def seeded_start(seed: int, count: int, epochs: int) -> tuple[Net, list[torch.Tensor]]:
+def seeded_start(
+    seed: int, count: int, epochs: int, build: Callable[[], nn.Module] = Net
+) -> tuple[nn.Module, list[torch.Tensor]]:
     """The initial Net and every epoch's sample order, drawn exactly as the notebook's script draws
     them: torch.manual_seed(seed), Net(), then per epoch DataLoader(shuffle=True)'s two draws from
     the global generator (the iterator's base seed, then RandomSampler's seed for randperm). So a
     run here sees the same batches as the notebook's DataLoader loop. The global generator state is
-    restored afterwards."""
+    restored afterwards. `build` makes the architecture (the notebook's Net by default)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Net()
+        model = build()
         orders = []
         for _ in range(epochs):
             torch.empty((), dtype=torch.int64).random_()  # DataLoader iterator's base seed
@@ -105,21 +122,34 @@ def train(
     config: TrainConfig = TrainConfig(),
     on_progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    build: Callable[[], nn.Module] = Net,
 ) -> TrainResult:
-    """Train a fresh Net. `should_stop` is polled between steps; when it returns True training
+    """Train a fresh model of `build`'s architecture (the notebook's Net by default). `should_stop` is
+    polled between steps; when it returns True training
     ends early and the result says `cancelled` (the caller decides whether to keep the model)."""
     config.validate()
     device = resolve_device(config.device)
     data = train_split if config.train_samples is None else train_split.subset(config.train_samples)
     count = len(data)
-    model, orders = seeded_start(config.seed, count, config.epochs)
+    model, orders = seeded_start(config.seed, count, config.epochs, build)
     # channels_last: the CPU (oneDNN) convolution and pooling kernels run about 30% faster in it
     # than in the default NCHW layout, for the same arithmetic up to float summation order.
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.optimizer == "sgd-nesterov",
+        weight_decay=config.weight_decay,
+    )
     images = data.images.to(device).contiguous(memory_format=torch.channels_last)
     labels = data.labels.to(device)
     steps_per_epoch = (count + config.batch_size - 1) // config.batch_size
+    schedule = None
+    if config.schedule == "one-cycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+        )
     history: list[dict[str, float]] = []
     model.train()
     for epoch in range(1, config.epochs + 1):
@@ -136,6 +166,8 @@ def train(
             loss = F.nll_loss(output, y)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             correct += int((output.argmax(1) == y).sum())
             seen += len(y)
             report = TrainProgress(epoch, config.epochs, step, steps_per_epoch, loss.item(), correct / seen)
@@ -145,7 +177,7 @@ def train(
     return _finished(model, config, False, history)
 
 
-def _finished(model: Net, config: TrainConfig, cancelled: bool, history: list[dict[str, float]]) -> TrainResult:
+def _finished(model: nn.Module, config: TrainConfig, cancelled: bool, history: list[dict[str, float]]) -> TrainResult:
     """Back to CPU, eval mode and the default memory layout, so checkpoints look like the notebook's."""
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     return TrainResult(model, config, cancelled, history)
