@@ -21,6 +21,8 @@ PAGES = {
         st.Page("pages/one_kernel.py", title="One kernel", icon=":material/grid_on:"),
         st.Page("pages/one_image.py", title="One image on integers", icon=":material/image:"),
         st.Page("pages/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
+        st.Page("pages/folding.py", title="BatchNorm folding", icon=":material/layers:"),
+        st.Page("pages/residual.py", title="Residual adds", icon=":material/call_merge:"),
         st.Page("pages/tour.py", title="Guided tour", icon=":material/tour:"),
     ],
 }

@@ -43,7 +43,8 @@ settings = [r.setting for r in rows if not r.with_outlier]
 without = {r.setting: r for r in rows if not r.with_outlier}
 with_outlier = {r.setting: r for r in rows if r.with_outlier}
 st.caption(
-    f"{layer_name} at the sidebar's W{config.weight_bits}A{config.act_bits}, calibrated on {OUTLIER_CALIB_BATCHES} batches "
+    f"{layer_name} at the sidebar's W{config.weight_bits}A{config.act_bits}, "
+    f"calibrated on {OUTLIER_CALIB_BATCHES} batches "
     "to stay quick; accuracy on the first 2,000 test images; SQNR leaves the outlier itself out."
 )
 first, second = st.columns(2)

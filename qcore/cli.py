@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     qat_cmd.add_argument("--seed", type=int, default=qat_defaults.seed)
     qat_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
     qat_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=qat_defaults.device)
+    qat_cmd.add_argument(
+        "--control",
+        action="store_true",
+        help="also fine-tune the float model the same way without quantizers, and report QAT's drop against it",
+    )
     _add_common(qat_cmd)
 
     for name, text in (
@@ -203,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data_cmd.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     _add_common(data_cmd, model=False)
+    walk_cmd = commands.add_parser(
+        "walkthrough", help="a classic failure measured on the model: BatchNorm folding, or residual requantization"
+    )
+    walk_cmd.add_argument("failure", choices=["folding", "residual"])
+    _add_quant_flags(walk_cmd)
+    _add_common(walk_cmd)
     models_cmd = commands.add_parser("models", help="the model zoo: each model's dataset, accuracy, size and ops")
     _add_common(models_cmd, model=False)
     export = commands.add_parser("export", help="write the quantized model as integer tensors or ONNX (QDQ)")
@@ -369,6 +380,12 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
         "seconds_per_epoch": result.seconds_per_epoch,
         "held_out": result.held_out,
     }
+    if args.control:
+        from qcore.training.qat import qat_control
+
+        control = qat_control(model, data, config)
+        summary["control_accuracy"] = evaluate(control.model, data.test).accuracy
+        summary["drop_points_vs_control"] = 100 * (summary["control_accuracy"] - simulated.accuracy)
     if not args.json:
         bits = f"W{config.weight_bits}A{config.act_bits}"
         print(
@@ -379,6 +396,12 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
             f"integer engine {_percent(summary['integer_accuracy'])}, "
             f"same prediction on {_percent(summary['integer_agreement'])}; "
             f"{', '.join(f'{t:.1f}' for t in result.seconds_per_epoch)} s per epoch"
+            + (
+                f"; the control (same fine-tuning, no quantizer) {_percent(summary['control_accuracy'])}, "
+                f"QAT {-summary['drop_points_vs_control']:+.2f} points against it"
+                if args.control
+                else ""
+            )
         )
     return summary
 
@@ -727,7 +750,66 @@ def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
     return {"config": config.to_dict(), "ops": rows, "points": list(plan.points), "batchnorm_folding": folds}
 
 
+def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.analysis.tables import quantize_for
+    from qcore.lessons.failures import FAILURE_POINTS, folding_walkthrough, residual_adds
+
+    config = config_from_args(args)
+    model = _float_model_only(args, f"walkthrough {args.failure}")
+    data = _dataset(args)
+    if args.failure == "residual":
+        adds = residual_adds(quantize_for(model, data, config), data)
+        if not adds:
+            raise UsageError(f"{args.model} has no residual add with quantized inputs (try fashion-resnet)")
+        rows = [
+            {
+                "add": row.add,
+                "inputs": " + ".join(row.inputs),
+                "input scales": " , ".join(f"{s:.4g}" for s in row.input_scales),
+                "output scale": row.output_scale,
+                "shared scale": row.shared_scale,
+                "SQNR own grids (dB)": row.sqnr_own_db,
+                "SQNR shared grid (dB)": row.sqnr_shared_db,
+            }
+            for row in adds
+        ]
+        if not args.json:
+            print(f"residual adds at A{config.act_bits}, output SQNR on the first test images:")
+            print(_table(rows))
+        return {"config": config.to_dict(), "adds": [row.__dict__ | {"scale_ratio": row.scale_ratio} for row in adds]}
+
+    def report(done: int, total: int, what: str) -> None:
+        print(f"[{done + 1}] {what}", file=sys.stderr)
+
+    walk = folding_walkthrough(model, data, config, on_progress=report)
+    if not walk.layers:
+        raise UsageError(f"{args.model} has no BatchNorm to fold (try fashion-mobilenet or fashion-resnet)")
+    if not args.json:
+        print(_table([layer.__dict__ for layer in walk.layers]))
+        print(f"float accuracy {_percent(walk.float_accuracy)}")
+        print(
+            _table(
+                [
+                    {
+                        "bits": f"W{row.weight_bits}A{row.act_bits}",
+                        "per-channel": _percent(row.per_channel),
+                        "per-tensor": _percent(row.per_tensor),
+                        "per-tensor + equalization": _percent(row.per_tensor_equalized),
+                        "recovered": "-" if row.recovered is None else f"{100 * row.recovered:.0f}%",
+                    }
+                    for row in walk.rows
+                ]
+            )
+        )
+        if walk.failure_bits is None:
+            print(f"per-tensor never lost {FAILURE_POINTS} points against float down to 2 weight bits")
+        else:
+            print(f"per-tensor alone first loses {FAILURE_POINTS} points at W{walk.failure_bits[0]}A8")
+    return {"config": config.to_dict(), **walk.to_dict()}
+
+
 COMMANDS = {
+    "walkthrough": cmd_walkthrough,
     "data": cmd_data,
     "models": cmd_models,
     "graph": cmd_graph,

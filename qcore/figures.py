@@ -468,3 +468,39 @@ def outlier_figure(
     fig.add_bar(x=list(settings), y=list(with_outlier), name="with the outlier", marker_color=QUANT_COLOR)
     fig.update_layout(barmode="group", height=320)
     return _layout(fig, what, "range setting", what)
+
+
+def channel_ranges_figure(layer: str, ranges_before: Sequence[float], ranges_after: Sequence[float]) -> go.Figure:
+    """max |w| of every output channel of `layer`, before and after BatchNorm folding (log scale): the
+    spread one per-tensor scale has to cover."""
+    channels = list(range(len(ranges_before)))
+    fig = go.Figure()
+    fig.add_bar(x=channels, y=list(ranges_before), name="before folding", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=channels, y=list(ranges_after), name="after folding", marker_color=QUANT_COLOR)
+    fig.update_layout(barmode="group", yaxis_type="log")
+    return _layout(fig, f"{layer}: weight range per output channel", "output channel", "max |w| (log)")
+
+
+def granularity_figure(rows: Sequence[dict[str, float]]) -> go.Figure:
+    """Accuracy per bit-width: per-channel, per-tensor, per-tensor after equalization (rows carry
+    'bits', 'per_channel', 'per_tensor', 'per_tensor_equalized' as fractions)."""
+    bits = [str(row["bits"]) for row in rows]
+    fig = go.Figure()
+    for key, name, color in (
+        ("per_channel", "per-channel", FLOAT_COLOR),
+        ("per_tensor", "per-tensor", QUANT_COLOR),
+        ("per_tensor_equalized", "per-tensor + equalization", CLIP_COLOR),
+    ):
+        fig.add_bar(x=bits, y=[100 * row[key] for row in rows], name=name, marker_color=color)
+    low = min(100 * row[key] for row in rows for key in ("per_channel", "per_tensor", "per_tensor_equalized"))
+    fig.update_layout(barmode="group", yaxis_range=[max(0.0, low - 5), 100])
+    return _layout(fig, "Accuracy by weight granularity", "bits", "accuracy (%)")
+
+
+def residual_figure(adds: Sequence[str], own_db: Sequence[float], shared_db: Sequence[float]) -> go.Figure:
+    """Per residual add: its output's SQNR with each tensor on its own grid and with one shared grid."""
+    fig = go.Figure()
+    fig.add_bar(x=list(adds), y=list(own_db), name="own scales (requantized)", marker_color=FLOAT_COLOR)
+    fig.add_bar(x=list(adds), y=list(shared_db), name="one shared scale", marker_color=QUANT_COLOR)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Residual add output: SQNR", "add", "SQNR (dB)")

@@ -25,6 +25,14 @@ from qcore.export.formats import export_onnx, qtensors_bytes
 from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate
 from qcore.inference.integer import IntegerNet
+from qcore.lessons.failures import (
+    FoldedLayer,
+    FoldingWalk,
+    ResidualAdd,
+    folded_spreads,
+    folding_walkthrough,
+    residual_adds,
+)
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
@@ -147,20 +155,46 @@ def _exports(
         return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, shared_data(folder).spec)
 
 
-# A diagnosis runs ~20 evaluations and reports progress as it goes, which st.cache_data cannot pass
-# through; so it has its own bounded cache, keyed like the others (the result depends only on the
-# weights, the config and the data), shared by every session.
-_DIAGNOSES: OrderedDict[tuple[str, str, str], Diagnosis] = OrderedDict()
-_DIAGNOSES_LOCK = threading.Lock()
-MAX_DIAGNOSES = 16
+# A diagnosis (~20 evaluations) and the folding walk-through (~12) report progress as they go, which
+# st.cache_data cannot pass through; so each has its own bounded cache, keyed like the others (the result
+# depends only on the weights, the config and the data), shared by every session.
+class _ProgressCache:
+    def __init__(self, kind: str, limit: int = 16) -> None:
+        self.kind, self.limit = kind, limit
+        self.results: OrderedDict[tuple[str, ...], object] = OrderedDict()
+        self.lock = threading.Lock()
 
+    def cached(self, key: tuple[str, ...]) -> object | None:
+        with self.lock:
+            found = self.results.get(key)
+            if found is not None:
+                self.results.move_to_end(key)
+            return found
 
-def _cached_diagnosis(fingerprint: str, config_json: str, folder: str) -> Diagnosis | None:
-    with _DIAGNOSES_LOCK:
-        found = _DIAGNOSES.get((fingerprint, config_json, folder))
+    def get(self, key: tuple[str, ...], compute: Callable[[], Result]) -> Result:
+        found = self.cached(key)
         if found is not None:
-            _DIAGNOSES.move_to_end((fingerprint, config_json, folder))
-        return found
+            return found  # type: ignore[return-value]
+
+        def once() -> Result:
+            # The gate's turn runs one computation per key: sessions asking for the same one while it runs
+            # wait for it, count as its requesters (it stops only when they all leave), and read it here.
+            found = self.cached(key)
+            if found is not None:
+                return found  # type: ignore[return-value]
+            with GATE.slot():
+                result = compute()
+            with self.lock:
+                self.results[key] = result
+                while len(self.results) > self.limit:
+                    self.results.popitem(last=False)
+            return result
+
+        return _in_turn((self.kind, *key), once)
+
+
+_DIAGNOSES = _ProgressCache("diagnosis")
+_FOLDING_WALKS = _ProgressCache("folding", limit=8)
 
 
 def diagnosis(
@@ -171,27 +205,43 @@ def diagnosis(
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Diagnosis:
     key = (fingerprint, config_json, folder)
-    found = _cached_diagnosis(*key)
+    found = _DIAGNOSES.cached(key)
     if found is not None:
-        return found
-    float_accuracy = float_result(fingerprint, folder, model).accuracy
+        return found  # type: ignore[return-value]
+    float_accuracy = float_result(fingerprint, folder, model).accuracy  # its own turn, before the diagnosis's
     config = QuantConfig.from_json(config_json)
+    return _DIAGNOSES.get(key, lambda: diagnose(model, shared_data(folder), config, float_accuracy, on_progress))
 
-    def compute() -> Diagnosis:
-        # The gate's turn runs one diagnosis per key: sessions asking for the same one while it runs
-        # wait for it, count as its requesters (it stops only when they all leave), and read it here.
-        found = _cached_diagnosis(*key)
-        if found is not None:
-            return found
-        with GATE.slot():
-            result = diagnose(model, shared_data(folder), config, float_accuracy, on_progress)
-        with _DIAGNOSES_LOCK:
-            _DIAGNOSES[key] = result
-            while len(_DIAGNOSES) > MAX_DIAGNOSES:
-                _DIAGNOSES.popitem(last=False)
-        return result
 
-    return _in_turn(("diagnosis", *key), compute)
+def folding_walk(
+    fingerprint: str,
+    config_json: str,
+    folder: str,
+    model: nn.Module,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> FoldingWalk:
+    config = QuantConfig.from_json(config_json)
+    return _FOLDING_WALKS.get(
+        (fingerprint, config_json, folder), lambda: folding_walkthrough(model, shared_data(folder), config, on_progress)
+    )
+
+
+@st.cache_data(max_entries=16, show_spinner="Measuring every residual add…")
+def _residual(fingerprint: str, config_json: str, folder: str, _model: nn.Module) -> list[ResidualAdd]:
+    qnet = report(fingerprint, config_json, folder, _model).qnet
+    with GATE.slot():
+        return residual_adds(qnet, shared_data(folder))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def folded_spreads_of(fingerprint: str, _model: nn.Module) -> list[FoldedLayer]:
+    """Every folded layer's range spread (weights only: no data, no gate), per model."""
+    return folded_spreads(_model)
+
+
+def residual(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[ResidualAdd]:
+    key = ("residual", fingerprint, config_json, folder)
+    return _in_turn(key, lambda: _residual(fingerprint, config_json, folder, model))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -197,9 +197,12 @@ class QatNet(nn.Module):
     """The model graph's layers with fake-quantized weights and biases and every quantization point
     fake-quantized; the grid starts at `start`'s (PTQ calibration)."""
 
-    def __init__(self, start: QuantizedNet, method: str, source: nn.Module | None = None) -> None:
+    def __init__(
+        self, start: QuantizedNet, method: str, source: nn.Module | None = None, quantize: bool = True
+    ) -> None:
         super().__init__()
         self.method = method
+        self.quantize = quantize  # False: the control run, the same weights and training without any quantizer
         self.config = start.config
         self.graph, self.plan = start.graph, start.plan
         self.__dict__["source"] = source  # the float model QAT started from (not a submodule)
@@ -280,7 +283,7 @@ class QatNet(nn.Module):
         return weight_q, bias_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QatRun(self).run(x)
+        return _QatRun(self).run(x) if self.quantize else _ControlRun(self).run(x)
 
     def trained_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {
@@ -392,6 +395,20 @@ class _QatRun(GraphRun):
         assert self._bias is not None  # weight() runs first, for the same layer
         bias, self._bias = self._bias, None
         return bias
+
+
+class _ControlRun(GraphRun):
+    """The model graph's float walk on QatNet's latent weights: what the same fine-tuning does with no quantizer."""
+
+    def __init__(self, net: QatNet) -> None:
+        super().__init__(net.graph)
+        self.net = net
+
+    def weight(self, op: Op) -> torch.Tensor:
+        return self.net.weights[_key(op.name)]
+
+    def bias(self, op: Op) -> torch.Tensor:
+        return self.net.biases[_key(op.name)]
 
 
 def _layer_quant(
@@ -517,7 +534,7 @@ def _held_out_accuracy(net: QatNet, images: torch.Tensor, labels: torch.Tensor) 
 
 
 def qat(
-    model: Net,
+    model: nn.Module,
     data: Dataset,
     config: QatConfig = QatConfig(),
     on_progress: Callable[[QatProgress], None] | None = None,
@@ -526,13 +543,37 @@ def qat(
     """Fine-tune `model` (never modified) with the quantizer in the loop. The grid starts from PTQ
     calibration of `model` at `config`'s bits; training uses every training image but the last
     HELD_OUT (or the first `train_samples`), shuffled by `seed`. `should_stop` is polled between steps."""
+    return _fine_tune(model, data, config, True, on_progress, should_stop)
+
+
+def qat_control(
+    model: nn.Module,
+    data: Dataset,
+    config: QatConfig = QatConfig(),
+    on_progress: Callable[[QatProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> QatResult:
+    """The control for `qat(model, data, config)`: the same start (BatchNorm folded), optimizer,
+    schedule, epochs, images and order, with no quantizer, so that QAT's drop can be measured against
+    what the extra training alone does. The result's `model` is the fine-tuned float model."""
+    return _fine_tune(model, data, config, False, on_progress, should_stop)
+
+
+def _fine_tune(
+    model: nn.Module,
+    data: Dataset,
+    config: QatConfig,
+    quantize: bool,
+    on_progress: Callable[[QatProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> QatResult:
     config.validate()
     device = resolve_device(config.device)
     quant_config = config.quant_config()
     start = quantize_for(model, data, quant_config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # nothing in the step is random, but cuda kernels may pick by seed
-    net = QatNet(start, config.method, model).to(device)
+    net = QatNet(start, config.method, model, quantize).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     count = TRAIN_SIZE - HELD_OUT if config.train_samples is None else config.train_samples
@@ -561,8 +602,9 @@ def qat(
             loss.backward()
             optimizer.step()
             schedule.step()
-            with torch.no_grad():
-                _keep_scales_deployable(net)
+            if quantize:
+                with torch.no_grad():
+                    _keep_scales_deployable(net)
             result.losses.append(loss.item())
             accuracy = None
             if step % config.eval_every == 0 or step == steps_per_epoch:
