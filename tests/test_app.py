@@ -849,3 +849,67 @@ def test_every_download_has_a_name_of_its_own():
     assert len(set(names)) == len(names)
     assert names[0] == "qlab_qat-def456_qat_checkpoint.pt" and names[1] == "qlab_qat-def456_float_weights.pt"
     assert names[3].startswith("qlab_abc123_W4A8-") and names[3].endswith("_qtensors.pt")
+
+
+ZOO_WALK_PAGES = [page for page in PAGES + LESSON_PAGES if page != "pages/diagnose.py"] + [
+    "pages/folding.py",
+    "pages/residual.py",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", ["fashion-resnet", "fashion-mobilenet"])
+def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo):
+    """The link names the model; every page and lesson renders for it (the diagnosis of these nets takes
+    minutes on 2 cores: it is walked for the notebook's nets, and was run once by hand for these)."""
+    from qcore.data import FASHION_MNIST
+    from qcore.models.zoo import ZOO
+
+    app.query_params["model"] = zoo
+    at = app.run()
+    no_exceptions(at)
+    assert model_line(at).startswith(f"Model: bundled {zoo} ({zoo}-")
+    assert "Dataset: Fashion-MNIST" in [c.value for c in at.sidebar.caption]
+    assert at.query_params["model"] == [zoo]
+    floats = [c.label for c in at.sidebar.checkbox]
+    layers = list(model_graph_layers(zoo))
+    assert floats[-len(layers) :] == layers  # the "keep in float" boxes are the model's layers
+    for page in ZOO_WALK_PAGES:
+        at.switch_page(page).run()
+        no_exceptions(at)
+        assert not at.main.error, (page, [e.value for e in at.main.error])
+    at.switch_page("pages/accuracy.py").run()
+    table = next(frame for frame in at.dataframe if "class" in frame.value.columns)
+    assert list(table.value["class"]) == list(FASHION_MNIST.class_names)
+    assert ZOO[zoo].dataset == "fashion-mnist"
+
+
+def model_graph_layers(zoo: str) -> tuple[str, ...]:
+    from qcore.graph import model_graph
+    from qcore.models.zoo import zoo_model
+
+    return model_graph(zoo_model(zoo).build().eval()).layers
+
+
+def test_an_unknown_model_in_the_link_is_corrected_with_a_warning(app):
+    app.query_params["model"] = "<b>resnet50</b>"
+    at = app.run()
+    no_exceptions(at)
+    assert "bundled mnist-net" in model_line(at)
+    warning = "ignored model='<b>resnet50</b>': not a model of the zoo; using mnist-net"
+    assert warning in [t.value for t in at.sidebar.text]  # plain text: the markup stays inert
+
+
+@pytest.mark.slow
+def test_choosing_a_model_on_the_model_page_switches_the_dataset_and_back(app, pretrained):
+    at = app.run()
+    choice = next(s for s in at.selectbox if s.label == "Model")
+    choice.set_value("fashion-net").run()
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: bundled fashion-net")
+    assert at.query_params["model"] == ["fashion-net"]
+    assert metric(at, "Float accuracy") == percent(0.8595)  # zoo.py's recorded accuracy, tested from the file
+    next(b for b in at.button if b.label == "Back to the previous model").click()
+    at.run()
+    no_exceptions(at)
+    assert fingerprint(pretrained) in model_line(at) and "model" not in at.query_params

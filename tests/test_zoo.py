@@ -215,3 +215,100 @@ def test_graph_of_each_zoo_model_folds_every_batchnorm():
         graph = model_graph(model)
         batchnorms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
         assert len(graph.folded_batchnorm) == len(batchnorms), name
+
+
+def test_folding_spreads_match_the_batchnorm_factors_by_hand():
+    """After folding, channel c's max |w| is its conv's max |w| times |gamma_c| / sqrt(var_c + eps)."""
+    from qcore.lessons.failures import folded_spreads
+
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.05, 3.0)
+                module.running_var.uniform_(0.01, 4.0)
+    spreads = {row.layer: row for row in folded_spreads(model)}
+    conv, bn = model.blocks[1].depthwise, model.blocks[1].bn1
+    before = conv.weight.detach().flatten(1).abs().max(dim=1).values
+    after = before * bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)
+    row = spreads["blocks.1.depthwise"]
+    assert row.depthwise and row.batchnorm == "blocks.1.bn1"
+    assert row.spread_before == pytest.approx(float(before.max() / before.min()), rel=1e-5)
+    assert row.spread_after == pytest.approx(float(after.max() / after.min()), rel=1e-5)
+    assert not spreads["blocks.1.pointwise"].depthwise
+
+
+def test_equalization_pairs_cross_relu6_into_depthwise_layers_and_keep_the_function_below_six():
+    """Every separable block gives depthwise->pointwise and pointwise->next depthwise, then the last
+    pointwise reaches fc through the global pool. With activations below 6, ReLU6 and the ReLU that
+    replaces it agree, so equalization keeps the network's function (a positive per-channel rescale)."""
+    from qcore.graph import OpKind, run_float
+    from qcore.quantize.methods import equalization_pairs, equalize
+
+    torch.manual_seed(1)
+    model = DepthwiseNet().eval()
+    graph = model_graph(model)
+    layers = ["stem"] + [f"blocks.{i}.{kind}" for i in range(4) for kind in ("depthwise", "pointwise")] + ["fc"]
+    assert [pair[:2] for pair in equalization_pairs(graph)] == list(zip(layers, layers[1:], strict=False))
+    equalized, report = equalize(graph)
+    assert all(op.kind is not OpKind.RELU6 for op in equalized.ops)
+    assert sum(len(pair["relu6_replaced_by_relu"]) for pair in report.values()) == 9
+    x = 0.3 * torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert float(model.blocks(model.stem(x)).max()) < 6  # the regime where the replacement is exact
+        assert torch.allclose(run_float(equalized, x), run_float(graph, x), atol=1e-4)
+
+
+def test_the_residual_walkthrough_lists_each_add_with_a_shared_grid_no_finer_than_its_own(tmp_path):
+    result = run_cli("walkthrough", "residual", "--model", "fashion-resnet", "--act-bits", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    adds = json.loads(result.stdout)["adds"]
+    assert [row["add"] for row in adds] == ["add", "add_1", "add_2"]  # one per residual block
+    for row in adds:
+        # one grid covering both inputs and the output is at least as coarse as each of theirs
+        assert row["shared_scale"] >= max(*row["input_scales"], row["output_scale"]) * (1 - 1e-6)
+        assert row["scale_ratio"] >= 1
+
+
+def test_the_residual_walkthrough_refuses_a_model_without_adds():
+    result = run_cli("walkthrough", "residual", "--model", "mnist-net")
+    assert result.returncode == 2 and "has no residual add" in result.stderr
+
+
+def test_the_qat_control_starts_as_the_float_model():
+    """Before any step, the control (QAT's net with its quantizers off) computes the folded float graph."""
+    from qcore.analysis.tables import quantize_for
+    from qcore.graph import run_float
+    from qcore.training.qat import QatNet
+
+    data = load_dataset("fashion-mnist", download=False)
+    model = load_model(None, "fashion-resnet")
+    start = quantize_for(model, data, QuantConfig(weight_bits=4, act_bits=4))
+    control = QatNet(start, "lsq", model, quantize=False).eval()
+    quantized = QatNet(start, "lsq", model).eval()
+    x = data.test.images[:64]
+    with torch.no_grad():
+        expected = run_float(model_graph(model), x)
+        assert torch.allclose(control(x), expected, atol=1e-4)
+        assert not torch.allclose(quantized(x), expected, atol=1e-2)  # the quantizers are what it leaves out
+
+
+@pytest.mark.slow
+def test_the_zoo_bench_reports_qat_beside_its_control():
+    import importlib
+
+    from qcore.training.qat import QatConfig
+
+    bench = importlib.import_module("bench.bench_zoo")
+    data = load_dataset("mnist", download=False)
+    rows = bench.qat_rows(
+        "mnist-net", load_model(), data, QatConfig(weight_bits=4, act_bits=4, epochs=1, train_samples=512)
+    )
+    assert set(rows) == {
+        "QAT W4A4",
+        "QAT W4A4 control",
+        "QAT W4A4 seconds per epoch",
+        "QAT W4A4 control seconds per epoch",
+    }
+    assert 0.5 < rows["QAT W4A4 control"] <= 1 and 0.5 < rows["QAT W4A4"] <= 1
