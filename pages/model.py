@@ -99,7 +99,7 @@ if "qlab_train_warning" in st.session_state:
     st.warning(st.session_state.pop("qlab_train_warning"))
 
 bundled_tab, upload_tab, train_tab, qat_tab = st.tabs(
-    ["Bundled weights", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
+    ["Bundled net", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
 )
 recipe = TrainConfig(**spec.recipe)  # type: ignore[arg-type]
 

@@ -695,7 +695,7 @@ def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_pt
     next(b for b in at.button if b.label == "Train with quantization").click()
     at.run()
     no_exceptions(at)
-    assert model_line(at).startswith("Model: QAT W2A2 (lsq) from bundled pretrained net")
+    assert model_line(at).startswith("Model: QAT W2A2 (lsq) from bundled mnist-net")
     assert at.select_slider(key="weight_bits").value == 2 and at.select_slider(key="act_bits").value == 2
     assert any("It is now the current model" in s.value for s in at.success)
     assert any(c.key == "last_qat_curve" for c in at.get("plotly_chart"))
@@ -870,7 +870,7 @@ def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo):
     no_exceptions(at)
     assert model_line(at).startswith(f"Model: bundled {zoo} ({zoo}-")
     assert "Dataset: Fashion-MNIST" in [c.value for c in at.sidebar.caption]
-    assert at.query_params["model"] == [zoo]
+    assert at.query_params["model"] == zoo
     floats = [c.label for c in at.sidebar.checkbox]
     layers = list(model_graph_layers(zoo))
     assert floats[-len(layers) :] == layers  # the "keep in float" boxes are the model's layers
@@ -907,7 +907,7 @@ def test_choosing_a_model_on_the_model_page_switches_the_dataset_and_back(app, p
     choice.set_value("fashion-net").run()
     no_exceptions(at)
     assert model_line(at).startswith("Model: bundled fashion-net")
-    assert at.query_params["model"] == ["fashion-net"]
+    assert at.query_params["model"] == "fashion-net"
     assert metric(at, "Float accuracy") == percent(0.8595)  # zoo.py's recorded accuracy, tested from the file
     next(b for b in at.button if b.label == "Back to the previous model").click()
     at.run()

@@ -262,7 +262,8 @@ def test_export_writes_files_that_load(tmp_path, pretrained, mnist):
 def test_data_command_checks_the_folder(data_copy, tmp_path):
     done = run_cli("data", "--data-dir", str(data_copy), "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) | {"folder": ""} == {"folder": "", "train_images": 60000, "test_images": 10000}
+    expected = {"dataset": "mnist", "folder": "", "train_images": 60000, "test_images": 10000}
+    assert json.loads(done.stdout) | {"folder": ""} == expected
     assert_one_line_error(run_cli("data", "--data-dir", str(tmp_path)), "MNIST not found")
     assert list(tmp_path.iterdir()) == []  # looking created nothing
 
