@@ -105,17 +105,14 @@ def folding_walkthrough(
         what = f"W{weight_bits}A{act_bits} {granularity}{' + equalization' if methods else ''}"
         if on_progress is not None:
             on_progress(done[0], 0, what)
-        config = QuantConfig(
-            **{
-                **base.to_dict(),
-                "weight_bits": weight_bits,
-                "act_bits": act_bits,
-                "granularity": granularity,
-                "methods": methods,
-                "float_layers": (),
-                "weight_bits_budget": 0.0,
-            }
-        ).validate(None)
+        config = base.with_changes(
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            granularity=granularity,
+            methods=methods,
+            float_layers=(),
+            weight_bits_budget=0.0,
+        )
         done[0] += 1
         return evaluate(quantize_for(model, data, config), data.test).accuracy
 
