@@ -4,12 +4,21 @@ Every value in EXPECTED was printed at commit ea8d967 (the last commit with the 
 passes) by `python -m tests.test_bundled_regression`, and the graph-driven engine must reproduce them
 to the image: each prediction hash is the SHA-256 of the 10,000 test predictions as bytes, so one
 image predicted differently fails the test.
+
+Two kinds of number depend on the CPU's float kernels rather than on our code, and CI has run on two
+kinds of CPU: ea8d967 printed, on the second, a different explain-walk and diagnosis hash (the 7th
+digit of a probability or an SQNR), 2 more images right after AdaRound and 21 / 8 fewer after the two
+W2A2 QAT runs, and head printed exactly what ea8d967 printed on the same machine, to every hash.
+So a report is compared by a fingerprint (its integers, strings and layout exactly, its floats by
+four sums within a relative 1e-4), and the runs that follow a gradient (AdaRound, QAT) by their
+correct count within TOLERANCE images, a few times the spread seen between the two CPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -43,8 +52,9 @@ METHOD_CONFIGS: dict[str, dict[str, object]] = {
     "mixed 2.5 A8": {"weight_bits_budget": 2.5},
 }
 
-# printed at ea8d967; the README's tables give the same accuracies (98.31% W8A8, 0/0/1/17/36 integer
-# disagreements at W8A8/W4A4/W3A3/W2A3/W2A2, 97.85% for all three methods at W2A8, 98.29% torch int8)
+# printed at ea8d967 (the two reports' fingerprints on the second CPU); the README's tables give the
+# same accuracies (98.31% W8A8, 0/0/1/17/36 integer disagreements at W8A8/W4A4/W3A3/W2A3/W2A2, 97.85%
+# for all three methods at W2A8, 98.29% torch int8)
 EXPECTED: dict[str, object] = {
     "ptq W8A8": {"correct": 9831, "hash": "39cc0725da9697b4"},
     "integer W8A8": {"correct": 9831, "disagreements": 0, "hash": "39cc0725da9697b4"},
@@ -63,31 +73,45 @@ EXPECTED: dict[str, object] = {
     "ptq notebook W6A6": {"correct": 8482, "hash": "22e53f5a5cb6ee31"},
     "ptq mse W4A4 per-tensor": {"correct": 9822, "hash": "54e823040fe6f936"},
     "ptq percentile W3A3 mse weights": {"correct": 9742, "hash": "a4a4600757277e8a"},
-    "explain W4A4 image 0": "3cf3f91526ae341e",
+    "explain W4A4 image 0": {"exact": "a7713f884f2db91f", "floats": [18, 3.501916, 2.853491, 1.206258]},
     "methods W2A8 equalization": {"correct": 9416, "hash": "452b0a6dd4c3e0fb"},
     "methods W2A8 bias-correction": {"correct": 8570, "hash": "df4ca6169689621a"},
-    "methods W2A8 all three": {"correct": 9785, "hash": "4757b9c4a0802baa"},
+    "methods W2A8 all three": {"correct": 9785},
     "methods mixed 2.5 A8": {"correct": 9743, "hash": "250ef93a062dcfe3"},
     "torch-int8": {"correct": 9829, "hash": "8ba712a00e850445"},
-    "qat lsq W2A2 3000 images": {"correct": 9707, "hash": "403e5c492f2f9a18"},
-    "qat ste W2A2 3000 images": {"correct": 9651, "hash": "a12f260bc236a0b6"},
-    "diagnosis W3A3": "72b5f05ec392f1ed",
+    "qat lsq W2A2 3000 images": {"correct": 9707},
+    "qat ste W2A2 3000 images": {"correct": 9651},
+    "diagnosis W3A3": {"exact": "4ec2b92d7e427e8b", "floats": [42, 170.273808, 97.599843, 26.945412]},
 }
 
 
-def _rounded(value: object) -> object:
-    """Floats to 7 significant digits, so that a hash of a report survives a reordered float sum."""
-    if isinstance(value, float):
-        return float(f"{value:.7g}")
-    if isinstance(value, dict):
-        return {str(k): _rounded(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_rounded(v) for v in value]
-    return value
+def _report_fingerprint(report: dict[str, object]) -> dict[str, object]:
+    """A report's integers, strings and layout as one exact hash (each float replaced by a marker),
+    and its floats as their count, the sum of their magnitudes, that sum weighted by position (so a
+    swap shows) and the largest magnitude: sums that survive a different last digit on another CPU."""
+    floats: list[float] = []
 
+    def skeleton(value: object) -> object:
+        if isinstance(value, float):
+            floats.append(value)
+            return "<float>"
+        if isinstance(value, dict):
+            return {str(k): skeleton(value[k]) for k in sorted(value, key=str)}
+        if isinstance(value, list | tuple):
+            return [skeleton(v) for v in value]
+        return value
 
-def _report_hash(report: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(_rounded(report), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    layout = json.dumps(skeleton(report), default=str).encode()
+    magnitudes = [abs(v) for v in floats]
+    return {
+        "exact": hashlib.sha256(layout).hexdigest()[:16],
+        "floats": [
+            len(floats),
+            round(sum(magnitudes), 6),
+            round(sum(i * m for i, m in enumerate(magnitudes, 1)) / max(len(floats), 1), 6),
+            round(max(magnitudes, default=0.0), 6),
+        ],
+    }
 
 
 def _hash(predictions: torch.Tensor) -> str:
@@ -138,7 +162,7 @@ def capture_fast(model, data) -> dict[str, object]:
     from qcore.config import QuantConfig
 
     walk = explain(model, data, QuantConfig(weight_bits=4, act_bits=4), 0, {})
-    numbers["explain W4A4 image 0"] = _report_hash(walk.to_dict())
+    numbers["explain W4A4 image 0"] = _report_fingerprint(walk.to_dict())
     return numbers
 
 
@@ -165,12 +189,31 @@ def capture_slow(model, data) -> dict[str, object]:
     from qcore.analysis.diagnose import diagnose
 
     diagnosis = diagnose(model, data, QuantConfig(weight_bits=3, act_bits=3), 0.9832)
-    numbers["diagnosis W3A3"] = _report_hash(diagnosis.to_dict())
+    numbers["diagnosis W3A3"] = _report_fingerprint(diagnosis.to_dict())
     return numbers
 
 
+# images either way for the runs that follow a gradient; the spread seen between two CPUs was 2 for
+# AdaRound and 21 / 8 for the QAT runs (see the module's docstring)
+TOLERANCE: dict[str, int] = {
+    "methods W2A8 all three": 10,
+    "qat lsq W2A2 3000 images": 60,
+    "qat ste W2A2 3000 images": 60,
+}
+
+
+def _matches(key: str, got: object, expected: object) -> bool:
+    if key in TOLERANCE:
+        return abs(got["correct"] - expected["correct"]) <= TOLERANCE[key]
+    if isinstance(expected, dict) and "floats" in expected:
+        pairs = zip(got["floats"], expected["floats"], strict=True)
+        close = all(math.isclose(g, e, rel_tol=1e-4, abs_tol=1e-6) for g, e in pairs)
+        return got["exact"] == expected["exact"] and close
+    return got == expected
+
+
 def _check(numbers: dict[str, object], keys) -> None:
-    mismatches = {key: (numbers[key], EXPECTED[key]) for key in keys if numbers[key] != EXPECTED[key]}
+    mismatches = {key: (numbers[key], EXPECTED[key]) for key in keys if not _matches(key, numbers[key], EXPECTED[key])}
     assert not mismatches, f"changed from the numbers before the model graph: {mismatches}"
 
 
