@@ -28,7 +28,7 @@ PAGES = {
 }
 
 session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
-navigation = st.navigation(PAGES)
+navigation = st.navigation(PAGES, expanded=True)  # all 14 pages: collapsed, it hides the last four behind "View more"
 st.sidebar.title("Quantization Lab")
 if cache.GATE_PROBLEM:  # the operator's setting, not a visitor's: refuse to serve rather than guess
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")
