@@ -117,15 +117,17 @@ with bundled_tab:
 
 with upload_tab:
     st.markdown(
-        f"Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` from this architecture "
-        f"({spec.name})"
+        f"Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` or "
+        f"`safetensors.torch.save_file(model.state_dict(), path)` from this architecture ({spec.name})"
         + (
             ", or a QAT checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`."
             if spec.is_notebook_net
             else "."
         )
     )
-    upload = st.file_uploader("Checkpoint (.pt or .pth)", type=["pt", "pth"], key="qlab_upload")
+    upload = st.file_uploader(
+        "Checkpoint (.pt, .pth or .safetensors)", type=["pt", "pth", "safetensors"], key="qlab_upload"
+    )
     if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
         st.session_state["qlab_upload_done"] = upload.file_id
         try:

@@ -88,7 +88,10 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     default = QuantConfig()
     parser.add_argument(
         "--checkpoint",
-        help="a state_dict of --model's architecture, or a QAT checkpoint (default: the model's bundled one)",
+        help=(
+            "a state_dict of --model's architecture (torch.save or safetensors, told apart by content), "
+            "or a QAT checkpoint (default: the model's bundled one)"
+        ),
     )
     parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
     parser.add_argument("--act-bits", type=int, default=default.act_bits)

@@ -150,9 +150,14 @@ def _torchscript() -> bytes:
     return buffer.getvalue()
 
 
-def _safetensors() -> bytes:
-    header = json.dumps({"fc2.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}).encode()
-    return struct.pack("<Q", len(header)) + header + bytes(40)
+def _safetensors_file(header: object, payload: bytes) -> bytes:
+    """safetensors' layout, written by hand: a u64 header size, the JSON header, the tensors' bytes."""
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + payload
+
+
+def _safetensors() -> bytes:  # a valid safetensors file, of one tensor only
+    return _safetensors_file({"fc2.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}, bytes(40))
 
 
 HOSTILE = {
@@ -163,7 +168,7 @@ HOSTILE = {
     "empty": (lambda: b"", "an empty file"),
     "raw pickle": (lambda: pickle.dumps({"conv1.weight": [0.0]}), "a plain pickle"),
     "torchscript": (_torchscript, "a TorchScript archive"),
-    "safetensors": (_safetensors, "a safetensors file"),
+    "safetensors": (_safetensors, "missing keys: conv1.weight"),
     "other zip": (lambda: _zip({"readme.txt": b"hello"}), "not a PyTorch checkpoint"),
     "None value": (lambda: _state_with("fc1.bias", None), "fc1.bias: expected a tensor, found NoneType"),
     "sparse tensor": (
@@ -297,3 +302,90 @@ def _saved(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+# --- safetensors -----------------------------------------------------------------------------------
+
+
+def test_safetensors_state_dict_loads_the_same_tensors():
+    from safetensors.torch import save
+
+    state = Net().state_dict()
+    loaded = load_state_dict(save(dict(state)))
+    assert list(loaded) == list(state)
+    assert all(torch.equal(loaded[key], value) and loaded[key].dtype == value.dtype for key, value in state.items())
+
+
+def test_safetensors_of_a_batchnorm_zoo_model_loads_with_its_integer_counters():
+    from safetensors.torch import save
+
+    from qcore.models.zoo import zoo_model
+
+    state = zoo_model("fashion-resnet").build().state_dict()  # num_batches_tracked is int64
+    loaded = load_state_dict(save(dict(state)), "fashion-resnet")
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def test_safetensors_is_told_apart_by_content_not_name(tmp_path):
+    from safetensors.torch import save
+
+    path = tmp_path / "weights.pt"  # a safetensors file under a torch name
+    path.write_bytes(save(dict(Net().state_dict())))
+    assert set(load_state_dict(path)) == set(Net().state_dict())
+
+
+SAFETENSORS_HOSTILE = {
+    # offsets past the file's end: a tensor declared larger than the file holds, never allocated
+    "beyond the end": (
+        {"fc2.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 4_000_000]}},
+        bytes(40),
+        "a damaged safetensors file",
+    ),
+    "shape larger than its bytes": (
+        {"fc2.bias": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 40]}},
+        bytes(40),
+        "a damaged safetensors file",
+    ),
+    "two tensors on the same bytes": (
+        {
+            "fc2.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]},
+            "fc1.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]},
+        },
+        bytes(40),
+        "a damaged safetensors file",
+    ),
+    "unknown dtype": (
+        {"fc2.bias": {"dtype": "X9", "shape": [10], "data_offsets": [0, 40]}},
+        bytes(40),
+        "a damaged safetensors file",
+    ),
+    "too many tensors": (
+        {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(200)},
+        bytes(800),
+        "a safetensors file of 200 tensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_HOSTILE))
+def test_hostile_safetensors_are_named_in_one_line(case):
+    header, payload, reason = SAFETENSORS_HOSTILE[case]
+    with pytest.raises(CheckpointError) as error:
+        load_state_dict(_safetensors_file(header, payload))
+    assert reason in str(error.value) and "\n" not in str(error.value)
+
+
+def test_safetensors_header_size_is_bounded_before_parsing():
+    # a 3 MB header (the file itself within the 4 MB limit) is refused from its first 8 bytes, unparsed
+    declared = 3_000_000
+    data = struct.pack("<Q", declared) + b"{" + b" " * (declared + 8)
+    with pytest.raises(CheckpointError, match="header declares 3000000 bytes"):
+        load_state_dict(data)
+
+
+def test_half_precision_safetensors_are_refused_by_dtype():
+    from safetensors.torch import save
+
+    half = {key: value.half() for key, value in Net().state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"conv1.weight: dtype torch.float16, expected torch.float32"):
+        load_state_dict(save(half))

@@ -94,6 +94,16 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], needle: str) -
     assert len(lines) == 1 and lines[0].startswith("qcore: error: ") and needle in lines[0], done.stderr
 
 
+def test_evaluate_reads_a_safetensors_state_dict(tmp_path, pretrained, float_eval):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "net.safetensors"
+    save_file(dict(pretrained.state_dict()), weights)
+    done = run_cli("evaluate", "--checkpoint", str(weights), "--calib-batches", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["float_accuracy"] == float_eval.accuracy  # the bundled .pt's
+
+
 @pytest.mark.parametrize(
     "case",
     ["one byte a", "text file", "raw pickle", "None value", "sparse tensor", "overflowing weights", "safetensors"],

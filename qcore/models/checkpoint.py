@@ -1,13 +1,16 @@
 """Save and load state_dicts of the zoo's architectures. Loading treats every file as hostile.
 
-`load_state_dict` is the one door for checkpoints (the CLI and the app both use it). In order, it
+`load_state_dict` is the one door for checkpoints (the CLI and the app both use it). A file is told
+apart by its content, never its name: a zip-format torch checkpoint or a safetensors file. In order, it
 1. bounds the work: the file's size, then (for a zip) the number of entries and their declared
-   uncompressed sizes, read from the central directory before anything is inflated;
-2. names what the file is when it is not a zip-format torch checkpoint (text, plain pickle,
-   safetensors, TorchScript, some other zip or binary);
-3. copies the validated entries into a fresh uncompressed zip, so torch's reader only ever sees an
+   uncompressed sizes, read from the central directory before anything is inflated, or (for
+   safetensors) the header's size and its number of tensors, before the tensors are read;
+2. names what the file is when it is neither (text, plain pickle, TorchScript, some other zip or binary);
+3. copies the validated zip entries into a fresh uncompressed zip, so torch's reader only ever sees an
    archive we built from bounded, CRC-checked bytes;
-4. unpickles with weights_only (no code runs) and turns every exception into CheckpointError;
+4. unpickles with weights_only (no code runs), or reads safetensors with the safetensors library
+   (which parses no pickle and checks every tensor's offsets against the file), and turns every
+   exception into CheckpointError;
 5. checks the result is a state_dict of the expected architecture (the notebook's Net unless a zoo
    model is named): dense, finite CPU tensors of the right shapes and dtypes, BatchNorm variances not
    negative, and that a forward pass on a few probe images stays finite.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -45,6 +49,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_ENTRIES = 128
 MAX_TOTAL_UNCOMPRESSED = 8 * 1024 * 1024
 MAX_PICKLE_BYTES = 1024 * 1024
+# a safetensors header is JSON naming each tensor's dtype, shape and offsets: about 100 bytes per
+# tensor, so 6 kB for the residual net; the bound is read from the first 8 bytes before any parsing
+MAX_SAFETENSORS_HEADER = 64 * 1024
 PROBE_IMAGES = 8
 
 
@@ -89,10 +96,6 @@ def _describe_non_zip(data: bytes) -> str:
             "a plain pickle (or PyTorch's legacy pre-1.6 format), not a zip-format checkpoint; "
             "save it with torch.save(model.state_dict(), path) from PyTorch 1.6 or later"
         )
-    if len(data) >= 10:
-        (header_size,) = struct.unpack("<Q", data[:8])
-        if 2 <= header_size <= len(data) - 8 and data[8:9] == b"{":
-            return "a safetensors file, not a PyTorch checkpoint; save it with torch.save(model.state_dict(), path)"
     if b"\x00" not in data[:4096]:
         try:
             data[:4096].decode("utf-8")
@@ -194,8 +197,46 @@ def _check_size(size: int) -> None:
         )
 
 
-def _unpickle(data: bytes) -> object:
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors' layout: a little-endian u64 header size, then that many bytes of JSON."""
+    if len(data) < 10:
+        return False
+    (header_size,) = struct.unpack("<Q", data[:8])
+    return 2 <= header_size <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _read_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, its header bounded before it is parsed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(
+            [
+                f"a safetensors file whose header declares {header_size} bytes "
+                f"(a zoo state_dict's is about 6 kB; at most {MAX_SAFETENSORS_HEADER} are accepted)"
+            ]
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError([f"a damaged safetensors file (its header is not JSON: {_reason(error)})"]) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(["a damaged safetensors file (its header is not a JSON object)"])
+    tensors = len(header) - ("__metadata__" in header)
+    if tensors > MAX_ENTRIES:
+        raise CheckpointError([f"a safetensors file of {tensors} tensors; a zoo checkpoint has at most about 60"])
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError([f"a damaged safetensors file ({_reason(error)})"]) from None
+
+
+def _parse_checkpoint(data: bytes) -> object:
     _check_size(len(data))
+    if _is_safetensors(data):
+        return _read_safetensors(data)
     if data[:4] != b"PK\x03\x04":
         raise CheckpointError([_describe_non_zip(data)])
     if not zipfile.is_zipfile(io.BytesIO(data)):
@@ -313,7 +354,7 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes | BinaryIO) -> object
         data = source
     else:
         data = source.read(MAX_FILE_BYTES + 1)
-    return _unpickle(data)
+    return _parse_checkpoint(data)
 
 
 def load_state_dict(
