@@ -123,21 +123,14 @@ def test_the_points_follow_the_tflite_rules():
 
 
 def _agreement(model, mnist, config: QuantConfig, images: int = 2000) -> tuple[float, object]:
-    """The fraction of `images` test images on which the engine and the simulation predict alike,
-    leaving out images whose integer logits tie for the maximum (see the test below)."""
+    """The fraction of `images` test images on which the engine and the simulation predict alike."""
     qnet = quantize_model(model, config, calibration_data(mnist.train, config))
     x = mnist.test.images[:images]
     with torch.inference_mode():
         simulated = qnet(x).argmax(1)
     engine = IntegerNet(qnet)
-    logits = engine.logits_int(engine.quantize_input(x))
-    top = logits.topk(2, dim=1).values
-    tied = top[:, 0] == top[:, 1]
-    differ = logits.argmax(1) != simulated
-    # every disagreement is a tie: the logits are requantized to the finest accumulator scale, which
-    # for this 24-input classifier leaves them a few hundred levels (the bundled fc2 has 500 inputs)
-    assert not bool((differ & ~tied).any())
-    return float((~differ[~tied]).float().mean()), (qnet, simulated)
+    predictions = engine.logits_int(engine.quantize_input(x)).argmax(1)
+    return float((predictions == simulated).float().mean()), (qnet, simulated)
 
 
 @pytest.mark.slow
@@ -341,9 +334,7 @@ def test_qat_trains_the_whole_graph_and_the_engine_runs_what_it_trained(every_op
     assert qat_accuracy > ptq_accuracy + (0.03 if method == "lsq" else 0.005)
     engine = IntegerNet(result.qnet)
     logits = engine.logits_int(engine.quantize_input(x))
-    top = logits.topk(2, dim=1).values
-    untied = top[:, 0] != top[:, 1]
-    assert float((logits.argmax(1) == simulated)[untied].float().mean()) >= 0.995
+    assert float((logits.argmax(1) == simulated).float().mean()) >= 0.995
     # the trained float weights come back as the graph with those weights, not as the bundled Net
     assert not isinstance(result.model, Net) and model_graph(result.model).layers == model_graph(every_op).layers
 

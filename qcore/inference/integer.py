@@ -41,6 +41,9 @@ MAX_INT8_FAN_IN = 8192
 # TFLite's single-rounding MultiplyByQuantizedMultiplier requires shift in [-31, 30]: the real
 # multiplier M = M0 * 2^(shift - 31) must lie in [2^-32, 2^30), or the rounding shift leaves int64
 MIN_SHIFT, MAX_SHIFT = -31, 30
+# The logits' common scale is the finest accumulator scale divided by 2^k, k at most this: a multiplier
+# of 2^k times a ratio must keep a shift TFLite allows (below 2^30)
+MAX_LOGIT_EXTRA_BITS = 24
 
 
 class IntegerEngineError(ValueError):
@@ -103,6 +106,27 @@ def accumulator_bound(quant: LayerQuant) -> int:
     x_span = max(int(iq.zero_point) - iq.qmin, iq.qmax - int(iq.zero_point))
     w_span = max(int((wq.zero_point - wq.qmin).abs().max()), int((wq.qmax - wq.zero_point).abs().max()))
     return fan_in * x_span * w_span + int(quant.bias_int.abs().max())
+
+
+def accumulator_bounds(quant: LayerQuant) -> torch.Tensor:
+    """Per output channel, the largest |accumulator| any input can give: max|x - z_x| times the sum of
+    the channel's |w - z_w|, plus |bias| (float64, exact for these integer sizes)."""
+    wq, iq = quant.weight_qparams, quant.input_qparams
+    assert wq is not None and iq is not None and quant.bias_int is not None and quant.weight_int is not None
+    channels = quant.weight_int.shape[0]
+    x_span = max(int(iq.zero_point) - iq.qmin, iq.qmax - int(iq.zero_point))
+    weights = quant.weight_int.reshape(channels, -1).double() - _per_channel(wq.zero_point.double(), channels)[:, None]
+    return x_span * weights.abs().sum(1) + quant.bias_int.double().abs()
+
+
+def logit_extra_bits(bounds: torch.Tensor, ratios: torch.Tensor) -> int:
+    """How many bits finer than the finest accumulator scale the logits' common scale can be while
+    every logit still fits int32 for any input: per output channel the accumulator bound times its
+    scale's ratio to the finest, times 2^k, at most INT32_MAX (0 when even k = 0 could saturate)."""
+    largest = float((bounds.double() * ratios.double()).max())
+    if largest < 1:
+        return MAX_LOGIT_EXTRA_BITS
+    return max(0, min(MAX_LOGIT_EXTRA_BITS, math.floor(math.log2(INT32_MAX / largest))))
 
 
 def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
@@ -355,8 +379,9 @@ class IntegerNet:
         self.layers = {name: self._integer_layer(qnet.layers[name]) for name in self.graph.layers}
 
     # --- building ---------------------------------------------------------------------------------
-    def _requantization(self, value: _Acc | _Grid, point: str | None) -> Requantization:
-        """How `value` reaches `point`'s grid (None: the logits, at the finest accumulator scale)."""
+    def _requantization(self, value: _Acc | _Grid, point: str | None, logit_bits: int = 0) -> Requantization:
+        """How `value` reaches `point`'s grid (None: the logits, at the finest accumulator scale divided
+        by 2^logit_bits)."""
         if isinstance(value, _Grid):  # another grid's integers (a cat input)
             source, target = self.points[value.point], self.points[point]  # type: ignore[index]
             real = source.scale.double().reshape(1) / target.scale.double()
@@ -369,7 +394,7 @@ class IntegerNet:
                 value.point, real, multiplier, shift, 1, zero, target.qmin, target.qmax, int(source.zero_point)
             )
         if point is None:
-            real = value.scale / value.scale.min()
+            real = value.scale / value.scale.min() * 2.0**logit_bits
             zero, low, high = 0, (0 if value.relu or value.relu6 else INT32_MIN), INT32_MAX
         else:
             target = self.points[point]
@@ -456,8 +481,14 @@ class IntegerNet:
             values[op.name] = value
         out = values[self.graph.output]
         self._output_point = out.point if isinstance(out, _Grid) else None
+        self.logit_bits = 0
         if isinstance(out, _Acc):
-            self._requant["<logits>"] = self._requantization(out, None)
+            # Per-channel accumulators have scales s_in * s_w[c]: argmax needs one common scale. The finest
+            # of them alone left a small classifier's logits a few hundred levels, and classes the float
+            # logits tell apart tied; 2^k finer, as fine as int32 allows for any input, they do not.
+            ratios = out.scale / out.scale.min()
+            self.logit_bits = logit_extra_bits(accumulator_bounds(qnet.layers[out.source]), ratios)
+            self._requant["<logits>"] = self._requantization(out, None, self.logit_bits)
             self._layer_requant.setdefault(out.source, self._requant["<logits>"])
 
     def _integer_layer(self, quant: LayerQuant) -> IntegerLayer:

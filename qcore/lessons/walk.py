@@ -127,7 +127,8 @@ def explain(
             window, pooled, input_patch, feature_int, feature_float = [], None, [], [], []
         shift = int(layer.shift[channel])
         multiplier = int(layer.multiplier[channel])
-        exact = _exact_multiplier(qnet, name, channel)
+        reals = engine.real_multipliers[name].reshape(-1)
+        exact = float(reals[channel if reals.numel() > 1 else 0])
         walks.append(
             LayerWalk(
                 name=name,
@@ -179,17 +180,3 @@ def divmod_index(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
         flat, rest = divmod(flat, size)
         index.append(rest)
     return tuple(reversed(index))
-
-
-def _exact_multiplier(qnet, name: str, channel: int) -> float:
-    """s_in * s_w / s_out in float64, as the engine derives M0 and the shift from it."""
-    quant = qnet.layers[name]
-    s_w = quant.weight_qparams.scale.double().reshape(-1)
-    s_acc = quant.input_qparams.scale.double() * (s_w[channel] if s_w.numel() > 1 else s_w[0])
-    names = qnet.graph.layers
-    following = names.index(name) + 1
-    if following < len(names):
-        s_out = qnet.layers[names[following]].input_qparams.scale.double()
-    else:
-        s_out = (quant.input_qparams.scale.double() * s_w).min()
-    return float(s_acc / s_out)
