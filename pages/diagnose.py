@@ -158,7 +158,8 @@ gap = result.engine_gap
 if gap.available:
     st.markdown(
         f"The integer engine predicts differently from the simulation on **{len(gap.disagreeing_images)}** of the "
-        "10,000 test images. Below, each layer gets the simulation's own input integers, so each gap is its own."
+        "10,000 test images. Below, each layer (and each add or cat) gets the simulation's own input integers, so "
+        "each gap is its own."
     )
     st.plotly_chart(lsb_difference_figure({g.layer: g.differences for g in gap.layers}), key="lsb_differences")
     table_with_csv(

@@ -8,7 +8,7 @@ from qcore.config import integer_path_problems
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from qcore.files import shorten
 from qcore.inference.integer import IntegerEngineError
-from qcore.models.zoo import zoo_model
+from qcore.lessons.walk import AddWalk, walk_shapes
 from ui import cache, session
 
 TERMS_SHOWN = 4
@@ -27,27 +27,20 @@ st.latex(
     r"y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{acc} \cdot M_0 \cdot 2^{\mathrm{shift} - 31})"
     r" + z_y,\ z_y,\ q_{\max}\big)"
 )
-if not zoo_model(entry.zoo).is_notebook_net:
-    st.info(
-        "This lesson writes out the notebook's net (conv, pool, conv, pool, fc, fc) term by term; it does not "
-        "walk this model's graph yet. The Deploy page runs this model on the integer engine and compares it "
-        "with the simulation image by image; choose a notebook net on the Model page to follow one image here."
-    )
-    session.stop_page()
 problems = integer_path_problems(config)
 if problems:
     st.warning("The integer engine cannot run this config: " + "; ".join(problems) + ". Change it in the sidebar.")
     session.stop_page()
 image = int(st.number_input("Test image (0 to 9999)", 0, len(mnist.test) - 1, 0, key="lesson3_image"))
 positions = {}
-with st.expander("Choose the output followed in each layer (default: each layer's largest output)"):
-    for name, shape in (("conv1", (19, 23, 23)), ("conv2", (49, 7, 7)), ("fc1", (499,)), ("fc2", (9,))):
+with st.expander("Choose the output followed in each layer and add (default: each one's largest output)"):
+    for name, shape in walk_shapes(entry.graph).items():
         if st.checkbox(f"choose for {name}", key=f"lesson3_pick_{name}"):
             columns = st.columns(len(shape))
             labels = ("channel", "row", "column") if len(shape) == 3 else ("output",)
             positions[name] = [
-                int(column.number_input(f"{name} {label}", 0, top, 0, key=f"lesson3_{name}_{label}"))
-                for column, label, top in zip(columns, labels, shape, strict=True)
+                int(column.number_input(f"{name} {label}", 0, size - 1, 0, key=f"lesson3_{name}_{label}"))
+                for column, label, size in zip(columns, labels, shape, strict=True)
             ]
 try:
     walk = cache.walk(
@@ -63,18 +56,46 @@ except IntegerEngineError as error:  # scales the engine cannot represent: said 
     st.warning("The integer engine cannot run this model: " + shorten(error, 300))
     session.stop_page()
 picture = (mnist.test.images[image, 0] * mnist.spec.std + mnist.spec.mean).tolist()
+classes = mnist.spec.class_names
 left, right = st.columns([1, 3])
 left.plotly_chart(digits_figure([picture], [f"#{image}: label {walk.label}"], columns=1), key="lesson3_digit")
 right.markdown(
-    f"Label **{walk.label}**. The integer engine predicts **{walk.prediction}**; the float model predicts "
-    f"**{walk.float_prediction}**."
+    f"Label **{walk.label}** ({classes[walk.label]}). The integer engine predicts **{walk.prediction}** "
+    f"({classes[walk.prediction]}); the float model predicts **{walk.float_prediction}** "
+    f"({classes[walk.float_prediction]})."
 )
-for layer in walk.layers:
-    st.subheader(f"{layer.name}, output {layer.position}")
+last_layer = entry.graph.layers[-1]
+steps = {step.name: step for step in [*walk.layers, *walk.adds]}
+for name in walk.order:
+    step = steps[name]
+    st.subheader(f"{name}, output {step.position}")
+    if isinstance(step, AddWalk):
+        lines = [
+            f"TFLite's int8 ADD of {step.inputs[0]} and {step.inputs[1]}, each on its own grid:",
+            *(
+                f"  ({q} − {z}) << {step.left_shift} = {(q - z) << step.left_shift}, times M0 {m} · 2^({s} − 31)"
+                f" (rounded once) → {r}"
+                for q, z, m, s, r in zip(
+                    step.input_values,
+                    step.input_zero_points,
+                    step.input_multipliers,
+                    step.input_shifts,
+                    step.rescaled,
+                    strict=True,
+                )
+            ),
+            f"sum {step.rescaled[0]} + {step.rescaled[1]} = {step.total}",
+            f"times M0 {step.multiplier} · 2^({step.shift} − 31), rounded once → {step.scaled}",
+            f"+ output zero point {step.output_zero_point}, clamp to [{step.output_min}, {step.output_max}] "
+            f"(a ReLU after the add is the clamp at the zero point) = {step.output}",
+        ]
+        st.code("\n".join(lines), language=None)
+        continue
+    layer = step
     if layer.feature_map_int:
         st.plotly_chart(
             heatmaps_figure(
-                [f"integer map, channel {layer.position[0]} (after pool)", "float map (after pool)"],
+                [f"integer map, channel {layer.position[0]} (on its grid)", "float map (the same place)"],
                 [layer.feature_map_int, layer.feature_map_float],
                 annotate=False,
             ),
@@ -94,12 +115,15 @@ for layer in walk.layers:
         f"acc · M0 + 2^({30 - layer.shift}), shifted right by 31 − shift = {31 - layer.shift} bits "
         f"(rounded once, half up) → {layer.scaled}",
         f"+ output zero point {layer.output_zero_point}, clamp to [{layer.output_min}, {layer.output_max}] "
-        f"(the ReLU is the clamp at the zero point) = {layer.output}",
+        f"(a ReLU is the clamp at the zero point) = {layer.output}",
     ]
     if layer.pooled is not None:
-        lines.append(f"max-pool over its 2x2 window {layer.pooled_window} = {layer.pooled}")
-    if layer.name == "fc2":
-        lines[-1] = f"fc2 keeps int32: logit {layer.output} for digit {layer.position[0]} (no clamp, no ReLU)"
+        lines.append(f"max-pool over its window {layer.pooled_window} = {layer.pooled}")
+    if layer.name == last_layer:
+        lines[-1] = (
+            f"{layer.name} keeps int32: logit {layer.output} for class {layer.position[0]} "
+            f"({classes[layer.position[0]]}), at the logits' common scale (no clamp, no ReLU)"
+        )
     st.code("\n".join(lines), language=None)
 st.subheader("The answer")
 st.plotly_chart(logits_figure(walk.logits_int32, walk.float_probabilities), key="lesson3_logits")

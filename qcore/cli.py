@@ -195,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_flags(explain_cmd)
     _add_common(explain_cmd)
     explain_cmd.add_argument("--image", type=int, required=True, help="test image index (0 to 9999)")
-    explain_cmd.add_argument("--layer", help="the layer whose --position is given (conv1, conv2, fc1 or fc2)")
     explain_cmd.add_argument(
-        "--position", help="that layer's output index, channel first: c,row,col for conv1/conv2, j for fc1/fc2"
+        "--layer", help="the layer or add whose --position is given (the notebook's net: conv1, conv2, fc1 or fc2)"
+    )
+    explain_cmd.add_argument(
+        "--position", help="its output index, channel first: c,row,col for a conv or an add of maps, j for a linear"
     )
     graph_cmd = commands.add_parser(
         "graph", help="the model graph every path walks: operations, shapes, quantization points, BatchNorm folding"
@@ -613,34 +615,31 @@ def cmd_diagnose(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
-def _position(text: str | None, layer_name: str | None) -> dict[str, list[int]]:
+def _position(text: str | None, layer_name: str | None, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
     if text is None and layer_name is None:
         return {}
     if text is None or layer_name is None:
         raise UsageError("--layer and --position go together")
+    if layer_name not in shapes:
+        raise UsageError(f"--layer must be one of {', '.join(shapes)} (got {shorten(layer_name)!r})")
     try:
         position = [int(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"--position: expected integers like 3,10,12 (got {shorten(text)!r})") from None
-    expected = 3 if layer_name.startswith("conv") else 1
+    expected = len(shapes[layer_name])
     if len(position) != expected:
         raise UsageError(f"--position for {layer_name} has {expected} number(s), channel first")
     return {layer_name: position}
 
 
 def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
-    from qcore.lessons.walk import explain
+    from qcore.graph import model_graph
+    from qcore.lessons.walk import LayerWalk, explain, walk_shapes
 
-    if not zoo_model(args.model).is_notebook_net:
-        raise UsageError(
-            f"explain walks the notebook's net (conv, pool, conv, pool, fc, fc) only; {args.model} is not it yet"
-        )
-    if args.layer is not None and args.layer not in LAYER_NAMES:
-        raise UsageError(f"--layer must be one of {', '.join(LAYER_NAMES)} (got {shorten(args.layer)!r})")
-    positions = _position(args.position, args.layer)
     if not 0 <= args.image <= 9999:
         raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
     model, trained = _load_for_quantization(args, "explain")
+    positions = _position(args.position, args.layer, walk_shapes(model_graph(model)))
     config = config_from_args(args) if trained is None else trained.config
     _require_integer_path("explain (the integer engine)", config)
     data = _dataset(args)
@@ -653,12 +652,21 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
             f"test image {walk.image}: label {walk.label}, "
             f"integer prediction {walk.prediction}, float {walk.float_prediction}"
         )
-        for layer_walk in walk.layers:
-            print(
-                f"{layer_walk.name} at {layer_walk.position}: {len(layer_walk.terms)} terms, "
-                f"accumulator {layer_walk.accumulator} (bias {layer_walk.bias}), M0 {layer_walk.multiplier} "
-                f"shift {layer_walk.shift} (M = {layer_walk.real_multiplier:.9g}), output {layer_walk.output}"
-            )
+        steps = {step.name: step for step in [*walk.layers, *walk.adds]}
+        for name in walk.order:
+            step = steps[name]
+            if isinstance(step, LayerWalk):
+                print(
+                    f"{step.name} at {step.position}: {len(step.terms)} terms, "
+                    f"accumulator {step.accumulator} (bias {step.bias}), M0 {step.multiplier} "
+                    f"shift {step.shift} (M = {step.real_multiplier:.9g}), output {step.output}"
+                )
+            else:
+                print(
+                    f"{step.name} at {step.position}: inputs {step.input_values} (zero points "
+                    f"{step.input_zero_points}), rescaled {step.rescaled}, sum {step.total}, M0 {step.multiplier} "
+                    f"shift {step.shift}, output {step.output}"
+                )
         print(f"int32 logits: {walk.logits_int32}")
     return walk.to_dict()
 

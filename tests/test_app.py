@@ -512,6 +512,7 @@ def test_lesson_one_kernel_matches_qcore(app, pretrained):
 @pytest.mark.slow
 def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bits):
     from qcore.inference.integer import IntegerNet
+    from tests.test_lessons import bundled_outputs_int
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(bits)
@@ -521,7 +522,7 @@ def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bit
     at.number_input(key="lesson3_image").set_value(11).run()
     no_exceptions(at)
     engine = IntegerNet(quantize_for(pretrained, mnist, QuantConfig(weight_bits=bits, act_bits=bits)))
-    logits, outputs = engine.trace_int(engine.quantize_input(mnist.test.images[11:12]))
+    logits, outputs = bundled_outputs_int(engine, engine.quantize_input(mnist.test.images[11:12]))
     assert len(at.code) == 4  # one written-out computation per layer
     conv1, conv2, fc1, fc2 = (c.value for c in at.code)
     for text, name in ((conv1, "conv1"), (conv2, "conv2")):
@@ -529,7 +530,7 @@ def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bit
         assert text.splitlines()[-1].endswith(f"= {int(outputs[name][0].max())}")
     assert fc1.splitlines()[-1].endswith(f"= {int(outputs['fc1'][0].max())}")
     predicted = int(logits[0].argmax())
-    assert f"logit {int(logits[0, predicted])} for digit {predicted}" in fc2
+    assert f"logit {int(logits[0, predicted])} for class {predicted} ({predicted})" in fc2
     assert any(f"predicts **{predicted}**" in m.value for m in at.markdown)
 
 
@@ -882,6 +883,10 @@ def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo):
     table = next(frame for frame in at.dataframe if "class" in frame.value.columns)
     assert list(table.value["class"]) == list(FASHION_MNIST.class_names)
     assert ZOO[zoo].dataset == "fashion-mnist"
+    # one image on integers walks this model's graph: one written-out computation per layer and per add
+    at.switch_page("pages/one_image.py").run()
+    adds = [c.value for c in at.code if c.value.startswith("TFLite's int8 ADD")]
+    assert len(at.code) == len(layers) + len(adds) and len(adds) == (3 if zoo == "fashion-resnet" else 0)
 
 
 def model_graph_layers(zoo: str) -> tuple[str, ...]:

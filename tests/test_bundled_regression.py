@@ -182,10 +182,15 @@ def capture_fast(model, data) -> dict[str, object]:
     return numbers
 
 
+# What the explain walk held at ea8d967 (it has since learnt residual adds, in a list of their own)
+OLD_WALK_KEYS = ("image", "label", "prediction", "float_prediction", "float_probabilities", "layers")
+
+
 def _walk_before_the_logits(walk: dict[str, object]) -> dict[str, object]:
-    """The explain walk without its last layer and logits: the part the finer logit scale left alone."""
+    """The explain walk as ea8d967 had it, without its last layer and logits: the part the finer logit
+    scale left alone."""
     layers = walk["layers"]
-    return {**{k: v for k, v in walk.items() if k != "logits_int32"}, "layers": layers[:-1]}  # type: ignore[index]
+    return {**{k: walk[k] for k in OLD_WALK_KEYS}, "layers": layers[:-1]}  # type: ignore[index]
 
 
 # The W4A4 walk of test image 0 at 586af23, before the finer logit scale: its int32 logits, and fc2's M0

@@ -4,11 +4,14 @@ ONNX Runtime and integer computations by hand."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
 from qcore.graph import GraphError, OpKind, model_graph, quant_plan, run_float
 from qcore.inference.integer import (
@@ -261,8 +264,19 @@ def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
     # all-quantized accuracy is one of the rows' "all but this" neighbours, so check the ordering that holds
     for row in diagnosis.layers:
         assert 0.0 <= row.only_this_accuracy <= 1.0 and 0.0 <= row.all_but_this_accuracy <= 1.0
-    # the layer-by-layer engine gap follows one path; with branches the predictions are compared only
-    assert diagnosis.engine_gap.available and diagnosis.engine_gap.layers == []
+    # the engine gap has one row per quantization point after the input, each fed the simulation's own
+    # integers: the layers' requantized outputs, the add (after its ReLU) and the cat, all within 1 LSB
+    gap = diagnosis.engine_gap
+    plan = quantize_for(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4)).plan
+    graph = model_graph(every_op)
+    points = [point for point in plan.points if point != "input"]
+    assert gap.available and len(gap.layers) == len(points)
+    assert {"stem", "add", "cat"} <= {row.layer for row in gap.layers}
+    for row, point in zip(gap.layers, points, strict=True):
+        assert row.values == 1000 * math.prod(graph.op(point).shape[1:])  # SQNR_IMAGES test images
+        assert set(row.differences) <= {-1, 0, 1} and sum(row.differences.values()) == row.values
+        if row.tie_window is not None:  # a layer's requantization: every differing value near a tie
+            assert row.differing_near_tie == row.values - row.differences.get(0, 0)
     html = diagnosis_html(diagnosis, "every-op", "fp")
     assert all(f">{name}<" in html for name in ("stem", "depthwise", "add", "cat"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
@@ -53,6 +54,15 @@ def test_explain_recomputed_in_plain_integers(pretrained, mnist, bits):
     assert walk.prediction == max(range(10), key=lambda d: walk.logits_int32[d])
 
 
+def bundled_outputs_int(engine: IntegerNet, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The integer logits and each layer's output as the next layer reads it, unflattened: the values
+    of the ops where Net.forward's layers end (conv1 after its pool and ReLU, conv2 at the flatten
+    fc1 reads, unflattened to its 50 maps of 4 x 4, fc1 after its ReLU)."""
+    values = engine.values_int(x)
+    outputs = {"conv1": values["relu"], "conv2": values["flatten"].reshape(-1, 50, 4, 4), "fc1": values["relu_2"]}
+    return values["<logits>"], outputs
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_explain_equals_the_engines_intermediate_tensors(pretrained, mnist, bits):
     config = QuantConfig(weight_bits=bits, act_bits=bits)
@@ -61,7 +71,7 @@ def test_explain_equals_the_engines_intermediate_tensors(pretrained, mnist, bits
     walk = explain(pretrained, mnist, config, image, positions)
     engine = IntegerNet(quantize_for(pretrained, mnist, config))
     x = engine.quantize_input(mnist.test.images[image : image + 1])
-    logits, outputs = engine.trace_int(x)
+    logits, outputs = bundled_outputs_int(engine, x)
     assert walk.logits_int32 == logits[0].tolist()
     assert walk.prediction == int(engine.predict(mnist.test.images[image : image + 1])[0])
     layers = {layer.name: layer for layer in walk.layers}
@@ -112,3 +122,71 @@ def test_explain_refuses_bad_arguments_in_one_line(args, needle):
     done = run_cli("explain", *args)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_explain_walks_every_operation_term_by_term(mnist):
+    """The walk on a graph with every operation (untrained weights: the arithmetic is what is checked),
+    recomputed in plain Python from the engine's own integers: a padded strided conv's patch, a
+    depthwise conv's one channel, the TFLite ADD's steps, and each output against the engine's."""
+    from qcore.graph import OpKind, model_graph
+    from tests.test_graph import EveryOp
+
+    torch.manual_seed(0)
+    model = EveryOp().eval()
+    config = QuantConfig()
+    image = 3
+    positions = {"down": [5, 0, 0], "depthwise": [6, 0, 13]}  # corners: the zero padding takes part
+    walk = explain(model, mnist, config, image, positions)
+    graph = model_graph(model)
+    engine = IntegerNet(quantize_for(model, mnist, config))
+    values = engine.values_int(engine.quantize_input(mnist.test.images[image : image + 1]))
+    assert walk.order == [op.name for op in graph.ops if op.is_layer or op.kind is OpKind.ADD]
+    assert walk.logits_int32 == values["<logits>"][0].tolist()
+    layers = {layer.name: layer for layer in walk.layers}
+    for layer in walk.layers:
+        zx, zw = layer.input_zero_point, layer.weight_zero_point
+        assert layer.accumulator == sum((x - zx) * (w - zw) for x, w in layer.terms) + layer.bias
+        assert layer.scaled == requantize(layer.accumulator, layer.multiplier, layer.shift)
+        assert layer.output == min(max(layer.scaled + layer.output_zero_point, layer.output_min), layer.output_max)
+    # 'down' reads the add's output (8 channels) with a 3x3 kernel, stride 2 and padding 1: output (0, 0)
+    # reads rows and columns -1..1, the -1s being the padding at the input's zero point
+    down = layers["down"]
+    x = values[graph.op("down").inputs[0]][0].tolist()
+    zx = down.input_zero_point
+    patch = [x[c][r][k] if r >= 0 and k >= 0 else zx for c in range(8) for r in (-1, 0, 1) for k in (-1, 0, 1)]
+    assert [t[0] for t in down.terms] == patch
+    assert [t[1] for t in down.terms] == engine.layers["down"].weight[5].flatten().tolist()
+    # the depthwise conv's channel 6 reads input channel 6 alone: 9 terms, the right column padded
+    depthwise = layers["depthwise"]
+    x = values[graph.op("depthwise").inputs[0]][0, 6].tolist()
+    zx = depthwise.input_zero_point
+    patch = [x[r][k] if 0 <= r < 14 and 0 <= k < 14 else zx for r in (-1, 0, 1) for k in (12, 13, 14)]
+    assert [t[0] for t in depthwise.terms] == patch
+    # the add: each input's integer and zero point, shifted left by 20, rescaled by its own multiplier,
+    # summed and requantized; the output is the engine's integer at the add's grid (after its ReLU)
+    (add,) = walk.adds
+    op = graph.op(add.name)
+    point = graph.consumers(add.name)[0].name  # F.relu(x + y): the point is the ReLU after the add
+    where = tuple(add.position)
+    assert add.input_values == [int(values[name][0][where]) for name in op.inputs]
+    for q, z, m, s, r in zip(
+        add.input_values, add.input_zero_points, add.input_multipliers, add.input_shifts, add.rescaled, strict=True
+    ):
+        assert r == requantize((q - z) << 20, m, s)
+    assert add.total == sum(add.rescaled) == int(values[add.name][0][where])
+    assert add.scaled == requantize(add.total, add.multiplier, add.shift)
+    assert add.output == min(max(add.scaled + add.output_zero_point, add.output_min), add.output_max)
+    assert add.output == int(values[point][0][where]) and add.output_min == add.output_zero_point  # the ReLU
+
+
+@pytest.mark.slow
+def test_explain_cli_walks_a_residual_zoo_model():
+    done = run_cli("explain", "--model", "fashion-resnet", "--image", "3", "--layer", "add_1", "--position", "4,2,2")
+    assert done.returncode == 0, done.stderr
+    assert "add_1 at [4, 2, 2]: inputs" in done.stdout
+    done = run_cli("explain", "--model", "fashion-resnet", "--image", "3", "--json")
+    result = json.loads(done.stdout)
+    assert [add["name"] for add in result["adds"]] == ["add", "add_1", "add_2"]
+    assert len(result["layers"]) == 10  # stem, two convs in each of three blocks, two strided shortcuts, fc
+    refused = run_cli("explain", "--model", "fashion-resnet", "--image", "3", "--layer", "conv1", "--position", "1")
+    assert refused.returncode == 2 and "--layer must be one of stem, layer1.conv1" in refused.stderr

@@ -19,14 +19,14 @@ import torch
 from qcore.analysis.tables import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Dataset
-from qcore.graph import GraphRun, OpKind
+from qcore.graph import OpKind
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import Net, capture_layers
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet
-from qcore.quantize.quant import quantize, sqnr_db
+from qcore.quantize.quant import QParams, quantize, sqnr_db
 
 if TYPE_CHECKING:
-    from qcore.inference.integer import IntegerNet
+    from qcore.inference.integer import Requantization
 
 SQNR_IMAGES = 1000  # test images for the SQNR columns (the accuracies use all 10,000)
 Progress = Callable[[int, int, str], None]
@@ -56,16 +56,19 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class LayerGap:
-    """Integer engine minus simulation for one layer's output integers, in LSBs."""
+    """Integer engine minus simulation for the integers of one quantization point, in LSBs: a layer's
+    requantized output (named by the layer), an add's output or a cat (named by the op)."""
 
     layer: str
     differences: dict[int, int]  # LSB difference -> count (0 included)
     values: int
-    differing_near_tie: int  # differing values that lie within `tie_window` of a tie
+    # differing values that lie within `tie_window` of a tie (None: no window measured, adds and cats)
+    differing_near_tie: int | None
     largest_tie_distance: float  # of the differing values, how far (in LSB) the worst lay from x.5
-    # in LSB, measured: the largest distance between the two paths' unrounded values (M0's fixed-point
-    # error on the engine's side, float32's on the simulation's); only values this close to a tie can part
-    tie_window: float
+    # in LSB, measured for a layer's requantization: the largest distance between the two paths'
+    # unrounded values (M0's fixed-point error on the engine's side, float32's on the simulation's);
+    # only values this close to a tie can part. None for an add (two roundings of its own) or a cat.
+    tie_window: float | None
 
 
 @dataclass
@@ -161,9 +164,10 @@ def _candidates(config: QuantConfig, layers: Sequence[str]) -> list[tuple[str, d
 @torch.inference_mode()
 def engine_gap(qnet: QuantizedNet, data: Dataset, images: int = SQNR_IMAGES) -> EngineGap:
     """Images whose prediction differs between the integer engine and the simulation (full test
-    set), and for conv1, conv2 and fc1 the integer differences of their requantized outputs when the
-    engine's layer gets the simulation's own input integers (so each layer's gap is its own, not
-    inherited), on the first `images` test images. fc2's logits are compared by prediction only."""
+    set), and, on the first `images` test images, the integer differences at every quantization point
+    when the engine gets the simulation's own integers at every point before it (so each point's gap
+    is its own, not inherited): each layer's requantized output, each add's and cat's output. The
+    logits are compared by prediction only."""
     problems = integer_path_problems(qnet.config)
     if problems:
         return EngineGap(False, "; ".join(problems))
@@ -175,29 +179,29 @@ def engine_gap(qnet: QuantizedNet, data: Dataset, images: int = SQNR_IMAGES) -> 
         return EngineGap(False, str(error))
     simulated = evaluate(qnet, data.test).predictions
     disagreeing = (engine.predict(data.test.images) != simulated).nonzero().flatten().tolist()
-    if not qnet.graph.is_chain():  # the layer-by-layer comparison follows one path; predictions only
-        return EngineGap(True, "", disagreeing, [])
-    _, outputs, inputs = qnet.trace(data.test.images[:images])
+    reals = qnet.point_values(data.test.images[:images])
+    fed = {point: quantize(value, qnet.points[point].qparams).to(torch.int64) for point, value in reals.items()}
+    before: dict[str, torch.Tensor] = {}
+    integers = engine.values_int(fed[qnet.graph.ops[0].name], feed=fed, before=before)
     gaps = []
-    layers = qnet.graph.layers
-    for name, following in zip(layers[:-1], layers[1:], strict=True):
-        in_qparams, out_qparams = qnet.layers[name].input_qparams, qnet.layers[following].input_qparams
-        assert in_qparams is not None and out_qparams is not None
-        out = _float_chain(engine, name, outputs[name])
-        unrounded = out.double() / float(out_qparams.scale) + int(out_qparams.zero_point)
-        simulated_int = quantize(inputs[following], out_qparams).reshape(out.shape).to(torch.int64)
-        accumulators = engine.accumulators(name, quantize(inputs[name], in_qparams).to(torch.int64))
-        integer = engine.requantize(name, accumulators).reshape(out.shape)
-        difference = (integer - simulated_int).flatten()
+    for point in qnet.plan.points:
+        if qnet.graph.op(point).kind is OpKind.INPUT:
+            continue
+        qparams = qnet.points[point].qparams
+        difference = (integers[point] - fed[point]).flatten()
         values, counts = difference.unique(return_counts=True)
+        unrounded = reals[point].double() / float(qparams.scale) + int(qparams.zero_point)
         tie_distance = ((unrounded - unrounded.floor()) - 0.5).abs().flatten()[difference != 0]
-        step = tie_window(engine, name, accumulators, unrounded)
+        requant = engine._requant.get(point)
+        name, step = point if requant is None else requant.source, None  # a layer's or an add's name
+        if requant is not None and requant.source in qnet.layers:
+            step = tie_window(requant, before[point], unrounded, _activation(qnet, requant.source, point), qparams)
         gaps.append(
             LayerGap(
                 name,
                 {int(v): int(c) for v, c in zip(values, counts, strict=True)},
                 int(difference.numel()),
-                int((tie_distance <= step).sum()),
+                None if step is None else int((tie_distance <= step).sum()),
                 float(tie_distance.max()) if tie_distance.numel() else 0.0,
                 step,
             )
@@ -205,28 +209,41 @@ def engine_gap(qnet: QuantizedNet, data: Dataset, images: int = SQNR_IMAGES) -> 
     return EngineGap(True, "", disagreeing, gaps)
 
 
-def _float_chain(engine: IntegerNet, name: str, y: torch.Tensor) -> torch.Tensor:
-    """A layer's float output through the pools and activations between it and the next layer's
-    input (not the flatten: the engine requantizes before it), as the graph's float walk computes them."""
-    run = GraphRun(engine.graph)
-    for op in engine._chain_after(name):
-        if op.kind is not OpKind.FLATTEN:
-            y = run.compute(op, [y])
-    return y
+def _activation(qnet: QuantizedNet, layer: str, point: str) -> OpKind | None:
+    """The ReLU or ReLU6 between a layer and the point its output is requantized to, if any."""
+    op = qnet.graph.op(point)
+    while op.name != layer:
+        if op.kind in (OpKind.RELU, OpKind.RELU6):
+            return op.kind
+        op = qnet.graph.op(op.inputs[0])
+    return None
 
 
-def tie_window(engine: IntegerNet, name: str, accumulators: torch.Tensor, unrounded: torch.Tensor) -> float:
-    """How far apart, in output LSB, the two paths' unrounded values lie for this layer's integer
-    `accumulators`, measured: each is compared with the exact value acc * s_in * s_w / s_out (+ z) in
-    float64. The engine's side is M0's error (at most 2^-32 of M, relative), the simulation's is
-    float32's summation error."""
-    layer = engine.layers[name]
+def tie_window(
+    requant: Requantization,
+    accumulators: torch.Tensor,
+    unrounded: torch.Tensor,
+    activation: OpKind | None,
+    qparams: QParams,
+) -> float:
+    """How far apart, in output LSB, the two paths' unrounded values lie for a layer's integer
+    `accumulators` (as the requantization reads them), measured: each is compared with the exact value
+    acc * s_in * s_w / s_out (+ z), through the same ReLU or ReLU6, in float64. The engine's side is
+    M0's error (at most 2^-32 of M, relative), the simulation's is float32's summation error."""
     acc = accumulators.to(torch.float64)
-    shape = (1, -1, 1, 1) if acc.ndim == 4 else (1, -1)
-    fixed = (layer.multiplier.double() * 2.0 ** (layer.shift.double() - 31)).reshape(shape)
-    exact_multiplier = engine.real_multipliers[name].reshape(shape)
-    # the ReLU: at or below the output zero point both paths give the zero point, nothing to round
-    exact = torch.clamp(acc * exact_multiplier + layer.output_zero, min=layer.output_zero)
+    multiplier, shift, real = requant.multiplier, requant.shift, requant.real_multiplier.double()
+    if requant.repeat > 1:
+        multiplier, shift, real = (t.repeat_interleave(requant.repeat) for t in (multiplier, shift, real))
+    shape = [1] * acc.ndim
+    if multiplier.numel() > 1:
+        shape[1] = -1
+    fixed = (multiplier.double() * 2.0 ** (shift.double() - 31)).reshape(shape)
+    exact_multiplier = real.reshape(shape)
+    exact = acc * exact_multiplier + requant.output_zero
+    if activation is not None:  # at or below the zero point both paths give the zero point: nothing to round
+        exact = torch.clamp(exact, min=requant.output_zero)
+    if activation is OpKind.RELU6:
+        exact = torch.clamp(exact, max=6.0 / float(qparams.scale) + int(qparams.zero_point))
     engine_side = (acc * (fixed - exact_multiplier)).abs()
     simulation_side = (unrounded.reshape(exact.shape) - exact).abs()
     return float((engine_side + simulation_side).max())

@@ -171,7 +171,9 @@ def diagnosis_html(diagnosis: Diagnosis, model_name: str, fingerprint: str) -> s
                 g.values,
                 sum(c for k, c in g.differences.items() if k != 0),
                 ", ".join(f"{k:+d}: {c}" for k, c in sorted(g.differences.items()) if k != 0) or "none",
-                f"{g.differing_near_tie} within {g.tie_window:.4g} LSB of a tie",
+                "no tie window measured (an add's or a cat's own rounding)"
+                if g.tie_window is None
+                else f"{g.differing_near_tie} within {g.tie_window:.4g} LSB of a tie",
             ]
             for g in gap.layers
         ]
@@ -179,7 +181,7 @@ def diagnosis_html(diagnosis: Diagnosis, model_name: str, fingerprint: str) -> s
             f"<p>The integer engine and the simulation predict differently on {len(gap.disagreeing_images)} of "
             f"the 10,000 test images.</p>"
             + _table(["layer", "values compared", "differing", "differences (LSB: count)", "cause"], gap_rows)
-            + "<p>Each layer is fed the simulation's own input integers, so each gap is the layer's own. A "
+            + "<p>Each layer, add and cat is fed the simulation's own input integers, so each gap is its own. A "
             "differing value lies within the tie window of a rounding tie: the simulation rounds the "
             "real value half to even in float, the engine multiplies by a 31-bit fixed-point approximation "
             "of the multiplier and rounds once, half up.</p>"

@@ -471,6 +471,8 @@ class IntegerNet:
                 for index, source in enumerate(inputs):
                     if not (isinstance(source, _Grid) and source.point == op.name):
                         self._cat_inputs[(op.name, index)] = self._requantization(source, op.name)
+                        if isinstance(source, _Acc):  # a layer's accumulators requantized straight into the cat
+                            self._layer_requant.setdefault(source.source, self._cat_inputs[(op.name, index)])
                 value = _Grid(op.name)
             else:
                 raise IntegerEngineError(f"the integer engine has no rule for {op.kind}")
@@ -548,19 +550,35 @@ class IntegerNet:
             return torch.cat(parts, dim=1)
         return args[0]  # log_softmax: argmax needs none
 
-    def _walk(self, x: torch.Tensor, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _walk(
+        self,
+        x: torch.Tensor,
+        keep: dict[str, torch.Tensor] | None = None,
+        feed: dict[str, torch.Tensor] | None = None,
+        before: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The integer logits of input integers `x`. `keep` collects every op's integers (a point's after
+        its requantization), `before` each requantized op's value before its requantization (the
+        accumulators, pooled where a max-pool came first), and `feed` replaces a point's integers by
+        given ones before anything reads them (the diagnosis feeds the simulation's own)."""
         values: dict[str, torch.Tensor] = {}
         for op in self.graph.ops:
             value = x if op.kind is OpKind.INPUT else self._compute(op, [values[name] for name in op.inputs])
             requant = self._requant.get(op.name)
             if requant is not None:
+                if before is not None:
+                    before[op.name] = value
                 value = requant.apply(value)
-            values[op.name] = value
             if keep is not None:
                 keep[op.name] = value
+            if feed is not None and op.name in feed:
+                value = feed[op.name]
+            values[op.name] = value
         out = values[self.graph.output]
         if self._output_point is not None:
             return out - int(self.points[self._output_point].zero_point)
+        if before is not None:
+            before["<logits>"] = out
         return self._requant["<logits>"].apply(out)
 
     def logits_int(self, x: torch.Tensor) -> torch.Tensor:
@@ -569,56 +587,26 @@ class IntegerNet:
             raise TypeError("logits_int takes the quantized input integers; use quantize_input first")
         return self._walk(x)
 
-    def values_int(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every op's integers for integer input (a point's after its requantization)."""
+    def values_int(
+        self,
+        x: torch.Tensor,
+        feed: dict[str, torch.Tensor] | None = None,
+        before: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every op's integers for integer input (a point's after its requantization), and "<logits>"."""
         kept: dict[str, torch.Tensor] = {}
-        self._walk(x, kept)
+        kept["<logits>"] = self._walk(x, kept, feed, before)
         return kept
-
-    # --- one layer at a time, for chain-shaped graphs (the explain walk and the engine gap) -----------
-    def _chain_after(self, name: str) -> list[Op]:
-        """The pass-through ops between layer `name` and the grid its output is requantized to."""
-        if not self.graph.is_chain():
-            raise IntegerEngineError("a layer-by-layer walk needs a network without branches")
-        ops, following = [], self.graph.consumers(name)
-        while following and not following[0].is_layer and following[0].kind is not OpKind.LOG_SOFTMAX:
-            ops.append(following[0])
-            if following[0].name in self._requant:
-                break
-            following = self.graph.consumers(following[0].name)
-        return ops
-
-    def layer_int(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One layer on integers: its input integers in, its requantized output out (conv1, conv2 and
-        fc1 of the bundled net: the next layer's input integers, after max-pool and the ReLU clamp,
-        before any flatten)."""
-        return self.requantize(name, self.accumulators(name, x))
 
     def layer_accumulators(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One layer's accumulators (bias included) for its input integers, nothing after it applied."""
         op = self.graph.op(name)
         return self._layer(op, x.flatten(1) if op.kind is OpKind.LINEAR else x)
 
-    def accumulators(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One layer's accumulators (bias included) for its input integers, after the max-pools that
-        follow it (they commute with the monotone requantization)."""
-        acc = self.layer_accumulators(name, x)
-        for after in self._chain_after(name):
-            if after.kind is OpKind.MAXPOOL:  # ReLUs on accumulators are the requantization's clamp
-                acc = self._compute(after, [acc])
-        return acc
-
-    def requantize(self, name: str, accumulators: torch.Tensor) -> torch.Tensor:
-        """Accumulators to the layer's output integers: M0 and the shift, the zero point, the clamp."""
-        return replace(self._layer_requant[name], repeat=1).apply(accumulators)
-
-    def trace_int(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Integer logits for integer input, and every layer's output integers (the next layer's
-        input, unflattened; the last layer: the int32 logits)."""
-        outputs = {}
-        for name in self.graph.layers:
-            x = outputs[name] = self.layer_int(name, x)
-        return x, outputs
+    def layer_requantization(self, name: str) -> Requantization:
+        """How layer `name`'s accumulators reach the grid its output lies on (or the logits), applied
+        to the layer's own output: M0 and the shift per channel, the zero point, the clamp."""
+        return replace(self._layer_requant[name], repeat=1)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:

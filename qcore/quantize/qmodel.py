@@ -95,9 +95,15 @@ class _Simulation(GraphRun):
     """The model graph with fake-quantized layer inputs and weights, int32 biases, and every other
     quantized tensor (add inputs, cat, average pooling, ReLU6 on a grid) on its grid."""
 
-    def __init__(self, qnet: QuantizedNet, outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        qnet: QuantizedNet,
+        outputs: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+        points: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__(qnet.graph)
-        self.qnet, self.outputs, self.inputs = qnet, outputs, inputs
+        self.qnet, self.outputs, self.inputs, self.points = qnet, outputs, inputs, points
 
     def weight(self, op: Op) -> torch.Tensor:
         return self.qnet._weights[op.name]
@@ -114,6 +120,8 @@ class _Simulation(GraphRun):
         self.outputs[op.name] = y
 
     def after(self, op: Op, value: torch.Tensor) -> torch.Tensor:
+        if self.points is not None and op.name in self.qnet.points:
+            self.points[op.name] = value
         qparams = self.qnet._quantize_after.get(op.name)
         return value if qparams is None else fake_quantize(value, qparams)
 
@@ -185,6 +193,13 @@ class QuantizedNet(nn.Module):
         inputs: dict[str, torch.Tensor] = {}
         log_probs = _Simulation(self, outputs, inputs).run(x)
         return log_probs, outputs, inputs
+
+    def point_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The simulation's real value at each quantization point, just before it is rounded onto the
+        point's grid (quantize() of it gives the integers the simulation computes with there)."""
+        points: dict[str, torch.Tensor] = {}
+        _Simulation(self, {}, {}, points).run(x)
+        return points
 
     def with_layers(self, layers: dict[str, LayerQuant]) -> QuantizedNet:
         """The same graph and points with other layer decisions (methods, diagnosis variants)."""
