@@ -160,6 +160,24 @@ def test_onnx_export_of_every_operation_agrees_in_onnx_runtime(every_op, mnist):
     assert float((predictions == simulated).float().mean()) >= 0.995
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qtensors_file_of_every_operation_loads_into_the_same_engine(mnist, bits):
+    """The qtensors file holds the graph and the integer rules, so the engine rebuilt from the file
+    alone (no float weights, no calibration) gives every op the same integers (untrained weights:
+    the arithmetic is what is compared)."""
+    from qcore.export.formats import load_qtensors, qtensors_bytes
+
+    torch.manual_seed(0)
+    config = QuantConfig(weight_bits=bits, act_bits=bits)
+    engine = IntegerNet(quantize_model(EveryOp().eval(), config, calibration_data(mnist.train, config)))
+    loaded = load_qtensors(qtensors_bytes(engine))
+    x = engine.quantize_input(mnist.test.images[:200])
+    assert torch.equal(loaded.quantize_input(mnist.test.images[:200]), x)
+    ours, theirs = engine.values_int(x), loaded.values_int(x)
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
 # --- the integer rules by hand ---------------------------------------------------------------
 
 

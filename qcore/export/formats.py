@@ -1,12 +1,17 @@
-"""Exports of a quantized Net: (a) a tensors-only .pt of integer tensors and qparams that loads
+"""Exports of a quantized model: (a) a tensors-only .pt of integer tensors and qparams that loads
 back into the integer engine, and (b) an ONNX model in QDQ form for ONNX Runtime.
 
 qtensors format (torch.save of a dict of tensors and plain values; read with weights_only=True):
-  format: "qlab-qtensors/1", config: QuantConfig JSON, input_scale: float, input_zero: int,
-  input_qmin / input_qmax: int, and per layer "<name>.<field>" for the fields of IntegerLayer, with
-  weights stored as "<name>.weight_packed" (uint8, "<name>.weight_bits" bits per value, LSB first,
-  after subtracting "<name>.weight_offset", the smallest weight) plus "<name>.weight_shape". The
-  width is each layer's own, so mixed-precision layers pack at their own bit-width.
+  format: "qlab-qtensors/2", config: QuantConfig JSON, input_scale: float, input_zero: int,
+  input_qmin / input_qmax: int; graph: JSON of the model graph's operations in execution order
+  (name, kind, inputs, shape, settings) and its output; plan: JSON of the integer engine's rules
+  that are not a layer's (each point's requantization, a cat's input requantizations, each add's
+  zero points, multipliers and shifts, the ReLU/ReLU6 clamps on a grid, the logits' scale); and per
+  layer "<name>.<field>" for the fields of IntegerLayer, with weights stored as
+  "<name>.weight_packed" (uint8, "<name>.weight_bits" bits per value, LSB first, after subtracting
+  "<name>.weight_offset", the smallest weight) plus "<name>.weight_shape". The width is each layer's
+  own, so mixed-precision layers pack at their own bit-width. Format 1 held the notebook's net's four
+  layers alone; it is no longer read (export the model again).
 """
 
 from __future__ import annotations
@@ -14,19 +19,20 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import BinaryIO
 
 import torch
 
 from qcore.data import MNIST, DatasetSpec
-from qcore.graph import PASSTHROUGH_KINDS, Op, OpKind, QuantPlan, model_graph
+from qcore.files import read_json, shorten
+from qcore.graph import ModelGraph, Op, OpKind, QuantPlan
 from qcore.inference.integer import IntegerLayer, IntegerNet, Requantization
-from qcore.models.net import Net
 from qcore.quantize.qmodel import QuantizedNet, float_parts
 from qcore.quantize.quant import QParams
 
-QTENSORS_FORMAT = "qlab-qtensors/1"
+QTENSORS_FORMAT = "qlab-qtensors/2"
+MAX_PLAN_CHARS = 4_000_000  # the graph and plan JSON of a qtensors file (a zoo model needs under 100 kB)
 ONNX_OPSET = 17
 
 
@@ -46,6 +52,103 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream.reshape(count, bits) << torch.arange(bits)).sum(dim=1)
 
 
+def _requant_json(requant: Requantization, state: dict[str, object], key: str) -> dict[str, object]:
+    """A requantization for the plan JSON; its per-channel M0 and shifts are int32 tensors in `state`: a
+    layer's own when they are its requantization's (stored with the layer already), else under `key`."""
+    layer = requant.source
+    multiplier, shift = requant.multiplier.to(torch.int32), requant.shift.to(torch.int32)
+    stored = state.get(f"{layer}.multiplier"), state.get(f"{layer}.shift")
+    pairs = zip(stored, (multiplier, shift), strict=True)
+    if all(isinstance(t, torch.Tensor) and t.shape == v.shape for t, v in pairs):
+        if torch.equal(stored[0], multiplier) and torch.equal(stored[1], shift):  # type: ignore[arg-type]
+            key = layer
+    if key != layer:
+        state[f"{key}.multiplier"], state[f"{key}.shift"] = multiplier, shift
+    return {
+        "source": requant.source,
+        "tensors": key,
+        "repeat": requant.repeat,
+        "output_zero": requant.output_zero,
+        "output_min": requant.output_min,
+        "output_max": requant.output_max,
+        "input_zero": requant.input_zero,
+    }
+
+
+def _requant_from(entry: dict[str, object], state: dict[str, object]) -> Requantization:
+    multiplier, shift = state[f"{entry['tensors']}.multiplier"], state[f"{entry['tensors']}.shift"]
+    tensors = isinstance(multiplier, torch.Tensor) and isinstance(shift, torch.Tensor)
+    if not tensors or multiplier.shape != shift.shape:  # type: ignore[union-attr]
+        raise ValueError("a requantization's multipliers and shifts are missing or differ in length")
+    return Requantization(
+        str(entry["source"]),
+        torch.zeros(0, dtype=torch.float64),  # the real multipliers stay behind: only M0 and the shift run
+        multiplier.to(torch.int64).reshape(-1),
+        shift.to(torch.int64).reshape(-1),
+        int(entry["repeat"]),  # type: ignore[call-overload]
+        int(entry["output_zero"]),  # type: ignore[call-overload]
+        int(entry["output_min"]),  # type: ignore[call-overload]
+        int(entry["output_max"]),  # type: ignore[call-overload]
+        int(entry["input_zero"]),  # type: ignore[call-overload]
+    )
+
+
+def _graph_json(graph: ModelGraph) -> str:
+    ops = [
+        {
+            "name": op.name,
+            "kind": op.kind.value,
+            "inputs": list(op.inputs),
+            "shape": list(op.shape),
+            "attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in op.attrs.items()},
+        }
+        for op in graph.ops
+    ]
+    return json.dumps({"ops": ops, "output": graph.output, "input_shape": list(graph.input_shape)})
+
+
+def _graph_from(text: object) -> ModelGraph:
+    data = read_json(text, "the qtensors file's graph", MAX_PLAN_CHARS)
+    assert isinstance(data, dict)
+    ops = tuple(
+        Op(
+            str(entry["name"]),
+            OpKind(entry["kind"]),
+            tuple(str(name) for name in entry["inputs"]),
+            tuple(int(v) for v in entry["shape"]),
+            {k: tuple(v) if isinstance(v, list) else v for k, v in entry["attrs"].items()},
+        )
+        for entry in data["ops"]
+    )
+    return ModelGraph(ops, str(data["output"]), {}, {}, tuple(int(v) for v in data["input_shape"]))
+
+
+def _plan_json(engine: IntegerNet, state: dict[str, object]) -> str:
+    return json.dumps(
+        {
+            "points": {
+                name: [float(q.scale), int(q.zero_point), q.qmin, q.qmax]
+                for name, q in engine.points.items()
+                if q.scale.numel() == 1
+            },
+            "requant": {
+                name: _requant_json(r, state, f"requant.{i}") for i, (name, r) in enumerate(engine._requant.items())
+            },
+            "cat_inputs": [
+                [op, index, _requant_json(r, state, f"cat_input.{i}")]
+                for i, ((op, index), r) in enumerate(engine._cat_inputs.items())
+            ],
+            "adds": {
+                name: [list(zeros), [int(m) for m in multipliers], [int(s) for s in shifts]]
+                for name, (zeros, multipliers, shifts) in engine._adds.items()
+            },
+            "grid_clamps": {name: list(clamp) for name, clamp in engine._grid_clamps.items()},
+            "output_point": engine._output_point,
+            "logit_bits": engine.logit_bits,
+        }
+    )
+
+
 def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | BinaryIO) -> None:
     qin = engine.input_qparams
     assert qin is not None
@@ -56,6 +159,7 @@ def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | Bi
         "input_zero": int(qin.zero_point),
         "input_qmin": qin.qmin,
         "input_qmax": qin.qmax,
+        "graph": _graph_json(engine.graph),
     }
     for name, layer in engine.layers.items():
         offset = int(layer.weight.min())
@@ -69,6 +173,7 @@ def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | Bi
                 continue
             value = getattr(layer, f.name)
             state[f"{name}.{f.name}"] = value.to(torch.int32) if isinstance(value, torch.Tensor) else value
+    state["plan"] = _plan_json(engine, state)
     torch.save(state, destination)
 
 
@@ -79,22 +184,26 @@ def qtensors_bytes(engine: IntegerNet) -> bytes:
 
 
 class LoadedIntegerNet(IntegerNet):
-    """An IntegerNet rebuilt from a qtensors file alone (no float weights, no calibration)."""
+    """An IntegerNet rebuilt from a qtensors file alone (no float weights, no calibration): the graph
+    and the integer rules as stored, so it predicts what the exported engine predicted."""
 
     def __init__(self, state: dict[str, object]) -> None:
         from qcore.config import QuantConfig
 
         if state.get("format") != QTENSORS_FORMAT:
-            raise ValueError(f"not a {QTENSORS_FORMAT} file")
+            raise ValueError(
+                f"not a {QTENSORS_FORMAT} file (found {shorten(str(state.get('format')), 40)}); export the model again"
+            )
         self.config = QuantConfig.from_json(str(state["config"]))
         self.input_qparams = QParams(
-            torch.tensor(float(state["input_scale"])),
-            torch.tensor(int(state["input_zero"])),
-            int(state["input_qmin"]),
-            int(state["input_qmax"]),
+            torch.tensor(float(state["input_scale"])),  # type: ignore[arg-type]
+            torch.tensor(int(state["input_zero"])),  # type: ignore[call-overload]
+            int(state["input_qmin"]),  # type: ignore[call-overload]
+            int(state["input_qmax"]),  # type: ignore[call-overload]
         )
-        # format 1 holds the bundled net's four layers; its graph says where each one's output goes
-        self.graph = model_graph(Net())
+        self.graph = _graph_from(state["graph"])
+        plan = read_json(state["plan"], "the qtensors file's plan", MAX_PLAN_CHARS)
+        assert isinstance(plan, dict)
         self.layers = {}
         for name in self.graph.layers:
             shape = [int(v) for v in state[f"{name}.weight_shape"]]  # type: ignore[union-attr]
@@ -102,45 +211,39 @@ class LoadedIntegerNet(IntegerNet):
             packed = state[f"{name}.weight_packed"]
             assert isinstance(packed, torch.Tensor)
             bits = int(state[f"{name}.weight_bits"])  # type: ignore[call-overload]
-            weight = (unpack_bits(packed, bits, count) + int(state[f"{name}.weight_offset"])).reshape(shape)
+            weight = (unpack_bits(packed, bits, count) + int(state[f"{name}.weight_offset"])).reshape(shape)  # type: ignore[call-overload]
             values = {
                 f.name: state[f"{name}.{f.name}"] for f in fields(IntegerLayer) if f.name not in ("name", "weight")
             }
             tensors = {k: v.to(torch.int64) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             self.layers[name] = IntegerLayer(name=name, weight=weight, **tensors)  # type: ignore[arg-type]
-        self._requant, self._cat_inputs, self._adds, self._layer_requant = {}, {}, {}, {}
-        self._grid_clamps = {}  # the chain's ReLUs all act on accumulators
-        self._output_point = None
-        self.plan = QuantPlan((), {"input": "input"}, {})
-        self.points = {"input": self.input_qparams}
-        for name, layer in self.layers.items():
-            requant = Requantization(
-                name,
-                torch.zeros(0),
-                layer.multiplier,
-                layer.shift,
-                1,
-                layer.output_zero,
-                layer.output_min,
-                layer.output_max,
+        self.points = {
+            name: QParams(torch.tensor(scale), torch.tensor(zero), qmin, qmax)
+            for name, (scale, zero, qmin, qmax) in plan["points"].items()
+        }
+        self.plan = QuantPlan(tuple(self.points), {}, {})
+        self._requant = {name: _requant_from(entry, state) for name, entry in plan["requant"].items()}
+        self._cat_inputs = {(op, int(index)): _requant_from(entry, state) for op, index, entry in plan["cat_inputs"]}
+        self._adds = {
+            name: (
+                (int(zeros[0]), int(zeros[1])),
+                (torch.tensor([multipliers[0]]), torch.tensor([multipliers[1]])),
+                (torch.tensor([shifts[0]]), torch.tensor([shifts[1]])),
             )
-            self._layer_requant[name] = requant
-            after, last = self.graph.consumers(name), self.graph.op(name)
-            while after and after[0].kind in PASSTHROUGH_KINDS:  # to the op the next layer reads
-                last, after = after[0], self.graph.consumers(after[0].name)
-            if after and after[0].is_layer:
-                self._requant[last.name] = replace(requant, repeat=_flattened_repeat(self.graph, name, last.name))
-            else:
-                self._requant["<logits>"] = requant
-
-
-def _flattened_repeat(graph, layer: str, point: str) -> int:
-    """How many values each of `layer`'s channels holds at `point` (more than one after a flatten)."""
-    before, after = graph.op(layer).shape, graph.op(point).shape
-    return 1 if len(before) == len(after) else after[1] // before[1]
+            for name, (zeros, multipliers, shifts) in plan["adds"].items()
+        }
+        self._grid_clamps = {name: (int(low), high) for name, (low, high) in plan["grid_clamps"].items()}
+        self._output_point = plan["output_point"]
+        self.logit_bits = int(plan["logit_bits"])
+        self._layer_requant = {}
+        for requant in [*self._requant.values(), *self._cat_inputs.values()]:
+            self._layer_requant.setdefault(requant.source, requant)
+        self.real_multipliers = {}
 
 
 def load_qtensors(source: str | os.PathLike[str] | bytes | BinaryIO) -> LoadedIntegerNet:
+    """The integer engine a qtensors file holds (a file this lab exported: torch.load reads it with
+    weights_only=True, and its JSON parts go through the bounded reader)."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     return LoadedIntegerNet(torch.load(source, weights_only=True, map_location="cpu"))
