@@ -178,6 +178,24 @@ def test_qtensors_file_of_every_operation_loads_into_the_same_engine(mnist, bits
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
+def test_torch_int8_runs_the_graph_of_every_operation(every_op, mnist):
+    """PyTorch's eager int8 flow over the module built from the graph: before quantization it computes
+    what the model computes (torch's own modules, folded BatchNorm, the ReLU moved before a pool for
+    fusion), and after it torch's kernels run every operation and mostly agree with the float model."""
+    from qcore.inference.torch_int8 import _EagerGraph, torch_int8_model
+
+    x = mnist.test.images[:2000]
+    for model in (every_op, Net().eval()):
+        with torch.inference_mode():
+            assert torch.allclose(_EagerGraph(model_graph(model)).eval()(x[:200]), model(x[:200]), atol=1e-4)
+    int8 = torch_int8_model(every_op, calibration_data(mnist.train, QuantConfig()))
+    with torch.inference_mode():
+        agreement = float((int8(x).argmax(1) == every_op(x).argmax(1)).float().mean())
+    # torch's 7-bit reduced-range activations on this small net, whose classes lie close (64% accurate):
+    # 91% measured; an operation run wrong would fall far towards chance (10%)
+    assert agreement >= 0.85
+
+
 # --- the integer rules by hand ---------------------------------------------------------------
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from qcore.data import Dataset
 from qcore.inference.evaluate import evaluate
-from qcore.models.net import Net
 from qcore.quantize.qmodel import QuantizedNet, calibration_data
 
 ENGINES = ("simulate", "integer", "torch-int8", "onnxruntime")
@@ -30,7 +30,9 @@ class EngineResult:
         return asdict(self)
 
 
-def predictor(engine: str, model: Net, data: Dataset, qnet: QuantizedNet) -> Callable[[torch.Tensor], torch.Tensor]:
+def predictor(
+    engine: str, model: nn.Module, data: Dataset, qnet: QuantizedNet
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function images -> predictions for `engine` ("float" is the unquantized model)."""
     if engine in ("float", "simulate"):
         module = model if engine == "float" else qnet
@@ -62,7 +64,7 @@ def predictor(engine: str, model: Net, data: Dataset, qnet: QuantizedNet) -> Cal
 
 
 def run_engine(
-    engine: str, model: Net, data: Dataset, qnet: QuantizedNet, reference: torch.Tensor | None = None
+    engine: str, model: nn.Module, data: Dataset, qnet: QuantizedNet, reference: torch.Tensor | None = None
 ) -> EngineResult:
     """Accuracy on the full test set, agreement with `reference` (the simulation's predictions,
     computed when not given) and the time of one pass."""
@@ -84,7 +86,7 @@ def run_engine(
 
 
 def compare_engines(
-    model: Net, data: Dataset, qnet: QuantizedNet, engines: tuple[str, ...] = ("float",) + ENGINES
+    model: nn.Module, data: Dataset, qnet: QuantizedNet, engines: tuple[str, ...] = ("float",) + ENGINES
 ) -> list[EngineResult]:
     """Every engine in one run, so the throughputs are comparable."""
     reference = evaluate(qnet, data.test).predictions
