@@ -20,11 +20,12 @@ from typing import NoReturn
 from torch import nn
 
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
-from qcore.data import DATASETS, DataError, Dataset, data_dir, load_dataset
+from qcore.data import DATASETS, INPUT_SCALES, DataError, Dataset, data_dir, load_dataset, with_input_scale
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.graph import GraphError
 from qcore.inference.deploy import ENGINES
 from qcore.models.checkpoint import (
+    MAX_FILE_BYTES,
     CheckpointError,
     checkpoint_bytes,
     load_model,
@@ -32,6 +33,7 @@ from qcore.models.checkpoint import (
     read_checkpoint,
 )
 from qcore.models.net import LAYER_NAMES
+from qcore.models.onnx_import import import_onnx, is_onnx
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, UnknownModelError, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.methods import METHODS
@@ -82,6 +84,17 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
             default=DEFAULT_MODEL,
             help="the zoo model (architecture and dataset); --checkpoint replaces its bundled weights",
         )
+        parser.add_argument(
+            "--dataset",
+            choices=list(DATASETS),
+            help="the data an ONNX --checkpoint is evaluated on (default mnist); a zoo model has its own",
+        )
+        parser.add_argument(
+            "--input-scale",
+            choices=list(INPUT_SCALES),
+            default="normalized",
+            help="what an ONNX --checkpoint reads: the dataset's normalized images (default) or raw [0, 1] pixels",
+        )
 
 
 def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +102,8 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         help=(
-            "a state_dict of --model's architecture (torch.save or safetensors, told apart by content), "
-            "or a QAT checkpoint (default: the model's bundled one)"
+            "a state_dict of --model's architecture (torch.save or safetensors), a QAT checkpoint, or your "
+            "own model as an ONNX file (told apart by content; default: the model's bundled checkpoint)"
         ),
     )
     parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
@@ -234,7 +247,8 @@ def _model_layers(args: argparse.Namespace) -> tuple[str, ...]:
     """The conv and linear layers of --model's architecture (from its graph; no weights needed)."""
     from qcore.graph import model_graph
 
-    return model_graph(zoo_model(args.model).build().eval()).layers
+    imported = getattr(args, "imported", None)
+    return model_graph(imported.module if imported is not None else zoo_model(args.model).build().eval()).layers
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -268,8 +282,35 @@ def _percent(fraction: float) -> str:
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
-    """The dataset of --model, from --data-dir."""
-    return load_dataset(zoo_model(args.model).dataset, args.data_dir)
+    """The dataset of --model, from --data-dir; an ONNX --checkpoint's, scaled as it reads images."""
+    imported = getattr(args, "imported", None)
+    if imported is not None:
+        return with_input_scale(load_dataset(imported.dataset, args.data_dir), imported.input_scale)
+    dataset = zoo_model(args.model).dataset
+    if getattr(args, "dataset", None) not in (None, dataset) or getattr(args, "input_scale", None) == "raw":
+        raise UsageError(f"--dataset and --input-scale describe an ONNX --checkpoint; {args.model} reads {dataset}")
+    return load_dataset(dataset, args.data_dir)
+
+
+def _import_onnx_checkpoint(args: argparse.Namespace) -> None:
+    """When --checkpoint is an ONNX file (by content), import it once, checked against ONNX Runtime on the
+    chosen dataset, into args.imported; every command then uses that model and its data."""
+    args.imported = None
+    path = getattr(args, "checkpoint", None)
+    if path is None:
+        return
+    try:
+        if not Path(path).is_file() or Path(path).stat().st_size > MAX_FILE_BYTES:
+            return  # load_checkpoint says why, in its own words
+        data = Path(path).read_bytes()
+    except OSError:
+        return
+    if not is_onnx(data):
+        return
+    if args.model != DEFAULT_MODEL:
+        raise UsageError("--model names a zoo architecture; an ONNX --checkpoint brings its own (drop --model)")
+    dataset = load_dataset(args.dataset or "mnist", args.data_dir)
+    args.imported = import_onnx(data, with_input_scale(dataset, args.input_scale), args.input_scale)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, object]:
@@ -423,6 +464,8 @@ def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Modu
     """The float model, and the QAT checkpoint when --checkpoint is one. A QAT checkpoint carries its
     own config, so a quantization flag set to neither the default nor the checkpoint's value is refused
     rather than ignored."""
+    if args.imported is not None:
+        return args.imported.module, None
     model, checkpoint = load_checkpoint(args.checkpoint, args.model)
     if checkpoint is None:
         return model, None
@@ -441,6 +484,8 @@ def _load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Modu
 def _float_model_only(args: argparse.Namespace, what: str) -> nn.Module:
     """For commands that calibrate variants of a config: a QAT checkpoint's grid is its own, so they
     would measure something else than the trained model; say so instead."""
+    if args.imported is not None:
+        return args.imported.module
     if args.checkpoint is None:
         return load_model(None, args.model)
     state = read_checkpoint(args.checkpoint)
@@ -471,6 +516,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     report = build_report(model, data, config, qnet=None if trained is None else trained.qnet)
     checkpoint = args.checkpoint or str(zoo_model(args.model).checkpoint)
     result = {"checkpoint": checkpoint, "model": args.model, **report.to_dict(), "engine": args.engine}
+    if args.imported is not None:
+        result["model"] = "onnx"
+        result["onnx"] = {
+            key: getattr(args.imported, key)
+            for key in ("producer", "opset", "nodes", "parameters", "dataset", "input_scale", "agreement_images")
+        } | {"largest_difference": args.imported.largest_difference}
     if trained is not None:
         result["qat"] = True  # quant_accuracy is the trained model's; float_accuracy its float weights'
 
@@ -571,8 +622,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     qnet = quantize_for(model, _dataset(args), config) if trained is None else trained.qnet
     try:
         engine = IntegerNet(qnet)  # both formats: a model the integer engine cannot run is not exported
-        dataset = DATASETS[zoo_model(args.model).dataset]
-        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet, dataset)
+        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet, _dataset(args).spec)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     _write(out, "--out", payload)
@@ -840,6 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.data_dir is not None and not data_dir(args.data_dir).is_dir():
             raise UsageError(f"--data-dir {args.data_dir}: no such folder")
+        _import_onnx_checkpoint(args)
         result = COMMANDS[args.command](args)
     except (
         UsageError,

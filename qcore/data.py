@@ -14,7 +14,7 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -272,6 +272,30 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike[str] | None = None
         splits = (load_split(train, folder, download, spec) for train in (True, False))
         _CACHE[spec.name, folder] = Dataset(*splits, spec=spec)
     return _CACHE[spec.name, folder]
+
+
+INPUT_SCALES = ("normalized", "raw")  # what a user's model reads: normalized images, or pixels in [0, 1]
+_RAW_VIEWS: dict[int, Dataset] = {}
+
+
+def with_input_scale(data: Dataset, input_scale: str) -> Dataset:
+    """`data` as a model reading `input_scale` images sees it: unchanged for "normalized"; for "raw",
+    the pixels in [0, 1] (undoing the normalization), with a spec whose mean is 0 and std 1 so that every
+    consumer of the spec (probe images, the ONNX export's metadata) describes raw pixels. Made once per
+    dataset and process."""
+    if input_scale not in INPUT_SCALES:
+        raise DataError(f"unknown input scale {shorten(input_scale)!r}; it is one of {', '.join(INPUT_SCALES)}")
+    if input_scale == "normalized":
+        return data
+    if id(data) not in _RAW_VIEWS:
+        spec = data.spec
+
+        def raw(split: Split) -> Split:
+            return Split(split.images * spec.std + spec.mean, split.labels)
+
+        raw_spec = replace(spec, title=f"{spec.title} (raw pixels)", mean=0.0, std=1.0)
+        _RAW_VIEWS[id(data)] = Dataset(raw(data.train), raw(data.test), raw_spec)
+    return _RAW_VIEWS[id(data)]
 
 
 def load_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> Dataset:
