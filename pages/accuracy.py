@@ -47,7 +47,9 @@ if entry.qat is not None and entry.qat_applies(config):
     if entry.start is not None:
         start, origin = entry.start, f"the model QAT started from ({entry.start.name})"
     else:  # an uploaded QAT checkpoint: its own float weights are the only float model at hand
-        start = session.ModelEntry(entry.model, "its float weights", fingerprint(entry.model), zoo=entry.zoo)
+        start = session.ModelEntry(
+            entry.model, "its float weights", fingerprint(entry.model), zoo=entry.zoo, imported=entry.imported
+        )
         origin = "this checkpoint's own float weights (the model it started from is not in the file)"
     start_float = cache.float_result(start.fingerprint, folder, start.model).accuracy
     ptq = cache.report(start.fingerprint, config.to_json(), folder, start.model).quant_result.accuracy

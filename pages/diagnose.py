@@ -3,7 +3,7 @@
 import streamlit as st
 
 from qcore.analysis.diagnose import worst_channels
-from qcore.analysis.report import DIAGRAM_STAGES, damage_points, diagnosis_html
+from qcore.analysis.report import damage_points, diagnosis_html
 from qcore.analysis.tables import weight_histogram
 from qcore.figures import (
     diagnosis_accuracy_figure,
@@ -61,7 +61,7 @@ columns[1].metric(
 
 damages = {row.layer: damage_points(result.float_accuracy, row) for row in result.layers}
 event = st.plotly_chart(
-    network_diagram_figure(result.stages or DIAGRAM_STAGES, damages),
+    network_diagram_figure(result.diagram, damages),
     key="diagram",
     on_select="rerun",
     selection_mode="points",

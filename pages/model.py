@@ -2,10 +2,11 @@
 
 import streamlit as st
 
-from qcore.data import DataError
+from qcore.data import DATASETS, DataError
 from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
 from qcore.models.checkpoint import CheckpointError, checkpoint_bytes
+from qcore.models.onnx_import import describe, is_onnx
 from qcore.models.zoo import ZOO, zoo_model
 from qcore.training.qat import (
     HELD_OUT,
@@ -20,6 +21,7 @@ from qcore.training.qat import (
 )
 from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig, TrainProgress, train
 from ui import cache, session
+from ui.card import model_card
 
 TRAIN_STATE_KEY = "qlab_training"
 TRAIN_HISTORY_KEY = "qlab_train_history"
@@ -47,14 +49,17 @@ st.markdown(
     "Quantization starts from a trained float network. Choose one of the zoo's models (each comes with "
     "its dataset); the choice is part of the page's link."
 )
-names = list(ZOO)
+IMPORTED_CHOICE = "your-onnx-model"
+names = list(ZOO) + ([IMPORTED_CHOICE] if entry.imported is not None else [])
 chosen = st.selectbox(
     "Model",
     names,
-    index=names.index(entry.zoo),
-    format_func=lambda name: f"{ZOO[name].title}: {ZOO[name].name}",
+    index=names.index(IMPORTED_CHOICE if entry.imported is not None else entry.zoo),
+    format_func=lambda name: (
+        "Your ONNX model (uploaded below)" if name == IMPORTED_CHOICE else f"{ZOO[name].title}: {ZOO[name].name}"
+    ),
 )  # no key: the widget follows the session's model (Back to the previous model changes it too)
-if chosen != entry.zoo:
+if chosen != (IMPORTED_CHOICE if entry.imported is not None else entry.zoo):
     try:
         session.switch_model(chosen)
     except (CheckpointError, DataError) as error:  # a damaged bundled file: say so, keep the model
@@ -64,17 +69,24 @@ if chosen != entry.zoo:
         st.rerun()
 spec = zoo_model(entry.zoo)
 layers = entry.graph.layers
-st.markdown(f"**{spec.title}**: {spec.description}.")
-st.caption(
-    f"{len(layers)} quantizable layers ({', '.join(layers)}); operations: {', '.join(entry.graph.op_kinds())}; "
-    f"{sum(p.numel() for p in entry.model.parameters()):,} parameters."
-)
 dataset = entry.dataset
-st.latex(rf"x = \frac{{\text{{pixel}}/255 - {dataset.mean}}}{{{dataset.std}}}")
-st.caption(
-    f"Every {dataset.title} image is scaled and standardized like this (the mean and standard deviation of its "
-    f"training pixels) before it reaches {layers[0]}; quantizing the input means quantizing this x."
-)
+if entry.imported is not None:
+    st.markdown("**Your ONNX model**, imported into the lab's model graph:")
+    session.plain_text(describe(dataset, entry.imported))  # the producer's name comes from the file
+else:
+    st.markdown(f"**{spec.title}**: {spec.description}.")
+model_card(entry)
+if entry.input_scale == "raw":
+    st.caption(
+        f"This model reads raw pixels in [0, 1] (pixel/255), so {dataset.title} images reach {layers[0]} unscaled; "
+        "quantizing the input means quantizing these pixels."
+    )
+else:
+    st.latex(rf"x = \frac{{\text{{pixel}}/255 - {dataset.mean}}}{{{dataset.std}}}")
+    st.caption(
+        f"Every {dataset.title} image is scaled and standardized like this (the mean and standard deviation of "
+        f"its training pixels) before it reaches {layers[0]}; quantizing the input means quantizing this x."
+    )
 st.subheader("Current model")
 session.plain_text(f"{entry.name} (fingerprint {entry.fingerprint})")  # an upload's name is untrusted
 previous = session.previous_model()
@@ -102,6 +114,7 @@ bundled_tab, upload_tab, train_tab, qat_tab = st.tabs(
     ["Bundled net", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
 )
 recipe = TrainConfig(**spec.recipe)  # type: ignore[arg-type]
+keeps_qat_file = spec.is_notebook_net and entry.imported is None  # a QAT checkpoint holds the notebook's net
 
 with bundled_tab:
     st.markdown(
@@ -120,25 +133,50 @@ with upload_tab:
         f"Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` or "
         f"`safetensors.torch.save_file(model.state_dict(), path)` from this architecture ({spec.name})"
         + (
-            ", or a QAT checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`."
+            ", or a QAT checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`"
             if spec.is_notebook_net
-            else "."
+            else ""
         )
+        + ". Or bring **your own model as an ONNX file** (`torch.onnx.export`, tf2onnx, ...): one image tensor "
+        "[N, 1, 28, 28] in, 10 scores out, made of convolutions (depthwise too), BatchNorm, linear layers, "
+        "ReLU/ReLU6, pooling, residual adds and concatenations (the README lists what is accepted)."
     )
+    with st.container(border=True):
+        st.caption("For an ONNX model: the data it is evaluated on, and what it reads")
+        onnx_dataset = st.radio(
+            "Dataset",
+            list(DATASETS),
+            format_func=lambda name: DATASETS[name].title,
+            horizontal=True,
+            key="qlab_onnx_dataset",
+        )
+        onnx_raw = st.checkbox("It reads raw pixels in [0, 1] (pixel/255), not normalized images", key="qlab_onnx_raw")
     upload = st.file_uploader(
-        "Checkpoint (.pt, .pth or .safetensors)", type=["pt", "pth", "safetensors"], key="qlab_upload"
+        "Checkpoint (.pt, .pth, .safetensors) or ONNX model (.onnx)",
+        type=["pt", "pth", "safetensors", "onnx"],
+        key="qlab_upload",
     )
     if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
         st.session_state["qlab_upload_done"] = upload.file_id
+        content = upload.getvalue()
         try:
-            model, trained = load_checkpoint(upload.getvalue(), entry.zoo)
-            if trained is not None:
-                session.set_model(model, f"uploaded QAT {upload.name}", qat=trained)
-                st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
+            if is_onnx(content):
+                scale = "raw" if onnx_raw else "normalized"
+                imported = cache.imported_model(content, str(onnx_dataset), scale)
+                session.set_model(imported.module, f"uploaded {upload.name}", imported=imported)
             else:
-                session.set_model(model, f"uploaded {upload.name}")
+                model, trained = load_checkpoint(content, entry.zoo)
+                if trained is not None:
+                    session.set_model(model, f"uploaded QAT {upload.name}", qat=trained, zoo=entry.zoo)
+                    st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
+                else:
+                    session.set_model(model, f"uploaded {upload.name}", zoo=entry.zoo)
         except CheckpointError as error:
             st.session_state["qlab_upload_error"] = (shorten(upload.name), error.problems)
+        except DataError:  # the chosen dataset is missing here: say which, never the server's path
+            missing = DATASETS[str(onnx_dataset)]
+            problem = f"{missing.title} is not available on this server ({missing.how_to_get})"
+            st.session_state["qlab_upload_error"] = (shorten(upload.name), [problem])
         else:
             st.session_state.pop("qlab_upload_error", None)
             st.rerun()
@@ -151,6 +189,11 @@ with upload_tab:
 
 with train_tab:
     warn_if_cancelled(TRAIN_STATE_KEY, "Training")
+    if entry.imported is not None:
+        st.info(
+            "Training from scratch follows a zoo model's recipe and architecture: choose a zoo model above to "
+            "train one. The Quantization-aware training tab fine-tunes your model as it is."
+        )
     with st.form("train_form"):
         first, second, third = st.columns(3)
         epochs = first.number_input("Epochs", 1, MAX_EPOCHS, recipe.epochs)
@@ -159,7 +202,7 @@ with train_tab:
         momentum = second.number_input("Momentum", 0.0, 0.99, recipe.momentum)
         seed = third.number_input("Seed", 0, 2**31 - 1, recipe.seed)
         samples = third.number_input("Training images (60000 = all)", 64, 60000, 60000, step=64)
-        start = st.form_submit_button("Train", disabled=mnist is None)
+        start = st.form_submit_button("Train", disabled=mnist is None or entry.imported is not None)
     if start and mnist is not None:
         config = TrainConfig(
             epochs=int(epochs),
@@ -203,7 +246,7 @@ with train_tab:
             state["status"] = "done"
             st.session_state[TRAIN_HISTORY_KEY] = history
             replaced_accuracy = cache.float_result(entry.fingerprint, folder, entry.model).accuracy
-            trained = session.set_model(result.model, "trained here")
+            trained = session.set_model(result.model, "trained here", zoo=spec.name)
             accuracy = cache.float_result(trained.fingerprint, folder, result.model).accuracy
             st.session_state["qlab_train_message"] = (
                 f"Trained {config.epochs} epoch(s) on {len(result.history)} steps: test accuracy "
@@ -314,7 +357,7 @@ with qat_tab:
                 f"{bits}: the Accuracy page shows float, PTQ and QAT side by side."
             )
             st.rerun()
-    if entry.qat is not None and not spec.is_notebook_net:
+    if entry.qat is not None and not keeps_qat_file:
         st.caption("QAT checkpoints are saved for the notebook's net only; this trained model lives in this session.")
     elif entry.qat is not None:
         st.download_button(
@@ -336,8 +379,17 @@ if st.session_state.get(TRAIN_HISTORY_KEY) and not start:  # during a run the li
     st.plotly_chart(training_curve_figure(st.session_state[TRAIN_HISTORY_KEY]), key="last_training_curve")
 
 st.divider()
-if entry.qat is not None and not spec.is_notebook_net:
-    st.caption("A QAT model of a BatchNorm network holds folded weights, which no zoo architecture loads.")
+if entry.imported is not None and entry.qat is None:
+    st.download_button(
+        "Download the model (the ONNX file it came from)",
+        entry.imported.onnx_bytes,
+        file_name=session.download_name(entry, "model", "onnx"),
+        mime="application/octet-stream",
+    )
+elif entry.qat is not None and not keeps_qat_file:
+    st.caption(
+        "A QAT model of a BatchNorm network or of an ONNX model holds folded weights, which no zoo architecture loads."
+    )
 else:
     st.download_button(
         "Download the current checkpoint (state_dict)"

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from qcore.analysis.tables import LayerRow, Sensitivity, SweepPoint, WeightHistogram
+from qcore.graph.diagram import Diagram, DiagramBox
 from qcore.quantize.calibrate import ActivationStats
 
 FLOAT_COLOR = "#1f77b4"
@@ -287,64 +288,90 @@ def bias_shift_figure(layer_name: str, shifts: Sequence[float]) -> go.Figure:
     return _layout(fig, title, "bias shift", "channels")
 
 
-def network_diagram_figure(stages: Sequence[str], damage_points: dict[str, float]) -> go.Figure:
-    """The network left to right; each quantizable layer a square filled by the accuracy it loses
-    alone (white: none, red: the worst). Layer markers carry their name as customdata so a click
-    (Streamlit's point selection) says which layer was picked."""
-    worst = max([*damage_points.values(), 1e-9])
+def _edge_path(x0: float, y0: float, x1: float, y1: float, arc: bool) -> tuple[list[float], list[float]]:
+    """An arrow's points: straight, or an arc above the boxes a skip along one lane passes."""
+    if not arc:
+        return [x0, x1], [y0, y1]
+    steps = [i / 12 for i in range(13)]
+    return [x0 + (x1 - x0) * t for t in steps], [y0 + 0.55 * 4 * t * (1 - t) for t in steps]
+
+
+def network_diagram_figure(
+    diagram: Diagram, damage_points: dict[str, float] | None = None, title: str = "Click a layer for its detail"
+) -> go.Figure:
+    """The model graph's boxes left to right, branches below the main path, arrows for what each box
+    reads (a skip along the main path arcs over the boxes it skips). With `damage_points`, each layer is
+    filled by the accuracy it loses alone (white: none, red: the worst), else coloured by its kind.
+    Layer markers carry their name as customdata, so a click (Streamlit's point selection) names it."""
     fig = go.Figure()
-    xs = list(range(len(stages)))
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for source, target in diagram.edges:
+        a, b = diagram.box(source), diagram.box(target)
+        path_x, path_y = _edge_path(a.x, -a.lane, b.x, -b.lane, diagram.passes_over(source, target))
+        xs += [*path_x, None]
+        ys += [*path_y, None]
+    fig.add_scatter(x=xs, y=ys, mode="lines", line={"color": "#888", "width": 2}, hoverinfo="skip", showlegend=False)
+
+    def hover(box: DiagramBox) -> str:
+        parameters = f", {box.parameters:,} parameters" if box.parameters else ""
+        return f"{box.name}: {box.kind.replace('_', ' ')}, output {list(box.shape)}{parameters}"
+
+    others = [box for box in diagram.boxes if not box.is_layer]
     fig.add_scatter(
-        x=xs,
-        y=[0] * len(xs),
-        mode="lines",
-        line={"color": "#888", "width": 2},
-        hoverinfo="skip",
-        showlegend=False,
-    )
-    others = [i for i, stage in enumerate(stages) if stage not in damage_points]
-    fig.add_scatter(
-        x=others,
-        y=[0] * len(others),
+        x=[box.x for box in others],
+        y=[-box.lane for box in others],
         mode="markers+text",
-        marker={"symbol": "square", "size": 44, "color": "#eeeeee", "line": {"color": "#555", "width": 1}},
-        text=[stages[i] for i in others],
+        marker={"symbol": "square", "size": 40, "color": "#eeeeee", "line": {"color": "#555", "width": 1}},
+        text=[box.label for box in others],
         textposition="middle center",
-        hoverinfo="skip",
+        hovertext=[hover(box) for box in others],
+        hoverinfo="text",
         showlegend=False,
         unselected={"marker": {"opacity": 1}, "textfont": {"color": "#222"}},  # a click must not fade the diagram
     )
-    layers = [i for i, stage in enumerate(stages) if stage in damage_points]
-    names = [stages[i] for i in layers]
-    fig.add_scatter(
-        x=layers,
-        y=[0] * len(layers),
-        mode="markers+text",
-        marker={
-            "symbol": "square",
-            "size": 56,
-            "color": [damage_points[n] for n in names],
+    layers = [box for box in diagram.boxes if box.is_layer]
+    marker: dict[str, object] = {"symbol": "square", "size": 54, "line": {"color": "#333", "width": 2}}
+    if damage_points is not None:
+        worst = max([*damage_points.values(), 1e-9])
+        marker |= {
+            "color": [damage_points.get(box.name, 0.0) for box in layers],
             "colorscale": [[0, "#ffffff"], [1, QUANT_COLOR]],
             "cmin": 0,
             "cmax": worst,
-            "line": {"color": "#333", "width": 2},
             "colorbar": {"title": {"text": "points lost<br>alone"}, "thickness": 12},
-        },
-        text=[f"<b>{n}</b>" for n in names],
+        }
+        hovers = [
+            f"{hover(box)}<br>{damage_points.get(box.name, 0.0):.2f} points lost when only it is quantized"
+            for box in layers
+        ]
+    else:
+        kind_colors = {"conv": "#d6e6f5", "depthwise_conv": "#fde2c4", "linear": "#dcefd6"}
+        marker["color"] = [kind_colors[box.kind] for box in layers]
+        hovers = [hover(box) for box in layers]
+    fig.add_scatter(
+        x=[box.x for box in layers],
+        y=[-box.lane for box in layers],
+        mode="markers+text",
+        marker=marker,
+        text=["<br>".join(f"<b>{line}</b>" for line in Diagram.short_label(box.label)) for box in layers],
         textposition="middle center",
-        customdata=names,
-        hovertemplate="%{customdata}: %{marker.color:.2f} points lost when only it is quantized<extra></extra>",
+        textfont={"size": 10},
+        customdata=[box.name for box in layers],
+        hovertext=hovers,
+        hoverinfo="text",
         showlegend=False,
         unselected={"marker": {"opacity": 1}, "textfont": {"color": "#222"}},
         selected={"marker": {"opacity": 1}},
     )
-    fig.update_xaxes(visible=False, range=[-0.6, len(stages) - 0.4])
-    fig.update_yaxes(visible=False, range=[-1, 1])
+    lanes = max((box.lane for box in diagram.boxes), default=0)
+    fig.update_xaxes(visible=False, range=[-0.6, len(diagram.boxes) - 0.4])
+    fig.update_yaxes(visible=False, range=[-lanes - 0.7, 1.0])
     fig.update_layout(
-        height=170,
+        height=170 + 70 * lanes,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
         template="plotly_white",
-        title="Click a layer for its detail",
+        title=title,
         dragmode=False,
         clickmode="event+select",
     )

@@ -918,3 +918,42 @@ def test_choosing_a_model_on_the_model_page_switches_the_dataset_and_back(app, p
     at.run()
     no_exceptions(at)
     assert fingerprint(pretrained) in model_line(at) and "model" not in at.query_params
+
+
+@pytest.mark.slow
+def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_keeps_it(app):
+    """Issue 19 in the app: the residual zoo net exported by torch.onnx.export and uploaded as the user's
+    own model on Fashion-MNIST; its card, every page; then a file with an unsupported operation (issue
+    17's refusal, reached through an upload) and a file over its declared sizes are refused in plain
+    text, and the imported model stays."""
+    from qcore.models.checkpoint import load_model
+    from tests.test_onnx_import import _batchnorm_after_relu, _unsupported, exported
+
+    resnet = load_model(None, "fashion-resnet")
+    at = app.run()
+    at.radio(key="qlab_onnx_dataset").set_value("fashion-mnist")
+    upload(at, "my_resnet.onnx", exported(resnet))
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: uploaded my_resnet.onnx (onnx-")
+    assert "Dataset: Fashion-MNIST" in [c.value for c in at.sidebar.caption]
+    texts = [t.value for t in at.main.text]
+    assert any(t.startswith("ONNX from pytorch 2.14.1, opset 20, 23 nodes, 77,418 parameters") for t in texts)
+    card = next(frame.value for frame in at.dataframe if "BatchNorm folded in" in frame.value.columns)
+    assert list(card["layer"])[:3] == ["stem", "layer1_conv1", "layer1_conv2"] and len(card) == 10
+    # the sidebar's numbers are the zoo model's own (the same network, imported): float 92.22%
+    assert metric(at, "Float accuracy") == "92.22%"
+    for page in [*PAGES[1:6], "pages/one_image.py", "pages/residual.py"]:
+        at.switch_page(page).run()
+        no_exceptions(at)
+        assert not at.main.error, (page, [e.value for e in at.main.error])
+    at.switch_page("pages/model.py").run()
+    for name, data, needle in [
+        ("erf.onnx", _unsupported(), "unsupported operation Erf at node /Erf"),
+        ("bn.onnx", _batchnorm_after_relu(), "BatchNorm is supported right after a convolution that nothing else"),
+        ("cut.onnx", exported(resnet)[:5000], "a damaged or truncated ONNX file"),
+    ]:
+        upload(at, name, data)
+        no_exceptions(at)
+        assert any("was not loaded; the previous model is kept" in e.value for e in at.error)
+        assert any(needle in t.value for t in at.main.text), [t.value for t in at.main.text]
+        assert model_line(at).startswith("Model: uploaded my_resnet.onnx")

@@ -236,6 +236,49 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
 
 
 @pytest.mark.slow
+def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
+    """Issue 19: the user's own model (the residual zoo net, exported by torch.onnx.export) uploaded as an
+    ONNX file on Fashion-MNIST: its model card, every page without an exception, then a refused file
+    (an operation the lab does not import) leaves it in place."""
+    from qcore.models.checkpoint import load_model
+    from tests.test_onnx_import import _unsupported, exported
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+    page.goto(server)
+    settle(page)
+    page.get_by_role("tab", name="Upload a checkpoint").click()
+    page.get_by_text("Fashion-MNIST", exact=True).click()
+    settle(page)
+    upload = {"name": "my_resnet.onnx", "mimeType": "application/octet-stream"}
+    inputs = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+    inputs.set_input_files({**upload, "buffer": exported(load_model(None, "fashion-resnet"))})
+    page.get_by_text("Your ONNX model, imported into the lab's model graph").wait_for(timeout=120_000)
+    settle(page)
+    sidebar = page.locator("[data-testid='stSidebar']").inner_text()
+    assert "uploaded my_resnet.onnx (onnx-" in sidebar and "Dataset: Fashion-MNIST" in sidebar
+    assert sidebar_metric(page, "Float accuracy") == "92.22%"  # the zoo network's own accuracy
+    assert page.get_by_text("Model card: the graph, its layers and what stays float").count() == 1
+    page.screenshot(path=str(SHOTS / "onnx_model_card.png"), full_page=True)
+    for title in ("Activations", "Weights", "Accuracy", "Methods", "Deploy", "One image on integers", "Residual adds"):
+        page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
+        settle(page)
+        assert page.locator("[data-testid='stException']").count() == 0, title
+    page.locator("[data-testid='stSidebarNavLink']").filter(has_text="Model").first.click()
+    settle(page)
+    page.get_by_role("tab", name="Upload a checkpoint").click()
+    page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(
+        {**upload, "name": "erf.onnx", "buffer": _unsupported()}
+    )
+    page.get_by_text("The uploaded file was not loaded; the previous model is kept.").wait_for(timeout=60_000)
+    settle(page)
+    assert page.get_by_text("- unsupported operation Erf at node /Erf").count() == 1
+    assert "uploaded my_resnet.onnx (onnx-" in page.locator("[data-testid='stSidebar']").inner_text()
+    page.screenshot(path=str(SHOTS / "onnx_refused.png"), full_page=True)
+    page.context.close()
+
+
+@pytest.mark.slow
 def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval, tmp_path):
     from qcore.analysis.diagnose import diagnose
 

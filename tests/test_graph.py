@@ -281,21 +281,40 @@ def test_an_unsupported_operation_is_refused_in_one_line(model, message):
 
 
 def test_the_network_diagram_is_drawn_from_the_graph():
-    # EveryOp.forward, box by box: activations, the flatten and log_softmax are the arrows between
-    assert model_graph(EveryOp().eval()).stages() == (
+    """EveryOp.forward, box by box: activations, the flatten and log_softmax are the arrows between; the
+    main path runs through each add's and cat's first input, the branches sit on a lane below."""
+    from qcore.graph import graph_diagram
+
+    diagram = graph_diagram(model_graph(EveryOp().eval()))
+    assert [box.label for box in diagram.boxes] == [
         *("input", "stem", "pool", "depthwise", "pointwise", "add", "down", "branch", "cat", "pool", "pool", "fc"),
-    )
-    assert model_graph(Net().eval()).stages() == ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")
+    ]
+    names = [box.name for box in diagram.boxes]
+    add, cat, avg, gap = names[5], names[8], names[9], names[10]
+    pool = names[2]
+    assert set(diagram.edges) == {
+        ("input", "stem"), ("stem", pool), (pool, "depthwise"), ("depthwise", "pointwise"), (pool, add),
+        ("pointwise", add), (add, "down"), (add, "branch"), ("down", cat), ("branch", cat), (cat, avg),
+        (avg, gap), (gap, "fc"),
+    }  # fmt: skip
+    assert [box.name for box in diagram.boxes if box.lane == 1] == ["depthwise", "pointwise", "branch"]
+    assert [box.kind for box in diagram.boxes][1:5] == ["conv", "maxpool", "depthwise_conv", "conv"]
+    stem = diagram.box("stem")
+    assert stem.parameters == 8 * 1 * 3 * 3 + 8 and stem.shape == (8, 28, 28)  # BatchNorm folded: a bias
+    net = graph_diagram(model_graph(Net().eval()))
+    assert [box.label for box in net.boxes] == ["input", "conv1", "pool", "conv2", "pool", "fc1", "fc2"]
+    assert all(box.lane == 0 for box in net.boxes) and len(net.edges) == 6
 
 
 @pytest.mark.slow
 def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
     from qcore.analysis.diagnose import diagnose
     from qcore.analysis.report import diagnosis_html
+    from qcore.graph import graph_diagram
 
     diagnosis = diagnose(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4), suggestions=2)
     assert [row.layer for row in diagnosis.layers] == list(model_graph(every_op).layers)
-    assert diagnosis.stages == model_graph(every_op).stages()
+    assert diagnosis.diagram == graph_diagram(model_graph(every_op))
     # only this layer quantized can never be worse than everything quantized by more than chance: the
     # all-quantized accuracy is one of the rows' "all but this" neighbours, so check the ordering that holds
     for row in diagnosis.layers:

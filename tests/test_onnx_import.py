@@ -248,6 +248,17 @@ def _markdown_name() -> bytes:
     return model.SerializeToString()
 
 
+def _batchnorm_after_relu() -> bytes:
+    """BatchNorm that follows a ReLU, not a conv: the ONNX is fine, the lab's graph cannot fold it."""
+    model = hand_made()
+    nodes = list(model.graph.node)
+    nodes[1] = _node("Relu", ["c"], ["r0"])
+    nodes[2] = _node("BatchNormalization", ["r0", "gamma", "beta", "mean", "var"], ["r"], "/bn/BatchNormalization")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
 REFUSALS = {
     "40 GB declared": (_huge_declared, "declares [10000000000] values, more than the 4,000,000"),
     "size the file lacks": (_short_tensor, "declares 1,000 values (4,000 bytes) but the file holds 16"),
@@ -262,6 +273,7 @@ REFUSALS = {
     "opset 9": (lambda: hand_made(opset=9).SerializeToString(), "opset 9; the lab imports ONNX opsets 11 to 23"),
     "not finite": (_not_finite, "not finite on ordinary images"),
     "a name of markdown": (_markdown_name, "unsupported operation Sigmoid at node [click](http://evil.example/xxx"),
+    "BatchNorm after a ReLU": (_batchnorm_after_relu, "unsupported operation 'BatchNorm2d' after "),
 }
 
 

@@ -4,6 +4,7 @@ max_entries, so sessions share results only for identical weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from qcore.analysis.diagnose import Diagnosis, diagnose
 from qcore.analysis.tables import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
-from qcore.data import Dataset, load_dataset
+from qcore.data import Dataset, data_dir, load_dataset, with_input_scale
 from qcore.export.formats import export_onnx, qtensors_bytes
 from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate
@@ -36,6 +37,7 @@ from qcore.lessons.failures import (
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
+from qcore.models.onnx_import import ImportedModel, import_onnx
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
@@ -85,16 +87,30 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
             notice[0].empty()
 
 
-def data_source(dataset: str, folder: str) -> str:
-    """The one string that names a dataset and where it is read from: every cached result is keyed by
-    it (so two datasets never share a result), and shared_data reads it back."""
-    return f"{dataset}|{folder}"
+RAW_SUFFIX = "|raw"
+
+
+def data_source(dataset: str, folder: str, input_scale: str = "normalized") -> str:
+    """The one string that names a dataset, where it is read from and how a model reads it (an imported
+    model may take raw pixels): every cached result is keyed by it (so two datasets, or one seen two ways,
+    never share a result), and shared_data reads it back."""
+    return f"{dataset}|{folder}" + (RAW_SUFFIX if input_scale == "raw" else "")
 
 
 @st.cache_resource(show_spinner="Loading the dataset into memory…")
 def shared_data(source: str) -> Dataset:
-    dataset, folder = source.split("|", 1)
-    return load_dataset(dataset, folder)
+    raw = source.endswith(RAW_SUFFIX)
+    dataset, folder = source.removesuffix(RAW_SUFFIX).split("|", 1)
+    return with_input_scale(load_dataset(dataset, folder), "raw" if raw else "normalized")
+
+
+def imported_model(content: bytes, dataset: str, input_scale: str) -> ImportedModel:
+    """A user's ONNX file imported and checked against ONNX Runtime on `dataset` (about 1 to 3 s), in the
+    gate's line like every other computation; raises OnnxImportError (a CheckpointError) or DataError."""
+    source = data_source(dataset, str(data_dir().resolve()), input_scale)
+    key = ("onnx import", hashlib.sha256(content).hexdigest(), source)
+    with st.spinner("Importing the model and checking it against ONNX Runtime on 1,000 test images…"):
+        return _in_turn(key, lambda: import_onnx(content, shared_data(source), input_scale))
 
 
 @st.cache_resource(show_spinner=False)

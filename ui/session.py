@@ -25,6 +25,7 @@ from qcore.data import DATASETS, MAX_SEED, DataError, DataFileError, Dataset, Da
 from qcore.files import shorten
 from qcore.graph import ModelGraph, model_graph
 from qcore.models.checkpoint import fingerprint
+from qcore.models.onnx_import import ImportedModel
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.methods import METHODS
@@ -104,7 +105,8 @@ class ModelEntry:
     fingerprint: str
     qat: QatCheckpoint | None = None  # a QAT model: its own quantization, used when the sidebar matches it
     start: ModelEntry | None = None  # the float model QAT started from, when it was trained here
-    zoo: str = DEFAULT_MODEL  # its zoo architecture, and so its dataset
+    zoo: str = DEFAULT_MODEL  # its zoo architecture, and so its dataset (an imported model: ignored)
+    imported: ImportedModel | None = None  # a user's ONNX model: its own graph, dataset and input scale
 
     @cached_property
     def graph(self) -> ModelGraph:
@@ -113,7 +115,11 @@ class ModelEntry:
 
     @property
     def dataset(self) -> DatasetSpec:
-        return DATASETS[zoo_model(self.zoo).dataset]
+        return DATASETS[self.imported.dataset if self.imported is not None else zoo_model(self.zoo).dataset]
+
+    @property
+    def input_scale(self) -> str:
+        return self.imported.input_scale if self.imported is not None else "normalized"
 
     @property
     def is_bundled(self) -> bool:
@@ -134,12 +140,17 @@ def set_model(
     qat: QatCheckpoint | None = None,
     start: ModelEntry | None = None,
     zoo: str | None = None,
+    imported: ImportedModel | None = None,
 ) -> ModelEntry:
-    """Make `model` the session's model (of zoo architecture `zoo`, by default the current model's);
-    the one it replaces stays one click away."""
-    zoo = current_model().zoo if zoo is None else zoo
+    """Make `model` the session's model: of zoo architecture `zoo`, or a user's ONNX model `imported`;
+    with neither, the current model's (QAT keeps the architecture and the data). The one it replaces
+    stays one click away."""
+    if zoo is None and imported is None:
+        zoo, imported = current_model().zoo, current_model().imported
+    zoo = DEFAULT_MODEL if zoo is None else zoo
     key = fingerprint(model) if qat is None else qat_fingerprint(qat)
-    entry = ModelEntry(model.eval(), shorten(name), f"{zoo}-{key}", qat, start, zoo)
+    origin = "onnx" if imported is not None else zoo
+    entry = ModelEntry(model.eval(), shorten(name), f"{origin}-{key}", qat, start, zoo, imported)
     replaced = st.session_state.get(MODEL_KEY)
     if replaced is not None and replaced.fingerprint != entry.fingerprint:
         st.session_state[PREVIOUS_MODEL_KEY] = replaced
@@ -193,7 +204,8 @@ def current_model() -> ModelEntry:
 
 def data_folder() -> str:
     """The data source of the current model, as the cache keys it: its dataset and the data folder."""
-    return cache.data_source(current_model().dataset.name, str(data_dir().resolve()))
+    entry = current_model()
+    return cache.data_source(entry.dataset.name, str(data_dir().resolve()), entry.input_scale)
 
 
 def show_data_error(error: DataError, where: DeltaGenerator | None = None) -> None:
@@ -317,7 +329,7 @@ def config_controls() -> QuantConfig:
         weight_bits_budget=budget,
     ).validate(layers)
     query = config.to_query()
-    if current_model().zoo != DEFAULT_MODEL:
+    if current_model().zoo != DEFAULT_MODEL and current_model().imported is None:  # an upload cannot be linked
         query[MODEL_QUERY_KEY] = current_model().zoo
     if {key: st.query_params[key] for key in st.query_params} != query:
         st.query_params.from_dict(query)

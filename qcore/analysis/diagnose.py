@@ -19,7 +19,7 @@ import torch
 from qcore.analysis.tables import quantize_for
 from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Dataset
-from qcore.graph import OpKind
+from qcore.graph import Diagram, OpKind, graph_diagram
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import Net, capture_layers
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet
@@ -87,7 +87,7 @@ class Diagnosis:
     layers: list[LayerDiagnosis]
     suggestions: list[Suggestion]
     engine_gap: EngineGap
-    stages: tuple[str, ...] = ()  # the network diagram's boxes (qcore.graph's stages); not in to_dict
+    diagram: Diagram | None = None  # the network diagram (qcore.graph's boxes and arrows); not in to_dict
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready; an infinite SQNR (no error at all) becomes null."""
@@ -331,7 +331,8 @@ def diagnose(
     helpful = sorted((s for s in measured if s.gain_points > 0), key=lambda s: (-s.gain_points, s.extra_weight_bits))
     gap = engine_gap(qnet, data)
     step("integer engine vs simulation")
-    return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap, qnet.graph.stages())
+    diagram = graph_diagram(qnet.graph)
+    return Diagnosis(config, float_accuracy, quant_accuracy, rows, helpful[:suggestions], gap, diagram)
 
 
 def _changed(config: QuantConfig, changes: dict[str, object], layers: Sequence[str] | None = None) -> QuantConfig:

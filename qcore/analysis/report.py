@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 from qcore.analysis.diagnose import Diagnosis, LayerDiagnosis
 
-DIAGRAM_STAGES = ("input", "conv1", "pool", "conv2", "pool", "fc1", "fc2")  # the bundled net's graph.stages()
-
 
 def damage_points(float_accuracy: float, row: LayerDiagnosis) -> float:
     """Accuracy lost, in points, when only this layer is quantized (the damage it does alone)."""
@@ -41,33 +39,43 @@ def _db(value: float) -> str:
 
 
 def diagram_svg(diagnosis: Diagnosis) -> str:
-    """The graph's stages in order (the bundled net: input -> conv1 -> pool -> conv2 -> pool -> fc1 ->
-    fc2), each layer filled by its damage."""
+    """The model graph's boxes in execution order (branches on a lane below, arrows for what each box
+    reads, a skip along one lane arcing over the boxes between), each layer filled by its damage."""
+    assert diagnosis.diagram is not None
+    diagram = diagnosis.diagram
     rows = {row.layer: row for row in diagnosis.layers}
     damages = {name: damage_points(diagnosis.float_accuracy, row) for name, row in rows.items()}
-    stages = diagnosis.stages or DIAGRAM_STAGES
     worst = max(damages.values())
+    width, gap, top, lane_height = 90, 30, 30, 80
+
+    def place(x: int, lane: int) -> tuple[float, float]:
+        return 10 + x * (width + gap), top + lane * lane_height
+
     parts = []
-    width, gap, top = 90, 30, 20
-    for index, stage in enumerate(stages):
-        x = 10 + index * (width + gap)
-        fill = damage_color(damages[stage], worst) if stage in damages else "#eeeeee"
-        label = _text(stage)
-        detail = f"{0.0 - damages[stage]:+.2f} pt" if stage in damages else ""  # 0.0 - x: never "-0.00"
-        parts.append(
-            f'<rect x="{x}" y="{top}" width="{width}" height="50" rx="6" fill="{fill}" stroke="#555"/>'
-            f'<text x="{x + width / 2}" y="{top + 24}" text-anchor="middle" font-weight="bold">{label}</text>'
-            f'<text x="{x + width / 2}" y="{top + 42}" text-anchor="middle" font-size="12">{_text(detail)}</text>'
-        )
-        if index + 1 < len(stages):
+    for source, target in diagram.edges:
+        a, b = diagram.box(source), diagram.box(target)
+        (ax, ay), (bx, by) = place(a.x, a.lane), place(b.x, b.lane)
+        if diagram.passes_over(source, target):  # a skip: an arc above the boxes it passes
             parts.append(
-                f'<line x1="{x + width}" y1="{top + 25}" x2="{x + width + gap - 4}" y2="{top + 25}" stroke="#555"/>'
-                f'<polygon points="{x + width + gap - 4},{top + 20} {x + width + gap},{top + 25} '
-                f'{x + width + gap - 4},{top + 30}" fill="#555"/>'
+                f'<path d="M {ax + width / 2} {ay} Q {(ax + bx + width) / 2} {ay - 40} {bx + width / 2} {by}" '
+                'fill="none" stroke="#555"/>'
             )
-    total = 20 + len(stages) * (width + gap)
+        else:
+            parts.append(f'<line x1="{ax + width}" y1="{ay + 25}" x2="{bx}" y2="{by + 25}" stroke="#555"/>')
+    for box in diagram.boxes:
+        x, y = place(box.x, box.lane)
+        fill = damage_color(damages[box.name], worst) if box.name in damages else "#eeeeee"
+        detail = f"{0.0 - damages[box.name]:+.2f} pt" if box.name in damages else ""  # 0.0 - x: never "-0.00"
+        parts.append(
+            f'<rect x="{x}" y="{y}" width="{width}" height="50" rx="6" fill="{fill}" stroke="#555"/>'
+            f'<text x="{x + width / 2}" y="{y + 24}" text-anchor="middle" font-weight="bold" '
+            f'font-size="{12 if len(box.label) > 10 else 15}">{_text(box.label[:14])}</text>'
+            f'<text x="{x + width / 2}" y="{y + 42}" text-anchor="middle" font-size="12">{_text(detail)}</text>'
+        )
+    total = 20 + len(diagram.boxes) * (width + gap)
+    height = top + 60 + lane_height * max((box.lane for box in diagram.boxes), default=0)
     return (
-        f'<svg width="{total}" height="90" font-family="sans-serif" '
+        f'<svg width="{total}" height="{height}" font-family="sans-serif" '
         f'role="img" aria-label="network diagram">{"".join(parts)}</svg>'
     )
 

@@ -111,18 +111,6 @@ class ModelGraph:
         ops = tuple(replace(op, kind=kinds[op.name]) if op.name in kinds else op for op in self.ops)
         return ModelGraph(ops, self.output, dict(self.parameters), dict(self.folded_batchnorm), self.input_shape)
 
-    def stages(self) -> tuple[str, ...]:
-        """The network diagram's boxes in execution order: the input, each layer, each pool, add and cat
-        (activations and reshapes are drawn as the arrows between them)."""
-        labels = {
-            OpKind.INPUT: "input",
-            OpKind.MAXPOOL: "pool",
-            OpKind.AVGPOOL: "pool",
-            OpKind.ADD: "add",
-            OpKind.CAT: "cat",
-        }
-        return tuple(op.name if op.is_layer else labels[op.kind] for op in self.ops if op.is_layer or op.kind in labels)
-
     def is_depthwise(self, name: str) -> bool:
         """A conv with one group per input channel (MobileNet's depthwise layer)."""
         op = self.op(name)

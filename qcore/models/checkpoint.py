@@ -96,6 +96,8 @@ def _describe_non_zip(data: bytes) -> str:
             "a plain pickle (or PyTorch's legacy pre-1.6 format), not a zip-format checkpoint; "
             "save it with torch.save(model.state_dict(), path) from PyTorch 1.6 or later"
         )
+    if data[:1] == b"\x08":  # how every ONNX file starts (its IR version), but this one did not parse as one
+        return "a damaged or truncated ONNX file (it starts like one, but its protobuf does not parse)"
     if b"\x00" not in data[:4096]:
         try:
             data[:4096].decode("utf-8")

@@ -674,11 +674,14 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
     see qcore.data.with_input_scale), refused with one line when it cannot be: the checks of read_onnx,
     a forward pass on probe images that is not finite, or a prediction of the imported graph that
     differs from ONNX Runtime's on any of the first CHECK_IMAGES test images."""
-    from qcore.graph import model_graph
+    from qcore.graph import GraphError, model_graph
 
     model = read_onnx(data)
     module, softmax = onnx_module(model)
-    model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
+    try:
+        model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
+    except GraphError as error:
+        raise OnnxImportError(str(error)) from None
     with torch.inference_mode():
         probes = module(probe_images(dataset.spec))
     if not bool(torch.isfinite(probes).all()):
