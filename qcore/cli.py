@@ -385,12 +385,13 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
         config.validate()
     except QatError as error:
         raise UsageError(str(error)) from error
-    keeps_checkpoint = zoo_model(args.model).is_notebook_net
+    keeps_checkpoint = zoo_model(args.model).is_notebook_net and args.imported is None
     if keeps_checkpoint and args.out is None:
         raise UsageError("qat: --out is required (where to write the QAT checkpoint)")
     if not keeps_checkpoint and args.out is not None:
+        model_name = "an ONNX --checkpoint" if args.imported is not None else f"--model {args.model}"
         raise UsageError(
-            f"qat --model {args.model}: QAT checkpoints are saved for the notebook's net only; drop --out "
+            f"qat with {model_name}: QAT checkpoints are saved for the notebook's net only; drop --out "
             "to train and measure this model"
         )
     out = check_output_path(args.out, args.force) if args.out is not None else None
@@ -415,7 +416,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
     integer = IntegerNet(result.qnet).predict(data.test.images)
     summary = {
         "checkpoint": args.out,
-        "model": args.model,
+        "model": "onnx" if args.imported is not None else args.model,
         "config": asdict(config),
         "float_accuracy": float_accuracy,
         "ptq_accuracy": ptq_accuracy,

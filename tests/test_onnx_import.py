@@ -361,6 +361,27 @@ def test_the_cli_evaluates_exports_and_refuses_an_onnx_file(tmp_path, mnist):
     assert done.returncode == 0, done.stderr
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert (props["normalize_mean"], props["normalize_std"], props["dataset"]) == ("0.0", "1.0", "mnist")
+    # explain, diagnose with its HTML report, the qtensors export and QAT from the imported weights
+    done = run_cli("explain", "--checkpoint", str(path), "--image", "3", "--layer", "depthwise", "--position", "2,1,1")
+    assert done.returncode == 0 and "depthwise at [2, 1, 1]: 9 terms" in done.stdout, done.stderr
+    assert "add at [" in done.stdout  # the residual add, TFLite's steps
+    html = tmp_path / "report.html"
+    done = run_cli("diagnose", "--checkpoint", str(path), "--weight-bits", "3", "--act-bits", "3", "--html", str(html))
+    assert done.returncode == 0, done.stderr
+    assert all(f">{name}<" in html.read_text() for name in ("stem", "depthwise", "pointwise", "fc"))
+    qtensors = tmp_path / "small_q.pt"
+    done = run_cli("export", "--checkpoint", str(path), "--format", "qtensors", "--out", str(qtensors))
+    assert done.returncode == 0, done.stderr
+    from qcore.export.formats import load_qtensors
+
+    assert load_qtensors(str(qtensors)).graph.layers == ("stem", "depthwise", "pointwise", "fc")
+    done = run_cli(
+        "qat", "--checkpoint", str(path), "--weight-bits", "4", "--act-bits", "4", "--epochs", "1",
+        "--train-samples", "2048", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    trained = json.loads(done.stdout)
+    assert trained["integer_agreement"] >= 0.99 and 0.0 <= trained["qat_accuracy"] <= 1.0
     refused = run_cli("evaluate", "--checkpoint", str(path), "--model", "fashion-net")
     assert refused.returncode == 2 and "an ONNX --checkpoint brings its own" in refused.stderr
     refused = run_cli("evaluate", "--dataset", "fashion-mnist")
