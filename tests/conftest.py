@@ -49,3 +49,15 @@ def w3a3_diagnosis(pretrained, mnist, float_eval):
     from qcore.config import QuantConfig
 
     return diagnose(pretrained, mnist, QuantConfig(weight_bits=3, act_bits=3), float_eval.accuracy)
+
+
+@pytest.fixture(scope="session")
+def w2a8_all_methods(pretrained, mnist):
+    """The bundled net at W2A8 with equalization, AdaRound and bias correction (about 20 s of AdaRound),
+    shared by the methods goals, the regression and the Methods page's check."""
+    from qcore.analysis.tables import quantize_for
+    from qcore.config import QuantConfig
+
+    return quantize_for(
+        pretrained, mnist, QuantConfig(weight_bits=2, methods=("equalization", "adaround", "bias-correction"))
+    )

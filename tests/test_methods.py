@@ -159,9 +159,9 @@ def test_choose_bits_greedy_beyond_the_exhaustive_limit_meets_the_budget():
     ],
 )
 @pytest.mark.slow
-def test_low_bit_goals(pretrained, mnist, float_eval, config, max_drop_points):
+def test_low_bit_goals(pretrained, mnist, float_eval, w2a8_all_methods, config, max_drop_points):
     assert config.calib_batches * config.batch_size <= 1024 and config.float_layers == ()
-    qnet = quantize_for(pretrained, mnist, config)
+    qnet = w2a8_all_methods if config == w2a8_all_methods.config else quantize_for(pretrained, mnist, config)
     accuracy = evaluate(qnet, mnist.test).accuracy
     assert 100 * (float_eval.accuracy - accuracy) <= max_drop_points
     if config.weight_bits_budget:
