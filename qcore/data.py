@@ -9,6 +9,7 @@ validated before use: magic, item shape, count, exact length, labels in 0..9.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -107,13 +108,14 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    content_hash: str = ""  # of the pixels and labels as read (the idx files' content, not their path)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, count: int) -> Split:
         """The first `count` samples (all of them when count exceeds the split)."""
-        return Split(self.images[:count], self.labels[:count])
+        return Split(self.images[:count], self.labels[:count], f"{self.content_hash}[:{count}]")
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -165,7 +167,9 @@ def load_split(
     assert image_path is not None and label_path is not None  # missing_files just said so
     images = read_idx_images(image_path, count)
     labels = read_idx_labels(label_path, count)
-    return Split(normalize(images, spec), labels)
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return Split(normalize(images, spec), labels, digest.hexdigest()[:16])
 
 
 def _idx_bytes(path: Path, limit: int) -> bytes:
@@ -260,6 +264,12 @@ class Dataset:
     test: Split
     spec: DatasetSpec = MNIST
 
+    @property
+    def content_id(self) -> str:
+        """What the data is, whatever folder it came from: the dataset, how it is scaled, and the hash of
+        both splits' pixels and labels (a result store keys by it; a server's path never enters a key)."""
+        return f"{self.spec.name}:{self.spec.mean}:{self.spec.std}:{self.train.content_hash}:{self.test.content_hash}"
+
 
 _CACHE: dict[tuple[str, Path], Dataset] = {}
 
@@ -291,7 +301,7 @@ def with_input_scale(data: Dataset, input_scale: str) -> Dataset:
         spec = data.spec
 
         def raw(split: Split) -> Split:
-            return Split(split.images * spec.std + spec.mean, split.labels)
+            return Split(split.images * spec.std + spec.mean, split.labels, split.content_hash)
 
         raw_spec = replace(spec, title=f"{spec.title} (raw pixels)", mean=0.0, std=1.0)
         _RAW_VIEWS[id(data)] = Dataset(raw(data.train), raw(data.test), raw_spec)
