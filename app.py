@@ -1,10 +1,15 @@
 """Quantization Lab: the entry script builds the navigation; each page lives in pages/."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from ui import cache, session
 
-st.set_page_config(page_title="Quantization Lab", page_icon=":material/tune:", layout="wide")
+# The icon is served by this server: a ":material/...:" icon made every browser fetch it from Google's
+# font server, which fails in an offline classroom and tells a third party who is in class.
+FAVICON = str(Path(__file__).parent / "ui" / "static" / "favicon.svg")
+st.set_page_config(page_title="Quantization Lab", page_icon=FAVICON, layout="wide")
 
 PAGES = {
     "Explore": [
@@ -30,9 +35,9 @@ PAGES = {
 session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
 navigation = st.navigation(PAGES, expanded=True)  # all 14 pages: collapsed, it hides the last four behind "View more"
 st.sidebar.title("Quantization Lab")
-if cache.GATE_PROBLEM:  # the operator's setting, not a visitor's: refuse to serve rather than guess
+if cache.GATE_PROBLEM or cache.STORE_PROBLEM:  # the operator's setting, not a visitor's: refuse rather than guess
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")
-    session.plain_text(cache.GATE_PROBLEM)
+    session.plain_text(cache.GATE_PROBLEM or cache.STORE_PROBLEM)
     st.stop()
 entry = session.current_model()
 config = st.session_state[session.CONFIG_KEY] = session.config_controls()

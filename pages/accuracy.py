@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from qcore.analysis.tables import SWEEP_TARGETS
+from qcore.analysis.tables import SWEEP_TARGETS, SweepPoint
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
 from qcore.models.checkpoint import fingerprint
 from ui import cache, session
@@ -116,7 +116,14 @@ target = st.radio(
 )
 if st.button("Run the sweep (2 to 8 bits)", key="run_sweep") or st.session_state.get("sweep_shown"):
     st.session_state["sweep_shown"] = True
-    points = cache.sweep(entry.fingerprint, config.to_json(), target, session.data_folder(), entry.model)
+    live, so_far = st.empty(), []  # the points measured so far, drawn as they come
+
+    def draw(point: SweepPoint) -> None:
+        so_far.append(point)
+        live.plotly_chart(sweep_figure(so_far, float_result.accuracy, target), key=f"sweep_so_far_{len(so_far)}")
+
+    points = cache.sweep(entry.fingerprint, config.to_json(), target, session.data_folder(), entry.model, draw)
+    live.empty()
     st.plotly_chart(sweep_figure(points, float_result.accuracy, target), key="sweep_chart")
     table_with_csv([p.__dict__ for p in points], "sweep", "sweep")
 

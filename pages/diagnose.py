@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from qcore.analysis.diagnose import worst_channels
+from qcore.analysis.diagnose import layer_table, worst_channels
 from qcore.analysis.report import damage_points, diagnosis_html
 from qcore.analysis.tables import weight_histogram
 from qcore.figures import (
@@ -38,18 +38,24 @@ if entry.qat_applies(config):
     session.stop_page()
 key = (entry.fingerprint, config.to_json(), session.data_folder())
 bar = st.empty()  # a progress bar, only while a diagnosis is computed (a cached one returns at once)
+measured = st.empty()  # and the rows measured so far, filled in layer by layer
 
 
 def show(done: int, total: int, what: str) -> None:
     bar.progress(done / total, text=f"Diagnosing ({done}/{total}): {what}")
 
 
+def show_rows(rows_so_far: list) -> None:
+    measured.dataframe(layer_table(rows_so_far), hide_index=True, key=f"diagnosis_so_far_{len(rows_so_far)}")
+
+
 try:
-    result = cache.diagnosis(*key, entry.model, on_progress=show)
+    result = cache.diagnosis(*key, entry.model, on_progress=show, on_row=show_rows)
 except Exception as error:  # noqa: BLE001 - a model that cannot be diagnosed is explained, not a traceback
     session.show_compute_failure(error)
     session.stop_page()
 bar.empty()
+measured.empty()
 
 columns = st.columns(2)
 columns[0].metric("Float accuracy", session.percent(result.float_accuracy))
@@ -89,22 +95,7 @@ st.plotly_chart(
     ),
     key="diagnosis_accuracy",
 )
-table_with_csv(
-    [
-        {
-            "layer": r.layer,
-            "only this quantized (%)": round(100 * r.only_this_accuracy, 2),
-            "all but this quantized (%)": round(100 * r.all_but_this_accuracy, 2),
-            "weights only (%)": round(100 * r.weights_only_accuracy, 2),
-            "activations only (%)": round(100 * r.activations_only_accuracy, 2),
-            "SQNR isolated (dB)": round(r.sqnr_isolated_db, 2),
-            "SQNR accumulated (dB)": round(r.sqnr_accumulated_db, 2),
-        }
-        for r in rows
-    ],
-    "per-layer diagnosis",
-    "diagnosis",
-)
+table_with_csv(layer_table(rows), "per-layer diagnosis", "diagnosis")
 
 st.subheader("Layer detail")
 chosen = st.radio("Layer", layer_names, key=LAYER_KEY, horizontal=True)

@@ -237,7 +237,7 @@ with train_tab:
                 chart.plotly_chart(training_curve_figure(history), key=f"curve_{len(history)}")
 
         try:
-            result = train(mnist.train, config, on_progress=show, build=spec.build)
+            result = cache.own_run("training", lambda: train(mnist.train, config, on_progress=show, build=spec.build))
         except (ValueError, RuntimeError) as error:  # bad settings, or the device failed mid-run
             state["status"] = "failed"
             st.error("Training failed; the previous model is kept.")
@@ -337,7 +337,7 @@ with qat_tab:
             qat_chart.plotly_chart(qat_curve_figure(held_out, losses), key=f"qat_curve_{global_step}")
 
         try:
-            result = qat(entry.model, mnist, qat_config, on_progress=show_qat)
+            result = cache.own_run("qat", lambda: qat(entry.model, mnist, qat_config, on_progress=show_qat))
         except (ValueError, RuntimeError) as error:  # bad settings (QatError is one), or the device failed
             qat_state["status"] = "failed"
             st.error("QAT failed; the previous model is kept.")

@@ -79,6 +79,8 @@ def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained,
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.slow
 def test_every_page_renders_with_charts(app, page):
+    if page == "pages/diagnose.py":  # W3A3: the diagnosis the Diagnose page test computes too (one run, cached)
+        app.query_params.update({"weight_bits": "3", "act_bits": "3"})
     at = app.run()
     at.switch_page(page).run()
     no_exceptions(at)
@@ -256,27 +258,26 @@ def test_deploy_page_explains_when_integers_are_impossible(app):
 
 
 @pytest.mark.slow
-def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, pretrained, mnist, float_eval):
+def test_methods_page_shows_what_adaround_and_bias_correction_changed(app, mnist, w2a8_all_methods):
     at = app.run()
     at.select_slider(key="weight_bits").set_value(2).run()
     at.multiselect(key="methods").set_value(["adaround"]).run()
     assert "methods" not in at.query_params  # picked, not applied: nothing computed yet
-    at.multiselect(key="methods").set_value(["adaround", "bias-correction"])
-    next(b for b in at.button if b.label == "Apply methods").click()  # the form sends both at once
+    at.multiselect(key="methods").set_value(["equalization", "adaround", "bias-correction"])
+    next(b for b in at.button if b.label == "Apply methods").click()  # the form sends all three at once
     at.run()
     at.switch_page("pages/methods.py").run()
     no_exceptions(at)
-    config = QuantConfig(weight_bits=2, methods=("adaround", "bias-correction"))
-    expected = build_report(pretrained, mnist, config, float_eval)
-    assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
-    assert at.query_params["methods"] == "adaround,bias-correction"
+    expected = w2a8_all_methods  # qcore's own quantization at W2A8 with the three methods
+    assert metric(at, "Quantized accuracy") == percent(evaluate(expected, mnist.test).accuracy)
+    assert at.query_params["methods"] == "equalization,adaround,bias-correction"
     adaround_table = next(d.value for d in at.dataframe if "flipped" in d.value.columns)
     assert list(adaround_table["flipped"]) == [
-        expected.qnet.methods.adaround[n]["flipped"] for n in ("conv1", "conv2", "fc1", "fc2")
+        expected.methods.adaround[n]["flipped"] for n in ("conv1", "conv2", "fc1", "fc2")
     ]
     assert set(adaround_table["kept"]) <= {"yes", "no"}  # a flag, not 1/0
     assert list(adaround_table["kept"]) == [
-        "yes" if expected.qnet.methods.adaround[n]["kept"] else "no" for n in ("conv1", "conv2", "fc1", "fc2")
+        "yes" if expected.methods.adaround[n]["kept"] else "no" for n in ("conv1", "conv2", "fc1", "fc2")
     ]
     assert len(at.get("plotly_chart")) >= 2  # AdaRound flips and the bias shift
 
@@ -450,7 +451,8 @@ def test_diagnose_page_matches_qcore_and_apply_sets_the_sidebar(app, w3a3_diagno
     at.radio(key="diagnose_layer").set_value("fc1").run()
     assert any(c.value.startswith("fc1:") for c in at.caption)
     next(b for b in at.button if b.key == "apply_0").click()
-    at.run()
+    # on to the Accuracy page: the Diagnose page would diagnose the applied config (half a minute)
+    at.switch_page("pages/accuracy.py").run()
     no_exceptions(at)
     for key, value in first.changes.items():
         if key == "float_layers":
@@ -618,7 +620,7 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
 
     calls = []
 
-    def slow_diagnose(model, data, config, float_accuracy, on_progress=None):
+    def slow_diagnose(model, data, config, float_accuracy, on_progress=None, on_row=None):
         calls.append(config)
         clock.sleep(0.3)
         return f"diagnosis of {config.weight_bits} bits"
@@ -761,7 +763,7 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
             engine = IntegerNet(trained.qnet)
             logits = engine.logits_int(engine.quantize_input(mnist.test.images[:1]))[0]
             digit = int(logits.argmax())
-            line = f"fc2 keeps int32: logit {int(logits[digit])} for digit {digit}"
+            line = f"fc2 keeps int32: logit {int(logits[digit])} for class {digit} ({digit})"
             assert any(line in c.value for c in at.code)
 
 

@@ -7,6 +7,7 @@ artifacts/screenshots/ (ignored by git). Needs /usr/bin/chromium: .ci/setup inst
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 
@@ -279,13 +280,10 @@ def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
 
 
 @pytest.mark.slow
-def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrained, mnist, float_eval, tmp_path):
-    from qcore.analysis.diagnose import diagnose
-
-    expected = diagnose(pretrained, mnist, QuantConfig(), float_eval.accuracy)
-    first = expected.suggestions[0]
+def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, w3a3_diagnosis, tmp_path):
+    first = w3a3_diagnosis.suggestions[0]
     page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
-    page.goto(f"{server}/diagnose")
+    page.goto(f"{server}/diagnose?weight_bits=3&act_bits=3")
     settle(page)
     page.get_by_text("Layer detail").wait_for(timeout=180_000)
     settle(page)
@@ -322,6 +320,9 @@ def test_diagnose_click_a_layer_and_apply_a_suggestion(server, browser, pretrain
 
     before = sidebar_metric(page, "Quantized accuracy")
     page.get_by_role("button", name="Apply").first.click()
+    # the Diagnose page would now diagnose the applied config (half a minute); the sidebar says on any page
+    page.wait_for_timeout(500)
+    page.locator("[data-testid='stSidebarNavLink']").filter(has_text="Accuracy").click()
     settle(page)
     after = sidebar_metric(page, "Quantized accuracy")
     assert after == f"{100 * first.accuracy:.2f}%" and after != before
@@ -399,3 +400,27 @@ def test_sessions_beyond_the_computation_slots_see_their_place_in_line(browser, 
     assert seen[:2] == ["yours is number 1 in line", "yours is number 1 in line"]
     assert "yours is number 2 in line" in seen  # the last to arrive waited behind two
     assert shown == [percent_for(pretrained, mnist, QuantConfig(seed=seed)) for seed in seeds]
+
+
+@pytest.mark.slow
+def test_nothing_is_fetched_from_outside_the_server(server, browser):
+    """Issue 20: the favicon (it was Google's font server's "tune" icon) and everything else a page
+    needs come from the lab's own server: an offline classroom works, and no third party hears of it."""
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(server)
+    settle(page)
+    for title in ("Accuracy", "One number"):
+        page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
+        settle(page)
+    page.wait_for_timeout(1000)  # the favicon is asked for after the page
+    icon = page.evaluate("() => document.querySelector(\"link[rel~='icon']\")?.href")
+    # Streamlit inlines the app's own SVG icon in the page: nothing to fetch at all
+    assert icon and icon.startswith("data:image/svg+xml;base64,"), icon[:80]
+    assert base64.b64decode(icon.split(",", 1)[1]) == (ROOT / "ui" / "static" / "favicon.svg").read_bytes()
+    outside = [url for url in requested if not url.startswith((server, "data:", "blob:"))]
+    assert not outside, outside
+    context.close()
+

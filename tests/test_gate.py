@@ -283,3 +283,41 @@ def test_a_waiting_session_that_left_leaves_the_line_and_anonymous_work_is_never
     release.set()
     finish(first)
     assert outcome == ["carol left the line", "holder finished"]
+
+
+def test_a_training_run_waits_its_turn_in_the_gate_and_holds_a_slot(monkeypatch):
+    """Issue 20: training and QAT go through the gate like every other computation: with the one slot
+    taken, a training run waits, is told its place in line, then runs holding the slot."""
+    from ui import cache
+
+    gate = Gate(1)
+    monkeypatch.setattr(cache, "GATE", gate)
+    shown: list[str] = []
+
+    class Notice:  # what the page's placeholder does with the message
+        def empty(self):
+            return self
+
+        def info(self, message, icon=None):
+            shown.append(message)
+
+    holding, release = threading.Event(), threading.Event()
+
+    def someone_else() -> None:
+        with gate.slot():
+            holding.set()
+            release.wait(10)
+
+    other = threading.Thread(target=someone_else)
+    other.start()
+    holding.wait(5)
+    result: list[int] = []
+    trainer = threading.Thread(target=lambda: result.append(cache.own_run("training", gate.running, Notice())))
+    trainer.start()
+    time.sleep(0.8)
+    assert result == [] and gate.waiting() == 1
+    assert any("number 1 in line (1 running now)" in message for message in shown)
+    release.set()
+    trainer.join(10)
+    other.join(10)
+    assert result == [1] and gate.running() == 0  # it ran in the one slot, then gave it back

@@ -1,14 +1,17 @@
-"""Caching rules: st.cache_resource only for read-only shared data (MNIST, the bundled net);
-results are st.cache_data keyed by (model fingerprint, QuantConfig JSON, data folder) with
-max_entries, so sessions share results only for identical weights."""
+"""Caching rules: st.cache_resource only for read-only shared data (the datasets, the bundled nets);
+results are kept per kind in a bounded in-process cache of the objects themselves, keyed by (model
+fingerprint, data source, config JSON, ...), in front of the shared result store (ui.store) that a
+server's replicas share, keyed by content; sessions share results only for identical weights and data."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from typing import TypeVar
 
 import streamlit as st
@@ -17,14 +20,22 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
-from qcore.analysis.diagnose import Diagnosis, diagnose
-from qcore.analysis.tables import Report, Sensitivity, SweepPoint, bit_sweep, build_report, layer_sensitivity
+from qcore.analysis.diagnose import Diagnosis, LayerDiagnosis, diagnose
+from qcore.analysis.tables import (
+    Report,
+    Sensitivity,
+    SweepPoint,
+    bit_sweep,
+    build_report,
+    layer_sensitivity,
+    quantize_for,
+)
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
 from qcore.data import Dataset, data_dir, load_dataset, with_input_scale
 from qcore.export.formats import export_onnx, qtensors_bytes
 from qcore.inference.deploy import EngineResult, compare_engines
-from qcore.inference.evaluate import EvalResult, evaluate
+from qcore.inference.evaluate import EvalResult, evaluate, slice_estimate
 from qcore.inference.integer import IntegerNet
 from qcore.lessons.failures import (
     FoldedLayer,
@@ -40,6 +51,7 @@ from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import ImportedModel, import_onnx
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
+from ui.store import StoreConfigError, store_from_environment
 
 
 def _session_present(session_id: Hashable) -> bool:
@@ -63,6 +75,11 @@ try:
 except GateConfigError as error:
     GATE, GATE_PROBLEM = Gate(default_slots(), _session_present), str(error)
 configure_torch_threads(GATE.slots)
+# The shared result store (QCORE_RESULT_STORE); a bad size setting, like the gate's, stops the app
+try:
+    STORE, STORE_PROBLEM = store_from_environment(), ""
+except StoreConfigError as error:
+    STORE, STORE_PROBLEM = None, str(error)
 Result = TypeVar("Result")
 
 
@@ -85,6 +102,21 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
     finally:
         if notice:
             notice[0].empty()
+
+
+_RUNS = itertools.count()
+
+
+def own_run(kind: str, compute: Callable[[], Result], where: DeltaGenerator | None = None) -> Result:
+    """A computation of this session's alone (a training or QAT run: never shared, never cached) in the
+    gate's line like every other, so that two students training at once cannot starve the rest of the
+    class; a waiting trainer sees its place in line, and the run stops when its session has left."""
+
+    def run() -> Result:
+        with GATE.slot():
+            return compute()
+
+    return _in_turn((kind, _this_session(), next(_RUNS)), run, where)
 
 
 RAW_SUFFIX = "|raw"
@@ -119,98 +151,185 @@ def bundled_model(zoo: str) -> nn.Module:
     return load_model(None, zoo)
 
 
-@st.cache_data(max_entries=16, show_spinner="Evaluating the float model…")
-def _float_result(fingerprint: str, folder: str, _model: nn.Module) -> EvalResult:
-    with GATE.slot():
-        return evaluate(_model, shared_data(folder).test)
+# --- results: every session's, in memory, in front of the shared store, computed in the gate's line ---
 
 
-@st.cache_data(max_entries=48, show_spinner="Calibrating and evaluating the quantized model…")
-def _report(
-    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
-) -> Report:
-    """A QAT model (its fingerprint differs from its float weights') is reported with its own grid when
-    the config is the one it was trained for; any other config calibrates its float weights."""
-    config = QuantConfig.from_json(config_json)
-    reference = float_result(fingerprint, folder, _model)
-    trained = None if _qat is None else _qat.trained_for(config)
-    with GATE.slot():
-        return build_report(_model, shared_data(folder), config, reference, qnet=trained)
+class _Results:
+    """One kind of result, shared by every session of this process: a bounded in-memory LRU of the
+    objects themselves (st.cache_data unpickled a copy, a Report with its quantized model, on every
+    rerun of every session), in front of the disk store the replicas share (ui.store). A miss waits its
+    turn in the gate's line, where sessions asking for the same key share one computation."""
 
-
-@st.cache_data(max_entries=16, show_spinner="Sweeping bit-widths (seven calibrations and evaluations)…")
-def _sweep(fingerprint: str, config_json: str, target: str, folder: str, _model: nn.Module) -> list[SweepPoint]:
-    with GATE.slot():
-        return bit_sweep(_model, shared_data(folder), QuantConfig.from_json(config_json), range(2, 9), target)
-
-
-@st.cache_data(max_entries=16, show_spinner="Quantizing one layer at a time…")
-def _sensitivity(fingerprint: str, config_json: str, folder: str, _model: nn.Module) -> list[Sensitivity]:
-    accuracy = float_result(fingerprint, folder, _model).accuracy
-    with GATE.slot():
-        return layer_sensitivity(_model, shared_data(folder), QuantConfig.from_json(config_json), accuracy)
-
-
-@st.cache_data(max_entries=8, show_spinner="Running every inference path over the test set…")
-def _engine_results(
-    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
-) -> list[EngineResult]:
-    data = shared_data(folder)
-    qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
-    with GATE.slot():
-        return compare_engines(_model, data, qnet)
-
-
-@st.cache_data(max_entries=8, show_spinner="Building the exports…")
-def _exports(
-    fingerprint: str, config_json: str, folder: str, _model: nn.Module, _qat: QatCheckpoint | None = None
-) -> tuple[bytes, bytes]:
-    """(qtensors file, ONNX QDQ model) for this model and config."""
-    qnet = report(fingerprint, config_json, folder, _model, qat=_qat).qnet
-    with GATE.slot():
-        return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, shared_data(folder).spec)
-
-
-# A diagnosis (~20 evaluations) and the folding walk-through (~12) report progress as they go, which
-# st.cache_data cannot pass through; so each has its own bounded cache, keyed like the others (the result
-# depends only on the weights, the config and the data), shared by every session.
-class _ProgressCache:
-    def __init__(self, kind: str, limit: int = 16) -> None:
-        self.kind, self.limit = kind, limit
-        self.results: OrderedDict[tuple[str, ...], object] = OrderedDict()
+    def __init__(self, kind: str, limit: int, spinner: str | None = None) -> None:
+        self.kind, self.limit, self.spinner = kind, limit, spinner
+        self.results: OrderedDict[tuple[object, ...], object] = OrderedDict()
         self.lock = threading.Lock()
 
-    def cached(self, key: tuple[str, ...]) -> object | None:
+    def remember(self, key: tuple[object, ...], result: object) -> None:
+        with self.lock:
+            self.results[key] = result
+            self.results.move_to_end(key)
+            while len(self.results) > self.limit:
+                self.results.popitem(last=False)
+
+    def cached(self, key: tuple[object, ...], folder: str | None = None) -> object | None:
+        """In memory, else (given the data's folder) in the shared store, remembered from then on."""
         with self.lock:
             found = self.results.get(key)
             if found is not None:
                 self.results.move_to_end(key)
-            return found
+                return found
+        if STORE is None or folder is None:
+            return None
+        found = STORE.get(self.store_key(key, folder))
+        if found is not None:
+            self.remember(key, found)
+        return found
 
-    def get(self, key: tuple[str, ...], compute: Callable[[], Result]) -> Result:
-        found = self.cached(key)
+    def store_key(self, key: tuple[object, ...], folder: str) -> str:
+        """The store's key: the folder (a server path) replaced by the data's content id."""
+        fingerprint, *rest = key
+        parts = [shared_data(folder).content_id if part == folder else part for part in rest]
+        assert STORE is not None
+        return STORE.key(self.kind, str(fingerprint), parts[0] if parts else "", json.dumps(parts[1:], default=str))
+
+    def get(
+        self,
+        key: tuple[object, ...],
+        folder: str,
+        compute: Callable[[], Result],
+        where: DeltaGenerator | None = None,
+    ) -> Result:
+        found = self.cached(key, folder)
         if found is not None:
             return found  # type: ignore[return-value]
 
         def once() -> Result:
-            # The gate's turn runs one computation per key: sessions asking for the same one while it runs
-            # wait for it, count as its requesters (it stops only when they all leave), and read it here.
-            found = self.cached(key)
+            found = self.cached(key, folder)  # computed while this session waited in line
             if found is not None:
                 return found  # type: ignore[return-value]
-            with GATE.slot():
-                result = compute()
-            with self.lock:
-                self.results[key] = result
-                while len(self.results) > self.limit:
-                    self.results.popitem(last=False)
+            with st.spinner(self.spinner) if self.spinner else nullcontext():
+                result = compute() if STORE is None else STORE.compute(self.store_key(key, folder), compute)
+            self.remember(key, result)
             return result
 
-        return _in_turn((self.kind, *key), once)
+        return _in_turn((self.kind, *key), once, where)
 
 
-_DIAGNOSES = _ProgressCache("diagnosis")
-_FOLDING_WALKS = _ProgressCache("folding", limit=8)
+def _folder_first(fingerprint: str, folder: str, *rest: object) -> tuple[object, ...]:
+    """A result's key: the model's fingerprint, the data source, then what else it depends on."""
+    return (fingerprint, folder, *rest)
+
+
+_FLOAT = _Results("float", 16, "Evaluating the float model…")
+_REPORTS = _Results("report", 48, "Calibrating and evaluating the quantized model…")
+_SWEEPS = _Results("sweep", 16, "Sweeping bit-widths (seven calibrations and evaluations)…")
+_SENSITIVITIES = _Results("sensitivity", 16, "Quantizing one layer at a time…")
+_ENGINES = _Results("engines", 8, "Running every inference path over the test set…")
+_EXPORTS = _Results("exports", 8, "Building the exports…")
+_DIAGNOSES = _Results("diagnosis", 16)  # the page draws its own progress
+_FOLDING_WALKS = _Results("folding", 8)
+_RESIDUALS = _Results("residual", 16, "Measuring every residual add…")
+_OUTLIERS = _Results("outliers", 16)
+_WALKS = _Results("walk", 32, "Running the image through the integer engine…")
+
+
+def float_result(fingerprint: str, folder: str, model: nn.Module) -> EvalResult:
+    def compute() -> EvalResult:
+        with GATE.slot():
+            return evaluate(model, shared_data(folder).test)
+
+    return _FLOAT.get(_folder_first(fingerprint, folder), folder, compute)
+
+
+FIRST_ANSWER_IMAGES = 1000  # a new what-if's first answer: the quantized accuracy on this many test images
+
+
+def report(
+    fingerprint: str,
+    config_json: str,
+    folder: str,
+    model: nn.Module,
+    where: DeltaGenerator | None = None,
+    qat: QatCheckpoint | None = None,
+    early: DeltaGenerator | None = None,
+) -> Report:
+    """A QAT model (its fingerprint differs from its float weights') is reported with its own grid when
+    the config is the one it was trained for; any other config calibrates its float weights. With
+    `early`, a config that calibrates quickly (no PTQ method) first shows there the accuracy on the first
+    FIRST_ANSWER_IMAGES test images with its 95% interval, replaced when the full report is done."""
+
+    def compute() -> Report:
+        config = QuantConfig.from_json(config_json)
+        reference = float_result(fingerprint, folder, model)  # its own turn, before taking a slot
+        trained = None if qat is None else qat.trained_for(config)
+        data = shared_data(folder)
+        with GATE.slot():
+            if early is None or trained is not None or config.methods or config.weight_bits_budget:
+                return build_report(model, data, config, reference, qnet=trained)
+            qnet = quantize_for(model, data, config)
+            first = slice_estimate(qnet, data.test, FIRST_ANSWER_IMAGES)
+            early.info(
+                f"**First answer: quantized accuracy {first.describe()}.** All {first.of:,} are being evaluated…",
+                icon=":material/timelapse:",
+            )
+            try:
+                return build_report(model, data, config, reference, qnet=qnet)
+            finally:
+                early.empty()
+
+    return _REPORTS.get(_folder_first(fingerprint, folder, config_json), folder, compute, where)
+
+
+def sweep(
+    fingerprint: str,
+    config_json: str,
+    target: str,
+    folder: str,
+    model: nn.Module,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> list[SweepPoint]:
+    """Accuracy from 2 to 8 bits; `on_point` as each bit-width is measured (a page draws them as they come)."""
+
+    def compute() -> list[SweepPoint]:
+        config = QuantConfig.from_json(config_json)
+        with GATE.slot():
+            return bit_sweep(model, shared_data(folder), config, range(2, 9), target, on_point=on_point)
+
+    return _SWEEPS.get(_folder_first(fingerprint, folder, config_json, target), folder, compute)
+
+
+def sensitivity(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[Sensitivity]:
+    def compute() -> list[Sensitivity]:
+        accuracy = float_result(fingerprint, folder, model).accuracy
+        with GATE.slot():
+            return layer_sensitivity(model, shared_data(folder), QuantConfig.from_json(config_json), accuracy)
+
+    return _SENSITIVITIES.get(_folder_first(fingerprint, folder, config_json), folder, compute)
+
+
+def engine_results(
+    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
+) -> list[EngineResult]:
+    def compute() -> list[EngineResult]:
+        qnet = report(fingerprint, config_json, folder, model, qat=qat).qnet
+        with GATE.slot():
+            return compare_engines(model, shared_data(folder), qnet)
+
+    return _ENGINES.get(_folder_first(fingerprint, folder, config_json), folder, compute)
+
+
+def exports(
+    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
+) -> tuple[bytes, bytes]:
+    """(qtensors file, ONNX QDQ model) for this model and config."""
+
+    def compute() -> tuple[bytes, bytes]:
+        qnet = report(fingerprint, config_json, folder, model, qat=qat).qnet
+        with GATE.slot():
+            return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, shared_data(folder).spec)
+
+    return _EXPORTS.get(_folder_first(fingerprint, folder, config_json), folder, compute)
 
 
 def diagnosis(
@@ -219,14 +338,21 @@ def diagnosis(
     folder: str,
     model: nn.Module,
     on_progress: Callable[[int, int, str], None] | None = None,
+    on_row: Callable[[list[LayerDiagnosis]], None] | None = None,
 ) -> Diagnosis:
-    key = (fingerprint, config_json, folder)
-    found = _DIAGNOSES.cached(key)
+    """The diagnosis (about 20 evaluations; `on_progress` as they finish, `on_row` as each layer's row is)."""
+    key = _folder_first(fingerprint, folder, config_json)
+    found = _DIAGNOSES.cached(key, folder)
     if found is not None:
         return found  # type: ignore[return-value]
     float_accuracy = float_result(fingerprint, folder, model).accuracy  # its own turn, before the diagnosis's
     config = QuantConfig.from_json(config_json)
-    return _DIAGNOSES.get(key, lambda: diagnose(model, shared_data(folder), config, float_accuracy, on_progress))
+
+    def compute() -> Diagnosis:
+        with GATE.slot():
+            return diagnose(model, shared_data(folder), config, float_accuracy, on_progress, on_row=on_row)
+
+    return _DIAGNOSES.get(key, folder, compute)
 
 
 def folding_walk(
@@ -237,16 +363,12 @@ def folding_walk(
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> FoldingWalk:
     config = QuantConfig.from_json(config_json)
-    return _FOLDING_WALKS.get(
-        (fingerprint, config_json, folder), lambda: folding_walkthrough(model, shared_data(folder), config, on_progress)
-    )
 
+    def compute() -> FoldingWalk:
+        with GATE.slot():
+            return folding_walkthrough(model, shared_data(folder), config, on_progress)
 
-@st.cache_data(max_entries=16, show_spinner="Measuring every residual add…")
-def _residual(fingerprint: str, config_json: str, folder: str, _model: nn.Module) -> list[ResidualAdd]:
-    qnet = report(fingerprint, config_json, folder, _model).qnet
-    with GATE.slot():
-        return residual_adds(qnet, shared_data(folder))
+    return _FOLDING_WALKS.get(_folder_first(fingerprint, folder, config_json), folder, compute)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -256,83 +378,22 @@ def folded_spreads_of(fingerprint: str, _model: nn.Module) -> list[FoldedLayer]:
 
 
 def residual(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[ResidualAdd]:
-    key = ("residual", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _residual(fingerprint, config_json, folder, model))
+    def compute() -> list[ResidualAdd]:
+        qnet = report(fingerprint, config_json, folder, model).qnet
+        with GATE.slot():
+            return residual_adds(qnet, shared_data(folder))
 
-
-@st.cache_data(max_entries=16, show_spinner=False)
-def _outliers(
-    fingerprint: str, config_json: str, target: str, factor: float, folder: str, _model: nn.Module
-) -> list[OutlierRow]:
-    with GATE.slot():
-        return outlier_lesson(_model, shared_data(folder), QuantConfig.from_json(config_json), target, factor)
-
-
-@st.cache_data(max_entries=32, show_spinner="Running the image through the integer engine…")
-def _walk(
-    fingerprint: str,
-    config_json: str,
-    image: int,
-    positions_json: str,
-    folder: str,
-    _model: nn.Module,
-    _qat: QatCheckpoint | None = None,
-) -> Walk:
-    positions = json.loads(positions_json)
-    config = QuantConfig.from_json(config_json)
-    trained = None if _qat is None else _qat.trained_for(config)
-    with GATE.slot():
-        return explain(_model, shared_data(folder), config, image, positions, qnet=trained)
-
-
-# --- what pages call: each computation waits its turn in the gate; answers from the cache do not ---
-
-
-def float_result(fingerprint: str, folder: str, model: nn.Module) -> EvalResult:
-    return _in_turn(("float", fingerprint, folder), lambda: _float_result(fingerprint, folder, model))
-
-
-def report(
-    fingerprint: str,
-    config_json: str,
-    folder: str,
-    model: nn.Module,
-    where: DeltaGenerator | None = None,
-    qat: QatCheckpoint | None = None,
-) -> Report:
-    key = ("report", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _report(fingerprint, config_json, folder, model, qat), where)
-
-
-def sweep(fingerprint: str, config_json: str, target: str, folder: str, model: nn.Module) -> list[SweepPoint]:
-    key = ("sweep", fingerprint, config_json, target, folder)
-    return _in_turn(key, lambda: _sweep(fingerprint, config_json, target, folder, model))
-
-
-def sensitivity(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[Sensitivity]:
-    key = ("sensitivity", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _sensitivity(fingerprint, config_json, folder, model))
-
-
-def engine_results(
-    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
-) -> list[EngineResult]:
-    key = ("engines", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _engine_results(fingerprint, config_json, folder, model, qat))
-
-
-def exports(
-    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
-) -> tuple[bytes, bytes]:
-    key = ("exports", fingerprint, config_json, folder)
-    return _in_turn(key, lambda: _exports(fingerprint, config_json, folder, model, qat))
+    return _RESIDUALS.get(_folder_first(fingerprint, folder, config_json), folder, compute)
 
 
 def outliers(
     fingerprint: str, config_json: str, target: str, factor: float, folder: str, model: nn.Module
 ) -> list[OutlierRow]:
-    key = ("outliers", fingerprint, config_json, target, factor, folder)
-    return _in_turn(key, lambda: _outliers(fingerprint, config_json, target, factor, folder, model))
+    def compute() -> list[OutlierRow]:
+        with GATE.slot():
+            return outlier_lesson(model, shared_data(folder), QuantConfig.from_json(config_json), target, factor)
+
+    return _OUTLIERS.get(_folder_first(fingerprint, folder, config_json, target, factor), folder, compute)
 
 
 def walk(
@@ -344,5 +405,11 @@ def walk(
     model: nn.Module,
     qat: QatCheckpoint | None = None,
 ) -> Walk:
-    key = ("walk", fingerprint, config_json, image, positions_json, folder)
-    return _in_turn(key, lambda: _walk(fingerprint, config_json, image, positions_json, folder, model, qat))
+    def compute() -> Walk:
+        positions = json.loads(positions_json)
+        config = QuantConfig.from_json(config_json)
+        trained = None if qat is None else qat.trained_for(config)
+        with GATE.slot():
+            return explain(model, shared_data(folder), config, image, positions, qnet=trained)
+
+    return _WALKS.get(_folder_first(fingerprint, folder, config_json, image, positions_json), folder, compute)

@@ -381,11 +381,14 @@ def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
     entry = current_model()
     config = st.session_state[CONFIG_KEY]
     mnist_or_stop()
+    first_answer = st.empty()  # a new what-if shows its first answer here while the rest is measured
     try:
         return (
             entry,
             config,
-            cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, qat=entry.qat),
+            cache.report(
+                entry.fingerprint, config.to_json(), data_folder(), entry.model, qat=entry.qat, early=first_answer
+            ),
         )
     except Exception as error:  # noqa: BLE001 - a page for a model that cannot be quantized says so and stops
         show_compute_failure(error)

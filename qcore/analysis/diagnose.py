@@ -111,6 +111,22 @@ class Diagnosis:
         }
 
 
+def layer_table(rows: Sequence[LayerDiagnosis]) -> list[dict[str, object]]:
+    """The per-layer diagnosis as table rows, percentages and dB rounded to two places."""
+    return [
+        {
+            "layer": r.layer,
+            "only this quantized (%)": round(100 * r.only_this_accuracy, 2),
+            "all but this quantized (%)": round(100 * r.all_but_this_accuracy, 2),
+            "weights only (%)": round(100 * r.weights_only_accuracy, 2),
+            "activations only (%)": round(100 * r.activations_only_accuracy, 2),
+            "SQNR isolated (dB)": round(r.sqnr_isolated_db, 2),
+            "SQNR accumulated (dB)": round(r.sqnr_accumulated_db, 2),
+        }
+        for r in rows
+    ]
+
+
 # --- variants of one quantized net ---------------------------------------------------------------
 
 
@@ -259,9 +275,11 @@ def diagnose(
     float_accuracy: float | None = None,
     on_progress: Progress | None = None,
     suggestions: int = 3,
+    on_row: Callable[[list[LayerDiagnosis]], None] | None = None,
 ) -> Diagnosis:
     """Per-layer accuracies and SQNR, the best `suggestions` fixes (each measured), and the
-    integer engine's gap. `on_progress(done, total, what)` is called as the runs finish."""
+    integer engine's gap. `on_progress(done, total, what)` is called as the runs finish, and
+    `on_row(rows so far)` as each layer's row is complete (a page fills its table in)."""
     qnet = quantize_for(model, data, config)
     layers = qnet.graph.layers
     candidates = _candidates(config, layers)
@@ -319,6 +337,8 @@ def diagnose(
                 sqnr_db(float_outputs[name], accumulated[name]),
             )
         )
+        if on_row is not None:
+            on_row(list(rows))
     measured = []
     bits_now = _average_weight_bits(qnet)
     for text, changes in candidates:

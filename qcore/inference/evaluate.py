@@ -60,3 +60,39 @@ def flipped_indices(reference: EvalResult, other: EvalResult, labels: torch.Tens
         "fixed": fixed.nonzero().flatten().tolist(),
         "other": (differs & ~broke & ~fixed).nonzero().flatten().tolist(),
     }
+
+
+@dataclass(frozen=True)
+class SliceEstimate:
+    """Accuracy measured on the first `images` test images only: a first answer while the rest run,
+    with its 95% interval (Wilson score: the binomial proportion's interval that stays inside [0, 1])."""
+
+    accuracy: float
+    low: float
+    high: float
+    images: int
+    of: int  # the split's size: what the full answer will be measured on
+
+    def describe(self) -> str:
+        return (
+            f"{100 * self.accuracy:.1f}% (95% interval {100 * self.low:.1f} to {100 * self.high:.1f}%), "
+            f"measured on the first {self.images:,} of the {self.of:,} test images"
+        )
+
+
+def wilson_interval(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion correct / count."""
+    if count == 0:
+        return 0.0, 1.0
+    p = correct / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * ((p * (1 - p) / count + z * z / (4 * count * count)) ** 0.5) / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def slice_estimate(model: nn.Module, split: Split, images: int = 1000) -> SliceEstimate:
+    """Accuracy on the first `images` of `split` and its 95% interval."""
+    part = split.subset(images)
+    correct = round(evaluate(model, part).accuracy * len(part))
+    low, high = wilson_interval(correct, len(part))
+    return SliceEstimate(correct / len(part), low, high, len(part), len(split))
