@@ -1,0 +1,166 @@
+"""Serving a class (issue 20): deploy/serve's replicas behind HAProxy, sticky sessions through it, the
+shared result store, a first answer before the full one, and every process stopped on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bench._protocol import open_page, open_pages_at_once, sticky_cookie
+from tests.serving import IDLE, ROOT, chromium, free_port
+
+pytestmark = pytest.mark.browser
+SERVE = ROOT / "deploy" / "serve"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _healthy(base: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "deploy/serve stopped while starting"
+        try:
+            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as answer:
+                if answer.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("deploy/serve did not become healthy")
+
+
+@contextmanager
+def serve(
+    tmp_path: Path, replicas: int = 2, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    log = open(tmp_path / "serve.out", "w")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(
+        [sys.executable, str(SERVE), str(port), "--replicas", str(replicas), "--store", str(tmp_path / "store"),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _healthy(base, process)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_replicas_behind_haproxy_keep_each_browser_on_its_own_and_share_results(tmp_path, mnist):
+    """Two replicas: sessions spread over both (each page load is sent a replica cookie), an upload
+    through the balancer is the uploading browser's model on every page (its websocket and its upload
+    reached the same replica), a result one replica computed is read from the store by the other, and
+    SIGTERM stops every process deploy/serve started."""
+    import torch
+
+    from qcore.models.checkpoint import checkpoint_bytes, fingerprint
+    from qcore.models.net import Net
+
+    with serve(tmp_path) as (base, process):
+        replicas = sorted(_children(process.pid))
+        assert len(replicas) == 3  # two Streamlit replicas and HAProxy
+        cookies = {sticky_cookie(base) for _ in range(6)}
+        assert {c.split("QLAB_REPLICA=")[1].split(";")[0] for c in cookies} == {"r0", "r1"}
+        # one new link computed by one replica, then asked of both: the second is the store's answer
+        link = "weight_bits=5&act_bits=5&seed=77"
+        first = asyncio.run(open_page(base, "accuracy", link, cookie="QLAB_REPLICA=r0"))
+        both = asyncio.run(open_pages_at_once(base, [("accuracy", link)] * 4))
+        assert first.exceptions == 0 and all(run.exceptions == 0 for run in both)
+        assert max(run.seconds for run in both) < first.seconds  # nobody computed it again
+        assert any("r1" in run.cookie for run in both)
+
+        torch.manual_seed(3)
+        uploaded = Net()
+        with chromium() as browser:
+            page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
+            page.goto(base)
+            page.wait_for_selector(IDLE, timeout=120_000)
+            page.get_by_role("tab", name="Upload a checkpoint").click()
+            page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(
+                {"name": "mine.pt", "mimeType": "application/octet-stream", "buffer": checkpoint_bytes(uploaded)}
+            )
+            sidebar = "document.querySelector(\"[data-testid='stSidebar']\")"
+            page.wait_for_function(f"() => {sidebar}?.innerText.includes('{fingerprint(uploaded)}')", timeout=120_000)
+            for title in ("Activations", "Accuracy", "Deploy", "One number"):
+                page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
+                page.wait_for_timeout(300)
+                page.wait_for_selector(IDLE, timeout=120_000)
+                assert fingerprint(uploaded) in page.locator("[data-testid='stSidebar']").inner_text(), title
+                assert page.locator("[data-testid='stException']").count() == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    time.sleep(0.5)
+    assert not [pid for pid in replicas if Path(f"/proc/{pid}").exists()]  # every process it started is gone
+
+
+@pytest.mark.slow
+def test_without_haproxy_it_says_so_and_serves_one_process(tmp_path):
+    with serve(tmp_path, env={"QLAB_HAPROXY": ""}) as (base, process):  # as on a machine without it
+        assert len(_children(process.pid)) == 1
+        run = asyncio.run(open_page(base, "", ""))
+        assert run.exceptions == 0
+    assert (
+        "HAProxy is not installed (apt-get install haproxy): serving ONE Streamlit process"
+        in (tmp_path / "serve.out").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_a_new_what_if_shows_a_labelled_first_answer_then_the_full_one(tmp_path, pretrained, mnist):
+    """In a real browser: a new config's first accuracy on 1,000 test images, with its interval and its
+    slice named, then the full 10,000-image figure in its place."""
+    from qcore.analysis.tables import quantize_for
+    from qcore.config import QuantConfig
+    from qcore.inference.evaluate import evaluate, slice_estimate
+
+    config = QuantConfig(weight_bits=5, act_bits=6)
+    qnet = quantize_for(pretrained, mnist, config)
+    first = slice_estimate(qnet, mnist.test, 1000)
+    full = f"{100 * evaluate(qnet, mnist.test).accuracy:.2f}%"
+    with serve(tmp_path, replicas=1) as (base, _process), chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(f"{base}/accuracy?weight_bits=5")
+        page.wait_for_selector(IDLE, timeout=120_000)
+        slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").filter(has_text="Activation bits")
+        slider.locator("input[type='range']").focus()
+        changed = time.perf_counter()
+        for _ in range(2):  # 8 -> 6
+            page.keyboard.press("ArrowLeft")
+        answer = page.get_by_text("First answer: quantized accuracy", exact=False)
+        answer.wait_for(timeout=60_000)
+        shown = time.perf_counter() - changed
+        text = answer.inner_text()
+        assert f"{100 * first.accuracy:.1f}% (95% interval {100 * first.low:.1f} to {100 * first.high:.1f}%)" in text
+        assert "measured on the first 1,000 of the 10,000 test images" in text
+        answer.wait_for(state="detached", timeout=120_000)
+        page.wait_for_selector(IDLE, timeout=120_000)
+        metric = page.locator("[data-testid='stSidebar'] [data-testid='stMetric']").filter(
+            has_text="Quantized accuracy"
+        )
+        assert metric.locator("[data-testid='stMetricValue']").inner_text().strip() == full
+        print(f"first answer {shown:.2f} s after the change")
