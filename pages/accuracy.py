@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from qcore.analysis.tables import SWEEP_TARGETS, SweepPoint
+from qcore.analysis.tables import SWEEP_TARGETS, SweepPoint, flip_gallery, per_class_rows
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
 from qcore.models.checkpoint import fingerprint
 from ui import cache, session
@@ -65,24 +65,17 @@ if entry.qat is not None and entry.qat_applies(config):
         "grid. All three on the 10,000 test images."
     )
 classes = mnist.spec.class_names
+figure_key = (entry.fingerprint, config.to_json(), session.data_folder())
 st.plotly_chart(
-    per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy, classes), key="per_class"
+    cache.memo(
+        "per-class figure",
+        figure_key,
+        lambda: per_class_figure(float_result.per_class_accuracy, quant_result.per_class_accuracy, classes),
+    ),
+    key="per_class",
 )
-table_with_csv(
-    [
-        {
-            "class": classes[digit],
-            "float accuracy (%)": round(100 * f, 2),
-            "quantized accuracy (%)": round(100 * q, 2),
-            "difference (points)": round(100 * (q - f), 2),
-        }
-        for digit, (f, q) in enumerate(
-            zip(float_result.per_class_accuracy, quant_result.per_class_accuracy, strict=True)
-        )
-    ],
-    "per-class accuracy",
-    "per_class",
-)
+rows = cache.memo("per-class rows", figure_key, lambda: per_class_rows(report, classes))
+table_with_csv(rows, "per-class accuracy", "per_class")
 
 st.subheader("Images whose prediction flips")
 broke, fixed = report.flips.get("broke", []), report.flips.get("fixed", [])
@@ -91,15 +84,11 @@ st.caption(
     f"{len(broke)} correct in float but wrong when quantized, {len(fixed)} the other way round, "
     f"{len(other)} wrong both ways with different answers."
 )
-shown = (broke + fixed + other)[:MAX_FLIPS_SHOWN]
-if shown:
-    images = [(mnist.test.images[i, 0] * mnist.spec.std + mnist.spec.mean).tolist() for i in shown]
-    titles = [
-        f"#{i} {classes[int(mnist.test.labels[i])]}: "
-        f"{classes[int(float_result.predictions[i])]}→{classes[int(quant_result.predictions[i])]}"
-        for i in shown
-    ]
-    st.plotly_chart(digits_figure(images, titles), key="flips_grid")
+if broke or fixed or other:
+    gallery = cache.memo(
+        "flips figure", figure_key, lambda: digits_figure(*flip_gallery(report, mnist, MAX_FLIPS_SHOWN))
+    )
+    st.plotly_chart(gallery, key="flips_grid")
     st.caption("Each title: test index, true class, float prediction → quantized prediction.")
 
 st.subheader("Bit-width sweep")

@@ -34,6 +34,7 @@ from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
 from qcore.data import Dataset, data_dir, load_dataset, with_input_scale
 from qcore.export.formats import export_onnx, qtensors_bytes
+from qcore.graph import ModelGraph, model_graph
 from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate, slice_estimate
 from qcore.inference.integer import IntegerNet
@@ -143,6 +144,48 @@ def imported_model(content: bytes, dataset: str, input_scale: str) -> ImportedMo
     key = ("onnx import", hashlib.sha256(content).hexdigest(), source)
     with st.spinner("Importing the model and checking it against ONNX Runtime on 1,000 test images…"):
         return _in_turn(key, lambda: import_onnx(content, shared_data(source), input_scale))
+
+
+_MEMO: OrderedDict[tuple[object, ...], object] = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+MEMO_ENTRIES = 256
+
+
+def memo(kind: str, key: tuple[object, ...], build: Callable[[], Result]) -> Result:
+    """What every session would otherwise build again from one result (a figure, a table's rows), built
+    once per result and shared, read-only, by every session of this process. A page's plotly figure
+    costs far more to build (plotly validates every value) than to send."""
+    full = (kind, *key)
+    with _MEMO_LOCK:
+        if full in _MEMO:
+            _MEMO.move_to_end(full)
+            return _MEMO[full]  # type: ignore[return-value]
+    built = build()
+    with _MEMO_LOCK:
+        _MEMO[full] = built
+        while len(_MEMO) > MEMO_ENTRIES:
+            _MEMO.popitem(last=False)
+    return built
+
+
+_GRAPHS: OrderedDict[str, ModelGraph] = OrderedDict()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def model_graph_of(fingerprint: str, model: nn.Module) -> ModelGraph:
+    """A model's graph, traced once per fingerprint (tracing and shape propagation cost a new session
+    a third of its page's time when every session traced its own)."""
+    with _GRAPHS_LOCK:
+        found = _GRAPHS.get(fingerprint)
+        if found is not None:
+            _GRAPHS.move_to_end(fingerprint)
+            return found
+    graph = model_graph(model)
+    with _GRAPHS_LOCK:
+        _GRAPHS[fingerprint] = graph
+        while len(_GRAPHS) > 64:
+            _GRAPHS.popitem(last=False)
+    return graph
 
 
 @st.cache_resource(show_spinner=False)

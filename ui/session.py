@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from functools import cached_property
 from typing import NoReturn
 
 import streamlit as st
@@ -23,7 +22,7 @@ from qcore.analysis.tables import Report
 from qcore.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
 from qcore.data import DATASETS, MAX_SEED, DataError, DataFileError, Dataset, DatasetSpec, data_dir
 from qcore.files import shorten
-from qcore.graph import ModelGraph, model_graph
+from qcore.graph import ModelGraph
 from qcore.models.checkpoint import fingerprint
 from qcore.models.onnx_import import ImportedModel
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, zoo_model
@@ -108,10 +107,11 @@ class ModelEntry:
     zoo: str = DEFAULT_MODEL  # its zoo architecture, and so its dataset (an imported model: ignored)
     imported: ImportedModel | None = None  # a user's ONNX model: its own graph, dataset and input scale
 
-    @cached_property
+    @property
     def graph(self) -> ModelGraph:
-        """The model graph (layers for the sidebar and the lessons)."""
-        return model_graph(self.model)
+        """The model graph (layers for the sidebar and the lessons): traced once per weights for the
+        whole server, not once per session (a new session's entry is a new object)."""
+        return cache.model_graph_of(self.fingerprint, self.model)
 
     @property
     def dataset(self) -> DatasetSpec:

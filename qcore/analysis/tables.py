@@ -4,7 +4,7 @@ SQNR, bit-width sweeps, per-layer sensitivity and a full float-vs-quantized repo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -212,6 +212,34 @@ def build_report(
     inputs = capture_layers(qnet.float_model or model, data.test.images[:SQNR_SAMPLES], "input")
     flips = flipped_indices(float_result, quant_result, data.test.labels)
     return Report(config, float_result, quant_result, layer_rows(qnet, inputs), qnet, flips)
+
+
+def per_class_rows(report: Report, classes: Sequence[str]) -> list[dict[str, object]]:
+    """Float and quantized accuracy per class, in percent, and their difference in points."""
+    pairs = zip(report.float_result.per_class_accuracy, report.quant_result.per_class_accuracy, strict=True)
+    return [
+        {
+            "class": classes[label],
+            "float accuracy (%)": round(100 * f, 2),
+            "quantized accuracy (%)": round(100 * q, 2),
+            "difference (points)": round(100 * (q - f), 2),
+        }
+        for label, (f, q) in enumerate(pairs)
+    ]
+
+
+def flip_gallery(report: Report, data: Dataset, limit: int) -> tuple[list[list[list[float]]], list[str]]:
+    """The first `limit` test images whose prediction flips (broken first, then fixed, then changed), as
+    pixels in [0, 1] and titles "#index true: float→quantized" with the dataset's class names."""
+    classes = data.spec.class_names
+    shown = (report.flips.get("broke", []) + report.flips.get("fixed", []) + report.flips.get("other", []))[:limit]
+    images = [(data.test.images[i, 0] * data.spec.std + data.spec.mean).tolist() for i in shown]
+    titles = [
+        f"#{i} {classes[int(data.test.labels[i])]}: {classes[int(report.float_result.predictions[i])]}"
+        f"→{classes[int(report.quant_result.predictions[i])]}"
+        for i in shown
+    ]
+    return images, titles
 
 
 @dataclass(frozen=True)
