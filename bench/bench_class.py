@@ -1,5 +1,5 @@
 """A class at once, measured at the server: sessions that speak Streamlit's websocket protocol (no
-browser; bench/_protocol.py), so the numbers are the server's alone, not chromium's on the same cores.
+browser; ui/protocol.py), so the numbers are the server's alone, not chromium's on the same cores.
 
 Two setups in one run, each with a fresh result store: one `streamlit run` process (the store off, as
 before deploy/serve), and `deploy/serve` (one replica per core behind HAProxy, sharing the store). For
@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit  # noqa: E402
-from bench._protocol import open_page, open_pages_at_once, sticky_cookie  # noqa: E402
 from tests.serving import free_port  # noqa: E402
+from ui.protocol import open_page, open_pages_at_once, sticky_cookie  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BARE_APP = 'import streamlit as st\nst.title("A bare page")\nst.write("hello")\n'
@@ -72,28 +72,33 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _rss_bytes(pids: list[int]) -> int:
-    total = 0
+def _memory_bytes(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) summed over `pids`. RSS counts a page every process maps (torch's libraries, shared by
+    the replicas) once per process; PSS divides each shared page among its processes."""
+    rss = pss = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return total
+    return rss, pss
 
 
 class Sampler:
     """The serving tree's peak RSS, sampled every 0.1 s while it runs."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self.stopped = pid, 0, threading.Event()
+        self.pid, self.peak, self.peak_pss, self.stopped = pid, 0, 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            self.peak = max(self.peak, _rss_bytes(_tree(self.pid)))
+            rss, pss = _memory_bytes(_tree(self.pid))
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(0.1)
 
     def __enter__(self) -> Sampler:
@@ -144,13 +149,15 @@ def serving(kind: str, store: Path, logs: Path, app: Path | None = None):
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_healthy(base)
+            while kind == "deploy/serve" and "serving http://" not in (logs / "deploy-serve.out").read_text():
+                time.sleep(0.2)  # until it says it serves: its replicas are warm then
             yield base, process.pid
         finally:
             process.terminate()
             process.wait(timeout=60)
 
 
-def _summary(runs: list, cpu: float, peak: int) -> dict[str, float]:
+def _summary(runs: list, cpu: float, peak: int, peak_pss: int) -> dict[str, float]:
     seconds = sorted(run.seconds for run in runs)
     return {
         "sessions": len(runs),
@@ -160,6 +167,7 @@ def _summary(runs: list, cpu: float, peak: int) -> dict[str, float]:
         "exceptions": sum(run.exceptions for run in runs),
         "cpu_per_session": cpu / len(runs),
         "peak_rss_gb": peak / 1e9,
+        "peak_pss_gb": peak_pss / 1e9,
     }
 
 
@@ -167,7 +175,7 @@ def _measure(base: str, pid: int, requests: list[tuple[str, str]]) -> dict[str, 
     before = _cpu_seconds(_tree(pid))
     with Sampler(pid) as sampler:
         runs = asyncio.run(open_pages_at_once(base, requests))
-    return _summary(runs, _cpu_seconds(_tree(pid)) - before, sampler.peak)
+    return _summary(runs, _cpu_seconds(_tree(pid)) - before, sampler.peak, sampler.peak_pss)
 
 
 def _lesson(base: str, pid: int, sessions: int) -> dict[str, float]:
@@ -183,7 +191,7 @@ def _lesson(base: str, pid: int, sessions: int) -> dict[str, float]:
     before = _cpu_seconds(_tree(pid))
     with Sampler(pid) as sampler:
         runs = asyncio.run(everyone())
-    return _summary(runs, _cpu_seconds(_tree(pid)) - before, sampler.peak)
+    return _summary(runs, _cpu_seconds(_tree(pid)) - before, sampler.peak, sampler.peak_pss)
 
 
 def measure_setup(kind: str, sessions: int, logs: Path, seed: int) -> dict[str, object]:
@@ -240,7 +248,7 @@ def table(result: dict[str, object]) -> str:
                 continue
             lines.append(
                 f"  {name:<42} {row['p50']:6.2f} {row['p95']:6.2f} {row['max']:6.2f} {row['max'] / alone:7.2f}x "
-                f"{row['cpu_per_session']:9.3f} {row['peak_rss_gb']:7.2f} {row['exceptions']}"
+                f"{row['cpu_per_session']:9.3f} {row['peak_rss_gb']:7.2f} {row['peak_pss_gb']:7.2f} {row['exceptions']}"
             )
     restart = result.get("restart")
     if restart:

@@ -37,12 +37,21 @@ class GateConfigError(ValueError):
     """QCORE_MAX_COMPUTATIONS is not a whole number from 1 to MAX_SLOTS."""
 
 
+CORES_VARIABLE = "QCORE_CORES"  # the cores this process may use; deploy/serve gives each replica its share
+
+
+def process_cores() -> int:
+    """QCORE_CORES when it is a whole number from 1 to 1024, else every core the machine has."""
+    share = parse_whole_number(os.environ.get(CORES_VARIABLE, "").strip(), 1, 1024)
+    return share or os.cpu_count() or 1
+
+
 def default_slots(cores: int | None = None) -> int:
     """Half the cores, and at least two. Measured by bench/bench_gate.py on the 2-core reference
     machine, six sessions asking for six new reports at once, in multiples of one report alone
     (1.18 s): unbounded, the mean wait was 5.8x and the last 5.9x; two at a time, mean 3.7x and last
     5.5x; one at a time, mean 3.8x but last 6.4x, and a long sweep would block everyone."""
-    return max(2, (cores or os.cpu_count() or 1) // 2)
+    return max(2, (cores or process_cores()) // 2)
 
 
 def slots_from_environment(environ: dict[str, str] | None = None) -> int:
@@ -61,7 +70,7 @@ def threads_per_computation(slots: int, cores: int | None = None) -> int:
     """The cores shared among the slots, but at least two (capped at the cores): a report alone runs
     at its fastest on two threads, and two slots of two threads each on two cores measured the same
     as two slots of one thread (last of six at 5.52x vs 5.50x)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or process_cores()
     return min(cores, max(2, cores // slots))
 
 

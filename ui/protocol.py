@@ -1,5 +1,6 @@
-"""A Streamlit session without a browser: the websocket protocol a browser speaks, for timing the server
-alone (bench_class.py) and for tests of the serving setup.
+"""A Streamlit session without a browser: the websocket protocol a browser speaks, for warming a
+replica before it serves (deploy/serve), timing the server alone (bench/bench_class.py) and testing
+the serving setup.
 
 A session connects to /_stcore/stream (subprotocol "streamlit"), asks for a script run with a BackMsg
 `rerun_script` (the page and the URL's query string, as a browser's first message does), and reads
