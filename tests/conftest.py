@@ -4,21 +4,59 @@ need it fail (never skip) when it is missing."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("QCORE_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
+# One result store for the session, as deploy/serve's replicas share one: what an AppTest computed,
+# a browser test's server (which inherits this environment) reads instead of computing it again.
+TEST_STORE = tempfile.mkdtemp(prefix="qlab-test-store-")
+os.environ["QCORE_RESULT_STORE"] = TEST_STORE
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m qcore ARGS` as a user runs it, from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "qcore", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(TEST_STORE, ignore_errors=True)
+
+
+def seed_app_result(kind: str, model, data, config, result) -> None:
+    """Put a result qcore computed in the test into the session's store under the key the app looks it
+    up by (the bundled model, the data's content, the config): the page then shows it without computing
+    it again (its display is what the test checks)."""
+    from qcore.models.checkpoint import fingerprint
+    from ui.cache import store_key
+    from ui.store import ResultStore
+
+    key = store_key(kind, f"mnist-net-{fingerprint(model)}", data.content_id, config.to_json())
+    ResultStore(TEST_STORE, 2**31).put(key, result)
+
+
+def run_cli(*args: str, timeout: int = 300, process: bool = False) -> subprocess.CompletedProcess[str]:
+    """qcore's command line with ARGS: its exit code and what it printed. By default in this process
+    (qcore.cli.main with stdout and stderr captured, as `python -m qcore` calls it), which spares each
+    call starting Python and importing torch again; `process=True` runs `python -m qcore ARGS` from the
+    repository root, as a user does (the tests of signals, memory and the entry point itself)."""
+    if process:
+        return subprocess.run(
+            [sys.executable, "-m", "qcore", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+    import contextlib
+    import io
+
+    from qcore.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's own usage errors
+            code = exit.code if isinstance(exit.code, int) else 2
+    return subprocess.CompletedProcess(["qcore", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +90,14 @@ def w3a3_diagnosis(pretrained, mnist, float_eval):
 
 
 @pytest.fixture(scope="session")
-def w2a8_all_methods(pretrained, mnist):
+def w2a8_all_methods(pretrained, mnist, float_eval):
     """The bundled net at W2A8 with equalization, AdaRound and bias correction (about 20 s of AdaRound),
-    shared by the methods goals, the regression and the Methods page's check."""
-    from qcore.analysis.tables import quantize_for
+    shared by the methods goals, the regression and the Methods page's check (seeded into the app's
+    store: the page shows this very result)."""
+    from qcore.analysis.tables import build_report, quantize_for
     from qcore.config import QuantConfig
 
-    return quantize_for(
-        pretrained, mnist, QuantConfig(weight_bits=2, methods=("equalization", "adaround", "bias-correction"))
-    )
+    config = QuantConfig(weight_bits=2, methods=("equalization", "adaround", "bias-correction"))
+    qnet = quantize_for(pretrained, mnist, config)
+    seed_app_result("report", pretrained, mnist, config, build_report(pretrained, mnist, config, float_eval, qnet))
+    return qnet

@@ -43,7 +43,8 @@ def test_evaluate_json(pretrained, mnist, float_eval):
 
 @pytest.mark.slow
 def test_evaluate_prints_a_table():
-    done = run_cli("evaluate", "--float-layers", "fc2", "--calib-batches", "2")
+    """`python -m qcore` itself, as a user runs it (the other tests call its main in-process)."""
+    done = run_cli("evaluate", "--float-layers", "fc2", "--calib-batches", "2", process=True)
     assert done.returncode == 0, done.stderr
     assert "float accuracy" in done.stdout and "fc1" in done.stdout
 

@@ -316,7 +316,7 @@ def test_external_data_is_refused_and_never_opened(tmp_path):
         tensor.external_data.add(key=key, value=value)
     path = tmp_path / "external.onnx"
     path.write_bytes(_with_initializer(tensor))
-    done = run_cli("evaluate", "--checkpoint", str(path), timeout=60)
+    done = run_cli("evaluate", "--checkpoint", str(path), timeout=60, process=True)  # a hang is a timeout
     assert done.returncode == 2
     assert done.stderr.strip().endswith("keeps its values in an external file, which the lab never opens")
     assert len(done.stderr.strip().splitlines()) == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import qcore
 import qcore.data
 from qcore.data import Dataset, Split, with_input_scale
+from tests.store_worker import compute_once
 from ui.store import ResultStore, StoreConfigError, store_from_environment
 
 
@@ -61,26 +61,12 @@ def test_the_data_id_holds_no_path_and_follows_the_files_content(mnist, tmp_path
     assert again.test.content_hash != again.train.content_hash
 
 
-def _compute_once(directory: str, log: str, key: str, results: multiprocessing.Queue) -> None:
-    store = ResultStore(directory, 64 * 1024 * 1024)
-
-    def slow() -> str:
-        with open(log, "a") as handle:
-            handle.write("computed\n")
-        time.sleep(1.0)
-        return "the result"
-
-    results.put(store.compute(key, slow))
-    for index in range(50):  # and many writes of their own at once
-        store.put(f"{key}-{index}-{multiprocessing.current_process().name}", list(range(index)))
-
-
 def test_two_processes_asking_for_one_new_result_compute_it_once(tmp_path):
     log = tmp_path / "log"
     context = multiprocessing.get_context("spawn")  # fresh interpreters, as two replicas are
     results = context.Queue()
     workers = [
-        context.Process(target=_compute_once, args=(str(tmp_path / "store"), str(log), "report:k", results), name=n)
+        context.Process(target=compute_once, args=(str(tmp_path / "store"), str(log), "report:k", results), name=n)
         for n in ("a", "b")
     ]
     for worker in workers:

@@ -52,7 +52,7 @@ from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import ImportedModel, import_onnx
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
-from ui.store import StoreConfigError, store_from_environment
+from ui.store import ResultStore, StoreConfigError, store_from_environment
 
 
 def _session_present(session_id: Hashable) -> bool:
@@ -197,6 +197,12 @@ def bundled_model(zoo: str) -> nn.Module:
 # --- results: every session's, in memory, in front of the shared store, computed in the gate's line ---
 
 
+def store_key(kind: str, fingerprint: str, data_id: str, *rest: object) -> str:
+    """The shared store's key of a result: its kind, the model, the data's content id and what else it
+    depends on (the config JSON first), as every replica computes it."""
+    return ResultStore.key(kind, fingerprint, data_id, json.dumps(list(rest), default=str))
+
+
 class _Results:
     """One kind of result, shared by every session of this process: a bounded in-memory LRU of the
     objects themselves (st.cache_data unpickled a copy, a Report with its quantized model, on every
@@ -231,10 +237,8 @@ class _Results:
 
     def store_key(self, key: tuple[object, ...], folder: str) -> str:
         """The store's key: the folder (a server path) replaced by the data's content id."""
-        fingerprint, *rest = key
-        parts = [shared_data(folder).content_id if part == folder else part for part in rest]
-        assert STORE is not None
-        return STORE.key(self.kind, str(fingerprint), parts[0] if parts else "", json.dumps(parts[1:], default=str))
+        fingerprint, _folder, *rest = key
+        return store_key(self.kind, str(fingerprint), shared_data(folder).content_id, *rest)
 
     def get(
         self,

@@ -1,0 +1,23 @@
+"""A second process of the result store's test: it imports the store alone (not the test module, which
+spawn would import again with torch and the data), like a replica asking for the same result."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+from ui.store import ResultStore
+
+
+def compute_once(directory: str, log: str, key: str, results: multiprocessing.Queue) -> None:
+    store = ResultStore(directory, 64 * 1024 * 1024)
+
+    def slow() -> str:
+        with open(log, "a") as handle:
+            handle.write("computed\n")
+        time.sleep(1.0)
+        return "the result"
+
+    results.put(store.compute(key, slow))
+    for index in range(50):  # and many writes of their own at once
+        store.put(f"{key}-{index}-{multiprocessing.current_process().name}", list(range(index)))
