@@ -82,11 +82,15 @@ def float_eval(pretrained, mnist):
 
 @pytest.fixture(scope="session")
 def w3a3_diagnosis(pretrained, mnist, float_eval):
-    """qcore.analysis.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI and AppTest checks."""
+    """qcore.analysis.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI, AppTest and browser
+    checks (seeded into the app's store: the Diagnose page at W3A3 shows this very result)."""
     from qcore.analysis.diagnose import diagnose
     from qcore.config import QuantConfig
 
-    return diagnose(pretrained, mnist, QuantConfig(weight_bits=3, act_bits=3), float_eval.accuracy)
+    config = QuantConfig(weight_bits=3, act_bits=3)
+    result = diagnose(pretrained, mnist, config, float_eval.accuracy)
+    seed_app_result("diagnosis", pretrained, mnist, config, result)  # the Diagnose page shows this one
+    return result
 
 
 @pytest.fixture(scope="session")

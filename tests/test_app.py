@@ -78,8 +78,9 @@ def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained,
 
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.slow
-def test_every_page_renders_with_charts(app, page):
-    if page == "pages/diagnose.py":  # W3A3: the diagnosis the Diagnose page test computes too (one run, cached)
+def test_every_page_renders_with_charts(app, page, request):
+    if page == "pages/diagnose.py":  # W3A3: the shared diagnosis, in the app's store
+        request.getfixturevalue("w3a3_diagnosis")
         app.query_params.update({"weight_bits": "3", "act_bits": "3"})
     at = app.run()
     at.switch_page(page).run()
@@ -628,6 +629,7 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
     monkeypatch.setattr(ui.cache, "diagnose", slow_diagnose)
     monkeypatch.setattr(ui.cache, "float_result", lambda *args: type("R", (), {"accuracy": 0.98})())
     monkeypatch.setattr(ui.cache, "shared_data", lambda folder: None)
+    monkeypatch.setattr(ui.cache, "STORE", None)  # this process's own sharing, without the disk store
     key = ("concurrency-test", QuantConfig(weight_bits=5).to_json(), "folder")
     results: list[object] = []
     threads = [threading.Thread(target=lambda: results.append(ui.cache.diagnosis(*key, pretrained))) for _ in range(6)]

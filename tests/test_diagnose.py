@@ -147,10 +147,26 @@ def test_html_report_is_self_contained_and_escapes_names(w3a3):
 
 
 @pytest.mark.slow
-def test_cli_diagnose_json_and_html(tmp_path, w3a3):
+def test_cli_diagnose_json_and_html(tmp_path, w3a3, pretrained, monkeypatch):
+    """The command's wiring and output: it diagnoses the bundled net at the flags' config with a
+    progress callback, and prints and writes what the diagnosis holds (qcore's diagnosis itself is the
+    shared W3A3 fixture, checked by the tests above; an ONNX model's diagnosis runs the whole command in
+    test_onnx_import)."""
+    import qcore.analysis.diagnose
+    from qcore.models.checkpoint import fingerprint
+
+    asked = []
+
+    def shared_w3a3(model, data, config, float_accuracy=None, on_progress=None, **_):
+        asked.append((fingerprint(model), data.test.labels.numel(), config))
+        on_progress(1, 20, "conv1 only")
+        return w3a3
+
+    monkeypatch.setattr(qcore.analysis.diagnose, "diagnose", shared_w3a3)
     out = tmp_path / "report.html"
     done = run_cli("diagnose", "--weight-bits", "3", "--act-bits", "3", "--json", "--html", str(out), timeout=600)
     assert done.returncode == 0, done.stderr
+    assert asked == [(fingerprint(pretrained), 10000, W3A3)]
     result = json.loads(done.stdout)
     assert result["float_accuracy"] == w3a3.float_accuracy and result["quant_accuracy"] == w3a3.quant_accuracy
     assert [row["layer"] for row in result["layers"]] == list(LAYER_NAMES)

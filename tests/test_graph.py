@@ -13,6 +13,7 @@ from torch import nn
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
+from qcore.data import Dataset
 from qcore.graph import GraphError, OpKind, model_graph, quant_plan, run_float
 from qcore.inference.integer import (
     INT32_MAX,
@@ -312,7 +313,8 @@ def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
     from qcore.analysis.report import diagnosis_html
     from qcore.graph import graph_diagram
 
-    diagnosis = diagnose(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4), suggestions=2)
+    small = Dataset(mnist.train, mnist.test.subset(2000))  # the engine gap reads the first 1,000
+    diagnosis = diagnose(every_op, small, QuantConfig(weight_bits=4, act_bits=4), suggestions=2)
     assert [row.layer for row in diagnosis.layers] == list(model_graph(every_op).layers)
     assert diagnosis.diagram == graph_diagram(model_graph(every_op))
     # only this layer quantized can never be worse than everything quantized by more than chance: the
@@ -322,7 +324,7 @@ def test_the_diagnosis_runs_over_every_layer_of_the_graph(every_op, mnist):
     # the engine gap has one row per quantization point after the input, each fed the simulation's own
     # integers: the layers' requantized outputs, the add (after its ReLU) and the cat, all within 1 LSB
     gap = diagnosis.engine_gap
-    plan = quantize_for(every_op, mnist, QuantConfig(weight_bits=4, act_bits=4)).plan
+    plan = quantize_for(every_op, small, QuantConfig(weight_bits=4, act_bits=4)).plan
     graph = model_graph(every_op)
     points = [point for point in plan.points if point != "input"]
     assert gap.available and len(gap.layers) == len(points)

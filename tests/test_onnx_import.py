@@ -102,7 +102,7 @@ def test_an_exported_model_imports_and_predicts_what_torch_and_onnxruntime_do(mn
 @pytest.mark.slow
 def test_a_zoo_model_through_onnx_quantizes_exactly_as_the_zoo_model(fashion):
     """fashion-resnet exported and imported is the same network: at W8A8 the simulation and the integer
-    engine predict on every test image what they predict for the zoo model itself."""
+    engine predict what they predict for the zoo model itself (on every test image, and on the first 500)."""
     zoo = load_model(None, "fashion-resnet")
     imported = import_onnx(exported(zoo), fashion)
     config = QuantConfig()
@@ -110,7 +110,7 @@ def test_a_zoo_model_through_onnx_quantizes_exactly_as_the_zoo_model(fashion):
     x = fashion.test.images
     with torch.inference_mode():
         assert torch.equal(ours(x).argmax(1), theirs(x).argmax(1))
-    assert torch.equal(IntegerNet(ours).predict(x[:2000]), IntegerNet(theirs).predict(x[:2000]))
+    assert torch.equal(IntegerNet(ours).predict(x[:500]), IntegerNet(theirs).predict(x[:500]))
 
 
 def _node(op: str, inputs: list[str], outputs: list[str], name: str = "", **attributes: object) -> onnx.NodeProto:
