@@ -9,6 +9,7 @@ engine's agreement with the simulation at W8A8 and W4A4. Prints a table per mode
 
     QCORE_DATA_DIR=../shared/data python bench/bench_zoo.py --json-out bench/results/zoo.json
     python bench/bench_zoo.py --models fashion-mobilenet --skip-qat   # quicker: PTQ rows only
+    python bench/bench_zoo.py --models fashion-resnet --qat-bits W2A2 # one QAT row and its control
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ from qcore.training.qat import QatConfig, qat, qat_control  # noqa: E402
 PTQ_BITS = ((8, 8), (6, 6), (4, 4), (3, 3))
 METHOD_BITS = ((4, 4), (2, 4))
 METHODS = ("equalization", "adaround", "bias-correction")
-QAT_BITS = ((4, 4), (2, 2))
 AGREEMENT_BITS = (8, 4)
 
 
-def measure(name: str, skip_qat: bool) -> dict[str, object]:
+def measure(name: str, qat_bits: tuple[tuple[int, int], ...]) -> dict[str, object]:
     spec = zoo_model(name)
     data = load_dataset(spec.dataset, download=False)
     model = load_model(None, name)
@@ -66,9 +66,8 @@ def measure(name: str, skip_qat: bool) -> dict[str, object]:
         agreement[f"W{bits}A{bits}"] = float((integer == simulated).float().mean())
         rows[f"integer seconds W{bits}A{bits}"] = time.perf_counter() - began
     rows["integer agreement"] = agreement
-    if not skip_qat:
-        for w, a in QAT_BITS:
-            rows.update(qat_rows(name, model, data, QatConfig(weight_bits=w, act_bits=a, epochs=2)))
+    for w, a in qat_bits:
+        rows.update(qat_rows(name, model, data, QatConfig(weight_bits=w, act_bits=a, epochs=2)))
     rows["seconds"] = time.perf_counter() - started
     return rows
 
@@ -102,18 +101,27 @@ def table(rows: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _bits(text: str) -> tuple[int, int]:
+    weight, _, act = text.upper().removeprefix("W").partition("A")
+    if not (weight.isdigit() and act.isdigit()):
+        raise SystemExit(f"--qat-bits: {text!r} is not like W2A2")
+    return int(weight), int(act)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO), help="comma-separated zoo names")
     parser.add_argument("--skip-qat", action="store_true")
+    parser.add_argument("--qat-bits", default="W4A4,W2A2", help="the QAT rows, comma-separated (e.g. W2A2)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     names = [name for name in args.models.split(",") if name]
+    qat_bits = () if args.skip_qat else tuple(_bits(text) for text in args.qat_bits.split(",") if text)
     for name in names:
         zoo_model(name)  # every name checked before any work
     result: dict[str, object] = {"models": []}
     for name in names:
-        rows = measure(name, args.skip_qat)
+        rows = measure(name, qat_bits)
         result["models"].append(rows)  # type: ignore[union-attr]
         print(table(rows), flush=True)
         if args.json_out:

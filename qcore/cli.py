@@ -857,6 +857,7 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
                         "per-channel": _percent(row.per_channel),
                         "per-tensor": _percent(row.per_tensor),
                         "per-tensor + equalization": _percent(row.per_tensor_equalized),
+                        "per-tensor, MSE weights": _percent(row.per_tensor_mse),
                         "recovered": "-" if row.recovered is None else f"{100 * row.recovered:.0f}%",
                     }
                     for row in walk.rows
@@ -867,6 +868,7 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
             print(f"per-tensor never lost {FAILURE_POINTS} points against float down to 2 weight bits")
         else:
             print(f"per-tensor alone first loses {FAILURE_POINTS} points at W{walk.failure_bits[0]}A8")
+        print("weights' ranges are their min/max (Nagel et al.'s setting) except in the MSE column")
     return {"config": config.to_dict(), **walk.to_dict()}
 
 

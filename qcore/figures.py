@@ -511,18 +511,23 @@ def channel_ranges_figure(layer: str, ranges_before: Sequence[float], ranges_aft
     return _layout(fig, f"{layer}: weight range per output channel", "output channel", "max |w| (log)")
 
 
+GRANULARITY_SERIES = (
+    ("per_channel", "per-channel"),
+    ("per_tensor", "per-tensor"),
+    ("per_tensor_equalized", "per-tensor + equalization"),
+    ("per_tensor_mse", "per-tensor, MSE-clipped weights"),
+)
+
+
 def granularity_figure(rows: Sequence[dict[str, float]]) -> go.Figure:
-    """Accuracy per bit-width: per-channel, per-tensor, per-tensor after equalization (rows carry
-    'bits', 'per_channel', 'per_tensor', 'per_tensor_equalized' as fractions)."""
+    """Accuracy per bit-width: per-channel, per-tensor, per-tensor after equalization (min/max weight
+    ranges) and per-tensor with MSE-clipped weights (rows carry 'bits' and those keys as fractions)."""
     bits = [str(row["bits"]) for row in rows]
     fig = go.Figure()
-    for key, name, color in (
-        ("per_channel", "per-channel", FLOAT_COLOR),
-        ("per_tensor", "per-tensor", QUANT_COLOR),
-        ("per_tensor_equalized", "per-tensor + equalization", CLIP_COLOR),
-    ):
+    colors = (FLOAT_COLOR, QUANT_COLOR, CLIP_COLOR, "#999999")
+    for (key, name), color in zip(GRANULARITY_SERIES, colors, strict=True):
         fig.add_bar(x=bits, y=[100 * row[key] for row in rows], name=name, marker_color=color)
-    low = min(100 * row[key] for row in rows for key in ("per_channel", "per_tensor", "per_tensor_equalized"))
+    low = min(100 * row[key] for row in rows for key, _ in GRANULARITY_SERIES)
     fig.update_layout(barmode="group", yaxis_range=[max(0.0, low - 5), 100])
     return _layout(fig, "Accuracy by weight granularity", "bits", "accuracy (%)")
 

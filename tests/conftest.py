@@ -24,7 +24,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(TEST_STORE, ignore_errors=True)
 
 
-def seed_app_result(kind: str, model, data, config, result) -> None:
+def seed_app_result(kind: str, model, data, config, result, zoo: str = "mnist-net") -> None:
     """Put a result qcore computed in the test into the session's store under the key the app looks it
     up by (the bundled model, the data's content, the config): the page then shows it without computing
     it again (its display is what the test checks)."""
@@ -32,7 +32,7 @@ def seed_app_result(kind: str, model, data, config, result) -> None:
     from ui.cache import store_key
     from ui.store import ResultStore
 
-    key = store_key(kind, f"mnist-net-{fingerprint(model)}", data.content_id, config.to_json())
+    key = store_key(kind, f"{zoo}-{fingerprint(model)}", data.content_id, config.to_json())
     ResultStore(TEST_STORE, 2**31).put(key, result)
 
 
@@ -90,6 +90,30 @@ def w3a3_diagnosis(pretrained, mnist, float_eval):
     config = QuantConfig(weight_bits=3, act_bits=3)
     result = diagnose(pretrained, mnist, config, float_eval.accuracy)
     seed_app_result("diagnosis", pretrained, mnist, config, result)  # the Diagnose page shows this one
+    return result
+
+
+@pytest.fixture(scope="session")
+def resnet_page_diagnosis():
+    """The Diagnose page of a residual BatchNorm net, for the AppTest and browser walks: qcore's diagnosis
+    of fashion-resnet at the default config on its first 300 test images, trying two of its fixes (the
+    full one, 10,000 images and a calibration per layer kept in float, takes minutes on 2 cores), seeded
+    into the app's store under the full test set's key. The page then shows these numbers; the walks
+    check the page (its diagram's branches, its table's layers), not the numbers."""
+    import qcore.analysis.diagnose
+    from qcore.analysis.diagnose import diagnose
+    from qcore.config import QuantConfig
+    from qcore.data import Dataset, load_dataset
+    from qcore.inference.evaluate import evaluate
+    from qcore.models.checkpoint import load_model
+
+    data, model = load_dataset("fashion-mnist", download=False), load_model(None, "fashion-resnet")
+    small = Dataset(data.train, data.test.subset(300), data.spec)
+    every_fix = qcore.analysis.diagnose._candidates
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qcore.analysis.diagnose, "_candidates", lambda *args: every_fix(*args)[-2:])
+        result = diagnose(model, small, QuantConfig(), evaluate(model, small.test).accuracy)
+    seed_app_result("diagnosis", model, data, QuantConfig(), result, zoo="fashion-resnet")
     return result
 
 

@@ -15,6 +15,7 @@ from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
 from qcore.data import Dataset
 from qcore.graph import GraphError, OpKind, model_graph, quant_plan, run_float
+from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import (
     INT32_MAX,
     IntegerNet,
@@ -489,3 +490,34 @@ def test_rare_paths_agree_integer_by_integer(mnist, bits):
     with torch.inference_mode():
         simulated = qnet(mnist.test.images[:200]).argmax(1)
     assert float((engine.predict(mnist.test.images[:200]) == simulated).float().mean()) >= 0.99
+
+
+def test_the_folding_walk_measures_min_max_weight_ranges_and_an_mse_column(every_op, mnist):
+    """Issue 18's walk-through: its three classic columns use the weights' min/max ranges (Nagel et al.'s
+    setting), the fourth per-tensor with MSE-searched ranges; each cell is the accuracy qcore's own
+    evaluation gives that config, and the failure row is the widest weight bits that lose 2 points."""
+    from qcore.lessons.failures import FAILURE_POINTS, folding_walkthrough
+
+    small = Dataset(mnist.train, mnist.test.subset(1000))
+    walk = folding_walkthrough(every_op, small)
+
+    def accuracy(weight_bits: int, act_bits: int = 8, **settings: object) -> float:
+        config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, **settings)
+        return evaluate(quantize_for(every_op, small, config), small.test).accuracy
+
+    w8 = walk.rows[0]
+    assert (w8.weight_bits, w8.act_bits) == (8, 8)
+    assert w8.per_channel == accuracy(8, weight_range="minmax")
+    assert w8.per_tensor == accuracy(8, granularity="per-tensor", weight_range="minmax")
+    assert w8.per_tensor_equalized == accuracy(
+        8, granularity="per-tensor", weight_range="minmax", methods=("equalization",)
+    )
+    assert w8.per_tensor_mse == accuracy(8, granularity="per-tensor", weight_range="mse")
+    assert walk.layers and {layer.layer for layer in walk.layers} == set(model_graph(every_op).folded_batchnorm)
+    searched = {row["weight_bits"]: row["per_tensor"] for row in walk.searched}
+    if walk.failure_bits is not None:
+        bits = walk.failure_bits[0]
+        assert 100 * (walk.float_accuracy - searched[bits]) >= FAILURE_POINTS
+        assert all(100 * (walk.float_accuracy - searched[b]) < FAILURE_POINTS for b in searched if b > bits)
+        expected = accuracy(bits, granularity="per-tensor", weight_range="minmax")
+        assert walk.rows[-1].per_tensor == searched[bits] == expected

@@ -26,6 +26,7 @@ from qcore.quantize.quant import Scheme, choose_qparams, fake_quantize
 SAMPLES_PER_BATCH = 8192
 SAMPLE_CAP = 2**18
 MSE_CHUNK = 2**14  # values scored per step of the MSE search (bounds its memory to grid x chunk)
+WEIGHT_MSE_CHUNK = 2**22  # candidate values the weight range search scores at once (16 MB a copy)
 
 
 class ValueSample:
@@ -173,20 +174,29 @@ def mse_optimal_weight_range(
     weight: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, grid: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like mse_optimal_range, for weights: one search per output channel (axis 0) when
-    `per_channel`, else one for the whole tensor. Returns (min, max) tensors."""
+    `per_channel`, else one for the whole tensor. Returns (min, max) tensors.
+
+    The candidates are scored a chunk of factors at a time (a [factors x channels, values] tensor of
+    at most WEIGHT_MSE_CHUNK values: one pass instead of `grid` passes of small ops, which were most of
+    a BatchNorm net's calibration); per channel the first smallest error wins, widest first."""
     rows = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
+    channels, values = rows.shape
     low = torch.clamp(rows.min(dim=1).values, max=0.0)
     high = torch.clamp(rows.max(dim=1).values, min=0.0)
-    best_low, best_high = low.clone(), high.clone()
+    factors = torch.tensor([step / grid for step in range(grid, 0, -1)], dtype=torch.float32)  # widest first
     best_error = torch.full_like(low, float("inf"))
-    for step in range(grid, 0, -1):
-        factor = step / grid
-        qparams = choose_qparams(low * factor, high * factor, bits, scheme, axis=0)
-        error = (fake_quantize(rows, qparams) - rows).pow(2).mean(dim=1)
-        better = error < best_error
+    best_factor = torch.ones_like(low)
+    per_chunk = max(1, WEIGHT_MSE_CHUNK // max(1, channels * values))
+    for chunk in factors.split(per_chunk):
+        lows, highs = (low.unsqueeze(0) * chunk.unsqueeze(1)), (high.unsqueeze(0) * chunk.unsqueeze(1))
+        qparams = choose_qparams(lows.reshape(-1), highs.reshape(-1), bits, scheme, axis=0)
+        candidates = rows.unsqueeze(0).expand(len(chunk), channels, values).reshape(-1, values)
+        errors = (fake_quantize(candidates, qparams) - candidates).pow(2).mean(dim=1).reshape(len(chunk), channels)
+        error, index = errors.min(dim=0)  # the first of equal errors: the widest in this chunk
+        better = error < best_error  # strictly: an earlier (wider) chunk keeps a tie
         best_error = torch.where(better, error, best_error)
-        best_low = torch.where(better, low * factor, best_low)
-        best_high = torch.where(better, high * factor, best_high)
+        best_factor = torch.where(better, chunk[index], best_factor)
+    best_low, best_high = low * best_factor, high * best_factor
     if per_channel:
         return best_low, best_high
     return best_low[0], best_high[0]
