@@ -138,7 +138,6 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
     "links",
     [
         {"accuracy?weight_bits=4&act_bits=4": "Accuracy"},  # the link from the bug report, alone
-        {"activations": "Activations"},  # no query string
         # four first sessions at once: the race where one session leaves legacy mode mid-run of another
         {
             "weights?weight_bits=3": "Weights",
@@ -149,7 +148,7 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
         # lessons first (issue 16: the right page under a false "Page not found" modal)
         {"tour": "Guided tour", "one_image?weight_bits=4": "One image on integers"},
     ],
-    ids=["accuracy-alone", "activations-alone", "four-at-once", "lessons-first"],
+    ids=["accuracy-alone", "four-at-once", "lessons-first"],  # "deploy" in the four: a link without a query
 )
 @pytest.mark.slow
 def test_deep_links_are_the_first_requests_of_a_fresh_server(browser, links):

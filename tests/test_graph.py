@@ -521,3 +521,45 @@ def test_the_folding_walk_measures_min_max_weight_ranges_and_an_mse_column(every
         assert all(100 * (walk.float_accuracy - searched[b]) < FAILURE_POINTS for b in searched if b > bits)
         expected = accuracy(bits, granularity="per-tensor", weight_range="minmax")
         assert walk.rows[-1].per_tensor == searched[bits] == expected
+
+
+def test_tracing_while_other_threads_run_the_same_model_disturbs_neither():
+    """A server traces a session's model while other sessions evaluate it: torch.fx patches
+    nn.Module.__call__ process-wide during a trace, which once handed another thread's forward pass
+    proxies and the trace its nodes (a fresh server opening two lessons at once). Every forward pass
+    must give the model's own output and every trace the same graph."""
+    import threading
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    reference = [op.name for op in model_graph(model).ops]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def evaluate_until_stopped() -> None:
+        while not stop.is_set():
+            with torch.no_grad():
+                out = model(x)
+            if not (isinstance(out, torch.Tensor) and torch.equal(out, expected)):
+                failures.append(f"forward gave {type(out).__name__}")
+                return
+
+    import sys
+
+    runners = [threading.Thread(target=evaluate_until_stopped) for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns every 10 us, so forward passes land inside traces
+    for runner in runners:
+        runner.start()
+    try:
+        traces = [[op.name for op in model_graph(model).ops] for _ in range(15)]
+    finally:
+        stop.set()
+        for runner in runners:
+            runner.join()
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]
+    assert all(trace == reference for trace in traces)

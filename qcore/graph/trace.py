@@ -10,6 +10,7 @@ in metadata, and it compiles (seconds), where fx traces a small CNN in milliseco
 from __future__ import annotations
 
 import operator
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +289,39 @@ class _Builder:
 
 _SHAPE_USERS = {"view", "reshape", operator.getitem}
 
+# torch.fx traces by patching torch.nn.Module.__call__ and __getattr__ for the whole process while it
+# runs: a server's other sessions evaluating a model in other threads would be routed into the trace
+# (a forward pass getting proxies, the traced graph getting their nodes; seen as "KeyError: conv2" when
+# two sessions' first pages traced and ran the bundled net at once), and two traces at once could
+# leave one's patch in place for good. So one trace at a time, and its patches act on its own thread only.
+_TRACE_LOCK = threading.Lock()
+
+
+class _OwnThreadTracer(fx.Tracer):
+    """fx's tracer, except that module calls and attribute reads from other threads run as usual."""
+
+    def trace(self, root, concrete_args=None):  # type: ignore[no-untyped-def]
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace, safe beside other threads (see _TRACE_LOCK)."""
+    with _TRACE_LOCK:
+        tracer = _OwnThreadTracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
 
 def model_graph(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> ModelGraph:
     """The model graph of `model` (which is never modified): checked, BatchNorm folded, shapes known.
@@ -295,7 +329,7 @@ def model_graph(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) ->
     if isinstance(model, ModelGraphModule):
         return model.graph_
     try:
-        traced = fx.symbolic_trace(model.eval())
+        traced = _symbolic_trace(model.eval())
     except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as error:
         raise GraphError(f"the model cannot be traced into a graph: {str(error).splitlines()[0][:200]}") from None
     nodes = list(traced.graph.nodes)
