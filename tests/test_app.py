@@ -640,6 +640,35 @@ def test_concurrent_identical_diagnoses_run_once(monkeypatch, pretrained):
     assert len(calls) == 1 and results == ["diagnosis of 5 bits"] * 6
 
 
+@pytest.mark.slow
+def test_the_apps_diagnosis_is_qcores_with_rows_and_progress_as_they_come(monkeypatch, pretrained, mnist):
+    """The app's own diagnosis path (its float accuracy, the gate, the progress and row callbacks) gives
+    what qcore.analysis.diagnose gives for the same model, data and config: the page tests show a
+    diagnosis seeded into the store, so this is where the app computes one (on 1,000 test images)."""
+    import ui.cache
+    from qcore.analysis.diagnose import diagnose
+    from qcore.data import Dataset
+
+    small = Dataset(mnist.train, mnist.test.subset(1000))
+    monkeypatch.setattr(ui.cache, "shared_data", lambda folder: small)
+    monkeypatch.setattr(ui.cache, "STORE", None)
+    config = QuantConfig(weight_bits=3, act_bits=4)
+    progress: list[tuple[int, int]] = []
+    rows: list[int] = []
+    shown = ui.cache.diagnosis(
+        "diagnosis-path-test",
+        config.to_json(),
+        "folder",
+        pretrained,
+        lambda done, total, what: progress.append((done, total)),
+        lambda so_far: rows.append(len(so_far)),
+    )
+    expected = diagnose(pretrained, small, config, evaluate(pretrained, small.test).accuracy)
+    assert shown.to_dict() == expected.to_dict()
+    assert rows == [1, 2, 3, 4]  # a row as each layer is measured
+    assert progress[-1][0] == progress[-1][1] and len(progress) == progress[-1][1]
+
+
 def test_upload_limit_is_set_below_what_the_loader_accepts():
     import tomllib
 
