@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit  # noqa: E402
 from tests.serving import free_port  # noqa: E402
-from ui.protocol import open_page, open_pages_at_once, sticky_cookie  # noqa: E402
+from ui.protocol import open_page, open_pages_at_once, sticky_cookie, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BARE_APP = 'import streamlit as st\nst.title("A bare page")\nst.write("hello")\n'
@@ -110,18 +109,6 @@ class Sampler:
         self.thread.join()
 
 
-def _wait_healthy(base: str, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as answer:
-                if answer.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{base} did not become healthy")
-
-
 @contextmanager
 def serving(kind: str, store: Path, logs: Path, app: Path | None = None):
     """A fresh server of `kind` ("one process" or "deploy/serve"), yielding (base URL, its pid)."""
@@ -148,7 +135,7 @@ def serving(kind: str, store: Path, logs: Path, app: Path | None = None):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_healthy(base)
+            wait_healthy(base, [process], 180)
             while kind == "deploy/serve" and "serving http://" not in (logs / "deploy-serve.out").read_text():
                 time.sleep(0.2)  # until it says it serves: its replicas are warm then
             yield base, process.pid

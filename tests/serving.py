@@ -6,11 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ui.protocol import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -69,15 +69,10 @@ def streamlit_process(
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/_stcore/health", timeout=2)
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"streamlit did not start; see {log_dir / log_name}") from None
-                    time.sleep(0.2)
+            try:
+                wait_healthy(base, [process], 90)
+            except RuntimeError:
+                raise RuntimeError(f"streamlit did not start; see {log_dir / log_name}") from None
             yield base, process
         finally:
             process.terminate()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving import IDLE, ROOT, chromium, free_port
-from ui.protocol import open_page, open_pages_at_once, sticky_cookie
+from ui.protocol import open_page, open_pages_at_once, sticky_cookie, wait_healthy
 
 pytestmark = pytest.mark.browser
 SERVE = ROOT / "deploy" / "serve"
@@ -35,19 +34,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _healthy(base: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "deploy/serve stopped while starting"
-        try:
-            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as answer:
-                if answer.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("deploy/serve did not become healthy")
-
-
 @contextmanager
 def serve(
     tmp_path: Path, replicas: int = 2, env: dict[str, str] | None = None
@@ -61,7 +47,7 @@ def serve(
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        _healthy(base, process)
+        wait_healthy(base, [process], 180)
         while "serving http://" not in (tmp_path / "serve.out").read_text():  # its replicas are warm
             assert process.poll() is None
             time.sleep(0.2)

@@ -11,8 +11,10 @@ Its time is from the request to that message; exception elements are counted.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import websockets
@@ -20,6 +22,25 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 STREAM = "/_stcore/stream"
+HEALTH = "/_stcore/health"
+
+
+def wait_healthy(base: str, processes: Sequence[subprocess.Popen] = (), seconds: float = 120) -> None:
+    """Until `base`'s health check answers "ok"; RuntimeError when one of `processes` (the server's)
+    stops first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(base + HEALTH, timeout=2) as answer:
+                if answer.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError(f"{base}: a server process stopped while starting; see its log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not answer its health check within {seconds:.0f} s")
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
