@@ -53,7 +53,7 @@ if entry.qat is not None and entry.qat_applies(config):
         origin = "this checkpoint's own float weights (the model it started from is not in the file)"
     start_float = cache.float_result(start.fingerprint, folder, start.model).accuracy
     ptq = cache.report(start.fingerprint, config.to_json(), folder, start.model).quant_result.accuracy
-    st.subheader(f"Float, PTQ and QAT at W{config.weight_bits}A{config.act_bits}")
+    st.subheader(f"Float, PTQ and QAT at {config.bits_label}")
     side = st.columns(3)
     side[0].metric("Float", session.percent(start_float))
     side[1].metric("PTQ", session.percent(ptq), delta=f"{100 * (ptq - start_float):+.2f} pts")

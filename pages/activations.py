@@ -50,7 +50,7 @@ if not stats:
     session.stop_page()
 st.caption(
     f"Observer **{config.observer}**, {config.calib_batches} batch(es) of {config.batch_size} training images, "
-    f"{config.act_bits}-bit activations."
+    f"{config.act_bits}-bit activations" + (f" ({config.bits_label})." if config.edge_bits or config.add_bits else ".")
 )
 st.plotly_chart(activation_ranges_figure(stats), key="ranges_chart")
 st.plotly_chart(range_history_figure(stats), key="history_chart")

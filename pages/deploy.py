@@ -64,7 +64,7 @@ table_with_csv(
 )
 
 st.subheader("Agreement and throughput")
-if config.weight_bits > 8 or config.act_bits > 8:
+if config.max_bits > 8:
     st.info("The ONNX export and PyTorch's int8 kernels store 8-bit integers; use at most 8 bits to compare.")
 elif st.button("Run every inference path on the 10k test set", key="run_engines") or st.session_state.get(
     "engines_shown"
@@ -96,7 +96,7 @@ elif st.button("Run every inference path on the 10k test set", key="run_engines"
 st.subheader("Size")
 table_with_csv(size_table(report.qnet), "model size", "sizes")
 
-if config.weight_bits <= 8 and config.act_bits <= 8:
+if config.max_bits <= 8:
     qtensors, onnx_model = cache.exports(
         entry.fingerprint, config.to_json(), session.data_folder(), entry.model, entry.qat
     )

@@ -293,6 +293,16 @@ with qat_tab:
         qat_act_bits = first.select_slider("Activation bits", QAT_BITS, defaults.act_bits, key="qat_act_bits")
         qat_epochs = second.number_input("Epochs", 1, MAX_QAT_EPOCHS, defaults.epochs, key="qat_epochs")
         qat_method = second.radio("Method", list(QAT_METHODS), horizontal=True, key="qat_method")
+        qat_edges = second.checkbox(
+            "First and last layers at 8 bits",
+            key="qat_edge_bits",
+            help="As LSQ and most low-bit QAT work do: the input image and the classifier keep 8 bits.",
+        )
+        qat_adds = second.checkbox(
+            "Residual adds at 8 bits",
+            key="qat_add_bits",
+            help="Only conv and linear inputs at the activation bits, as LSQ quantizes them; adds multiply nothing.",
+        )
         qat_samples = third.number_input(
             f"Training images ({60000 - HELD_OUT} = all but the held-out slice)",
             256,
@@ -310,6 +320,8 @@ with qat_tab:
         qat_config = QatConfig(
             weight_bits=int(qat_weight_bits),
             act_bits=int(qat_act_bits),
+            edge_bits=8 if qat_edges else 0,
+            add_bits=8 if qat_adds else 0,
             epochs=int(qat_epochs),
             method=str(qat_method),
             train_samples=None if qat_samples >= len(mnist.train) - HELD_OUT else int(qat_samples),
@@ -345,7 +357,7 @@ with qat_tab:
         else:
             qat_state["status"] = "done"
             st.session_state[QAT_HISTORY_KEY] = (result.held_out, result.losses)
-            bits = f"W{qat_config.weight_bits}A{qat_config.act_bits}"
+            bits = qat_config.quant_config().bits_label
             start_entry = entry if entry.qat is None else entry.start
             session.set_model(
                 result.model, f"QAT {bits} ({qat_config.method}) from {entry.name}", checkpoint_of(result), start_entry

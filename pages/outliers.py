@@ -43,7 +43,7 @@ settings = [r.setting for r in rows if not r.with_outlier]
 without = {r.setting: r for r in rows if not r.with_outlier}
 with_outlier = {r.setting: r for r in rows if r.with_outlier}
 st.caption(
-    f"{layer_name} at the sidebar's W{config.weight_bits}A{config.act_bits}, "
+    f"{layer_name} at the sidebar's {config.bits_label}, "
     f"calibrated on {OUTLIER_CALIB_BATCHES} batches "
     "to stay quick; accuracy on the first 2,000 test images; SQNR leaves the outlier itself out."
 )

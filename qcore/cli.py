@@ -97,6 +97,16 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
         )
 
 
+EDGE_BITS_HELP = (
+    "the first and last layers (weights and inputs) at this many bits, as LSQ (Esser et al. 2019) keeps them "
+    "at 8 (0: like the rest)"
+)
+ADD_BITS_HELP = (
+    "the tensors that are no layer's input (a residual add's inputs) at this many bits: they feed no "
+    "multiplication (0: the activation bits)"
+)
+
+
 def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
     default = QuantConfig()
     parser.add_argument(
@@ -130,6 +140,8 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
         default=default.weight_bits_budget,
         help="mixed precision: average weight bits at most this (0: off)",
     )
+    parser.add_argument("--edge-bits", type=int, default=default.edge_bits, help=EDGE_BITS_HELP)
+    parser.add_argument("--add-bits", type=int, default=default.add_bits, help=ADD_BITS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     qat_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
     qat_cmd.add_argument("--weight-bits", type=int, default=qat_defaults.weight_bits)
     qat_cmd.add_argument("--act-bits", type=int, default=qat_defaults.act_bits)
+    qat_cmd.add_argument("--edge-bits", type=int, default=qat_defaults.edge_bits, help=EDGE_BITS_HELP)
+    qat_cmd.add_argument("--add-bits", type=int, default=qat_defaults.add_bits, help=ADD_BITS_HELP)
     qat_cmd.add_argument("--epochs", type=int, default=qat_defaults.epochs)
     qat_cmd.add_argument("--method", choices=list(QAT_METHODS), default=qat_defaults.method)
     qat_cmd.add_argument("--lr", type=float, default=qat_defaults.lr)
@@ -267,6 +281,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         seed=args.seed,
         methods=args.methods,
         weight_bits_budget=args.weight_bits_budget,
+        edge_bits=args.edge_bits,
+        add_bits=args.add_bits,
     )
 
 
@@ -373,6 +389,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
     config = QatConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
+        edge_bits=args.edge_bits,
+        add_bits=args.add_bits,
         epochs=args.epochs,
         method=args.method,
         lr=args.lr,
@@ -434,7 +452,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
         summary["control_accuracy"] = evaluate(control.model, data.test).accuracy
         summary["drop_points_vs_control"] = 100 * (summary["control_accuracy"] - simulated.accuracy)
     if not args.json:
-        bits = f"W{config.weight_bits}A{config.act_bits}"
+        bits = config.quant_config().bits_label
         print(
             f"{'wrote ' + args.out if out is not None else args.model}: {bits} {config.method}, "
             f"{config.epochs} epoch(s): float {_percent(float_accuracy)}, "
@@ -540,7 +558,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
         result["engine_seconds"] = engine.seconds
     if not args.json:
         if trained is not None:
-            print(f"QAT checkpoint: its own quantization, W{config.weight_bits}A{config.act_bits}, no calibration")
+            print(f"QAT checkpoint: its own quantization, {config.bits_label}, no calibration")
         print(f"config: {config.to_json()}")
         print(
             f"float accuracy {_percent(report.float_result.accuracy)}"

@@ -63,6 +63,12 @@ class QuantConfig:
     seed: int = 0
     methods: tuple[str, ...] = ()  # any of METHODS, always applied in METHODS' order
     weight_bits_budget: float = 0.0  # > 0: mixed precision, average weight bits at most this
+    # > 0: the network's first and last layers (weights and inputs) at this many bits, whatever the
+    # rest: LSQ (Esser et al. 2019) and most low-bit QAT work keep them at 8 bits
+    edge_bits: int = 0
+    # > 0: the tensors that are no layer's input (a residual add's inputs, a concatenation) at this many
+    # bits: they feed no multiplication, and LSQ-style QAT quantizes only conv and linear inputs
+    add_bits: int = 0
 
     def __post_init__(self) -> None:
         # Normalize order (network order, unknown names last for problems() to report) so equal
@@ -113,6 +119,12 @@ class QuantConfig:
             found.append(f"methods: unknown {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
         if self.weight_bits_budget != 0 and not 2 <= self.weight_bits_budget <= 8:
             found.append(f"weight_bits_budget must be 0 (off) or between 2 and 8 (got {self.weight_bits_budget})")
+        for name in ("edge_bits", "add_bits"):
+            value = getattr(self, name)
+            if value != 0 and not MIN_BITS <= value <= MAX_BITS:
+                found.append(f"{name} must be 0 (off) or between {MIN_BITS} and {MAX_BITS} (got {value})")
+        if self.edge_bits and self.weight_bits_budget:
+            found.append("edge_bits and weight_bits_budget both choose layers' bits: set one of them")
         unknown = [] if layers is None else [name for name in self.float_layers if name not in layers]
         if unknown:
             listed = shorten(", ".join(unknown), 200)
@@ -124,6 +136,19 @@ class QuantConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+    @property
+    def max_bits(self) -> int:
+        """The widest integer any tensor uses (the integer paths take at most 8)."""
+        return max(self.weight_bits, self.act_bits, self.edge_bits, self.add_bits)
+
+    @property
+    def bits_label(self) -> str:
+        """For example W4A4, or with edge_bits and add_bits "W2A2, first and last layers at 8, adds at 8"."""
+        label = f"W{self.weight_bits}A{self.act_bits}"
+        if self.edge_bits:
+            label += f", first and last layers at {self.edge_bits}"
+        return f"{label}, adds at {self.add_bits}" if self.add_bits else label
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -209,6 +234,8 @@ def max_calib_batches(batch_size: int) -> int:
 def _check_offered(config: QuantConfig, key: str, offered: Offered) -> None:
     if key in ("weight_bits", "act_bits") and getattr(config, key) not in offered.bits:
         raise ValueError(f"the dashboard offers {', '.join(map(str, offered.bits))} bits")
+    if key in ("edge_bits", "add_bits") and getattr(config, key) not in (0, *offered.bits):
+        raise ValueError(f"the dashboard offers 0 (off) or {', '.join(map(str, offered.bits))} bits")
     if key == "batch_size" and config.batch_size not in offered.batch_sizes:
         raise ValueError(f"the dashboard offers batch sizes {', '.join(map(str, offered.batch_sizes))}")
     if key in ("calib_batches", "batch_size"):
@@ -230,6 +257,10 @@ def integer_path_problems(config: QuantConfig) -> list[str]:
         problems.append("the input must be quantized (drop --float-input)")
     if config.weight_bits > 8 or config.act_bits > 8:
         problems.append(f"at most 8 bits fit int32 accumulators (got W{config.weight_bits}A{config.act_bits})")
+    if config.edge_bits > 8:
+        problems.append(f"at most 8 bits fit int32 accumulators (got first and last layers at {config.edge_bits})")
+    if config.add_bits > 8:
+        problems.append(f"the integer engine's adds take at most 8 bits (got adds at {config.add_bits})")
     return problems
 
 
@@ -247,6 +278,8 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "weight_range": (str,),
     "quantize_input": (bool,),
     "weight_bits_budget": (int, float),  # a whole budget (4) is as good as 4.0
+    "edge_bits": (int,),
+    "add_bits": (int,),
 }
 
 

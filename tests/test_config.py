@@ -78,6 +78,21 @@ def test_long_and_hostile_url_values_are_shortened_in_warnings():
     assert not any("pixel.png" in w for w in warnings)  # cut at 60 characters, before the image
 
 
+def test_edge_bits_round_trip_and_are_bounded():
+    config = QuantConfig(weight_bits=2, act_bits=2, edge_bits=8)
+    assert config.to_query() == {"weight_bits": "2", "act_bits": "2", "edge_bits": "8"}
+    assert QuantConfig.from_query(config.to_query(), DASHBOARD) == (config, [])
+    assert QuantConfig.from_json(config.to_json()) == config
+    for text in ("1", "9", "17", "8.0"):  # 9 is a valid bit-width the sidebar does not offer
+        corrected, warnings = QuantConfig.from_query({"edge_bits": text}, DASHBOARD)
+        assert corrected.edge_bits == 0 and len(warnings) == 1 and f"edge_bits='{text}'" in warnings[0]
+    with pytest.raises(ConfigError, match="set one of them"):
+        make_config(edge_bits=8, weight_bits_budget=4)
+    assert integer_path_problems(QuantConfig(weight_bits=4, act_bits=4, edge_bits=16)) == [
+        "at most 8 bits fit int32 accumulators (got first and last layers at 16)"
+    ]
+
+
 def test_integer_path_problems_are_known_before_calibration():
     assert integer_path_problems(QuantConfig()) == []
     problems = integer_path_problems(QuantConfig(weight_bits=16, float_layers=("fc2",), quantize_input=False))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qcore.analysis.tables import quantize_for
+from qcore.config import QuantConfig
 from qcore.data import Split
 from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import IntegerNet
@@ -92,6 +93,20 @@ def test_the_checkpoint_loads_weights_only_and_rebuilds_the_same_model(short_run
         assert torch.equal(loaded.qnet.layers[name].bias_int, quant.bias_int)
     images = mnist.test.images[:500]
     assert torch.equal(loaded.qnet(images), short_run.qnet(images))
+
+
+def test_qat_with_edge_bits_trains_and_reloads_the_first_and_last_layers_at_8_bits(pretrained, mnist):
+    config = QatConfig(weight_bits=2, act_bits=2, edge_bits=8, epochs=1, train_samples=512, eval_every=2)
+    result = qat(pretrained, mnist, config)
+    ranges = {n: (q.weight_bits, q.weight_qparams.qmax, q.input_qparams.qmax) for n, q in result.qnet.layers.items()}
+    assert ranges == {"conv1": (8, 127, 255), "conv2": (2, 1, 3), "fc1": (2, 1, 3), "fc2": (8, 127, 255)}
+    assert int(result.qnet.layers["conv1"].weight_int.abs().max()) > 1  # more levels than 2 bits have
+    loaded = load_qat(qat_bytes(result))
+    assert loaded.config == QuantConfig(weight_bits=2, act_bits=2, edge_bits=8)
+    images = mnist.test.images[:500]
+    assert torch.equal(loaded.qnet(images), result.qnet(images))
+    simulated = result.qnet(images).argmax(dim=1)
+    assert float((IntegerNet(loaded.qnet).predict(images) == simulated).float().mean()) >= 0.99
 
 
 def _config_with(**changes):

@@ -43,18 +43,21 @@ def ref_fake_quant(x, lo, hi, bits, symmetric, axis=None):
 
 
 def reference_forward(net, config, act_ranges, x):
-    """Net's forward with docs/DESIGN.md's quantizer applied by hand at each layer (minmax weights)."""
+    """Net's forward with docs/DESIGN.md's quantizer applied by hand at each layer (minmax weights);
+    with config.edge_bits, conv1 and fc2 (weights and inputs) at those bits."""
     x = x.double()
     for name in LAYER_NAMES:
+        edge = config.edge_bits and name in ("conv1", "fc2")
+        act_bits, weight_bits = (config.edge_bits,) * 2 if edge else (config.act_bits, config.weight_bits)
         module = getattr(net, name)
         weight, bias = module.weight.detach().double(), module.bias.detach().double()
         if name == "fc1":
             x = x.flatten(1)
         lo, hi = act_ranges[name]
-        x, s_in = ref_fake_quant(x, lo, hi, config.act_bits, symmetric=False)
+        x, s_in = ref_fake_quant(x, lo, hi, act_bits, symmetric=False)
         rows = weight.reshape(weight.shape[0], -1)
         weight, s_w = ref_fake_quant(
-            weight, rows.min(1).values, rows.max(1).values, config.weight_bits, symmetric=True, axis=0
+            weight, rows.min(1).values, rows.max(1).values, weight_bits, symmetric=True, axis=0
         )
         s_bias = s_in.flatten() * s_w.flatten()
         bias = torch.round(bias / s_bias) * s_bias  # int32 at s_in * s_w
@@ -77,6 +80,20 @@ def test_matches_independent_reference(net, batches, bits):
         reference = reference_forward(net, config, act_ranges, x).float()
     assert torch.equal(ours.argmax(1), reference.argmax(1))
     assert torch.allclose(ours, reference, atol=1e-3)
+
+
+def test_edge_bits_put_the_first_and_last_layers_on_their_own_grid(net, batches):
+    config = QuantConfig(weight_bits=3, act_bits=2, observer="minmax", weight_range="minmax", edge_bits=8)
+    qnet = quantize_model(net, config, batches)
+    act_ranges = {name: (q.activation.clip_min, q.activation.clip_max) for name, q in qnet.layers.items()}
+    with torch.no_grad():
+        ours = qnet(batches[0])
+        reference = reference_forward(net, config, act_ranges, batches[0]).float()
+    assert torch.equal(ours.argmax(1), reference.argmax(1))
+    assert torch.allclose(ours, reference, atol=1e-3)
+    bits = {name: (q.weight_bits, q.input_qparams.qmax) for name, q in qnet.layers.items()}
+    assert bits == {"conv1": (8, 255), "conv2": (3, 3), "fc1": (3, 3), "fc2": (8, 255)}
+    assert config.bits_label == "W3A2, first and last layers at 8"
 
 
 def test_all_layers_float_is_the_float_model(net, batches):

@@ -210,6 +210,39 @@ def test_integer_engine_agrees_with_the_simulation_on_each_model(name):
         assert agreement >= 0.995, (name, bits, agreement)
 
 
+def test_edge_and_add_bits_give_each_point_and_layer_the_bits_of_its_role():
+    """W2A2 with the first and last layers and the residual adds at 8 bits: each point is calibrated as
+    in the plain W8A8 or W2A2 config of its role, each layer's weights too, and the integer engine runs it."""
+    from qcore.analysis.tables import quantize_for
+    from qcore.inference.integer import IntegerNet
+
+    data = load_dataset("fashion-mnist", download=False)
+    model = load_model(None, "fashion-resnet")
+    mixed = quantize_for(model, data, QuantConfig(weight_bits=2, act_bits=2, edge_bits=8, add_bits=8, calib_batches=2))
+    wide = quantize_for(model, data, QuantConfig(calib_batches=2))
+    narrow = quantize_for(model, data, QuantConfig(weight_bits=2, act_bits=2, calib_batches=2))
+    edges = {mixed.plan.layer_input["stem"], mixed.plan.layer_input["fc"]}
+    adds = set(mixed.plan.points) - set(mixed.plan.layer_input.values())
+    assert edges == {"input", "relu_6"}  # the image, and the last block's output before the pooling
+    # the convs whose outputs meet at an add (layer1's identity shortcut is its input, a layer input)
+    assert adds == {"layer1.conv2", "layer2.conv2", "layer2.shortcut.0", "layer3.conv2", "layer3.shortcut.0"}
+    for point, quant_point in mixed.points.items():
+        ours, theirs = quant_point.qparams, (wide if point in edges | adds else narrow).points[point].qparams
+        assert (ours.qmin, ours.qmax, float(ours.scale), int(ours.zero_point)) == (
+            theirs.qmin,
+            theirs.qmax,
+            float(theirs.scale),
+            int(theirs.zero_point),
+        ), point
+    for name, quant in mixed.layers.items():
+        reference = (wide if name in ("stem", "fc") else narrow).layers[name]
+        assert quant.weight_bits == reference.weight_bits and torch.equal(quant.weight_int, reference.weight_int)
+    images = data.test.images[:300]
+    with torch.no_grad():
+        simulated = mixed(images).argmax(dim=1)
+    assert float((IntegerNet(mixed).predict(images) == simulated).float().mean()) >= 0.99
+
+
 def test_graph_of_each_zoo_model_folds_every_batchnorm():
     for name, build in (("fashion-resnet", ResNet), ("fashion-mobilenet", DepthwiseNet)):
         model = build().eval()
@@ -313,3 +346,4 @@ def test_the_zoo_bench_reports_qat_beside_its_control():
         "QAT W4A4 control seconds per epoch",
     }
     assert 0.5 < rows["QAT W4A4 control"] <= 1 and 0.5 < rows["QAT W4A4"] <= 1
+

@@ -289,6 +289,20 @@ def config_controls() -> QuantConfig:
         st.radio("Weight scheme", [s.value for s in Scheme], key="scheme", horizontal=True)
         st.radio("Weight range", list(WEIGHT_RANGES), key="weight_range", horizontal=True)
         st.checkbox("Quantize the network's input", key="quantize_input")
+        st.selectbox(
+            "First and last layers' bits (weights and inputs)",
+            [0, *BIT_OPTIONS],
+            format_func=lambda bits: "like the rest" if bits == 0 else f"{bits} bits",
+            key="edge_bits",
+            help="Low-bit QAT work (LSQ, PACT) keeps the first and last layers at 8 bits.",
+        )
+        st.selectbox(
+            "Residual adds' input bits",
+            [0, *BIT_OPTIONS],
+            format_func=lambda bits: "the activation bits" if bits == 0 else f"{bits} bits",
+            key="add_bits",
+            help="The tensors that are no layer's input (an add's two inputs): they feed no multiplication.",
+        )
         st.number_input("Calibration sample seed", min_value=0, max_value=MAX_SEED, key="seed")
         st.caption("Keep these layers in float:")
         layers = current_model().graph.layers
@@ -313,6 +327,9 @@ def config_controls() -> QuantConfig:
     if 0 < budget < 2:
         sidebar.warning("A weight-bits budget below 2 cannot be met (2 bits is the least); mixed precision is off.")
         budget = 0.0
+    if budget and st.session_state["edge_bits"]:
+        sidebar.warning("Mixed precision is off while the first and last layers have bits of their own.")
+        budget = 0.0
     config = QuantConfig(
         weight_bits=st.session_state["weight_bits"],
         act_bits=st.session_state["act_bits"],
@@ -327,6 +344,8 @@ def config_controls() -> QuantConfig:
         seed=int(st.session_state["seed"]),
         methods=tuple(st.session_state["methods"]),
         weight_bits_budget=budget,
+        edge_bits=st.session_state["edge_bits"],
+        add_bits=st.session_state["add_bits"],
     ).validate(layers)
     query = config.to_query()
     if current_model().zoo != DEFAULT_MODEL and current_model().imported is None:  # an upload cannot be linked
@@ -357,7 +376,7 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
         delta=f"{100 * -result.accuracy_drop:+.2f} pts",
     )
     if entry.qat is not None:
-        trained = f"W{entry.qat.config.weight_bits}A{entry.qat.config.act_bits}"
+        trained = entry.qat.config.bits_label
         if entry.qat_applies(config):
             sidebar.caption(f"A QAT model trained at {trained}: the quantized results use its trained grid.")
         else:

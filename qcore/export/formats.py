@@ -281,7 +281,7 @@ def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
     missing = float_parts(qnet)
     if missing:
         raise ValueError(f"ONNX QDQ export needs every layer and the input quantized; float: {', '.join(missing)}")
-    if qnet.config.weight_bits > 8 or qnet.config.act_bits > 8:
+    if qnet.config.max_bits > 8:
         raise ValueError("ONNX QDQ export stores 8-bit integers: use at most 8 weight and activation bits")
     nodes, initializers = [], []
 

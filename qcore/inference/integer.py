@@ -370,7 +370,7 @@ class IntegerNet:
             if bound > INT32_MAX:
                 raise IntegerEngineError(
                     f"{quant.name}'s accumulators could reach {bound:.3g}, beyond int32, at "
-                    f"W{qnet.config.weight_bits}A{qnet.config.act_bits}; the integer engine runs up to 8 bits"
+                    f"{qnet.config.bits_label}; the integer engine runs up to 8 bits"
                 )
         self.input_qparams = self.points[self.graph.ops[0].name]
         self._plan_values(qnet)

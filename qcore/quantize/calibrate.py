@@ -9,7 +9,7 @@ in `clipping_range`. Exact running min and max are always kept; rules that need 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -297,16 +297,17 @@ def calibrate_points(
     model: nn.Module | ModelGraph,
     batches: Sequence[torch.Tensor],
     observer: str,
-    bits: int,
+    bits: int | Mapping[str, int],
     points: Sequence[str],
     histogram_bins: int = 64,
 ) -> dict[str, ActivationStats]:
     """Run the float graph over `batches` and observe the output of each named op (a quantization
-    point, qcore.graph.points). The model itself is never touched."""
+    point, qcore.graph.points) at `bits` (one for all, or per point). The model itself is never touched."""
     if not batches:
         raise ValueError("calibration needs at least one batch")
     graph = model if isinstance(model, ModelGraph) else model_graph(model)
-    observers = {name: make_observer(observer, bits, Scheme.ASYMMETRIC) for name in points}
+    point_bits = bits if isinstance(bits, Mapping) else dict.fromkeys(points, bits)
+    observers = {name: make_observer(observer, point_bits[name], Scheme.ASYMMETRIC) for name in points}
     # Histograms always come from a sample, whichever rule chooses the range.
     samples = {name: ValueSample() for name in points}
 

@@ -244,15 +244,49 @@ def config_plan(graph: ModelGraph, config: QuantConfig) -> QuantPlan:
     return quant_plan(graph, quantized, config.quantize_input)
 
 
+def edge_layers(graph: ModelGraph) -> tuple[str, ...]:
+    """The first and last layers in the graph's order: the ones config.edge_bits sets apart."""
+    return tuple(dict.fromkeys((graph.layers[0], graph.layers[-1]))) if graph.layers else ()
+
+
+def point_bits(graph: ModelGraph, plan: QuantPlan, config: QuantConfig) -> dict[str, int]:
+    """Each point's activation bits: config.act_bits for a layer's input, except config.edge_bits (when
+    set) for the first and last layers' inputs; config.add_bits (when set) for a point that is no
+    layer's input (a residual add's input, a concatenation)."""
+    edges = {plan.layer_input[name] for name in edge_layers(graph) if name in plan.layer_input}
+    layer_inputs = set(plan.layer_input.values())
+
+    def bits(point: str) -> int:
+        if config.edge_bits and point in edges:
+            return config.edge_bits
+        if config.add_bits and point not in layer_inputs:
+            return config.add_bits
+        return config.act_bits
+
+    return {point: bits(point) for point in plan.points}
+
+
+def layer_weight_bits(graph: ModelGraph, config: QuantConfig, bits: dict[str, int] | None = None) -> dict[str, int]:
+    """Each quantized layer's weight bits: `bits[name]` when given (mixed precision), else
+    config.weight_bits, and config.edge_bits for the first and last layers when it is set."""
+    edges = set(edge_layers(graph)) if config.edge_bits else set()
+    return {
+        name: config.edge_bits if name in edges else (config.weight_bits if bits is None else bits[name])
+        for name in graph.layers
+        if name not in config.float_layers
+    }
+
+
 def quantize_points(
     graph: ModelGraph, plan: QuantPlan, config: QuantConfig, batches: Sequence[torch.Tensor]
 ) -> dict[str, QuantPoint]:
-    """Calibrate every point on `batches` and choose its affine qparams at config.act_bits."""
+    """Calibrate every point on `batches` and choose its affine qparams at its bits (point_bits)."""
     if not plan.points:
         return {}
-    stats = calibrate_points(graph, batches, config.observer, config.act_bits, plan.points)
+    bits = point_bits(graph, plan, config)
+    stats = calibrate_points(graph, batches, config.observer, bits, plan.points)
     return {
-        name: QuantPoint(name, choose_qparams(s.clip_min, s.clip_max, config.act_bits, Scheme.ASYMMETRIC), s)
+        name: QuantPoint(name, choose_qparams(s.clip_min, s.clip_max, bits[name], Scheme.ASYMMETRIC), s)
         for name, s in stats.items()
     }
 
@@ -265,15 +299,16 @@ def quantize_layers(
     bits: dict[str, int] | None = None,
 ) -> dict[str, LayerQuant]:
     """Choose every layer's qparams from the float weights and calibrated activation ranges
-    (weights at `bits[name]` when given, else config.weight_bits), rounding to nearest."""
+    (weights at layer_weight_bits), rounding to nearest."""
     result = {}
+    weight_bits = layer_weight_bits(graph, config, bits)
     for name in graph.layers:
         weight, bias = graph.weight(name).detach().clone(), graph.bias(name).detach().clone()
         point = points.get(plan.layer_input.get(name, ""))
         activation = None if point is None or point.activation is None else replace(point.activation, layer=name)
         quant = LayerQuant(name, weight, bias, None, None, None, None, activation)
         if name not in config.float_layers:
-            quant.weight_bits = config.weight_bits if bits is None else bits[name]
+            quant.weight_bits = weight_bits[name]
             quant.weight_qparams = weight_qparams(weight, config, quant.weight_bits)
             quant.weight_int = quantize(weight, quant.weight_qparams)
         if point is not None:

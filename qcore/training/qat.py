@@ -55,7 +55,16 @@ from qcore.models.checkpoint import (
 )
 from qcore.models.net import LAYER_NAMES, Net, layer
 from qcore.models.zoo import DEFAULT_MODEL, zoo_model
-from qcore.quantize.qmodel import BIAS_BITS, LayerQuant, QuantizedNet, QuantPoint, config_plan, rounded_average_levels
+from qcore.quantize.qmodel import (
+    BIAS_BITS,
+    LayerQuant,
+    QuantizedNet,
+    QuantPoint,
+    config_plan,
+    layer_weight_bits,
+    point_bits,
+    rounded_average_levels,
+)
 from qcore.quantize.quant import QParams, Scheme, integer_range, quantize, quantize_bias
 from qcore.training.train import MAX_EPOCHS, MAX_TRAIN_BATCH, resolve_device
 
@@ -82,6 +91,8 @@ class QatConfig:
 
     weight_bits: int = 2
     act_bits: int = 2
+    edge_bits: int = 0  # > 0: the first and last layers (weights and inputs) at this many bits (LSQ's 8)
+    add_bits: int = 0  # > 0: the tensors that are no layer's input (residual adds' inputs) at this many bits
     epochs: int = 2
     method: str = "lsq"
     lr: float = 1e-3
@@ -97,6 +108,10 @@ class QatConfig:
             value = getattr(self, name)
             if not 2 <= value <= 8:
                 found.append(f"{name} must be between 2 and 8 for QAT (got {value})")
+        for name in ("edge_bits", "add_bits"):
+            value = getattr(self, name)
+            if value != 0 and not 2 <= value <= 8:
+                found.append(f"{name} must be 0 (off) or between 2 and 8 for QAT (got {value})")
         if not 1 <= self.epochs <= MAX_QAT_EPOCHS:
             found.append(f"epochs must be between 1 and {MAX_QAT_EPOCHS} (got {self.epochs})")
         if self.method not in QAT_METHODS:
@@ -125,7 +140,9 @@ class QatConfig:
 
     def quant_config(self) -> QuantConfig:
         """The PTQ config QAT starts from and the deployed model follows: the defaults at these bits."""
-        return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits)
+        return QuantConfig(
+            weight_bits=self.weight_bits, act_bits=self.act_bits, edge_bits=self.edge_bits, add_bits=self.add_bits
+        )
 
 
 # --- the quantizer with straight-through gradients ------------------------------------------------
@@ -211,6 +228,7 @@ class QatNet(nn.Module):
         self.weight_scales = nn.ParameterDict()
         self.input_scales = nn.ParameterDict()  # one per quantization point
         self.weight_range: dict[str, tuple[int, int]] = {}
+        self.weight_bits: dict[str, int] = {}
         self.input_range: dict[str, tuple[int, int]] = {}
         learn_scales = method == "lsq"
         self.register_buffer("no_zero", torch.zeros((), dtype=torch.int64))
@@ -227,6 +245,8 @@ class QatNet(nn.Module):
             self.biases[_key(name)] = nn.Parameter(quant.bias.clone())
             self.weight_scales[_key(name)] = nn.Parameter(wq.scale.clone().float(), requires_grad=learn_scales)
             self.weight_range[name] = (wq.qmin, wq.qmax)
+            assert quant.weight_bits is not None  # the weights are quantized (checked above)
+            self.weight_bits[name] = quant.weight_bits
         for point in self.plan.points:
             qparams = start.points[point].qparams
             # the network's input grid is the data's: it stays at its calibrated range (learning it would
@@ -321,15 +341,13 @@ class QatNet(nn.Module):
     def quantized_net(self, config: QuantConfig) -> QuantizedNet:
         """The deployed model for any graph: integer weights and int32 biases at the trained scales,
         every point at its trained scale and zero point."""
-        amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
         points = {
             point: QuantPoint(
                 point,
                 QParams(
                     self.point_scale(point).detach().cpu().float().reshape(()).clone(),
                     self.input_zero(point).detach().cpu().to(torch.int64).reshape(()).clone(),
-                    amin,
-                    amax,
+                    *self.input_range[point],
                 ),
                 None,
             )
@@ -343,7 +361,7 @@ class QatNet(nn.Module):
                 graph.bias(name),
                 self.weight_scales[_key(name)].detach().cpu().float(),
                 points[self.layer_input_point(name)].qparams,
-                config,
+                self.weight_bits[name],
             )
             for name in graph.layers
         }
@@ -417,10 +435,11 @@ def _layer_quant(
     bias: torch.Tensor,
     weight_scale: torch.Tensor,
     input_qparams: QParams,
-    config: QuantConfig,
+    weight_bits: int,
 ) -> LayerQuant:
-    """One layer at trained scales: weights rounded to nearest, the bias to int32 at s_in * s_w."""
-    wmin, wmax = integer_range(config.weight_bits, Scheme.SYMMETRIC)
+    """One layer at trained scales: weights rounded to nearest (symmetric, `weight_bits`), the bias to
+    int32 at s_in * s_w."""
+    wmin, wmax = integer_range(weight_bits, Scheme.SYMMETRIC)
     weight_qparams = QParams(weight_scale, torch.zeros_like(weight_scale, dtype=torch.int64), wmin, wmax, 0)
     quant = LayerQuant(
         name,
@@ -431,7 +450,7 @@ def _layer_quant(
         input_qparams,
         None,
         None,
-        config.weight_bits,
+        weight_bits,
     )
     assert quant.bias_scale is not None
     quant.bias_int = quantize_bias(bias, quant.bias_scale, BIAS_BITS)
@@ -440,15 +459,16 @@ def _layer_quant(
 
 def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], config: QuantConfig) -> QuantizedNet:
     """The deployed model: integer weights and int32 biases at the trained scales, as PTQ builds them."""
-    amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
+    graph = model_graph(model)
+    plan = config_plan(graph, config)
+    act_bits, weight_bits = point_bits(graph, plan, config), layer_weight_bits(graph, config)
     layers = {}
     for name in LAYER_NAMES:
         module = layer(model, name)
         input_qparams = QParams(
             qparams[name]["input_scale"].float().reshape(()),
             qparams[name]["input_zero_point"].to(torch.int64).reshape(()),
-            amin,
-            amax,
+            *integer_range(act_bits[plan.layer_input[name]], Scheme.ASYMMETRIC),
         )
         layers[name] = _layer_quant(
             name,
@@ -456,10 +476,8 @@ def to_quantized_net(model: Net, qparams: dict[str, dict[str, torch.Tensor]], co
             module.bias.detach().clone(),
             qparams[name]["weight_scale"].float(),
             input_qparams,
-            config,
+            weight_bits[name],
         )
-    graph = model_graph(model)
-    plan = config_plan(graph, config)
     points = {point: QuantPoint(point, layers[name].input_qparams, None) for name, point in plan.layer_input.items()}  # type: ignore[arg-type]
     return QuantizedNet(layers, config, model, graph=graph, plan=plan, points=points).eval()
 
@@ -700,7 +718,9 @@ def _check_qparams(raw: object, config: QuantConfig, problems: list[str]) -> dic
     if not isinstance(raw, dict) or sorted(map(str, raw)) != sorted(LAYER_NAMES):
         problems.append(f"qparams must hold exactly the layers {', '.join(LAYER_NAMES)}")
         return {}
-    amin, amax = integer_range(config.act_bits, Scheme.ASYMMETRIC)
+    graph = model_graph(Net())
+    plan = config_plan(graph, config)
+    input_bits = {name: point_bits(graph, plan, config)[plan.layer_input[name]] for name in LAYER_NAMES}
     channels = {name: shape[0] for name, (shape, _) in _weight_shapes().items()}
     checked = {}
     for name in LAYER_NAMES:
@@ -726,12 +746,18 @@ def _check_qparams(raw: object, config: QuantConfig, problems: list[str]) -> dic
             elif dtype == torch.float32 and not bool((torch.isfinite(value) & (value > MIN_SCALE)).all()):
                 problems.append(f"{where}: scales must be finite and above {MIN_SCALE:g}")
                 good = False
-            elif dtype == torch.int64 and not amin <= int(value) <= amax:
-                problems.append(f"{where}: {int(value)} is outside the {config.act_bits}-bit range [{amin}, {amax}]")
+            elif dtype == torch.int64 and not _fits(int(value), input_bits[name]):
+                amin, amax = integer_range(input_bits[name], Scheme.ASYMMETRIC)
+                problems.append(f"{where}: {int(value)} is outside the {input_bits[name]}-bit range [{amin}, {amax}]")
                 good = False
         if good:
             checked[name] = {key: entry[key].clone() for key in QPARAM_KEYS}
     return checked
+
+
+def _fits(zero_point: int, bits: int) -> bool:
+    amin, amax = integer_range(bits, Scheme.ASYMMETRIC)
+    return amin <= zero_point <= amax
 
 
 def _weight_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -787,8 +813,8 @@ def qat_from_state(state: object) -> QatCheckpoint:
     except ConfigError as error:
         problems.append(f"config: {shorten(error, 200)}")
     else:
-        trained = QatConfig(weight_bits=config.weight_bits, act_bits=config.act_bits).quant_config()
-        if config != trained or not 2 <= config.weight_bits <= 8 or not 2 <= config.act_bits <= 8:
+        as_trained = QatConfig(config.weight_bits, config.act_bits, config.edge_bits, config.add_bits)
+        if config != as_trained.quant_config() or as_trained.problems():
             problems.append("config: a QAT model uses the default QuantConfig at 2 to 8 bits (as trained)")
     meta: dict[str, object] = {}
     try:
