@@ -154,12 +154,14 @@ def _average_weight_bits(qnet: QuantizedNet) -> float:
 
 
 def _candidates(config: QuantConfig, layers: Sequence[str]) -> list[tuple[str, dict[str, object]]]:
-    """Changes worth measuring, from the config: keep a layer float, one more bit of weights or of
-    activations, a better range rule or granularity."""
+    """Changes worth measuring, from the config: keep a layer float, the first and last layers at 8
+    bits, one more bit of weights or of activations, a better range rule or granularity."""
     found: list[tuple[str, dict[str, object]]] = []
     for name in layers:
         if name not in config.float_layers:
             found.append((f"keep {name} in float", {"float_layers": [*config.float_layers, name]}))
+    if not config.edge_bits and not config.weight_bits_budget and min(config.weight_bits, config.act_bits) < 8:
+        found.append(("the first and last layers at 8 bits", {"edge_bits": 8}))
     for key, noun in (("weight_bits", "weights"), ("act_bits", "activations")):
         current = getattr(config, key)
         higher = [b for b in DASHBOARD.bits if current < b <= 8]
