@@ -341,9 +341,25 @@ def test_the_zoo_bench_reports_qat_beside_its_control():
     )
     assert set(rows) == {
         "QAT W4A4",
-        "QAT W4A4 control",
+        "QAT control",
         "QAT W4A4 seconds per epoch",
-        "QAT W4A4 control seconds per epoch",
+        "QAT control seconds per epoch",
+        "QAT W4A4 integer agreement",
+        "QAT W4A4 drop vs control (points)",
     }
-    assert 0.5 < rows["QAT W4A4 control"] <= 1 and 0.5 < rows["QAT W4A4"] <= 1
+    assert 0.5 < rows["QAT control"] <= 1 and 0.5 < rows["QAT W4A4"] <= 1
+    assert rows["QAT W4A4 drop vs control (points)"] == pytest.approx(100 * (rows["QAT control"] - rows["QAT W4A4"]))
+    assert rows["QAT W4A4 integer agreement"] >= 0.995
 
+
+def test_the_zoo_bench_reads_qat_specs_and_refuses_bad_ones():
+    import importlib
+
+    bench = importlib.import_module("bench.bench_zoo")
+    config = bench.qat_config("W2A2:edges8:adds8", 128, 1e-3)
+    assert (config.weight_bits, config.act_bits, config.edge_bits, config.add_bits) == (2, 2, 8, 8)
+    assert (config.epochs, config.batch_size, config.method) == (2, 128, "lsq")
+    assert config.quant_config().bits_label == "W2A2, first and last layers at 8, adds at 8"
+    for spec in ("W2A2:wide8", "W2", "W2A2:edges9", "W1A2"):
+        with pytest.raises(SystemExit, match="--qat-bits"):
+            bench.qat_config(spec, 128, 1e-3)
