@@ -197,13 +197,17 @@ def test_url_reproduces_config_and_bad_values_are_corrected(app):
     app.query_params["weight_bits"] = "4"
     app.query_params["observer"] = "percentile"
     app.query_params["act_bits"] = "99"
+    app.query_params["edge_bits"] = "8"
+    app.query_params["add_bits"] = "5; drop"
     at = app.run()
     no_exceptions(at)
     assert at.select_slider(key="weight_bits").value == 4
     assert at.select_slider(key="act_bits").value == 8
     assert at.selectbox(key="observer").value == "percentile"
+    assert (at.selectbox(key="edge_bits").value, at.selectbox(key="add_bits").value) == (8, 0)
+    assert at.query_params["edge_bits"] == "8" and "add_bits" not in at.query_params  # the link keeps what held
     warnings = " ".join(t.value for t in at.sidebar.text)
-    assert "act_bits='99'" in warnings
+    assert "act_bits='99'" in warnings and "add_bits='5; drop'" in warnings
 
 
 def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained):
