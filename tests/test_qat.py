@@ -109,6 +109,22 @@ def test_qat_with_edge_bits_trains_and_reloads_the_first_and_last_layers_at_8_bi
     assert float((IntegerNet(loaded.qnet).predict(images) == simulated).float().mean()) >= 0.99
 
 
+def test_a_collapsing_channel_step_is_held_where_the_integer_engine_can_run_it(pretrained, mnist):
+    """LSQ once drove one fc1 channel's step to ~1e-10 of the rest (W2A2, batch 128, lr 2e-3): its
+    requantization multiplier left TFLite's range and the trained model could not run on integers."""
+    from qcore.training.qat import CHANNEL_STEP_SPAN_BITS, QatNet, _keep_scales_deployable
+
+    config = QatConfig(weight_bits=2, act_bits=2).quant_config()
+    net = QatNet(quantize_for(pretrained, mnist, config), "lsq", pretrained)
+    with torch.no_grad():
+        net.weight_scales["fc1"][0] = 1e-14
+        net.biases["fc1"][0] = 0.0
+        _keep_scales_deployable(net)
+    steps = net.weight_scales["fc1"].detach()
+    assert float(steps[0]) == pytest.approx(float(steps.max()) * 2.0**-CHANNEL_STEP_SPAN_BITS)
+    IntegerNet(net.quantized_net(config))  # raised IntegerEngineError (multiplier 1e-10) before the floor
+
+
 def _config_with(**changes):
     return lambda state: state.update(config=json.dumps({**json.loads(state["config"]), **changes}))
 

@@ -79,6 +79,9 @@ MIN_SCALE = 1e-12
 # int32 bias values stay below 2^24, so that with 8-bit products (800 x 255 x 127 < 2^25) the
 # accumulators of every layer fit int32 with room to spare
 BIAS_HEADROOM_BITS = 24
+# a channel's weight step stays within 2^12 of its layer's largest: a step that much finer makes the
+# channel's levels negligible anyway, and keeps every multiplier inside TFLite's fixed-point range
+CHANNEL_STEP_SPAN_BITS = 12
 
 
 class QatError(ValueError):
@@ -638,15 +641,19 @@ def _fine_tune(
 
 def _keep_scales_deployable(net: QatNet) -> None:
     """Step sizes stay positive, and a weight step never shrinks so far that the channel's bias, as an
-    integer at s_in * s_w, exceeds 2^BIAS_HEADROOM_BITS: LSQ drives the step of a channel whose weights
-    are near zero towards zero, and its int32 bias (and accumulator) would overflow."""
+    integer at s_in * s_w, exceeds 2^BIAS_HEADROOM_BITS, nor below 2^-CHANNEL_STEP_SPAN_BITS of its
+    layer's largest step: LSQ drives the step of a channel whose weights are near zero towards zero,
+    and its int32 bias (and accumulator) would overflow, and its requantization multiplier (or the
+    logits' ratio to the finest channel) would leave the fixed-point range (seen: fc1's 1.05e-10 on the
+    notebook's net at W2A2, batch 128, lr 2e-3)."""
     for scale in net.input_scales.values():
         scale.clamp_(min=MIN_SCALE)
     for name in net.graph.layers:
         input_scale = net.point_scale(net.layer_input_point(name))
         bias_floor = net.biases[_key(name)].detach().abs() / (input_scale * 2.0**BIAS_HEADROOM_BITS)
         weight_scale = net.weight_scales[_key(name)]
-        weight_scale.copy_(torch.maximum(weight_scale, bias_floor.clamp(min=MIN_SCALE)))
+        span_floor = weight_scale.detach().max() * 2.0**-CHANNEL_STEP_SPAN_BITS
+        weight_scale.copy_(torch.maximum(weight_scale, torch.maximum(bias_floor, span_floor).clamp(min=MIN_SCALE)))
 
 
 def _finish(net: QatNet, result: QatResult, quant_config: QuantConfig) -> QatResult:
