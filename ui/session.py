@@ -289,19 +289,17 @@ def config_controls() -> QuantConfig:
         st.radio("Weight scheme", [s.value for s in Scheme], key="scheme", horizontal=True)
         st.radio("Weight range", list(WEIGHT_RANGES), key="weight_range", horizontal=True)
         st.checkbox("Quantize the network's input", key="quantize_input")
-        st.selectbox(
+        _bits_of_their_own(
             "First and last layers' bits (weights and inputs)",
-            [0, *BIT_OPTIONS],
-            format_func=lambda bits: "like the rest" if bits == 0 else f"{bits} bits",
-            key="edge_bits",
-            help="Low-bit QAT work (LSQ, PACT) keeps the first and last layers at 8 bits.",
+            "edge_bits",
+            "like the rest",
+            "Low-bit QAT work (LSQ, PACT) keeps the first and last layers at 8 bits.",
         )
-        st.selectbox(
+        _bits_of_their_own(
             "Residual adds' input bits",
-            [0, *BIT_OPTIONS],
-            format_func=lambda bits: "the activation bits" if bits == 0 else f"{bits} bits",
-            key="add_bits",
-            help="The tensors that are no layer's input (an add's two inputs): they feed no multiplication.",
+            "add_bits",
+            "the activation bits",
+            "The tensors that are no layer's input (an add's two inputs): they feed no multiplication.",
         )
         st.number_input("Calibration sample seed", min_value=0, max_value=MAX_SEED, key="seed")
         st.caption("Keep these layers in float:")
@@ -416,6 +414,13 @@ def current_report() -> tuple[ModelEntry, QuantConfig, Report]:
 
 def percent(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
+
+
+def _bits_of_their_own(label: str, key: str, off: str, why: str) -> None:
+    """A selectbox of a setting whose 0 means off (`off` says what then applies) or else the bits."""
+    st.selectbox(
+        label, [0, *BIT_OPTIONS], format_func=lambda bits: off if bits == 0 else f"{bits} bits", key=key, help=why
+    )
 
 
 def _set_widgets(settings: dict[str, object]) -> None:

@@ -231,7 +231,6 @@ class QatNet(nn.Module):
         self.weight_scales = nn.ParameterDict()
         self.input_scales = nn.ParameterDict()  # one per quantization point
         self.weight_range: dict[str, tuple[int, int]] = {}
-        self.weight_bits: dict[str, int] = {}
         self.input_range: dict[str, tuple[int, int]] = {}
         learn_scales = method == "lsq"
         self.register_buffer("no_zero", torch.zeros((), dtype=torch.int64))
@@ -248,8 +247,6 @@ class QatNet(nn.Module):
             self.biases[_key(name)] = nn.Parameter(quant.bias.clone())
             self.weight_scales[_key(name)] = nn.Parameter(wq.scale.clone().float(), requires_grad=learn_scales)
             self.weight_range[name] = (wq.qmin, wq.qmax)
-            assert quant.weight_bits is not None  # the weights are quantized (checked above)
-            self.weight_bits[name] = quant.weight_bits
         for point in self.plan.points:
             qparams = start.points[point].qparams
             # the network's input grid is the data's: it stays at its calibrated range (learning it would
@@ -357,6 +354,7 @@ class QatNet(nn.Module):
             for point in self.plan.points
         }
         graph = self.graph.with_parameters(self.trained_parameters())
+        weight_bits = layer_weight_bits(graph, config)
         layers = {
             name: _layer_quant(
                 name,
@@ -364,7 +362,7 @@ class QatNet(nn.Module):
                 graph.bias(name),
                 self.weight_scales[_key(name)].detach().cpu().float(),
                 points[self.layer_input_point(name)].qparams,
-                self.weight_bits[name],
+                weight_bits[name],
             )
             for name in graph.layers
         }
@@ -727,7 +725,9 @@ def _check_qparams(raw: object, config: QuantConfig, problems: list[str]) -> dic
         return {}
     graph = model_graph(Net())
     plan = config_plan(graph, config)
-    input_bits = {name: point_bits(graph, plan, config)[plan.layer_input[name]] for name in LAYER_NAMES}
+    bits = point_bits(graph, plan, config)
+    input_bits = {name: bits[plan.layer_input[name]] for name in LAYER_NAMES}
+    input_range = {name: integer_range(input_bits[name], Scheme.ASYMMETRIC) for name in LAYER_NAMES}
     channels = {name: shape[0] for name, (shape, _) in _weight_shapes().items()}
     checked = {}
     for name in LAYER_NAMES:
@@ -753,18 +753,13 @@ def _check_qparams(raw: object, config: QuantConfig, problems: list[str]) -> dic
             elif dtype == torch.float32 and not bool((torch.isfinite(value) & (value > MIN_SCALE)).all()):
                 problems.append(f"{where}: scales must be finite and above {MIN_SCALE:g}")
                 good = False
-            elif dtype == torch.int64 and not _fits(int(value), input_bits[name]):
-                amin, amax = integer_range(input_bits[name], Scheme.ASYMMETRIC)
+            elif dtype == torch.int64 and not input_range[name][0] <= int(value) <= input_range[name][1]:
+                amin, amax = input_range[name]
                 problems.append(f"{where}: {int(value)} is outside the {input_bits[name]}-bit range [{amin}, {amax}]")
                 good = False
         if good:
             checked[name] = {key: entry[key].clone() for key in QPARAM_KEYS}
     return checked
-
-
-def _fits(zero_point: int, bits: int) -> bool:
-    amin, amax = integer_range(bits, Scheme.ASYMMETRIC)
-    return amin <= zero_point <= amax
 
 
 def _weight_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
