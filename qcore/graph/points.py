@@ -41,33 +41,28 @@ def reads_network_input(graph: ModelGraph, name: str) -> bool:
 
 def quant_plan(graph: ModelGraph, quantized_layers: Collection[str], quantize_input: bool) -> QuantPlan:
     """The points for a config that quantizes `quantized_layers` (weights and input) and, when
-    `quantize_input`, the network's input. Found by a fixed point: marking a point can put pass-through
-    ops after it on its grid, which can make a later requirement hold without a point of its own."""
+    `quantize_input`, the network's input. One pass in execution order: an op whose output some op
+    requires on a grid becomes a point unless the points before it already put it on one (pass-through
+    ops share their input's grid), so marking the earliest such op first and walking on finds the same
+    points as marking one at a time until nothing is missing, in time linear in the graph's size."""
     wants_input = {
         op.name
         for op in graph.layer_ops()
         if op.name in quantized_layers and (quantize_input or not reads_network_input(graph, op.inputs[0]))
     }
-    points = {op.name for op in graph.ops if op.kind is OpKind.CAT}
-    while True:
-        grid: dict[str, str] = {}
-        for op in graph.ops:
-            if op.name in points:
-                grid[op.name] = op.name
-            elif (op.kind in PASSTHROUGH_KINDS or op.kind is OpKind.AVGPOOL) and op.inputs[0] in grid:
-                grid[op.name] = grid[op.inputs[0]]
-        needed = [
-            name
-            for op in graph.ops
-            if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL)
-            for name in op.inputs
-            if name not in grid
-        ]
-        if not needed:
-            break
-        # one point at a time, the earliest first: it may put a later requirement on its grid (a global
-        # pool's flatten before the classifier shares the pool's grid rather than getting its own)
-        points.add(min(needed, key=lambda name: graph.ops.index(graph.op(name))))
-    ordered = tuple(op.name for op in graph.ops if op.name in points)
+    required = {
+        name
+        for op in graph.ops
+        if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL)
+        for name in op.inputs
+    }
+    points: list[str] = []
+    grid: dict[str, str] = {}
+    for op in graph.ops:
+        if (op.kind in PASSTHROUGH_KINDS or op.kind is OpKind.AVGPOOL) and op.inputs[0] in grid:
+            grid[op.name] = grid[op.inputs[0]]
+        if op.kind is OpKind.CAT or (op.name in required and op.name not in grid):
+            points.append(op.name)
+            grid[op.name] = op.name
     layer_input = {name: grid[graph.op(name).inputs[0]] for name in graph.layers if name in wants_input}
-    return QuantPlan(ordered, grid, layer_input)
+    return QuantPlan(tuple(points), grid, layer_input)
