@@ -19,7 +19,6 @@ apart by its content, never its name: a zip-format torch checkpoint or a safeten
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import re
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from qcore.data import DATASETS, MNIST, DatasetSpec
-from qcore.files import shorten
+from qcore.files import JsonFileError, read_json, shorten
 from qcore.models.net import Net
 from qcore.models.zoo import DEFAULT_MODEL, zoo_model
 
@@ -221,9 +220,13 @@ def _read_safetensors(data: bytes) -> dict[str, torch.Tensor]:
             ]
         )
     try:
-        header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError([f"a damaged safetensors file (its header is not JSON: {_reason(error)})"]) from None
+        # the header is JSON from a hostile file: the bounded reader (depth, digits, length), never json.loads
+        text = data[8 : 8 + header_size].decode("utf-8")
+        header = read_json(text, "the safetensors header", MAX_SAFETENSORS_HEADER)
+    except UnicodeDecodeError as error:
+        raise CheckpointError([f"a damaged safetensors file (its header is not text: {_reason(error)})"]) from None
+    except JsonFileError as error:
+        raise CheckpointError([f"a damaged safetensors file ({error})"]) from None
     if not isinstance(header, dict):
         raise CheckpointError(["a damaged safetensors file (its header is not a JSON object)"])
     tensors = len(header) - ("__metadata__" in header)
