@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -54,6 +55,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,100}")  # the settings say which range; int() of 100 digits is cheap
+
+
+def _whole_number(text: str) -> int:
+    """An integer flag in ASCII digits only: Python's int() also takes other scripts' digits ('٤' is 4),
+    '+7', ' 7' and '7_0', none of which a URL or a config file accepts either."""
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{shorten(text, 30)!r} is not a whole number in ASCII digits")
+    return int(text)
+
+
 def _bits_list(text: str) -> list[int]:
     """'2-8' or '2,4,8', each bit-width within MIN_BITS..MAX_BITS (checked before any range is built)."""
     usage = f"expected a range like 2-8 or a list like 2,4,8 of bits {MIN_BITS} to {MAX_BITS} (got {shorten(text)!r})"
@@ -61,11 +73,11 @@ def _bits_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(usage)
     try:
         if "-" in text:
-            low, high = (int(part) for part in text.split("-", 1))
+            low, high = (_whole_number(part) for part in text.split("-", 1))
             bits = [low, high]
         else:
-            bits = [int(part) for part in text.split(",") if part]
-    except ValueError:
+            bits = [_whole_number(part) for part in text.split(",") if part]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(usage) from None
     if not bits or any(not MIN_BITS <= b <= MAX_BITS for b in bits) or ("-" in text and bits[0] > bits[1]):
         raise argparse.ArgumentTypeError(usage)
@@ -116,10 +128,10 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
             "own model as an ONNX file (told apart by content; default: the model's bundled checkpoint)"
         ),
     )
-    parser.add_argument("--weight-bits", type=int, default=default.weight_bits)
-    parser.add_argument("--act-bits", type=int, default=default.act_bits)
-    parser.add_argument("--calib-batches", type=int, default=default.calib_batches)
-    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="calibration batch size")
+    parser.add_argument("--weight-bits", type=_whole_number, default=default.weight_bits)
+    parser.add_argument("--act-bits", type=_whole_number, default=default.act_bits)
+    parser.add_argument("--calib-batches", type=_whole_number, default=default.calib_batches)
+    parser.add_argument("--batch-size", type=_whole_number, default=default.batch_size, help="calibration batch size")
     parser.add_argument("--observer", choices=list(OBSERVERS), default=default.observer)
     parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=default.granularity)
     parser.add_argument("--scheme", choices=[s.value for s in Scheme], default=default.scheme, help="weights' scheme")
@@ -130,7 +142,7 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
         default="",
         help=f"comma-separated layer names (for the notebook's net: {','.join(LAYER_NAMES)})",
     )
-    parser.add_argument("--seed", type=int, default=default.seed, help="calibration sample seed")
+    parser.add_argument("--seed", type=_whole_number, default=default.seed, help="calibration sample seed")
     parser.add_argument(
         "--methods", default="", help=f"comma-separated, from {','.join(METHODS)} (applied in that order)"
     )
@@ -140,8 +152,8 @@ def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
         default=default.weight_bits_budget,
         help="mixed precision: average weight bits at most this (0: off)",
     )
-    parser.add_argument("--edge-bits", type=int, default=default.edge_bits, help=EDGE_BITS_HELP)
-    parser.add_argument("--add-bits", type=int, default=default.add_bits, help=ADD_BITS_HELP)
+    parser.add_argument("--edge-bits", type=_whole_number, default=default.edge_bits, help=EDGE_BITS_HELP)
+    parser.add_argument("--add-bits", type=_whole_number, default=default.add_bits, help=ADD_BITS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,15 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--out", default="model.pt", help="where to write the state_dict")
     train_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
     # defaults: the --model's recipe (qcore.models.zoo), else TrainConfig's
-    train_cmd.add_argument("--epochs", type=int)
-    train_cmd.add_argument("--batch-size", type=int)
+    train_cmd.add_argument("--epochs", type=_whole_number)
+    train_cmd.add_argument("--batch-size", type=_whole_number)
     train_cmd.add_argument("--lr", type=float, help="the learning rate (the peak with --schedule one-cycle)")
     train_cmd.add_argument("--momentum", type=float)
     train_cmd.add_argument("--optimizer", choices=list(OPTIMIZERS))
     train_cmd.add_argument("--weight-decay", type=float)
     train_cmd.add_argument("--schedule", choices=list(SCHEDULES))
-    train_cmd.add_argument("--seed", type=int)
-    train_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
+    train_cmd.add_argument("--seed", type=_whole_number)
+    train_cmd.add_argument("--train-samples", type=_whole_number, default=None, help="train on the first N images only")
     train_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=TrainConfig().device)
     _add_common(train_cmd)
 
@@ -175,16 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="where to write the QAT checkpoint (required for the notebook's net, which alone has one)"
     )
     qat_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
-    qat_cmd.add_argument("--weight-bits", type=int, default=qat_defaults.weight_bits)
-    qat_cmd.add_argument("--act-bits", type=int, default=qat_defaults.act_bits)
-    qat_cmd.add_argument("--edge-bits", type=int, default=qat_defaults.edge_bits, help=EDGE_BITS_HELP)
-    qat_cmd.add_argument("--add-bits", type=int, default=qat_defaults.add_bits, help=ADD_BITS_HELP)
-    qat_cmd.add_argument("--epochs", type=int, default=qat_defaults.epochs)
+    qat_cmd.add_argument("--weight-bits", type=_whole_number, default=qat_defaults.weight_bits)
+    qat_cmd.add_argument("--act-bits", type=_whole_number, default=qat_defaults.act_bits)
+    qat_cmd.add_argument("--edge-bits", type=_whole_number, default=qat_defaults.edge_bits, help=EDGE_BITS_HELP)
+    qat_cmd.add_argument("--add-bits", type=_whole_number, default=qat_defaults.add_bits, help=ADD_BITS_HELP)
+    qat_cmd.add_argument("--epochs", type=_whole_number, default=qat_defaults.epochs)
     qat_cmd.add_argument("--method", choices=list(QAT_METHODS), default=qat_defaults.method)
     qat_cmd.add_argument("--lr", type=float, default=qat_defaults.lr)
-    qat_cmd.add_argument("--batch-size", type=int, default=qat_defaults.batch_size)
-    qat_cmd.add_argument("--seed", type=int, default=qat_defaults.seed)
-    qat_cmd.add_argument("--train-samples", type=int, default=None, help="train on the first N images only")
+    qat_cmd.add_argument("--batch-size", type=_whole_number, default=qat_defaults.batch_size)
+    qat_cmd.add_argument("--seed", type=_whole_number, default=qat_defaults.seed)
+    qat_cmd.add_argument("--train-samples", type=_whole_number, default=None, help="train on the first N images only")
     qat_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default=qat_defaults.device)
     qat_cmd.add_argument(
         "--control",
@@ -221,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cmd = commands.add_parser("explain", help="one test image through the integer engine, written out")
     _add_quant_flags(explain_cmd)
     _add_common(explain_cmd)
-    explain_cmd.add_argument("--image", type=int, required=True, help="test image index (0 to 9999)")
+    explain_cmd.add_argument("--image", type=_whole_number, required=True, help="test image index (0 to 9999)")
     explain_cmd.add_argument(
         "--layer", help="the layer or add whose --position is given (the notebook's net: conv1, conv2, fc1 or fc2)"
     )
@@ -233,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quant_flags(graph_cmd)
     _add_common(graph_cmd)
-    graph_cmd.add_argument("--channel", type=int, default=0, help="the output channel shown before and after folding")
+    graph_cmd.add_argument(
+        "--channel", type=_whole_number, default=0, help="the output channel shown before and after folding"
+    )
     data_cmd = commands.add_parser("data", help="check a dataset's files (every idx file validated)")
     data_cmd.add_argument(
         "--download", action="store_true", help="fetch it with torchvision first when files are missing (online)"
@@ -832,15 +846,23 @@ def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis.tables import quantize_for
+    from qcore.graph import OpKind, model_graph
     from qcore.lessons.failures import FAILURE_POINTS, folding_walkthrough, residual_adds
 
     config = config_from_args(args)
     model = _float_model_only(args, f"walkthrough {args.failure}")
+    # checked on the graph before any computation, naming the model the user gave (an ONNX file is not --model)
+    name = "the imported ONNX model" if args.imported is not None else args.model
+    graph = model_graph(model)
+    if args.failure == "residual" and not any(op.kind is OpKind.ADD for op in graph.ops):
+        raise UsageError(f"{name} has no residual add (try fashion-resnet)")
+    if args.failure == "folding" and not graph.folded_batchnorm:
+        raise UsageError(f"{name} has no BatchNorm to fold (try fashion-mobilenet or fashion-resnet)")
     data = _dataset(args)
     if args.failure == "residual":
         adds = residual_adds(quantize_for(model, data, config), data)
         if not adds:
-            raise UsageError(f"{args.model} has no residual add with quantized inputs (try fashion-resnet)")
+            raise UsageError(f"{name} has no residual add with quantized inputs at this config")
         rows = [
             {
                 "add": row.add,
@@ -862,8 +884,6 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
         print(f"[{done + 1}] {what}", file=sys.stderr)
 
     walk = folding_walkthrough(model, data, config, on_progress=report)
-    if not walk.layers:
-        raise UsageError(f"{args.model} has no BatchNorm to fold (try fashion-mobilenet or fashion-resnet)")
     if not args.json:
         print(_table([layer.__dict__ for layer in walk.layers]))
         print(f"float accuracy {_percent(walk.float_accuracy)}")

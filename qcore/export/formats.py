@@ -473,12 +473,9 @@ class OnnxRunner:
     """An ONNX Runtime CPU session over an exported model."""
 
     def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from qcore.models.onnx_runtime import onnxruntime_session
 
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime_session(model_bytes, threads)
 
     def predict(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         import numpy as np
