@@ -236,6 +236,49 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
 
 
 @pytest.mark.slow
+def test_hostile_uploads_leave_the_uploader_and_every_other_session_working(server, browser, pretrained):
+    """Issue 34: every file of tests/hostile_files.py's refused set uploaded on a running server is refused as
+    plain text naming its bound, the uploader's previous model kept; another session's pages keep computing
+    between the uploads; then a file whose layers are named 'class', 'lambda' and 'ﬁ' imports, its card
+    listing the file's own names beside the lab's."""
+    from qcore.models.checkpoint import fingerprint
+    from tests.hostile_files import REFUSED, compatibility_characters
+
+    uploader = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
+    other = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
+    for page in (uploader, other):
+        page.goto(server)
+        settle(page)
+    uploader.get_by_role("tab", name="Upload a checkpoint").click()
+    inputs = uploader.locator("[data-testid='stFileUploaderDropzoneInput']")
+    for index, (build, suffix, says) in enumerate(REFUSED.values()):
+        name, data = f"hostile{index:02d}{suffix}", build()
+        if len(data) > 2 * 2**20:  # beyond .streamlit/config.toml's maxUploadSize: the browser never sends it
+            continue
+        inputs.set_input_files({"name": name, "mimeType": "application/octet-stream", "buffer": data})
+        uploader.get_by_text(f"File: {name}").wait_for(timeout=60_000)
+        settle(uploader)
+        assert uploader.get_by_text(says, exact=False).count() == 1, name
+        assert uploader.locator("[data-testid='stException']").count() == 0, name
+        assert fingerprint(pretrained) in uploader.locator("[data-testid='stSidebar']").inner_text(), name
+        if index % 4 == 0:  # the other session, meanwhile, on a page that evaluates its model
+            title = "Accuracy" if index % 8 else "Weights"
+            other.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
+            settle(other)
+            assert other.locator("[data-testid='stException']").count() == 0
+            assert sidebar_metric(other, "Float accuracy") == "98.32%"
+    inputs.set_input_files(
+        {"name": "names.onnx", "mimeType": "application/octet-stream", "buffer": compatibility_characters()}
+    )
+    uploader.get_by_text("Your ONNX model, imported into the lab's model graph").wait_for(timeout=120_000)
+    settle(uploader)
+    assert "uploaded names.onnx (onnx-" in uploader.locator("[data-testid='stSidebar']").inner_text()
+    assert uploader.locator("[data-testid='stException']").count() == 0
+    uploader.context.close()
+    other.context.close()
+
+
+@pytest.mark.slow
 def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
     """Issue 19: the user's own model (the residual zoo net, exported by torch.onnx.export) uploaded as an
     ONNX file on Fashion-MNIST: its model card, every page without an exception, then a refused file
@@ -443,4 +486,3 @@ def test_nothing_is_fetched_from_outside_the_server(server, browser):
     outside = [url for url in requested if not url.startswith((server, "data:", "blob:"))]
     assert not outside, outside
     context.close()
-

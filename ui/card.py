@@ -18,7 +18,7 @@ def model_card(entry: session.ModelEntry) -> None:
             network_diagram_figure(graph_diagram(graph), None, "The model graph (hover a box for its shape and size)"),
             key="model_card_graph",
         )
-        rows = layer_rows(graph)
+        rows = layer_rows(graph, None if entry.imported is None else dict(entry.imported.labels))
         st.caption(
             f"{len(rows)} quantizable layers, {sum(int(row['parameters']) for row in rows):,} parameters; "
             f"operations: {', '.join(graph.op_kinds())}."

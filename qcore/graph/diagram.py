@@ -5,6 +5,7 @@ The Model page's card and the Diagnose page draw it; so does the diagnosis's HTM
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qcore.graph.ops import ModelGraph, OpKind
@@ -112,8 +113,9 @@ def graph_diagram(graph: ModelGraph) -> Diagram:
     )
 
 
-def layer_rows(graph: ModelGraph) -> list[dict[str, object]]:
-    """A model card's table: each layer's kind, settings, output shape and parameters, BatchNorm folded."""
+def layer_rows(graph: ModelGraph, labels: Mapping[str, str] | None = None) -> list[dict[str, object]]:
+    """A model card's table: each layer's kind, settings, output shape and parameters, BatchNorm folded;
+    with `labels` (an imported file's own name for each layer's node, shortened plain text), that too."""
     rows = []
     for op in graph.layer_ops():
         weight = graph.weight(op.name)
@@ -132,6 +134,7 @@ def layer_rows(graph: ModelGraph) -> list[dict[str, object]]:
                 "output": "x".join(str(d) for d in op.shape[1:]),
                 "parameters": sum(t.numel() for t in graph.parameters[op.name]),
                 "BatchNorm folded in": graph.folded_batchnorm.get(op.name, ""),
+                **({} if labels is None else {"name in the file": labels.get(op.name, "")}),
             }
         )
     return rows

@@ -19,6 +19,8 @@ Names from the file (nodes, operators, producer) only ever appear shortened, as 
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import math
 import operator
 import re
@@ -42,6 +44,14 @@ MAX_NODES = 2000
 MAX_PARAMETERS = 4_000_000  # float32 values across all tensors (the upload limit holds about 1M anyway)
 MAX_TENSOR_DIMS = 8
 CHECK_IMAGES = 1000  # test images run through ONNX Runtime and the imported graph on arrival
+# The work a graph asks for, which the parameter bound does not see (a 1x1 convolution to 2,048 channels
+# has 2 kB of weights and 1.6M values per image), bounded from the shapes before anything runs. The zoo's
+# largest: one tensor of 25,088 values per image, 182,948 in all, 9.3M multiply-adds, 24 operations.
+MAX_TENSOR_VALUES = 131_072  # one activation per image: 128 channels at 32x32, 512 kB
+MAX_ACTIVATION_VALUES = 1_048_576  # all activations of one image together: 4 MB
+MAX_MULTIPLY_ADDS = 100_000_000  # per image, every convolution and linear layer together
+MAX_OPERATIONS = 256  # operations of the lab's graph (layers, activations, pools, adds, ...)
+CHECK_MEMORY_BYTES = 256 * 2**20  # the arrival check's batches hold at most this much activation
 INPUT_SHAPE = (1, 28, 28)
 CLASSES = 10
 # The operators the lab turns into its graph, and those that only compute constants around them
@@ -102,6 +112,10 @@ class ImportedModel:
     input_scale: str  # "normalized" or "raw"
     agreement_images: int  # test images on which ONNX Runtime and the import were compared
     largest_difference: float  # of any output score between the two on those images
+    activation_values: int = 0  # per image, every operation's output together (bounded on arrival)
+    multiply_adds: int = 0  # per image
+    # each module's name in the lab -> the file's own name for its node: plain text, shortened, for display
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 def _where(node: onnx.NodeProto, index: int) -> str:
@@ -133,6 +147,8 @@ def _check_tensor(tensor: onnx.TensorProto, what: str) -> int:
 
     if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
         raise OnnxImportError(f"{what} keeps its values in an external file, which the lab never opens")
+    if tensor.HasField("segment"):
+        raise OnnxImportError(f"{what} is stored in segments, which the lab does not read")
     if tensor.data_type not in _DTYPES:
         raise OnnxImportError(
             f"{what} has data type {tensor.data_type}; float32, float16, float64 and int32/64 are read"
@@ -229,11 +245,31 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
     return model
 
 
+def _reserved_names() -> frozenset[str]:
+    """Names a module must not take: Python's keywords and builtins (torch.fx writes module names into
+    the forward's source code), what generated code refers to, and every attribute of a GraphModule
+    instance ('training', 'forward', '_modules', ...), which setattr would silently replace."""
+    empty = fx.GraphModule(nn.Module(), fx.Graph())
+    return frozenset(
+        {*keyword.kwlist, *keyword.softkwlist, *dir(builtins), *dir(empty), "self", "torch", "image", "fx"}
+    )
+
+
+_RESERVED: frozenset[str] | None = None
+_ASCII_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
 def _identifier(node: onnx.NodeProto, fallback: str, taken: set[str]) -> str:
-    """A module name for a node: the PyTorch module path its weight is named after ('layer1.conv1.weight',
-    as torch.export's exporter names them), else its node name's scopes ('/blocks/blocks.0/depthwise/Conv',
-    as TorchScript's exporter names them), as letters, digits and underscores ('blocks_0_depthwise'),
-    unique and clear of nn.Module's own attributes; else `fallback`."""
+    """A safe module name for a node, derived from the file's names when they allow it: the PyTorch module
+    path its weight is named after ('layer1.conv1.weight', as torch.export's exporter names them), else
+    its node name's scopes ('/blocks/blocks.0/depthwise/Conv', as TorchScript's exporter names them), as
+    ASCII letters, digits and underscores ('blocks_0_depthwise'). Names from a file are never trusted as
+    identifiers: anything outside ASCII (which Python's NFKC normalization would turn into another name:
+    'ﬁ' is 'fi'), a keyword, a builtin, a GraphModule attribute or a name already taken gives `fallback`
+    (the operator's kind and the node's position, both the lab's own), made unique."""
+    global _RESERVED
+    if _RESERVED is None:
+        _RESERVED = _reserved_names()
     weights = [name for name in node.input[1:2] if name.endswith(".weight")]
     if weights:
         parts = weights[0][: -len(".weight")].split(".")
@@ -245,10 +281,10 @@ def _identifier(node: onnx.NodeProto, fallback: str, taken: set[str]) -> str:
             part for i, part in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(part + "."))
         ]
         parts = [piece for part in parts for piece in part.split(".")]
-    text = re.sub(r"\W", "_", "_".join(parts)).strip("_")[:60]
-    if not text or text[0].isdigit() or text in taken or hasattr(fx.GraphModule, text):
+    text = re.sub(r"[^A-Za-z0-9]+", "_", "_".join(parts)).strip("_")[:60]  # ASCII only: never NFKC-folded
+    if not _ASCII_IDENTIFIER.fullmatch(text) or text in _RESERVED or text in taken:
         text = fallback
-    while text in taken:
+    while text in taken or text in _RESERVED:
         text += "_"
     taken.add(text)
     return text
@@ -277,6 +313,36 @@ class _Converter:
                 self.readers[name] = self.readers.get(name, 0) + 1
         self.softmax_output = False
         self.probe: dict[fx.Node, torch.Tensor] = {}  # every fx node's value on two zero images
+        self.labels: dict[str, str] = {}  # module name -> the file's own name for its node, shortened
+        self.operations = 0
+        self.activation_values = 0  # per image, every operation's output together
+        self.multiply_adds = 0  # per image
+
+    def account(self, node: onnx.NodeProto, index: int, values: int, multiply_adds: int = 0) -> None:
+        """Count one more operation giving `values` per image at the cost of `multiply_adds`, refused in one
+        line as soon as a bound is passed: called with the shapes alone, before the operation runs."""
+        self.operations += 1
+        self.activation_values += values
+        self.multiply_adds += multiply_adds
+        where = f"{shorten(node.op_type, 30)} {_where(node, index)}"
+        if self.operations > MAX_OPERATIONS:
+            raise OnnxImportError(
+                f"{where} is operation {self.operations}; the lab runs graphs of at most {MAX_OPERATIONS} operations"
+            )
+        if values > MAX_TENSOR_VALUES:
+            raise OnnxImportError(
+                f"{where} gives {values:,} values per image; the lab takes at most {MAX_TENSOR_VALUES:,} in one tensor"
+            )
+        if self.activation_values > MAX_ACTIVATION_VALUES:
+            raise OnnxImportError(
+                f"the activations reach {self.activation_values:,} values per image at {where}; "
+                f"the lab takes at most {MAX_ACTIVATION_VALUES:,}"
+            )
+        if self.multiply_adds > MAX_MULTIPLY_ADDS:
+            raise OnnxImportError(
+                f"the graph needs more than {MAX_MULTIPLY_ADDS:,} multiply-adds per image (reached at {where}); "
+                "the lab runs at most that"
+            )
 
     # --- helpers ---------------------------------------------------------------------------------
     def refuse(self, node: onnx.NodeProto, index: int, reason: str) -> OnnxImportError:
@@ -315,15 +381,38 @@ class _Converter:
         return torch.from_numpy(np.array(value, dtype=np.float32))
 
     def module(self, node: onnx.NodeProto, index: int, module: nn.Module, source: fx.Node) -> fx.Node:
+        values = math.prod(self.probe[source].shape[1:])  # pools and activations give at most their input
+        multiply_adds = 0
+        if isinstance(module, nn.Conv2d):
+            _, _, height, width = self.probe[source].shape
+            (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding  # type: ignore[misc]
+            out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+            values = module.out_channels * max(out_h, 0) * max(out_w, 0)
+            multiply_adds = values * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            values, multiply_adds = module.out_features, module.in_features * module.out_features
+        self.account(node, index, values, multiply_adds)
         name = _identifier(node, f"{node.op_type.lower()}{index}", self.taken)
+        self.labels[name] = shorten(node.name or node.output[0] or f"#{index}", 60)
         self.modules[name] = module.eval()
         created = self.fx.call_module(name, (source,))
         with torch.no_grad():
             self.probe[created] = module(self.probe[source])
         return created
 
-    def function(self, target: object, args: tuple[object, ...], kwargs: dict[str, object] | None = None) -> fx.Node:
-        """A call_function node, evaluated at once on the probe images (shapes for Shape and Reshape)."""
+    def function(
+        self,
+        node: onnx.NodeProto,
+        index: int,
+        target: object,
+        args: tuple[object, ...],
+        kwargs: dict[str, object] | None = None,
+    ) -> fx.Node:
+        """A call_function node, evaluated at once on the probe images (shapes for Shape and Reshape) once
+        its output's size is within the bounds (a concatenation's is its inputs' together)."""
+        sources = [a for a in (args[0] if isinstance(args[0], list) else args[:1]) if isinstance(a, fx.Node)]
+        sizes = [math.prod(self.probe[source].shape[1:]) for source in sources]
+        self.account(node, index, sum(sizes) if target is torch.cat else max(sizes, default=0))
         created = self.fx.call_function(target, args, kwargs or {})  # type: ignore[arg-type]
 
         def probe_of(arg: object) -> object:
@@ -508,13 +597,13 @@ class _Converter:
             raise self.refuse(node, index, "only the mean over height and width (global average pooling)")
         pooled = self.module(node, index, nn.AdaptiveAvgPool2d(1), self.tensor(node, index, 0))
         if not int(self.attribute(node, "keepdims", 1)):  # type: ignore[call-overload]
-            pooled = self.function(torch.flatten, (pooled, 1))
+            pooled = self.function(node, index, torch.flatten, (pooled, 1))
         self.output(node, pooled)
 
     def op_Flatten(self, node: onnx.NodeProto, index: int) -> None:
         if int(self.attribute(node, "axis", 1)) != 1:  # type: ignore[call-overload]
             raise self.refuse(node, index, "only flattening after the batch dimension (axis 1)")
-        self.output(node, self.function(torch.flatten, (self.tensor(node, index, 0), 1)))
+        self.output(node, self.function(node, index, torch.flatten, (self.tensor(node, index, 0), 1)))
 
     def op_Reshape(self, node: onnx.NodeProto, index: int) -> None:
         x = self.tensor(node, index, 0)
@@ -526,7 +615,7 @@ class _Converter:
         second_ok = len(target) == 2 and (target[1] == features or (target[1] == -1 and target[0] != -1))
         if not (first_ok and second_ok):
             raise self.refuse(node, index, f"reshaping to {shorten(str(target), 40)}; only to (batch, features)")
-        self.output(node, self.function(torch.flatten, (x, 1)))
+        self.output(node, self.function(node, index, torch.flatten, (x, 1)))
 
     def op_Gemm(self, node: onnx.NodeProto, index: int) -> None:
         x = self.tensor(node, index, 0)
@@ -572,7 +661,7 @@ class _Converter:
         if a in self.values and b in self.values:
             if self.shapes.get(a) != self.shapes.get(b):
                 raise self.refuse(node, index, "shapes differ (no broadcasting)")
-            self.output(node, self.function(operator.add, (self.values[a], self.values[b])))
+            self.output(node, self.function(node, index, operator.add, (self.values[a], self.values[b])))
             return
         tensor, constant = (a, b) if a in self.values else (b, a)
         if tensor in self.pending_bias and constant in self.constants and self.readers.get(tensor) == 1:
@@ -598,14 +687,14 @@ class _Converter:
         if int(self.attribute(node, "axis", 0)) not in (1, -3):  # type: ignore[call-overload]
             raise self.refuse(node, index, "only along channels (axis 1)")
         tensors = [self.tensor(node, index, position) for position in range(len(node.input))]
-        self.output(node, self.function(torch.cat, (tensors, 1)))
+        self.output(node, self.function(node, index, torch.cat, (tensors, 1)))
 
     def _final(self, node: onnx.NodeProto, index: int) -> fx.Node:
         if node.output[0] != self.graph.output[0].name:
             raise self.refuse(node, index, "only as the last operation, over the classes")
         if int(self.attribute(node, "axis", -1)) not in (1, -1):  # type: ignore[call-overload]
             raise self.refuse(node, index, "only over the classes (axis 1)")
-        return self.function(F.log_softmax, (self.tensor(node, index, 0),), {"dim": 1})
+        return self.function(node, index, F.log_softmax, (self.tensor(node, index, 0),), {"dim": 1})
 
     def op_LogSoftmax(self, node: onnx.NodeProto, index: int) -> None:
         self.output(node, self._final(node, index))
@@ -635,9 +724,7 @@ class _Converter:
         return next(value.name for value in self.graph.input if value.name not in initialized)
 
 
-def onnx_module(model: onnx.ModelProto) -> tuple[fx.GraphModule, bool]:
-    """The validated model's graph as a torch.fx module of torch's layers (eval mode), and whether the
-    file ends in Softmax (the module gives log-probabilities either way)."""
+def _convert(model: onnx.ModelProto) -> tuple[fx.GraphModule, _Converter]:
     converter = _Converter(model)
     try:
         module = converter.run()
@@ -647,21 +734,32 @@ def onnx_module(model: onnx.ModelProto) -> tuple[fx.GraphModule, bool]:
         raise OnnxImportError(
             f"the operations do not fit together on [N, 1, 28, 28] images ({shorten(error, 120)})"
         ) from None
-    return module.eval(), converter.softmax_output
+    return module.eval(), converter
 
 
-def _onnxruntime_outputs(data: bytes, model: onnx.ModelProto, images: torch.Tensor) -> torch.Tensor:
-    """ONNX Runtime's outputs for `images`, in batches of the input's own batch size when it is fixed."""
+def onnx_module(model: onnx.ModelProto) -> tuple[fx.GraphModule, bool]:
+    """The validated model's graph as a torch.fx module of torch's layers (eval mode), and whether the
+    file ends in Softmax (the module gives log-probabilities either way)."""
+    module, converter = _convert(model)
+    return module, converter.softmax_output
+
+
+def check_batch(activation_values: int) -> int:
+    """Images per batch of the arrival check so that a batch's activations stay within CHECK_MEMORY_BYTES."""
+    return max(1, min(250, CHECK_MEMORY_BYTES // max(1, 4 * activation_values)))
+
+
+def _onnxruntime_outputs(data: bytes, model: onnx.ModelProto, images: torch.Tensor, step: int) -> torch.Tensor:
+    """ONNX Runtime's outputs for `images`, in batches of `step`, or of the input's own batch size when it
+    is fixed."""
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    from qcore.models.onnx_runtime import onnxruntime_session
+
+    session = onnxruntime_session(data, torch.get_num_threads())
     name = session.get_inputs()[0].name
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    step = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else 250
+    step = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else step
     outputs = [
         session.run(None, {name: images[start : start + step].numpy().astype(np.float32)})[0]
         for start in range(0, len(images), step)
@@ -677,7 +775,8 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
     from qcore.graph import GraphError, model_graph
 
     model = read_onnx(data)
-    module, softmax = onnx_module(model)
+    module, converter = _convert(model)
+    softmax, step = converter.softmax_output, check_batch(converter.activation_values)
     try:
         model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
     except GraphError as error:
@@ -688,11 +787,11 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
         raise OnnxImportError("the model's outputs are not finite on ordinary images (probe images)")
     images = dataset.test.images[:CHECK_IMAGES]
     try:
-        reference = _onnxruntime_outputs(data, model, images)
+        reference = _onnxruntime_outputs(data, model, images, step)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad models
         raise OnnxImportError(f"ONNX Runtime cannot run the file ({shorten(error, 120)})") from None
     with torch.inference_mode():
-        ours = module(images)
+        ours = torch.cat([module(images[start : start + step]) for start in range(0, len(images), step)])
     if softmax:
         ours = ours.exp()
     if reference.shape != ours.shape:
@@ -719,6 +818,9 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
         input_scale=input_scale,
         agreement_images=len(images),
         largest_difference=difference,
+        activation_values=converter.activation_values,
+        multiply_adds=converter.multiply_adds,
+        labels=tuple(converter.labels.items()),
     )
 
 
@@ -743,6 +845,7 @@ def describe(dataset: DatasetSpec, imported: ImportedModel) -> str:
     scale = "raw [0, 1] pixels" if imported.input_scale == "raw" else f"{dataset.title} normalized images"
     return (
         f"ONNX from {imported.producer}, opset {imported.opset}, {imported.nodes} nodes, "
-        f"{imported.parameters:,} parameters; reads {scale}; matches ONNX Runtime on {imported.agreement_images} "
-        f"test images (largest score difference {imported.largest_difference:.2g})"
+        f"{imported.parameters:,} parameters, {imported.multiply_adds:,} multiply-adds and "
+        f"{imported.activation_values:,} activation values per image; reads {scale}; matches ONNX Runtime on "
+        f"{imported.agreement_images} test images (largest score difference {imported.largest_difference:.2g})"
     )

@@ -1,0 +1,86 @@
+"""Hostile uploads through the command line (issue 34): every file of tests/hostile_files.py, each in a fresh
+`python -m qcore evaluate --checkpoint FILE --json` process as a user runs it, with its exit code, wall time
+and the process's own peak RSS (os.wait4's rusage: torch's import included). The refused files must exit 2
+within 10 s under 1.5 GB; the files with hostile names must import and evaluate.
+
+    QCORE_DATA_DIR=../shared/data python bench/bench_hostile.py [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import emit  # noqa: E402
+
+from tests.hostile_files import LEGITIMATE, REFUSED  # noqa: E402
+
+
+def run_once(path: Path) -> dict[str, object]:
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qcore", "evaluate", "--checkpoint", str(path), "--json"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    message = process.stderr.read().decode(errors="replace").strip()
+    _, status, usage = os.wait4(process.pid, 0)
+    return {
+        "exit": os.waitstatus_to_exitcode(status),
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "stderr_lines": len(message.splitlines()),
+        "message": message[:160],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    files = {name: (build, suffix, "refused") for name, (build, suffix, _) in REFUSED.items()}
+    files |= {name: (build, ".onnx", "imports") for name, build in LEGITIMATE.items()}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, (build, suffix, expected)) in enumerate(files.items()):
+            path = Path(folder) / f"{index:02d}{suffix}"
+            data = build()
+            path.write_bytes(data)
+            row = {"file": name, "bytes": len(data), "expected": expected, **run_once(path)}
+            row["ok"] = (
+                row["exit"] == 2 and row["stderr_lines"] == 1 and row["seconds"] < 10 and row["peak_rss_mb"] < 1536
+                if expected == "refused"
+                else row["exit"] == 0
+            )
+            rows.append(row)
+            print(
+                f"{name:48} {expected:8} exit {row['exit']}  {row['seconds']:6.2f} s  {row['peak_rss_mb']:5} MB  "
+                f"{'ok' if row['ok'] else 'FAIL'}",
+                flush=True,
+            )
+    refused = [row for row in rows if row["expected"] == "refused"]
+    emit(
+        {
+            "bench": "hostile",
+            "rows": rows,
+            "refused_max_seconds": max(row["seconds"] for row in refused),
+            "refused_max_peak_rss_mb": max(row["peak_rss_mb"] for row in refused),
+            "all_ok": all(row["ok"] for row in rows),
+        },
+        args.json_out,
+    )
+
+
+if __name__ == "__main__":
+    main()
