@@ -193,6 +193,34 @@ def test_two_sessions_see_their_own_models(monkeypatch):
     assert fingerprint(model_b) not in model_line(first)
 
 
+@pytest.mark.slow
+def test_two_sessions_uploading_twin_models_each_see_their_own(monkeypatch, pretrained, mnist):
+    """Issue 35: the fingerprint hashed the weights alone, so the second of two ONNX files with one set of
+    weights in two graphs was shown the first's accuracy. Each session's float accuracy is now its own
+    model's, as torch computes it, whichever uploads first."""
+    from tests.test_onnx_import import TwinNet, exported
+
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    twin = TwinNet()
+    twin.load_state_dict(pretrained.state_dict())
+    models = {"net.onnx": pretrained, "twin.onnx": twin.eval()}
+    with torch.inference_mode():
+        expected = {
+            name: percent(float((model(mnist.test.images).argmax(1) == mnist.test.labels).float().mean()))
+            for name, model in models.items()
+        }
+    assert expected["net.onnx"] != expected["twin.onnx"]
+    sessions = {name: AppTest.from_file(APP, default_timeout=TIMEOUT) for name in models}
+    for name in ("twin.onnx", "net.onnx"):
+        at = upload(sessions[name].run(), name, exported(models[name]))
+        assert model_line(at).startswith(f"Model: uploaded {name} (onnx-"), model_line(at)
+    lines = {name: model_line(at.run()) for name, at in sessions.items()}
+    assert lines["net.onnx"].split("(")[1] != lines["twin.onnx"].split("(")[1]  # two identities
+    for name, at in sessions.items():
+        no_exceptions(at)
+        assert metric(at, "Float accuracy") == expected[name], name
+
+
 def test_url_reproduces_config_and_bad_values_are_corrected(app):
     app.query_params["weight_bits"] = "4"
     app.query_params["observer"] = "percentile"

@@ -149,6 +149,8 @@ def set_model(
         zoo, imported = current_model().zoo, current_model().imported
     zoo = DEFAULT_MODEL if zoo is None else zoo
     key = fingerprint(model) if qat is None else qat_fingerprint(qat)
+    if imported is not None and qat is None:
+        key = imported.identity  # its graph, weights, dataset and input convention
     origin = "onnx" if imported is not None else zoo
     entry = ModelEntry(model.eval(), shorten(name), f"{origin}-{key}", qat, start, zoo, imported)
     replaced = st.session_state.get(MODEL_KEY)

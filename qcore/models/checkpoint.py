@@ -388,10 +388,18 @@ def load_model(
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A short content hash of the weights, to key caches by model."""
+    """A short content hash of everything in the model that decides its outputs, to key caches and the
+    shared store by: its operations (an fx module's generated code: their order and functions; each
+    submodule's type and settings: stride, padding, pooling) and its weights. Two uploads with one
+    set of weights in different graphs (a ReLU dropped, average instead of max pooling) were one model."""
     import hashlib
 
     digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        kind = type(module)
+        digest.update(f"{name}|{kind.__module__}.{kind.__qualname__}|{module.extra_repr()}\n".encode())
+        if isinstance(module, torch.fx.GraphModule):
+            digest.update(module.code.encode())
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())

@@ -117,6 +117,17 @@ class ImportedModel:
     # each module's name in the lab -> the file's own name for its node: plain text, shortened, for display
     labels: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def identity(self) -> str:
+        """What decides this model's results: its graph and weights (fingerprint), the dataset it is
+        evaluated on and the input convention it reads."""
+        import hashlib
+
+        from qcore.models.checkpoint import fingerprint
+
+        text = "|".join((fingerprint(self.module), self.dataset, self.input_scale))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 def _where(node: onnx.NodeProto, index: int) -> str:
     return f"at node {shorten(node.name or f'#{index}', 60)}"
