@@ -39,6 +39,11 @@ if cache.GATE_PROBLEM or cache.STORE_PROBLEM:  # the operator's setting, not a v
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")
     session.plain_text(cache.GATE_PROBLEM or cache.STORE_PROBLEM)
     st.stop()
+if cache.STORE is not None and cache.STORE.problem:  # a broken store costs sharing, never a result
+    st.sidebar.caption(
+        "Results are not being shared with this server's other processes right now (its result store is "
+        "not working; the operator's log says why): yours are computed here."
+    )
 entry = session.current_model()
 config = st.session_state[session.CONFIG_KEY] = session.config_controls()
 # The summary's place in the sidebar is kept here, but it is filled after the page: a page that needs

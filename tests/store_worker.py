@@ -21,3 +21,16 @@ def compute_once(directory: str, log: str, key: str, results: multiprocessing.Qu
     results.put(store.compute(key, slow))
     for index in range(50):  # and many writes of their own at once
         store.put(f"{key}-{index}-{multiprocessing.current_process().name}", list(range(index)))
+
+
+def hold_lock_and_die(directory: str, key: str, ready: multiprocessing.Event) -> None:
+    """A replica killed mid-computation: it takes the key's lock, says so, and is killed (-9) by the test
+    while it computes, so it never releases the lock."""
+    store = ResultStore(directory, 64 * 1024 * 1024)
+
+    def forever() -> str:
+        ready.set()
+        time.sleep(3600)
+        return "never"
+
+    store.compute(key, forever)

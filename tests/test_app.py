@@ -734,6 +734,26 @@ def test_damaged_data_file_is_named_without_the_servers_path(app, tmp_path, monk
     assert "Use the bundled net" in [b.label for b in at.button]  # the Model page still works
 
 
+def test_a_broken_store_costs_sharing_never_a_result(app, monkeypatch, tmp_path, pretrained, mnist):
+    """Issue 35: a corrupted cache.db made every new what-if 'Results could not be computed ... (OperationalError)',
+    blaming the model. Now the page computes without the store and says once that results are not shared."""
+    from ui import cache
+    from ui.store import ResultStore
+
+    (tmp_path / "cache.db").write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(cache, "STORE", ResultStore(tmp_path, 64 * 2**20))
+    app.query_params["weight_bits"] = "5"
+    app.query_params["act_bits"] = "7"  # a what-if nothing else in the suite computes
+    at = app.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    notices = [c.value for c in at.sidebar.caption if "not being shared" in c.value]
+    assert len(notices) == 1
+    config = QuantConfig(weight_bits=5, act_bits=7)
+    expected = evaluate(quantize_for(pretrained, mnist, config), mnist.test).accuracy
+    assert percent(expected) in [m.value for m in at.metric]
+
+
 def test_a_misconfigured_server_says_so_instead_of_serving(app, monkeypatch):
     """A bad QCORE_MAX_COMPUTATIONS (ui.gate refuses it) stops every page with the setting named."""
     from ui import cache

@@ -10,6 +10,14 @@ for it and reads it.
 
 QCORE_RESULT_STORE names its folder (deploy/serve sets one for its replicas); unset, each process has
 only its in-process caches. The folder must be the server's own: diskcache unpickles what it reads.
+
+The store is a cache, never a single point of failure (issue 35): when it cannot be opened, read or
+written (a full disk, a read-only or corrupted database), the process computes without it, logs why once
+and says so on the page (`problem`), and tries the store again a little later. A setting that can never
+work (a file, /proc, a symbolic link loop, /dev/null) stops the server at start with the setting's name.
+A computation's lock is a lease its owner renews while it computes: a process that died mid-computation
+(kill -9) leaves a lock that expires within LEASE_SECONDS, and one on this host is released at once
+when its process no longer exists.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import sqlite3
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,26 +38,100 @@ from typing import TypeVar
 import diskcache
 
 import qcore
-from qcore.files import parse_whole_number
+from qcore.cancel import checkpoint
+from qcore.files import parse_whole_number, shorten
 
 STORE_ENV = "QCORE_RESULT_STORE"
 STORE_SIZE_ENV = "QCORE_RESULT_STORE_MB"
 DEFAULT_SIZE_MB = 2048
-LOCK_SECONDS = 900  # a lock left by a replica that died mid-computation frees itself after this
+LEASE_SECONDS = 10  # a computation's lock expires this long after its owner last renewed it
+RETRY_SECONDS = 30  # a store that failed is tried again after this long
+# what a store that cannot be used raises: SQLite's errors (full, read-only, corrupted, locked), the
+# file system's, and diskcache's own timeout
+STORE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
 Result = TypeVar("Result")
 log = logging.getLogger("qlab")
+_HOST = socket.gethostname()
 
 
 class StoreConfigError(ValueError):
     """The store's setting is wrong: the server refuses to serve and names it."""
 
 
+def _owner() -> str:
+    return f"{_HOST}|{os.getpid()}|{threading.get_ident()}"
+
+
+def _owner_is_gone(owner: object) -> bool:
+    """Whether a lock's owner is a process of this host that no longer exists (another host's: unknown)."""
+    if not isinstance(owner, str) or owner.count("|") != 2:
+        return False
+    host, pid, _thread = owner.split("|")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's process
+        return False
+    return False
+
+
 class ResultStore:
     def __init__(self, directory: str | os.PathLike[str], size_limit_bytes: int) -> None:
         self.directory = Path(directory)
-        self.cache = diskcache.Cache(
-            str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-stored"
-        )
+        self.size_limit = size_limit_bytes
+        self.cache: diskcache.Cache | None = None
+        self.problem = ""  # why the store is not used right now ('' while it works)
+        self.failed_at = 0.0
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> bool:
+        try:
+            self.cache = diskcache.Cache(
+                str(self.directory), size_limit=self.size_limit, eviction_policy="least-recently-stored"
+            )
+        except STORE_ERRORS as error:
+            self._failed("cannot be opened", error)
+            return False
+        return True
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        problem = f"the result store {what} ({type(error).__name__}: {shorten(error, 120)})"
+        with self._lock:
+            first = not self.problem
+            self.problem, self.failed_at = problem, time.monotonic()
+        if first:  # the operator's log says why, once per outage
+            log.warning("%s; computing without it until it works again", problem)
+
+    def _usable(self) -> diskcache.Cache | None:
+        """The cache when it works or is due another try; None while it failed recently."""
+        with self._lock:
+            if self.problem and time.monotonic() - self.failed_at < RETRY_SECONDS:
+                return None
+        if self.cache is None and not self._open():
+            return None
+        return self.cache
+
+    def _worked(self) -> None:
+        if self.problem:
+            with self._lock:
+                self.problem = ""
+            log.warning("the result store works again")
+
+    def _call(self, what: str, action: Callable[[diskcache.Cache], Result], default: Result) -> Result:
+        cache = self._usable()
+        if cache is None:
+            return default
+        try:
+            result = action(cache)
+        except STORE_ERRORS as error:
+            self._failed(what, error)
+            return default
+        self._worked()
+        return result
 
     @staticmethod
     def key(kind: str, fingerprint: str, data_id: str, config_json: str, *extra: object) -> str:
@@ -54,23 +140,48 @@ class ResultStore:
         return f"{kind}:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def get(self, key: str) -> object | None:
-        return self.cache.get(key, default=None, retry=True)
+        return self._call("cannot be read", lambda cache: cache.get(key, default=None, retry=True), None)
 
     def put(self, key: str, value: object) -> None:
-        self.cache.set(key, value, retry=True)
+        self._call("cannot be written", lambda cache: cache.set(key, value, retry=True), None)
+
+    def _take(self, lock: str, owner: str) -> bool | None:
+        """Take the lock (True), or see it held by a live owner (False); None when the store failed."""
+
+        def take(cache: diskcache.Cache) -> bool:
+            if cache.add(lock, owner, expire=LEASE_SECONDS, retry=True):
+                return True
+            holder = cache.get(lock, default=None, retry=True)
+            if _owner_is_gone(holder):  # its process died mid-computation: nobody will release it
+                log.warning("released a lock of a process that no longer exists (%s)", shorten(holder, 60))
+                cache.delete(lock, retry=True)
+                return bool(cache.add(lock, owner, expire=LEASE_SECONDS, retry=True))
+            return False
+
+        return self._call("cannot be written", take, None)
 
     def compute(self, key: str, compute: Callable[[], Result]) -> Result:
         """The stored result, or `compute()` stored: one process computes a key at a time, and a process
-        that waited for another reads its result instead of computing it again."""
+        that waited for another reads its result instead of computing it again. While waiting, the
+        caller's cancellation check stops the wait (qcore.cancel); a store that fails is left out."""
         found = self.get(key)
         if found is not None:
             return found  # type: ignore[return-value]
-        # add() stores only when the key is absent, atomically across processes: the one that adds computes
-        while not self.cache.add(f"lock|{key}", os.getpid(), expire=LOCK_SECONDS, retry=True):
+        lock, owner = f"lock|{key}", _owner()
+        while True:
+            taken = self._take(lock, owner)
+            if taken is None:  # no store: compute here
+                return compute()
+            if taken:
+                break
+            checkpoint()  # everyone who asked has left: stop waiting
             time.sleep(0.1)  # another process computes it: wait, then read what it stored
             found = self.get(key)
             if found is not None:
                 return found  # type: ignore[return-value]
+        renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(lock, renewing), daemon=True)
+        renewer.start()
         try:
             found = self.get(key)  # stored between our first look and taking the lock
             if found is not None:
@@ -79,15 +190,44 @@ class ResultStore:
             self.put(key, result)
             return result
         finally:
-            self.cache.delete(f"lock|{key}", retry=True)
+            renewing.set()
+            renewer.join()
+            self._call("cannot be written", lambda cache: cache.delete(lock, retry=True), None)
+
+    def _renew(self, lock: str, done: threading.Event) -> None:
+        """Keep the lease while the computation runs (a third of the lease between renewals)."""
+        while not done.wait(LEASE_SECONDS / 3):
+            self._call("cannot be written", lambda cache: cache.touch(lock, expire=LEASE_SECONDS, retry=True), None)
 
     def close(self) -> None:
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def checked_store_folder(folder: str) -> Path:
+    """The store's folder, or StoreConfigError naming the setting when no store could ever live there:
+    a symbolic link loop, a file (/dev/null included), a folder where no file can be created (/proc)."""
+    where = f"{STORE_ENV}={shorten(folder, 80)!r}"
+    try:
+        path = Path(folder).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symbolic link loop (Python 3.11)
+        raise StoreConfigError(f"{where} cannot be resolved ({shorten(error, 80)})") from None
+    if path.exists() and not path.is_dir():
+        raise StoreConfigError(f"{where} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".qlab-probe-", dir=path)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise StoreConfigError(f"{where}: no file can be created there ({shorten(error.strerror, 60)})") from None
+    return path
 
 
 def store_from_environment() -> ResultStore | None:
     """The store QCORE_RESULT_STORE names (created if missing), sized by QCORE_RESULT_STORE_MB; None
-    when unset. A bad size stops the server with the setting's name, like the gate's setting."""
+    when unset. A bad size or a folder where no store can ever live stops the server with the setting's
+    name, like the gate's setting; a store that exists but fails (corrupted) is left out and logged."""
     folder = os.environ.get(STORE_ENV, "").strip()
     if not folder:
         return None
@@ -95,6 +235,6 @@ def store_from_environment() -> ResultStore | None:
     megabytes = DEFAULT_SIZE_MB if not size else parse_whole_number(size, 16, 1_000_000)
     if megabytes is None:
         raise StoreConfigError(f"{STORE_SIZE_ENV} must be a whole number of megabytes, 16 to 1000000 (got {size!r})")
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    log.info("result store at %s, at most %d MB", folder, megabytes)
-    return ResultStore(folder, megabytes * 1024 * 1024)
+    path = checked_store_folder(folder)
+    log.info("result store at %s, at most %d MB", path, megabytes)
+    return ResultStore(path, megabytes * 1024 * 1024)
