@@ -143,3 +143,26 @@ def test_onnx_runtime_logs_nothing_of_its_own():
 
     session = onnxruntime_session(keyword_node())
     assert session.get_session_options().log_severity_level == 4
+
+
+def test_an_abandoned_import_stops_within_a_batch(mnist):
+    """Issue 35: closing the tab during an upload's import kept a core busy for minutes. The import checks
+    for cancellation at every node and every batch of its arrival check (batches bounded by the memory
+    budget, each node's probe by the work bounds), so it stops within about a second of the asker leaving."""
+    import threading
+    import time
+
+    from qcore.cancel import Cancelled, stop_when
+    from tests.hostile_files import _classifier
+
+    heavy = _classifier(["/a/Conv", "/b/Conv", "/c/Conv"], channels=64)  # 58M multiply-adds an image
+    left = threading.Event()
+    threading.Timer(0.5, left.set).start()
+    started = time.perf_counter()
+    with stop_when(left.is_set), pytest.raises(Cancelled):
+        import_onnx(heavy, mnist)
+    stopped = time.perf_counter() - started
+    alone = time.perf_counter()
+    import_onnx(heavy, mnist)
+    alone = time.perf_counter() - alone
+    assert alone > 1.0 and stopped < 0.9, (stopped, alone)  # left at 0.5 s

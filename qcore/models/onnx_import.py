@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcore.cancel import Cancelled, checkpoint
 from qcore.files import shorten
 from qcore.models.checkpoint import MAX_FILE_BYTES, CheckpointError, probe_images
 
@@ -723,6 +724,7 @@ class _Converter:
         self.values[name] = image
         self.shapes[name] = [BATCH, *INPUT_SHAPE]
         for index, node in enumerate(self.graph.node):
+            checkpoint()  # bounded work per node (each probe within the bounds): abandoned imports stop
             self.convert(node, index)
         out = self.graph.output[0].name
         if out not in self.values:
@@ -771,11 +773,20 @@ def _onnxruntime_outputs(data: bytes, model: onnx.ModelProto, images: torch.Tens
     name = session.get_inputs()[0].name
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     step = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else step
-    outputs = [
-        session.run(None, {name: images[start : start + step].numpy().astype(np.float32)})[0]
-        for start in range(0, len(images), step)
-    ]
+    outputs = []
+    for start in range(0, len(images), step):
+        checkpoint()  # a batch at a time: an upload whose session has left stops here
+        outputs.append(session.run(None, {name: images[start : start + step].numpy().astype(np.float32)})[0])
     return torch.from_numpy(np.concatenate(outputs)).float()
+
+
+def _batched(module: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), step):
+            checkpoint()
+            outputs.append(module(images[start : start + step]))
+    return torch.cat(outputs)
 
 
 def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") -> ImportedModel:
@@ -799,10 +810,11 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
     images = dataset.test.images[:CHECK_IMAGES]
     try:
         reference = _onnxruntime_outputs(data, model, images, step)
+    except Cancelled:
+        raise
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad models
         raise OnnxImportError(f"ONNX Runtime cannot run the file ({shorten(error, 120)})") from None
-    with torch.inference_mode():
-        ours = torch.cat([module(images[start : start + step]) for start in range(0, len(images), step)])
+    ours = _batched(module, images, step)
     if softmax:
         ours = ours.exp()
     if reference.shape != ours.shape:
