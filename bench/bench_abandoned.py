@@ -8,7 +8,12 @@ at a time, the rest wait in line. From the moment the last tab closed: how long 
 computing (CPU time from /proc every 0.25 s; idle = under 10% of a core for a whole second), its
 memory then against warm, and how long a later visitor waits for a new what-if.
 
+With --uploads N (issue 35), N sessions instead upload the heaviest ONNX model the import's bounds let
+through (four 3x3 convolutions of 64 channels, 87M multiply-adds an image) and close their tabs during its
+import and arrival check.
+
     QCORE_DATA_DIR=../shared/data python bench/bench_abandoned.py [--sessions 8] [--hold 4] [--json-out FILE]
+    QCORE_DATA_DIR=../shared/data python bench/bench_abandoned.py --uploads 2 --hold 1.5
 """
 
 from __future__ import annotations
@@ -76,31 +81,76 @@ def time_new_whatif(browser, base: str, query: str) -> float:
     return seconds
 
 
+def heaviest_import() -> bytes:
+    """Four 3x3 convolutions of 64 channels with ReLUs, global pooling and a Gemm: 87M multiply-adds an image
+    (the bound is 100M), 0.4 MB (the upload limit is 2 MB)."""
+    from onnx import helper
+
+    from tests.hostile_files import _model, _weights
+
+    nodes, inits, source, channels = [], [], "image", 1
+    for i in range(4):
+        inits.append(_weights(f"w{i}", (64, channels, 3, 3), i))
+        nodes.append(helper.make_node("Conv", [source, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        source, channels = f"r{i}", 64
+    nodes += [
+        helper.make_node("GlobalAveragePool", [source], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w"], ["scores"], name="fc", transB=1),
+    ]
+    return _model(nodes, [*inits, _weights("fc_w", (10, 64), 9)])
+
+
+def open_abandoned_tabs(browser, base: str, args: argparse.Namespace) -> list:
+    tabs = []
+    if args.uploads:
+        heavy = heaviest_import()
+        for _ in range(args.uploads):
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(base)
+            page.wait_for_selector(IDLE, timeout=120_000)
+            page.get_by_role("tab", name="Upload a checkpoint").click()
+            page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(
+                {"name": "heavy.onnx", "mimeType": "application/octet-stream", "buffer": heavy}
+            )
+            tabs.append(page)
+        return tabs
+    for index, (weight_bits, act_bits) in enumerate(CONFIGS[: args.sessions]):
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.goto(f"{base}/{abandoned_link(index, weight_bits, act_bits)}", wait_until="commit")
+        tabs.append(page)
+    return tabs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--hold", type=float, default=4.0, help="seconds each tab stays open")
+    parser.add_argument("--uploads", type=int, default=0, help="sessions that upload a heavy ONNX model instead")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     if not 1 <= args.sessions <= len(CONFIGS):
         parser.error(f"--sessions must be between 1 and {len(CONFIGS)}")
     with streamlit_process("bench_abandoned.log", {"MALLOC_ARENA_MAX": "2"}) as (base, process), chromium() as browser:
         pid = process.pid
-        alone = time_new_whatif(browser, base, "weight_bits=6&act_bits=7")  # warms the server too
+        time_new_whatif(browser, base, "weight_bits=7&act_bits=7")  # warms the server (imports, data, float)
+        seconds_until_idle(pid, 60)
+        alone = time_new_whatif(browser, base, "weight_bits=6&act_bits=7")
         seconds_until_idle(pid, 60)
         warm_gb = rss_gb(pid)
-        tabs = []
-        for index, (weight_bits, act_bits) in enumerate(CONFIGS[: args.sessions]):
-            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.goto(f"{base}/{abandoned_link(index, weight_bits, act_bits)}", wait_until="commit")
-            tabs.append(page)
-        time.sleep(args.hold)
+        tabs = open_abandoned_tabs(browser, base, args)
+        time.sleep(args.hold - 0.5)
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        busy_at_close = (cpu_seconds(pid) - before) / 0.5  # cores in use as the tabs close
         for page in tabs:
             page.context.close()
         busy = seconds_until_idle(pid, 600)
         after_gb = rss_gb(pid)
         later = time_new_whatif(browser, base, "weight_bits=6&act_bits=6")
     rows = [
+        ("cores the server used as the tabs closed", busy_at_close),
         ("server busy after the last tab closed (s)", busy),
         ("server memory, warm (GB)", warm_gb),
         ("server memory once idle after the burst (GB)", after_gb),
@@ -109,21 +159,26 @@ def main() -> None:
         ("a new what-if right after the burst (s)", later),
     ]
     width = max(len(name) for name, _ in rows)
-    print(
-        f"{args.sessions} sessions opened Diagnose or AdaRound on new configs, "
-        f"closed their tabs after {args.hold:g} s"
+    what = (
+        f"{args.uploads} sessions uploaded the heaviest import the bounds allow"
+        if args.uploads
+        else f"{args.sessions} sessions opened Diagnose or AdaRound on new configs"
     )
+    print(f"{what}, closed their tabs after {args.hold:g} s")
     for name, value in rows:
         print(f"{name:<{width}}  {value:8.2f}")
     emit(
         {
-            "sessions": args.sessions,
+            "sessions": args.uploads or args.sessions,
+            "uploads": bool(args.uploads),
             "hold_seconds": args.hold,
             "busy_after_close_seconds": busy,
+            "cores_in_use_at_close": busy_at_close,
             "warm_rss_gb": warm_gb,
             "idle_rss_gb_after_burst": after_gb,
             "whatif_alone_seconds": alone,
             "whatif_after_burst_seconds": later,
+            "whatif_delay_ratio": later / alone,
         },
         args.json_out,
     )

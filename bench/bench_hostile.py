@@ -45,6 +45,32 @@ def run_once(path: Path) -> dict[str, object]:
     }
 
 
+def plan_largest_graph() -> dict[str, float]:
+    """Issue 35: quantization planning grew as the cube of the adds (800 adds, 25.5 s). The largest graph
+    the import's bounds allow, all adds: its conversion, trace and plan, timed in this process."""
+    from qcore.config import QuantConfig
+    from qcore.graph import model_graph
+    from qcore.models.onnx_import import MAX_OPERATIONS, onnx_module, read_onnx
+    from qcore.quantize.qmodel import config_plan
+    from tests.hostile_files import _chain
+
+    adds = MAX_OPERATIONS - 3  # then the pool, the flatten and the Gemm
+    started = time.perf_counter()
+    module, _ = onnx_module(read_onnx(_chain("Add", adds)))
+    converted = time.perf_counter()
+    graph = model_graph(module)
+    traced = time.perf_counter()
+    config_plan(graph, QuantConfig())
+    planned = time.perf_counter()
+    return {
+        "operations": len(graph.ops) - 1,
+        "adds": adds,
+        "convert_s": round(converted - started, 4),
+        "trace_s": round(traced - converted, 4),
+        "plan_s": round(planned - traced, 5),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json-out")
@@ -69,6 +95,12 @@ def main() -> None:
                 f"{'ok' if row['ok'] else 'FAIL'}",
                 flush=True,
             )
+    planning = plan_largest_graph()
+    print(
+        f"the largest graph the bounds allow ({planning['operations']} operations, {planning['adds']} adds): "
+        f"converted {planning['convert_s']:.3f} s, traced {planning['trace_s']:.3f} s, "
+        f"planned {planning['plan_s']:.4f} s"
+    )
     refused = [row for row in rows if row["expected"] == "refused"]
     emit(
         {
@@ -77,6 +109,7 @@ def main() -> None:
             "refused_max_seconds": max(row["seconds"] for row in refused),
             "refused_max_peak_rss_mb": max(row["peak_rss_mb"] for row in refused),
             "all_ok": all(row["ok"] for row in rows),
+            "largest_graph": planning,
         },
         args.json_out,
     )
