@@ -187,9 +187,18 @@ REFUSED: dict[str, tuple[Callable[[], bytes], str, str]] = {
 }
 
 
-def refuse_each(folder: str) -> dict[str, tuple[int, float]]:
-    """`qcore evaluate --checkpoint FILE` for every file in `folder`, one after another in this process, as a
-    server imports uploads: each file's exit code and seconds."""
+def own_peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM). getrusage's ru_maxrss, and os.wait4's for a child, start from the
+    forking process's peak, since Linux carries the old memory's high-water mark across exec: a child of 1 GB
+    started by a 3 GB test process read 3.4 GB."""
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) * 1024
+
+
+def refuse_each(folder: str) -> dict[str, dict[str, object]]:
+    """`qcore evaluate --checkpoint FILE --json` for every file in `folder`, one after another in this process,
+    as a server imports uploads: each file's exit code, seconds and what it wrote to stderr."""
     import contextlib
     import io
     import time
@@ -197,17 +206,19 @@ def refuse_each(folder: str) -> dict[str, tuple[int, float]]:
 
     from qcore.cli import main
 
-    results = {}
+    results: dict[str, dict[str, object]] = {}
     for path in sorted(Path(folder).iterdir()):
         started = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        stderr = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
             code = main(["evaluate", "--checkpoint", str(path), "--json"])
-        results[path.name] = (code, round(time.perf_counter() - started, 3))
+        seconds = round(time.perf_counter() - started, 3)
+        results[path.name] = {"exit": code, "seconds": seconds, "stderr": stderr.getvalue().strip()}
     return results
 
 
-if __name__ == "__main__":  # python -m tests.hostile_files FOLDER: JSON of each file's exit code and seconds
+if __name__ == "__main__":  # python -m tests.hostile_files FOLDER: JSON of each file's result and the peak RSS
     import json
     import sys
 
-    print(json.dumps(refuse_each(sys.argv[1])))
+    print(json.dumps({"files": refuse_each(sys.argv[1]), "peak_rss_bytes": own_peak_rss_bytes()}))

@@ -354,13 +354,13 @@ def test_external_data_is_refused_and_never_opened(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-# VmHWM is this process's own peak RSS (getrusage's ru_maxrss would carry over the forking test process's)
+# the child's own peak RSS (os.wait4's would start from the forking test process's)
 MEMORY_SCRIPT = """
 import sys
 from qcore.cli import main
+from tests.hostile_files import own_peak_rss_bytes
 code = main(["evaluate", "--checkpoint", sys.argv[1]])
-peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("peak_rss_kib", peak, "exit", code)
+print("peak_rss_kib", own_peak_rss_bytes() // 1024, "exit", code)
 """
 
 
