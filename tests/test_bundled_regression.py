@@ -294,8 +294,24 @@ def _matches(key: str, got: object, expected: object) -> bool:
     return got == expected
 
 
+# A third kind of CPU (AMD EPYC with AVX2 and no AVX-512, 2026-12): the MSE range search picks another
+# candidate for one per-tensor range and one integer of the walk rounds the other way, both from float
+# kernels that sum in another order. These are what aa46c6c (the last commit before the export and this
+# table changed) printed there; every other number it printed was EXPECTED's, ONNX Runtime's W8A8 row aside
+# (1 disagreement: its U8S8 kernels saturated there, which the export's U8U8 weights since avoid).
+OTHER_CPU: dict[str, object] = {
+    "ptq mse W4A4 per-tensor": {"correct": 9823, "hash": "291aefe7e8fe73cc"},
+    "explain W4A4 image 0 before fc2": {"exact": "dc84b83075886c15", "floats": [16, 1.0894, 0.571489, 0.999935]},
+}
+
+
 def _check(numbers: dict[str, object], keys) -> None:
-    mismatches = {key: (numbers[key], EXPECTED[key]) for key in keys if not _matches(key, numbers[key], EXPECTED[key])}
+    mismatches = {
+        key: (numbers[key], EXPECTED[key])
+        for key in keys
+        if not _matches(key, numbers[key], EXPECTED[key])
+        and not (key in OTHER_CPU and _matches(key, numbers[key], OTHER_CPU[key]))
+    }
     assert not mismatches, f"changed from the numbers before the model graph: {mismatches}"
 
 
