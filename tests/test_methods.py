@@ -149,21 +149,12 @@ def test_choose_bits_greedy_beyond_the_exhaustive_limit_meets_the_budget():
 # --- the goals on MNIST ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "config,max_drop_points",
-    [
-        (QuantConfig(weight_bits=2, act_bits=8, methods=ALL_METHODS), 1.0),
-        (QuantConfig(weight_bits=2, act_bits=4, methods=ALL_METHODS), 1.5),
-        (QuantConfig(weight_bits=3, act_bits=3, methods=ALL_METHODS), 0.3),
-        (QuantConfig(weight_bits_budget=2.5, methods=ALL_METHODS), 1.0),
-    ],
-)
+# The W2A8 goal, on the result the regression test and the Methods page share; the other goals (W2A4,
+# W3A3, a 2.5-bit budget) each cost a run of AdaRound and are bench/bench_methods.py's
 @pytest.mark.slow
-def test_low_bit_goals(pretrained, mnist, float_eval, w2a8_all_methods, config, max_drop_points):
-    assert config.calib_batches * config.batch_size <= 1024 and config.float_layers == ()
-    qnet = w2a8_all_methods if config == w2a8_all_methods.config else quantize_for(pretrained, mnist, config)
+def test_the_w2a8_goal(mnist, float_eval, w2a8_all_methods):
+    qnet = w2a8_all_methods
+    assert qnet.config.calib_batches * qnet.config.batch_size <= 1024 and qnet.config.float_layers == ()
     accuracy = evaluate(qnet, mnist.test).accuracy
-    assert 100 * (float_eval.accuracy - accuracy) <= max_drop_points
-    if config.weight_bits_budget:
-        assert average_bits(qnet.methods.weight_bits, qnet.methods.parameters) <= 2.5
+    assert 100 * (float_eval.accuracy - accuracy) <= 1.0
     assert qnet.methods.adaround and all(v["kept"] in (0.0, 1.0) for v in qnet.methods.adaround.values())
