@@ -19,7 +19,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import emit  # noqa: E402
 
-ALL_METHODS = ("equalization", "adaround", "bias-correction")
 # (name, QuantConfig changes, the largest drop in points the goal allows)
 GOALS: list[tuple[str, dict[str, object], float]] = [
     ("W2A8", {"weight_bits": 2, "act_bits": 8}, 1.0),
@@ -35,7 +34,7 @@ def main() -> None:
     from qcore.data import load_mnist
     from qcore.inference.evaluate import evaluate
     from qcore.models.checkpoint import load_model
-    from qcore.quantize.methods import average_bits
+    from qcore.quantize.methods import METHODS, average_bits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json-out")
@@ -45,7 +44,7 @@ def main() -> None:
     print(f"float {100 * float_accuracy:.2f}%")
     rows = []
     for name, changes, max_drop in GOALS:
-        config = QuantConfig(methods=ALL_METHODS).with_changes(**changes)
+        config = QuantConfig(methods=METHODS).with_changes(**changes)
         started = time.perf_counter()
         qnet = quantize_for(model, data, config)
         accuracy = evaluate(qnet, data.test).accuracy
