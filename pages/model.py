@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from qcore.data import DATASETS, DataError
+from qcore.data import DATASETS, INPUT_SCALE_TITLES, INPUT_SCALES, DataError, view_spec
 from qcore.figures import qat_curve_figure, training_curve_figure
 from qcore.files import shorten
 from qcore.models.checkpoint import CheckpointError, checkpoint_bytes
-from qcore.models.onnx_import import describe, is_onnx
+from qcore.models.onnx_import import describe, describe_input, is_onnx
 from qcore.models.zoo import ZOO, zoo_model
 from qcore.training.qat import (
     HELD_OUT,
@@ -73,13 +73,18 @@ dataset = entry.dataset
 if entry.imported is not None:
     st.markdown("**Your ONNX model**, imported into the lab's model graph:")
     session.plain_text(describe(dataset, entry.imported))  # the producer's name comes from the file
+    for line in describe_input(entry.imported):
+        session.plain_text(f"- {line}")  # the step's operations and the output's name come from the file
 else:
     st.markdown(f"**{spec.title}**: {spec.description}.")
 model_card(entry)
-if entry.input_scale == "raw":
+if entry.imported is not None and entry.input_view != "normalized":
+    seen = view_spec(dataset, entry.input_scale, entry.imported.input_affine)
+    st.latex(rf"x = \frac{{\text{{pixel}}/255 - {seen.mean:.6g}}}{{{seen.std:.6g}}}")
     st.caption(
-        f"This model reads raw pixels in [0, 1] (pixel/255), so {dataset.title} images reach {layers[0]} unscaled; "
-        "quantizing the input means quantizing these pixels."
+        f"This model reads {INPUT_SCALE_TITLES[entry.input_scale]}"
+        + (", then its file's own input step" if entry.imported.input_steps else "")
+        + f": the x above is what reaches {layers[0]}; quantizing the input means quantizing this x."
     )
 else:
     st.latex(rf"x = \frac{{\text{{pixel}}/255 - {dataset.mean}}}{{{dataset.std}}}")
@@ -150,19 +155,29 @@ with upload_tab:
             horizontal=True,
             key="qlab_onnx_dataset",
         )
-        onnx_raw = st.checkbox("It reads raw pixels in [0, 1] (pixel/255), not normalized images", key="qlab_onnx_raw")
+        onnx_scale = st.selectbox(
+            "The pixels it reads",
+            ["auto", *INPUT_SCALES],
+            format_func=lambda name: (
+                "measure it (the best float accuracy on 1,000 training images)"
+                if name == "auto"
+                else INPUT_SCALE_TITLES[name]
+            ),
+            key="qlab_onnx_scale",
+        )
     upload = st.file_uploader(
         "Checkpoint (.pt, .pth, .safetensors) or ONNX model (.onnx)",
         type=["pt", "pth", "safetensors", "onnx"],
         key="qlab_upload",
     )
-    if upload is not None and st.session_state.get("qlab_upload_done") != upload.file_id:
-        st.session_state["qlab_upload_done"] = upload.file_id
+    # a file is imported again when its dataset or pixel convention is changed (overriding what auto measured)
+    upload_key = None if upload is None else (upload.file_id, str(onnx_dataset), str(onnx_scale))
+    if upload is not None and st.session_state.get("qlab_upload_done") != upload_key:
+        st.session_state["qlab_upload_done"] = upload_key
         content = upload.getvalue()
         try:
             if is_onnx(content):
-                scale = "raw" if onnx_raw else "normalized"
-                imported = cache.imported_model(content, str(onnx_dataset), scale)
+                imported = cache.imported_model(content, str(onnx_dataset), str(onnx_scale))
                 session.set_model(imported.module, f"uploaded {upload.name}", imported=imported)
             else:
                 model, trained = load_checkpoint(content, entry.zoo)

@@ -284,28 +284,71 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike[str] | None = None
     return _CACHE[spec.name, folder]
 
 
-INPUT_SCALES = ("normalized", "raw")  # what a user's model reads: normalized images, or pixels in [0, 1]
-_RAW_VIEWS: dict[int, Dataset] = {}
+# The pixel conventions a user's model may read, each as the (mean, std) that turns a pixel in [0, 1]
+# into what the model reads, x = (pixel/255 - mean) / std: the dataset's own standardization
+# ("normalized", the zoo's), raw pixels in [0, 1], raw pixels in [0, 255], or pixels in [-1, 1].
+INPUT_SCALES = ("normalized", "raw", "raw255", "symmetric")
+INPUT_SCALE_TITLES = {
+    "normalized": "standardized by the dataset's mean and std",
+    "raw": "pixels in [0, 1]",
+    "raw255": "pixels in [0, 255]",
+    "symmetric": "pixels in [-1, 1]",
+}
+_FIXED_SCALES = {"raw": (0.0, 1.0), "raw255": (0.0, 1.0 / 255.0), "symmetric": (0.5, 0.5)}
+_VIEWS: dict[tuple[int, str, tuple[float, float]], Dataset] = {}
 
 
-def with_input_scale(data: Dataset, input_scale: str) -> Dataset:
-    """`data` as a model reading `input_scale` images sees it: unchanged for "normalized"; for "raw",
-    the pixels in [0, 1] (undoing the normalization), with a spec whose mean is 0 and std 1 so that every
-    consumer of the spec (probe images, the ONNX export's metadata) describes raw pixels. Made once per
-    dataset and process."""
+def input_view_name(input_scale: str, affine: tuple[float, float] = (1.0, 0.0)) -> str:
+    """One string for a model's view of the data (a cache key): the convention, and the affine map
+    `multiply * x + add` its graph applies to the image before its first layer, when there is one."""
     if input_scale not in INPUT_SCALES:
         raise DataError(f"unknown input scale {shorten(input_scale)!r}; it is one of {', '.join(INPUT_SCALES)}")
-    if input_scale == "normalized":
+    return input_scale if affine == (1.0, 0.0) else f"{input_scale};{float(affine[0])!r};{float(affine[1])!r}"
+
+
+def parse_input_view(name: str) -> tuple[str, tuple[float, float]]:
+    """input_view_name's arguments back from its string."""
+    scale, *affine = name.split(";")
+    return scale, ((float(affine[0]), float(affine[1])) if affine else (1.0, 0.0))
+
+
+def with_input_scale(data: Dataset, input_scale: str, affine: tuple[float, float] = (1.0, 0.0)) -> Dataset:
+    """`data` as a model reading `input_scale` images sees it, after the affine map `multiply * x + add`
+    that its graph applies to the image first (a Mul by 1/255 inside a file that reads [0, 255], say):
+    unchanged for "normalized" without one; else the images so computed, with a spec whose mean and std
+    describe them (x = (pixel/255 - mean) / std), so that every consumer of the spec (probe images, the
+    ONNX export's metadata) describes what the model reads. Made once per dataset, view and process."""
+    view = input_view_name(input_scale, affine)  # validates input_scale
+    if view == "normalized":
         return data
-    if id(data) not in _RAW_VIEWS:
-        spec = data.spec
+    key = (id(data), input_scale, (float(affine[0]), float(affine[1])))
+    if key not in _VIEWS:
+        spec = view_spec(data.spec, input_scale, affine)
 
-        def raw(split: Split) -> Split:
-            return Split(split.images * spec.std + spec.mean, split.labels, split.content_hash)
+        def scaled(split: Split) -> Split:
+            return Split(rescaled(split.images, data.spec, spec), split.labels, split.content_hash)
 
-        raw_spec = replace(spec, title=f"{spec.title} (raw pixels)", mean=0.0, std=1.0)
-        _RAW_VIEWS[id(data)] = Dataset(raw(data.train), raw(data.test), raw_spec)
-    return _RAW_VIEWS[id(data)]
+        _VIEWS[key] = Dataset(scaled(data.train), scaled(data.test), spec)
+    return _VIEWS[key]
+
+
+def view_spec(spec: DatasetSpec, input_scale: str, affine: tuple[float, float] = (1.0, 0.0)) -> DatasetSpec:
+    """`spec` with the mean and std that describe what a model reading `input_scale` images sees after
+    its graph's affine step `multiply * x + add` (see with_input_scale)."""
+    input_view_name(input_scale, affine)  # validates input_scale
+    mean, std = (spec.mean, spec.std) if input_scale == "normalized" else _FIXED_SCALES[input_scale]
+    multiply, add = float(affine[0]), float(affine[1])
+    if multiply == 0 or not (math.isfinite(multiply) and math.isfinite(add)):
+        raise DataError(f"the model's input step multiplies the image by {multiply!r}, which loses the image")
+    # multiply * (pixel - mean) / std + add == (pixel - (mean - add * std / multiply)) / (std / multiply)
+    mean, std = mean - add * std / multiply, std / multiply
+    step = ", then the model's own input step" if (multiply, add) != (1.0, 0.0) else ""
+    return replace(spec, title=f"{spec.title} ({INPUT_SCALE_TITLES[input_scale]}{step})", mean=mean, std=std)
+
+
+def rescaled(images: torch.Tensor, spec: DatasetSpec, target: DatasetSpec) -> torch.Tensor:
+    """Images normalized by `spec` as `target`'s mean and std describe them (via the pixels in [0, 1])."""
+    return (images * spec.std + spec.mean - target.mean) / target.std
 
 
 def load_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> Dataset:

@@ -1048,3 +1048,18 @@ def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_kee
         assert any("was not loaded; the previous model is kept" in e.value for e in at.error)
         assert any(needle in t.value for t in at.main.text), [t.value for t in at.main.text]
         assert model_line(at).startswith("Model: uploaded my_resnet.onnx")
+    # issue 28: a Keras model as tf2onnx writes it (channels-last, [0, 255] scaled inside): its card shows
+    # the layout, the file's input step and the measured conventions; naming another convention re-imports
+    from tests.test_onnx_exporters import _keras_style
+
+    at.radio(key="qlab_onnx_dataset").set_value("mnist")
+    upload(at, "keras.onnx", _keras_style(load_model()).SerializeToString())
+    no_exceptions(at)
+    texts = [t.value for t in at.main.text]
+    assert "- input [N, 28, 28, 1]" in texts and any(t.startswith("- the file's own input step") for t in texts)
+    assert any("pixel convention pixels in [0, 255] (measured best)" in t for t in texts), texts
+    at.selectbox(key="qlab_onnx_scale").set_value("raw").run()
+    no_exceptions(at)
+    assert any("pixel convention pixels in [0, 1] (named)" in t.value for t in at.main.text)
+    at.switch_page("pages/accuracy.py").run()
+    no_exceptions(at)

@@ -32,7 +32,7 @@ from qcore.analysis.tables import (
 )
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
-from qcore.data import Dataset, data_dir, load_dataset, with_input_scale
+from qcore.data import Dataset, data_dir, load_dataset, parse_input_view, with_input_scale
 from qcore.export.formats import export_onnx, qtensors_bytes
 from qcore.graph import ModelGraph, model_graph
 from qcore.inference.deploy import EngineResult, compare_engines
@@ -120,28 +120,30 @@ def own_run(kind: str, compute: Callable[[], Result], where: DeltaGenerator | No
     return _in_turn((kind, _this_session(), next(_RUNS)), run, where)
 
 
-RAW_SUFFIX = "|raw"
+VIEW_MARK = "|view="  # then qcore.data.input_view_name's string, for a model that reads other images
 
 
-def data_source(dataset: str, folder: str, input_scale: str = "normalized") -> str:
+def data_source(dataset: str, folder: str, input_view: str = "normalized") -> str:
     """The one string that names a dataset, where it is read from and how a model reads it (an imported
     model may take raw pixels): every cached result is keyed by it (so two datasets, or one seen two ways,
     never share a result), and shared_data reads it back."""
-    return f"{dataset}|{folder}" + (RAW_SUFFIX if input_scale == "raw" else "")
+    return f"{dataset}|{folder}" + (f"{VIEW_MARK}{input_view}" if input_view != "normalized" else "")
 
 
 @st.cache_resource(show_spinner="Loading the dataset into memory…")
 def shared_data(source: str) -> Dataset:
-    raw = source.endswith(RAW_SUFFIX)
-    dataset, folder = source.removesuffix(RAW_SUFFIX).split("|", 1)
-    return with_input_scale(load_dataset(dataset, folder), "raw" if raw else "normalized")
+    source, _, view = source.rpartition(VIEW_MARK) if VIEW_MARK in source else (source, "", "")
+    dataset, folder = source.split("|", 1)
+    input_scale, affine = parse_input_view(view or "normalized")
+    return with_input_scale(load_dataset(dataset, folder), input_scale, affine)
 
 
 def imported_model(content: bytes, dataset: str, input_scale: str) -> ImportedModel:
-    """A user's ONNX file imported and checked against ONNX Runtime on `dataset` (about 1 to 3 s), in the
-    gate's line like every other computation; raises OnnxImportError (a CheckpointError) or DataError."""
-    source = data_source(dataset, str(data_dir().resolve()), input_scale)
-    key = ("onnx import", hashlib.sha256(content).hexdigest(), source)
+    """A user's ONNX file imported and checked against ONNX Runtime on `dataset` (about 1 to 3 s), its
+    pixel convention `input_scale` or, for "auto", the one measured best on training images, in the gate's
+    line like every other computation; raises OnnxImportError (a CheckpointError) or DataError."""
+    source = data_source(dataset, str(data_dir().resolve()))
+    key = ("onnx import", hashlib.sha256(content).hexdigest(), source, input_scale)
     with st.spinner("Importing the model and checking it against ONNX Runtime on 1,000 test images…"):
         return _in_turn(key, lambda: import_onnx(content, shared_data(source), input_scale))
 

@@ -122,6 +122,11 @@ class ModelEntry:
         return self.imported.input_scale if self.imported is not None else "normalized"
 
     @property
+    def input_view(self) -> str:
+        """How this model reads its dataset's images (qcore.data.input_view_name)."""
+        return self.imported.input_view if self.imported is not None else "normalized"
+
+    @property
     def is_bundled(self) -> bool:
         return self.name == bundled_name(self.zoo)
 
@@ -207,7 +212,7 @@ def current_model() -> ModelEntry:
 def data_folder() -> str:
     """The data source of the current model, as the cache keys it: its dataset and the data folder."""
     entry = current_model()
-    return cache.data_source(entry.dataset.name, str(data_dir().resolve()), entry.input_scale)
+    return cache.data_source(entry.dataset.name, str(data_dir().resolve()), entry.input_view)
 
 
 def show_data_error(error: DataError, where: DeltaGenerator | None = None) -> None:

@@ -40,11 +40,14 @@ if TYPE_CHECKING:
 
     from qcore.data import Dataset, DatasetSpec
 
-ONNX_OPSETS = range(11, 24)  # ONNX's own operator set: 11 (Clip's bounds as inputs) to 23
+ONNX_OPSETS = range(11, 24)  # ONNX's own operator set the converter reads: 11 (Clip's bounds as inputs) to 23
+OLD_OPSETS = range(7, 11)  # older files (ONNX Runtime runs opset 7 and up), upgraded by onnx's converter
+UPGRADE_OPSET = 11
 MAX_NODES = 2000
 MAX_PARAMETERS = 4_000_000  # float32 values across all tensors (the upload limit holds about 1M anyway)
 MAX_TENSOR_DIMS = 8
 CHECK_IMAGES = 1000  # test images run through ONNX Runtime and the imported graph on arrival
+SCALE_IMAGES = 1000  # training images on which each pixel convention's float accuracy is measured
 # The work a graph asks for, which the parameter bound does not see (a 1x1 convolution to 2,048 channels
 # has 2 kB of weights and 1.6M values per image), bounded from the shapes before anything runs. The zoo's
 # largest: one tensor of 25,088 values per image, 182,948 in all, 9.3M multiply-adds, 24 operations.
@@ -54,10 +57,16 @@ MAX_MULTIPLY_ADDS = 100_000_000  # per image, every convolution and linear layer
 MAX_OPERATIONS = 256  # operations of the lab's graph (layers, activations, pools, adds, ...)
 CHECK_MEMORY_BYTES = 256 * 2**20  # the arrival check's batches hold at most this much activation
 INPUT_SHAPE = (1, 28, 28)
+# the image's layouts a file may read, each the same 784 pixels in the same order (but the grey image
+# copied into 3 channels): PyTorch's, Keras's channels-last, without channels, flat (a perceptron)
+INPUT_LAYOUTS = {(1, 28, 28), (28, 28, 1), (28, 28), (784,), (3, 28, 28)}
 CLASSES = 10
 # The operators the lab turns into its graph, and those that only compute constants around them
 LAYER_OPS = {
     "Conv",
+    "Transpose",
+    "Cast",
+    "Squeeze",
     "Gemm",
     "MatMul",
     "Add",
@@ -77,7 +86,9 @@ LAYER_OPS = {
     "Dropout",
 }
 CONSTANT_OPS = {"Constant", "Shape", "Gather", "Unsqueeze"}
-SUPPORTED_OPS = LAYER_OPS | CONSTANT_OPS
+# operations that may also be the image's input step (before the first layer): a layout, a cast, scaling
+VIEW_OPS = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Cast", "Identity", "Dropout"}
+SUPPORTED_OPS = LAYER_OPS | CONSTANT_OPS | VIEW_OPS | {"Mul", "Sub", "Div"}
 _DTYPES = {1: ("float32", 4), 6: ("int32", 4), 7: ("int64", 8), 10: ("float16", 2), 11: ("float64", 8)}
 
 
@@ -106,17 +117,33 @@ class ImportedModel:
     module: nn.Module
     onnx_bytes: bytes = field(repr=False)
     producer: str
-    opset: int
+    opset: int  # the file's own; opsets below 11 were upgraded to UPGRADE_OPSET on import
     nodes: int
     parameters: int
     dataset: str
-    input_scale: str  # "normalized" or "raw"
+    input_scale: str  # the pixel convention it reads: one of qcore.data.INPUT_SCALES
     agreement_images: int  # test images on which ONNX Runtime and the import were compared
     largest_difference: float  # of any output score between the two on those images
     activation_values: int = 0  # per image, every operation's output together (bounded on arrival)
     multiply_adds: int = 0  # per image
     # each module's name in the lab -> the file's own name for its node: plain text, shortened, for display
     labels: tuple[tuple[str, str], ...] = ()
+    # the file's own input step before its first layer, folded into how the lab reads the data: the image
+    # times input_affine[0] plus input_affine[1], its layout, and the file's operations, for the card
+    input_affine: tuple[float, float] = (1.0, 0.0)
+    input_layout: tuple[int, ...] = INPUT_SHAPE
+    input_steps: tuple[str, ...] = ()
+    # the float accuracy under each pixel convention on training images; whether it chose input_scale
+    scale_accuracies: tuple[tuple[str, float], ...] = ()
+    scale_measured: bool = False
+    scores_output: str = ""  # the file's name for the output the lab uses (plain text, shortened)
+
+    @property
+    def input_view(self) -> str:
+        """How the lab reads the dataset for this model (qcore.data.input_view_name)."""
+        from qcore.data import input_view_name
+
+        return input_view_name(self.input_scale, self.input_affine)
 
     @property
     def identity(self) -> str:
@@ -126,7 +153,7 @@ class ImportedModel:
 
         from qcore.models.checkpoint import fingerprint
 
-        text = "|".join((fingerprint(self.module), self.dataset, self.input_scale))
+        text = "|".join((fingerprint(self.module), self.dataset, self.input_view))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -189,7 +216,13 @@ def _tensor_shape(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def read_onnx(data: bytes) -> onnx.ModelProto:
-    """The parsed model, after every check in the module's docstring's step 2 (nothing allocated from it)."""
+    """The parsed model, after every check in the module's docstring's step 2 (nothing allocated from it),
+    at the file's own opset or, for opsets 7 to 10, upgraded to UPGRADE_OPSET."""
+    return _read(data)[0]
+
+
+def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
+    """read_onnx's model, and the opset the file itself declares."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -205,13 +238,10 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
     if len(model.functions) > 0:
         raise OnnxImportError("the model defines local functions; only a plain graph of ONNX operators is imported")
     opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
-    foreign = sorted(domain for domain in opsets if domain != "ai.onnx")
-    if foreign:
-        raise OnnxImportError(f"operator set {shorten(foreign[0], 40)!r} is not supported (only ONNX's own)")
     opset = opsets.get("ai.onnx", 0)
-    if opset not in ONNX_OPSETS:
+    if opset not in ONNX_OPSETS and opset not in OLD_OPSETS:
         raise OnnxImportError(
-            f"opset {opset}; the lab imports ONNX opsets {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
+            f"opset {opset}; the lab imports ONNX opsets {OLD_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
             "(torch.onnx.export writes 17 to 20)"
         )
     graph = model.graph
@@ -226,7 +256,8 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
             )
         if node.domain not in ("", "ai.onnx"):
             raise OnnxImportError(
-                f"unsupported operation {shorten(node.domain, 30)}.{shorten(node.op_type, 30)} {_where(node, index)}"
+                f"unsupported operation {shorten(node.domain, 30)}.{shorten(node.op_type, 30)} {_where(node, index)} "
+                "(only ONNX's own operators are imported)"
             )
         if node.op_type not in SUPPORTED_OPS:
             raise OnnxImportError(f"unsupported operation {shorten(node.op_type, 30)} {_where(node, index)}")
@@ -240,21 +271,103 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
             raise OnnxImportError(f"more than {MAX_PARAMETERS:,} parameters in all")
     if len(graph.sparse_initializer) > 0:
         raise OnnxImportError("the model has sparse tensors; only dense ones are imported")
+    # tf2onnx declares ai.onnx.ml whether or not a node uses it: a set no node uses is dropped
+    kept = [entry for entry in model.opset_import if entry.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    _sort_nodes(graph)
+    if opset in OLD_OPSETS:
+        model = _upgraded(model, opset)
+        graph = model.graph
+    for index, node in enumerate(graph.node):  # after the upgrade, which may rewrite operators
+        if node.op_type not in SUPPORTED_OPS:
+            raise OnnxImportError(f"unsupported operation {shorten(node.op_type, 30)} {_where(node, index)}")
     initialized = {tensor.name for tensor in graph.initializer}
     inputs = [value for value in graph.input if value.name not in initialized]
     if len(inputs) != 1:
-        raise OnnxImportError(f"the model takes {len(inputs)} inputs; it must take one image tensor [N, 1, 28, 28]")
+        names = ", ".join(shorten(value.name, 30) for value in inputs[:4])
+        raise OnnxImportError(f"the model takes {len(inputs)} inputs ({names}); it must take one image tensor")
+    if len(inputs) != len(graph.input):  # older writers list initializers as inputs too: they are constants
+        kept_inputs = [type(value)() for value in inputs]
+        for copy, value in zip(kept_inputs, inputs, strict=True):
+            copy.CopyFrom(value)
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
     shape = _tensor_shape(inputs[0])
-    if inputs[0].type.tensor_type.elem_type != 1 or len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE:
+    if inputs[0].type.tensor_type.elem_type not in (1, 11) or tuple(shape[1:]) not in INPUT_LAYOUTS:
         raise OnnxImportError(
-            f"the input is {shorten(str(shape), 60)}; it must be one float image tensor [N, 1, 28, 28]"
+            f"the input is {shorten(str(shape), 60)}; the lab reads one float image of 28x28 pixels as "
+            "[N, 1, 28, 28], [N, 28, 28, 1], [N, 28, 28], [N, 784] or [N, 3, 28, 28]"
         )
-    if len(graph.output) != 1:
-        raise OnnxImportError(f"the model gives {len(graph.output)} outputs; it must give one tensor of 10 scores")
-    shape = _tensor_shape(graph.output[0])
-    if len(shape) != 2 or shape[1] != CLASSES:
+    scores = [value for value in graph.output if len(_tensor_shape(value)) == 2 and _tensor_shape(value)[1] == CLASSES]
+    if len(graph.output) == 1 and not scores:
+        shape = _tensor_shape(graph.output[0])
         raise OnnxImportError(f"the output is {shorten(str(shape), 60)}; it must be [N, 10], one score per class")
-    return model
+    if len(scores) != 1:
+        raise OnnxImportError(
+            f"the model gives {len(graph.output)} outputs, {len(scores)} of them [N, 10]; one must be the 10 scores"
+        )
+    if len(graph.output) > 1:  # the scores are what the lab quantizes; the other outputs are left out
+        chosen = type(scores[0])()
+        chosen.CopyFrom(scores[0])
+        del graph.output[:]
+        graph.output.append(chosen)
+    return model, opset
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """The nodes in an order where each comes after what it reads (ONNX requires it; older writers did
+    not always keep it, and ONNX Runtime sorts such files itself), the file's order kept where it holds
+    (Kahn's algorithm, taking the earliest ready node first). A node that reads a value nothing computes,
+    or a cycle, is refused."""
+    import heapq
+
+    known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
+    nodes = list(graph.node)
+    waiting: dict[str, list[int]] = {}  # value name -> nodes that read it before it is known
+    missing = [0] * len(nodes)
+    for position, node in enumerate(nodes):
+        for name in set(node.input) - known:
+            waiting.setdefault(name, []).append(position)
+            missing[position] += 1
+    ready = [position for position in range(len(nodes)) if missing[position] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        position = heapq.heappop(ready)
+        order.append(position)
+        for name in nodes[position].output:
+            for reader in waiting.pop(name, []):
+                missing[reader] -= 1
+                if missing[reader] == 0:
+                    heapq.heappush(ready, reader)
+    if len(order) < len(nodes):
+        node = nodes[min(set(range(len(nodes))) - set(order))]
+        unknown = sorted(name for name in node.input if name in waiting)[0]
+        raise OnnxImportError(
+            f"{shorten(node.op_type, 30)} at node {shorten(node.name or '?', 60)} reads "
+            f"{shorten(unknown, 40)!r}, which no node computes before it (a cycle or a missing value)"
+        )
+    if order != sorted(order):
+        copies = [type(nodes[position])() for position in order]
+        for copy, position in zip(copies, order, strict=True):
+            copy.CopyFrom(nodes[position])
+        del graph.node[:]
+        graph.node.extend(copies)
+
+
+def _upgraded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A file of opset 7 to 10 brought to UPGRADE_OPSET by onnx's own version converter (which knows every
+    operator's changes between versions), after every bound above; a conversion that fails is refused."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, UPGRADE_OPSET)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        reason = str(error).splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise OnnxImportError(
+            f"the opset {opset} file could not be converted to opset {UPGRADE_OPSET} ({shorten(reason, 100)})"
+        ) from None
 
 
 def _reserved_names() -> frozenset[str]:
@@ -318,7 +431,15 @@ class _Converter:
             tensor.name: numpy_helper.to_array(tensor) for tensor in self.graph.initializer
         }
         self.shapes: dict[str, list[object]] = {}  # value name -> its shape with BATCH for the batch
-        self.pending_bias: dict[str, str] = {}  # a MatMul's output -> its Linear (an Add may supply the bias)
+        # a convolution's or linear layer's output -> its module: a per-channel Mul/Add/Sub/Div folds into it
+        self.foldable: dict[str, str] = {}
+        self.grey_copies: set[str] = set()  # values that are the grey image in each of 3 channels
+        # value name -> (shape without the batch, multiply, add): the image, scaled, in a layout of its own
+        self.views: dict[str, tuple[tuple[int, ...], float, float]] = {}
+        self.steps: list[str] = []  # the file's input step, operation by operation, for the model card
+        self.input_affine: tuple[float, float] | None = None  # the scaling where the first layer reads it
+        self.channels_last: dict[str, fx.Node] = {}  # a Transpose to [N, H, W, C] -> the [N, C, H, W] map
+        self.column_order: dict[str, torch.Tensor] = {}  # a flattened channels-last map -> its feature order
         self.readers: dict[str, int] = {}
         for node in self.graph.node:
             for name in node.input:
@@ -448,11 +569,27 @@ class _Converter:
             raise self.refuse(node, index, f"{name} must have two values (2-D images)")
         return int(values[0]), int(values[1])
 
-    def padding(self, node: onnx.NodeProto, index: int) -> tuple[int, int]:
+    def padding(self, node: onnx.NodeProto, index: int, source: fx.Node, kernel: tuple[int, int]) -> tuple[int, int]:
+        """The symmetric padding of a convolution or pool: its pads, or what auto_pad SAME asks for on
+        this input's size (as tf2onnx writes Keras's padding='same'); an uneven split is refused."""
         auto_pad = self.attribute(node, "auto_pad", b"NOTSET")
-        if auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-            raise self.refuse(node, index, "auto_pad SAME is not imported; export with explicit pads")
+        auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            strides = self.pair(node, index, "strides", [1, 1])
+            padding = []
+            for size, k, stride in zip(self.probe[source].shape[2:], kernel, strides, strict=True):
+                total = max((-(-int(size) // stride) - 1) * stride + k - int(size), 0)
+                if total % 2:
+                    raise self.refuse(
+                        node, index, f"auto_pad {auto_pad} pads {total} pixels, unevenly; only even padding is imported"
+                    )
+                padding.append(total // 2)
+            return padding[0], padding[1]
+        if auto_pad not in ("NOTSET", "VALID"):
+            raise self.refuse(node, index, f"auto_pad {shorten(auto_pad, 20)}")
         pads = [int(p) for p in self.attribute(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
+        if auto_pad == "VALID":
+            pads = [0, 0, 0, 0]
         if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
             raise self.refuse(node, index, f"pads {pads} are not the same on both sides")
         return pads[0], pads[1]
@@ -462,7 +599,135 @@ class _Converter:
         op = node.op_type
         handler = getattr(self, f"op_{op}", None)
         assert handler is not None, op  # read_onnx refused every other operator
+        if op != "Shape" and any(name in self.views for name in node.input):
+            if self._input_step(node, index):
+                return
+            for name in [name for name in node.input if name in self.views]:
+                self._materialize(node, index, name)
         handler(node, index)
+
+    # --- the image's own step: layout and scaling before the first layer ------------------------
+    def _input_step(self, node: onnx.NodeProto, index: int) -> bool:
+        """Whether `node` is part of the file's input step, applied to a view of the image: a change of
+        layout that keeps the pixels in order (the grey image's 784 pixels read row by row, whether as
+        [1, 28, 28], [28, 28, 1], [28, 28] or [784]), a Cast, or a Mul/Add/Sub/Div by one number. Each
+        becomes part of the view (recorded for the model card); the image is never copied."""
+        import numpy as np
+
+        op, name = node.op_type, node.input[0]
+        if name not in self.views or (op not in VIEW_OPS and op not in ("Mul", "Add", "Sub", "Div")):
+            return False
+        shape, multiply, add = self.views[name]
+        grey = shape == (3, *INPUT_SHAPE[1:])
+        if op in ("Mul", "Add", "Sub", "Div"):
+            if len(node.input) != 2 or node.input[1] not in self.constants:
+                return False
+            value = np.asarray(self.constants[node.input[1]], dtype=np.float64)
+            if value.size != 1:
+                raise self.refuse(node, index, "an input step with a constant per pixel; only one number is imported")
+            number = float(value.reshape(-1)[0])
+            if op in ("Div",) and number == 0:
+                raise self.refuse(node, index, "a division by zero")
+            multiply, add = {
+                "Mul": (multiply * number, add * number),
+                "Div": (multiply / number, add / number),
+                "Add": (multiply, add + number),
+                "Sub": (multiply, add - number),
+            }[op]
+            self.steps.append(f"{op} {number:.6g}")
+        elif op == "Cast":
+            to = int(self.attribute(node, "to", 1))  # type: ignore[call-overload]
+            if to not in (1, 10, 11):
+                raise self.refuse(node, index, "the image cast to a type other than float")
+            self.steps.append("Cast to float")
+        elif op in ("Identity", "Dropout"):
+            pass
+        else:
+            if grey:
+                raise self.refuse(node, index, "a 3-channel image must reach a convolution as it is")
+            shape = self._view_shape(node, index, shape)
+            self.steps.append(f"{op} to [N, {', '.join(map(str, shape))}]")
+        self.views[node.output[0]] = (shape, multiply, add)
+        self.shapes[node.output[0]] = [BATCH, *shape]
+        return True
+
+    def _view_shape(self, node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the image after a layout operation, refused if the pixels' order changes."""
+        import numpy as np
+
+        op, size = node.op_type, math.prod(shape)
+        if op == "Transpose":
+            perm = [int(p) for p in self.attribute(node, "perm", list(range(len(shape), -1, -1)))]  # type: ignore[union-attr]
+            if sorted(perm) != list(range(len(shape) + 1)) or perm[0] != 0:
+                raise self.refuse(node, index, f"a transpose {perm} of the image that moves the batch")
+            moved = [p - 1 for p in perm[1:]]
+            if [p for p in moved if shape[p] != 1] != sorted(p for p in moved if shape[p] != 1):
+                raise self.refuse(node, index, f"a transpose {perm} that reorders the image's pixels")
+            return tuple(shape[p] for p in moved)
+        if op == "Flatten":
+            if int(self.attribute(node, "axis", 1)) != 1:  # type: ignore[call-overload]
+                raise self.refuse(node, index, "only flattening after the batch dimension (axis 1)")
+            return (size,)
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = self.attribute(node, "axes", None)
+            if axes is None and len(node.input) > 1:
+                axes = self.constant(node, index, 1)
+            if axes is None:
+                raise self.refuse(node, index, "a squeeze without axes (it could remove the batch)")
+            full = [BATCH, *shape]
+            rank = len(full) + (len(np.asarray(axes).reshape(-1)) if op == "Unsqueeze" else 0)
+            positions = sorted(int(a) % rank for a in np.asarray(axes).reshape(-1))
+            if 0 in positions:
+                raise self.refuse(node, index, f"an {op} at the batch's position")
+            for position in positions if op == "Unsqueeze" else reversed(positions):
+                if op == "Unsqueeze":
+                    full.insert(position, 1)
+                elif full[position] != 1:
+                    raise self.refuse(node, index, "squeezing a dimension that is not 1")
+                else:
+                    del full[position]
+            return tuple(int(d) for d in full[1:])  # type: ignore[call-overload]
+        # Reshape: the batch first (symbolic, 0, or the file's fixed batch), then the image's dimensions
+        target = self._as_list(self.constant(node, index, 1))
+        batch = self.graph.input[0].type.tensor_type.shape.dim[0]
+        fixed = [batch.dim_value] if batch.HasField("dim_value") and batch.dim_value > 0 else []
+        if not target or not (
+            target[0] is BATCH or target[0] in (0, *fixed) or (target[0] == -1 and -1 not in target[1:])
+        ):
+            raise self.refuse(node, index, f"reshaping the image to {shorten(str(target), 40)}; the batch comes first")
+        rest = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target[1:])]
+        if any(d is BATCH for d in rest) or sum(1 for d in rest if d == -1) > 1:
+            raise self.refuse(node, index, f"reshaping the image to {shorten(str(target), 40)}")
+        known = math.prod(int(d) for d in rest if d != -1)  # type: ignore[call-overload]
+        if known <= 0 or size % known:
+            raise self.refuse(node, index, f"reshaping the image to {shorten(str(target), 40)}")
+        return tuple(size // known if d == -1 else int(d) for d in rest)  # type: ignore[call-overload]
+
+    def _materialize(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """The image as the lab's graph reads it, where an operation other than the input step first
+        reads it: [N, 1, 28, 28] (a convolution, or a 3-channel copy that a convolution sums), or flattened
+        to [N, 784] (a linear layer). Every such place must see the same scaling."""
+        shape, multiply, add = self.views[name]
+        if self.input_affine is None:
+            self.input_affine = (multiply, add)
+        elif self.input_affine != (multiply, add):
+            raise self.refuse(node, index, "the image reaches two layers scaled in two ways")
+        if name in self.values:
+            return
+        if shape == (3, *INPUT_SHAPE[1:]) and node.op_type == "Conv" and node.input[0] == name:
+            self.values[name] = self.image
+            self.grey_copies.add(name)
+        elif shape == INPUT_SHAPE:
+            self.values[name] = self.image
+        elif shape == (math.prod(INPUT_SHAPE),):
+            self.values[name] = self.function(node, index, torch.flatten, (self.image, 1))
+        else:
+            raise self.refuse(
+                node,
+                index,
+                f"the image reaches it as [N, {', '.join(map(str, shape))}]; a convolution reads "
+                "[N, 1, 28, 28] (or a 3-channel copy), a linear layer [N, 784]",
+            )
 
     def op_Constant(self, node: onnx.NodeProto, index: int) -> None:
         import numpy as np
@@ -534,13 +799,17 @@ class _Converter:
         if self.pair(node, index, "dilations", [1, 1]) != (1, 1):
             raise self.refuse(node, index, "only dilation 1")
         groups = int(self.attribute(node, "group", 1))  # type: ignore[call-overload]
+        if node.input[0] in self.grey_copies:  # the grey image in each of 3 channels: one channel's sum
+            if groups != 1 or weight.shape[1] != 3:
+                raise self.refuse(node, index, "a 3-channel image must reach an ordinary convolution")
+            weight = weight.sum(1, keepdim=True)
         out_channels, per_group, kh, kw = weight.shape
         conv = nn.Conv2d(
             per_group * groups,
             out_channels,
             (kh, kw),
             self.pair(node, index, "strides", [1, 1]),
-            self.padding(node, index),
+            self.padding(node, index, x, (kh, kw)),
             groups=groups,
             bias=True,
         )
@@ -548,6 +817,7 @@ class _Converter:
             conv.weight.copy_(weight)
             conv.bias.copy_(torch.zeros(out_channels) if bias is None else bias)
         self.output(node, self.module(node, index, conv, x))
+        self.foldable[node.output[0]] = str(self.values[node.output[0]].target)
 
     def op_BatchNormalization(self, node: onnx.NodeProto, index: int) -> None:
         x = self.tensor(node, index, 0)
@@ -585,16 +855,16 @@ class _Converter:
             raise self.refuse(node, index, "its indices output is read")
         if int(self.attribute(node, "ceil_mode", 0)) or self.pair(node, index, "dilations", [1, 1]) != (1, 1):  # type: ignore[call-overload]
             raise self.refuse(node, index, "only dilation 1 without ceil_mode")
-        kernel = self.pair(node, index, "kernel_shape", [])
-        pool = nn.MaxPool2d(kernel, self.pair(node, index, "strides", [1, 1]), self.padding(node, index))
-        self.output(node, self.module(node, index, pool, self.tensor(node, index, 0)))
+        kernel, x = self.pair(node, index, "kernel_shape", []), self.tensor(node, index, 0)
+        pool = nn.MaxPool2d(kernel, self.pair(node, index, "strides", [1, 1]), self.padding(node, index, x, kernel))
+        self.output(node, self.module(node, index, pool, x))
 
     def op_AveragePool(self, node: onnx.NodeProto, index: int) -> None:
-        if int(self.attribute(node, "ceil_mode", 0)) or self.padding(node, index) != (0, 0):  # type: ignore[call-overload]
+        kernel, x = self.pair(node, index, "kernel_shape", []), self.tensor(node, index, 0)
+        if int(self.attribute(node, "ceil_mode", 0)) or self.padding(node, index, x, kernel) != (0, 0):  # type: ignore[call-overload]
             raise self.refuse(node, index, "only unpadded average pooling without ceil_mode")
-        kernel = self.pair(node, index, "kernel_shape", [])
         pool = nn.AvgPool2d(kernel, self.pair(node, index, "strides", [1, 1]))
-        self.output(node, self.module(node, index, pool, self.tensor(node, index, 0)))
+        self.output(node, self.module(node, index, pool, x))
 
     def op_GlobalAveragePool(self, node: onnx.NodeProto, index: int) -> None:
         self.output(node, self.module(node, index, nn.AdaptiveAvgPool2d(1), self.tensor(node, index, 0)))
@@ -615,10 +885,51 @@ class _Converter:
     def op_Flatten(self, node: onnx.NodeProto, index: int) -> None:
         if int(self.attribute(node, "axis", 1)) != 1:  # type: ignore[call-overload]
             raise self.refuse(node, index, "only flattening after the batch dimension (axis 1)")
+        self._flatten(node, index)
+
+    def _flatten(self, node: onnx.NodeProto, index: int) -> None:
+        """[N, features]; a channels-last feature map (a Transpose to [N, H, W, C], as Keras flattens)
+        is flattened channels-first, and the linear layer reading it takes its columns in that order."""
+        name = node.input[0]
+        if name in self.channels_last:
+            source = self.channels_last[name]
+            channels, height, width = self.probe[source].shape[1:]
+            order = torch.arange(channels * height * width).reshape(channels, height, width).permute(1, 2, 0)
+            flat = self.function(node, index, torch.flatten, (source, 1))
+            self.output(node, flat)
+            self.column_order[node.output[0]] = order.reshape(-1)
+            return
         self.output(node, self.function(node, index, torch.flatten, (self.tensor(node, index, 0), 1)))
 
-    def op_Reshape(self, node: onnx.NodeProto, index: int) -> None:
+    def op_Transpose(self, node: onnx.NodeProto, index: int) -> None:
+        perm = [int(p) for p in self.attribute(node, "perm", [])]  # type: ignore[union-attr]
         x = self.tensor(node, index, 0)
+        if self.probe[x].ndim != 4 or perm != [0, 2, 3, 1] or self.readers.get(node.output[0], 0) < 1:
+            raise self.refuse(node, index, f"a transpose {perm}; only to channels-last before a flatten")
+        self.channels_last[node.output[0]] = x
+        self.shapes[node.output[0]] = [BATCH, *self.probe[x].shape[2:], self.probe[x].shape[1]]
+
+    def op_Cast(self, node: onnx.NodeProto, index: int) -> None:
+        if int(self.attribute(node, "to", 1)) not in (1, 10, 11):  # type: ignore[call-overload]
+            raise self.refuse(node, index, "a cast to a type other than float")
+        self.output(node, self.tensor(node, index, 0))
+
+    def op_Squeeze(self, node: onnx.NodeProto, index: int) -> None:
+        import numpy as np
+
+        axes = self.attribute(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            axes = self.constant(node, index, 1)
+        x = self.tensor(node, index, 0)
+        if self.probe[x].ndim != 4 or tuple(self.probe[x].shape[2:]) != (1, 1) or axes is None:
+            raise self.refuse(node, index, "only squeezing a pooled [N, C, 1, 1] map to [N, C]")
+        if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
+            raise self.refuse(node, index, "only squeezing height and width")
+        self.output(node, self.function(node, index, torch.flatten, (x, 1)))
+
+    def op_Reshape(self, node: onnx.NodeProto, index: int) -> None:
+        if node.input[0] not in self.channels_last:
+            self.tensor(node, index, 0)  # refused unless computed from the image
         target = self._as_list(self.constant(node, index, 1))
         features = math.prod(int(d) for d in self.shapes[node.input[0]][1:])  # type: ignore[call-overload]
         batch = self.graph.input[0].type.tensor_type.shape.dim[0]
@@ -627,7 +938,7 @@ class _Converter:
         second_ok = len(target) == 2 and (target[1] == features or (target[1] == -1 and target[0] != -1))
         if not (first_ok and second_ok):
             raise self.refuse(node, index, f"reshaping to {shorten(str(target), 40)}; only to (batch, features)")
-        self.output(node, self.function(node, index, torch.flatten, (x, 1)))
+        self._flatten(node, index)
 
     def op_Gemm(self, node: onnx.NodeProto, index: int) -> None:
         x = self.tensor(node, index, 0)
@@ -649,10 +960,18 @@ class _Converter:
             if bias.numel() != out_features:
                 raise self.refuse(node, index, "the bias must have one value per output")
         self.output(node, self._linear(node, index, x, weight, bias))
+        self.foldable[node.output[0]] = str(self.values[node.output[0]].target)
 
     def _linear(
         self, node: onnx.NodeProto, index: int, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> fx.Node:
+        if node.input[0] in self.column_order:  # features flattened channels-first, the weights' columns too
+            order = self.column_order[node.input[0]]
+            if weight.shape[1] != len(order):
+                raise self.refuse(node, index, "its weight does not fit the flattened features")
+            permuted = torch.empty_like(weight)
+            permuted[:, order] = weight
+            weight = permuted
         linear = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             linear.weight.copy_(weight)
@@ -666,7 +985,7 @@ class _Converter:
             raise self.refuse(node, index, "only a matrix product with a weight matrix")
         linear = self._linear(node, index, self.tensor(node, index, 0), weight.t(), None)
         self.output(node, linear)
-        self.pending_bias[node.output[0]] = str(linear.target)
+        self.foldable[node.output[0]] = str(linear.target)
 
     def op_Add(self, node: onnx.NodeProto, index: int) -> None:
         a, b = node.input[0], node.input[1]
@@ -675,20 +994,63 @@ class _Converter:
                 raise self.refuse(node, index, "shapes differ (no broadcasting)")
             self.output(node, self.function(node, index, operator.add, (self.values[a], self.values[b])))
             return
-        tensor, constant = (a, b) if a in self.values else (b, a)
-        if tensor in self.pending_bias and constant in self.constants and self.readers.get(tensor) == 1:
-            linear = self.modules[self.pending_bias.pop(tensor)]
-            bias = self.weight(node, index, list(node.input).index(constant))
-            assert isinstance(linear, nn.Linear) and bias is not None
-            if bias.numel() not in (1, linear.out_features):
-                raise self.refuse(node, index, "the bias must have one value per output")
-            with torch.no_grad():
-                linear.bias.copy_(bias.reshape(-1).expand(linear.out_features))
-            self.output(node, self.values[tensor])
-            return
-        raise self.refuse(
-            node, index, "adding a constant; residual adds of two tensors and a MatMul's bias are imported"
-        )
+        self._fold_constant(node, index)
+
+    def op_Sub(self, node: onnx.NodeProto, index: int) -> None:
+        self._fold_constant(node, index)
+
+    def op_Mul(self, node: onnx.NodeProto, index: int) -> None:
+        self._fold_constant(node, index)
+
+    def op_Div(self, node: onnx.NodeProto, index: int) -> None:
+        self._fold_constant(node, index)
+
+    def _fold_constant(self, node: onnx.NodeProto, index: int) -> None:
+        """A convolution's or linear layer's output times, plus, minus or divided by a constant per output
+        channel: its bias (MatMul + Add), or BatchNorm as tf2onnx writes it (Mul, Add), folded into the
+        layer's weights and bias exactly as the operation computes them (its only reader)."""
+        import numpy as np
+
+        op = node.op_type
+        if len(node.input) != 2 or not all(name in self.values or name in self.constants for name in node.input):
+            raise self.refuse(node, index, "its inputs must be a tensor and a constant")
+        tensor = next((name for name in node.input if name in self.values), None)
+        if tensor is None:
+            raise self.refuse(node, index, "arithmetic on constants alone")
+        position = 1 - list(node.input).index(tensor)
+        if tensor not in self.foldable or self.readers.get(tensor) != 1:
+            raise self.refuse(
+                node, index, f"{op} of a constant; only on the image or a layer's own output (its bias or scale)"
+            )
+        if position == 0 and op in ("Sub", "Div"):
+            raise self.refuse(node, index, f"{op} with the constant first")
+        layer_name = self.foldable.pop(tensor)
+        layer = self.modules[layer_name]
+        assert isinstance(layer, nn.Conv2d | nn.Linear)
+        value = self.weight(node, index, position)
+        assert value is not None
+        channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        shapes = [(), (1,), (channels, 1, 1), (1, channels, 1, 1)] if isinstance(layer, nn.Conv2d) else []
+        shapes = shapes or [(), (1,), (channels,), (1, channels)]
+        if tuple(value.shape) not in shapes:
+            raise self.refuse(
+                node, index, f"a constant of shape {list(value.shape)}; one value per output channel is folded"
+            )
+        per_channel = value.reshape(-1).double().expand(channels)
+        with torch.no_grad():
+            weight, bias = layer.weight.double(), layer.bias.double()  # type: ignore[union-attr]
+            if op in ("Mul", "Div"):
+                factor = per_channel if op == "Mul" else 1.0 / per_channel
+                weight = weight * factor.reshape(-1, *[1] * (weight.ndim - 1))
+                bias = bias * factor
+            else:
+                bias = bias + (per_channel if op == "Add" else -per_channel)
+            layer.weight.copy_(weight.float())
+            layer.bias.copy_(bias.float())  # type: ignore[union-attr]
+        if not np.isfinite(layer.weight.detach().numpy()).all():
+            raise self.refuse(node, index, "folding it gives weights that are not finite")
+        self.output(node, self.values[tensor])
+        self.foldable[node.output[0]] = layer_name
 
     def op_Concat(self, node: onnx.NodeProto, index: int) -> None:
         if all(name in self.constants for name in node.input):  # a shape being assembled
@@ -719,10 +1081,11 @@ class _Converter:
     # --- the whole graph -------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         name = self._input_name()
-        image = self.fx.placeholder("image")
-        self.probe[image] = torch.zeros(2, *INPUT_SHAPE)
-        self.values[name] = image
-        self.shapes[name] = [BATCH, *INPUT_SHAPE]
+        self.image = self.fx.placeholder("image")
+        self.probe[self.image] = torch.zeros(2, *INPUT_SHAPE)
+        shape = tuple(int(d) for d in _tensor_shape(self.graph.input[0])[1:])  # read_onnx accepted it
+        self.views[name] = (shape, 1.0, 0.0)
+        self.shapes[name] = [BATCH, *shape]
         for index, node in enumerate(self.graph.node):
             checkpoint()  # bounded work per node (each probe within the bounds): abandoned imports stop
             self.convert(node, index)
@@ -762,21 +1125,23 @@ def check_batch(activation_values: int) -> int:
     return max(1, min(250, CHECK_MEMORY_BYTES // max(1, 4 * activation_values)))
 
 
-def _onnxruntime_outputs(data: bytes, model: onnx.ModelProto, images: torch.Tensor, step: int) -> torch.Tensor:
-    """ONNX Runtime's outputs for `images`, in batches of `step`, or of the input's own batch size when it
-    is fixed."""
+def _onnxruntime_outputs(
+    data: bytes, model: onnx.ModelProto, images: torch.Tensor, step: int, dtype: type = float
+) -> torch.Tensor:
+    """ONNX Runtime's output of the scores for `images` (as the file reads them, fed as `dtype`), in
+    batches of `step`, or of the input's own batch size when it is fixed."""
     import numpy as np
 
     from qcore.models.onnx_runtime import onnxruntime_session
 
     session = onnxruntime_session(data, torch.get_num_threads())
-    name = session.get_inputs()[0].name
+    name, scores = model.graph.input[0].name, model.graph.output[0].name
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     step = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else step
     outputs = []
     for start in range(0, len(images), step):
         checkpoint()  # a batch at a time: an upload whose session has left stops here
-        outputs.append(session.run(None, {name: images[start : start + step].numpy().astype(np.float32)})[0])
+        outputs.append(session.run([scores], {name: images[start : start + step].numpy().astype(dtype)})[0])
     return torch.from_numpy(np.concatenate(outputs)).float()
 
 
@@ -789,32 +1154,67 @@ def _batched(module: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor
     return torch.cat(outputs)
 
 
-def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") -> ImportedModel:
-    """An ONNX file as a lab model on `dataset` (whose images are already scaled as the model expects:
-    see qcore.data.with_input_scale), refused with one line when it cannot be: the checks of read_onnx,
-    a forward pass on probe images that is not finite, or a prediction of the imported graph that
-    differs from ONNX Runtime's on any of the first CHECK_IMAGES test images."""
+def input_scale_accuracies(
+    module: nn.Module, dataset: Dataset, affine: tuple[float, float], images: int = SCALE_IMAGES
+) -> dict[str, float]:
+    """The float accuracy of `module` on the first `images` training images (never the test set) under each
+    pixel convention of qcore.data.INPUT_SCALES, its graph's own input step applied after it."""
+    from qcore.data import INPUT_SCALES, rescaled, view_spec
+
+    train = dataset.train
+    accuracies = {}
+    for scale in INPUT_SCALES:
+        checkpoint()
+        seen = rescaled(train.images[:images], dataset.spec, view_spec(dataset.spec, scale, affine))
+        predictions = _batched(module, seen, 250).argmax(1)
+        accuracies[scale] = float((predictions == train.labels[:images]).float().mean())
+    return accuracies
+
+
+def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> ImportedModel:
+    """An ONNX file as a lab model on `dataset` (its standardized images, as loaded), reading images in
+    the pixel convention `input_scale` or, for "auto", the one under which the model is most accurate on
+    SCALE_IMAGES training images; refused with one line when it cannot be: the checks of read_onnx, a
+    forward pass on probe images that is not finite, or a prediction of the imported graph that differs
+    from ONNX Runtime's on any of the first CHECK_IMAGES test images (each fed as the file reads it)."""
+    import numpy as np
+
+    from qcore.data import INPUT_SCALES, rescaled, view_spec, with_input_scale
     from qcore.graph import GraphError, model_graph
 
-    model = read_onnx(data)
+    if input_scale != "auto" and input_scale not in INPUT_SCALES:
+        raise OnnxImportError(
+            f"unknown input scale {shorten(input_scale, 20)!r}; auto or one of {', '.join(INPUT_SCALES)}"
+        )
+    model, file_opset = _read(data)
     module, converter = _convert(model)
     softmax, step = converter.softmax_output, check_batch(converter.activation_values)
+    affine = converter.input_affine or (1.0, 0.0)
     try:
         model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
     except GraphError as error:
         raise OnnxImportError(str(error)) from None
+    accuracies = input_scale_accuracies(module, dataset, affine)
+    chosen = max(accuracies, key=lambda scale: accuracies[scale]) if input_scale == "auto" else input_scale
+    seen = with_input_scale(dataset, chosen, affine)  # what the lab's graph reads
     with torch.inference_mode():
-        probes = module(probe_images(dataset.spec))
+        probes = module(probe_images(seen.spec))
     if not bool(torch.isfinite(probes).all()):
         raise OnnxImportError("the model's outputs are not finite on ordinary images (probe images)")
     images = dataset.test.images[:CHECK_IMAGES]
+    as_file_reads = rescaled(images, dataset.spec, view_spec(dataset.spec, chosen))  # before the file's own step
+    graph_input = model.graph.input[0]
+    layout = tuple(int(d) for d in _tensor_shape(graph_input)[1:])
+    as_file_reads = as_file_reads.expand(-1, layout[0], -1, -1) if layout[0] == 3 else as_file_reads
+    as_file_reads = as_file_reads.reshape(len(images), *layout)
+    dtype = np.float64 if graph_input.type.tensor_type.elem_type == 11 else np.float32
     try:
-        reference = _onnxruntime_outputs(data, model, images, step)
+        reference = _onnxruntime_outputs(data, model, as_file_reads, step, dtype)
     except Cancelled:
         raise
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad models
         raise OnnxImportError(f"ONNX Runtime cannot run the file ({shorten(error, 120)})") from None
-    ours = _batched(module, images, step)
+    ours = _batched(module, seen.test.images[:CHECK_IMAGES], step)
     if softmax:
         ours = ours.exp()
     if reference.shape != ours.shape:
@@ -829,21 +1229,26 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "normalized") 
             f"(largest difference of a score: {difference:.3g})"
         )
     producer = " ".join(part for part in (model.producer_name, model.producer_version) if part)
-    opset = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}["ai.onnx"]
     return ImportedModel(
         module=module,
         onnx_bytes=data,
         producer=shorten(producer or "unknown", 60),
-        opset=opset,
+        opset=file_opset,
         nodes=len(model.graph.node),
         parameters=sum(p.numel() for p in module.parameters()),
         dataset=dataset.spec.name,
-        input_scale=input_scale,
+        input_scale=chosen,
         agreement_images=len(images),
         largest_difference=difference,
         activation_values=converter.activation_values,
         multiply_adds=converter.multiply_adds,
         labels=tuple(converter.labels.items()),
+        input_affine=affine,
+        input_layout=layout,
+        input_steps=tuple(converter.steps),
+        scale_accuracies=tuple(accuracies.items()),
+        scale_measured=input_scale == "auto",
+        scores_output=shorten(model.graph.output[0].name, 40),
     )
 
 
@@ -865,10 +1270,40 @@ def is_onnx(data: bytes) -> bool:
 
 def describe(dataset: DatasetSpec, imported: ImportedModel) -> str:
     """One line for the model card: producer, opset, size, data, and the arrival check."""
-    scale = "raw [0, 1] pixels" if imported.input_scale == "raw" else f"{dataset.title} normalized images"
+    from qcore.data import INPUT_SCALE_TITLES
+
     return (
-        f"ONNX from {imported.producer}, opset {imported.opset}, {imported.nodes} nodes, "
+        f"ONNX from {imported.producer}, opset {imported.opset}"
+        f"{f' (upgraded to {UPGRADE_OPSET})' if imported.opset in OLD_OPSETS else ''}, {imported.nodes} nodes, "
         f"{imported.parameters:,} parameters, {imported.multiply_adds:,} multiply-adds and "
-        f"{imported.activation_values:,} activation values per image; reads {scale}; matches ONNX Runtime on "
+        f"{imported.activation_values:,} activation values per image; reads {dataset.title.split(' (')[0]} as "
+        f"{INPUT_SCALE_TITLES[imported.input_scale]}; matches ONNX Runtime on "
         f"{imported.agreement_images} test images (largest score difference {imported.largest_difference:.2g})"
     )
+
+
+def describe_input(imported: ImportedModel) -> list[str]:
+    """The card's lines on what the file reads: its layout, its own input step, and the float accuracy
+    under each pixel convention (which one was measured best, or named)."""
+    from qcore.data import INPUT_SCALE_TITLES
+
+    layout = ", ".join(map(str, imported.input_layout))
+    lines = [f"input [N, {layout}]" + (" (the grey image in each channel)" if imported.input_layout[0] == 3 else "")]
+    if imported.input_steps:
+        multiply, add = imported.input_affine
+        lines.append(
+            f"the file's own input step, run in float before the image is quantized: {'; '.join(imported.input_steps)}"
+            f" (x * {multiply:.6g} + {add:.6g})"
+        )
+    if imported.scores_output:
+        lines.append(f"scores from output {imported.scores_output}")
+    if imported.scale_accuracies:
+        how = "measured best" if imported.scale_measured else "named"
+        measured = "; ".join(
+            f"{INPUT_SCALE_TITLES[scale]} {100 * accuracy:.1f}%" for scale, accuracy in imported.scale_accuracies
+        )
+        lines.append(
+            f"pixel convention {INPUT_SCALE_TITLES[imported.input_scale]} ({how}); float accuracy on "
+            f"{SCALE_IMAGES:,} training images under each: {measured}"
+        )
+    return lines

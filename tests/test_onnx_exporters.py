@@ -1,0 +1,271 @@
+"""Issue 28: ONNX files as exporters other than today's torch.onnx.export write them. Each file is built
+here: torch.onnx.export at the old opsets 7 to 10, and onnx.helper graphs written the way tf2onnx writes
+Keras models (channels-last input in [0, 255] scaled inside the graph, Transposes around the
+convolutions, BatchNorm as Mul and Add, MatMul + Add, Gemm with alpha, Softmax, the ai.onnx.ml import,
+nodes out of order). Trained weights (the bundled notebook net, a small perceptron trained here) make the
+pixel convention measurable: `auto` must find the one each file was written for, and the import must
+predict what the original network predicts, as ONNX Runtime does on the file (the arrival check)."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from qcore.analysis.tables import quantize_for
+from qcore.config import QuantConfig
+from qcore.data import with_input_scale
+from qcore.export.formats import OnnxRunner, export_onnx
+from qcore.graph import model_graph
+from qcore.inference.integer import IntegerNet
+from qcore.models.checkpoint import load_model
+from qcore.models.onnx_import import OnnxImportError, describe_input, import_onnx
+from tests.conftest import run_cli
+
+
+def _export(model: nn.Module, example: torch.Tensor, opset: int = 17, initializers_as_inputs: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+            output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+            do_constant_folding=False, keep_initializers_as_inputs=initializers_as_inputs,
+        )  # fmt: skip
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def net():
+    return load_model().eval()
+
+
+@pytest.mark.parametrize("opset", [7, 8, 9, 10])
+def test_old_opsets_are_upgraded_and_predict_what_the_network_does(mnist, net, opset):
+    """torch's exporter at opsets 7 to 10 (initializers listed as inputs too, as exporters then did):
+    upgraded by onnx's version converter, the convention measured (the net reads standardized images), and
+    the same predictions as the network on 1,000 test images."""
+    data = _export(net, torch.zeros(1, 1, 28, 28), opset, initializers_as_inputs=opset < 9)
+    imported = import_onnx(data, mnist)
+    assert imported.opset == opset and imported.input_scale == "normalized" and imported.scale_measured
+    accuracies = dict(imported.scale_accuracies)
+    assert set(accuracies) == {"normalized", "raw", "raw255", "symmetric"} and accuracies["normalized"] > 0.98
+    x = mnist.test.images[:1000]
+    with torch.inference_mode():
+        assert torch.equal(imported.module(x).argmax(1), net(x).argmax(1))
+
+
+def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelProto:
+    """The notebook net as tf2onnx writes a Keras model: input [N, 28, 28, 1] in [0, 255], Mul by 1/255 and
+    standardization inside the graph, Transpose to channels-first, conv1 as Conv, Mul and Add (BatchNorm's
+    form), max pooling with auto_pad VALID, a Transpose back to channels-last before the flatten, fc1 as
+    MatMul + Add over the channels-last features, fc2 as Gemm with alpha 2, Softmax; ai.onnx.ml declared
+    and unused; the nodes listed out of order."""
+    rng = np.random.default_rng(0)
+    sd = {name: value.detach().numpy().astype(np.float32) for name, value in net.state_dict().items()}
+    scale = rng.uniform(0.5, 2.0, 20).astype(np.float32)
+    channels_last = np.arange(800).reshape(50, 4, 4).transpose(1, 2, 0).reshape(-1)  # NHWC position -> NCHW index
+    pad = {"auto_pad": "SAME_UPPER"} if same_padding else {"auto_pad": "VALID"}
+    constants = {
+        "k255": np.array(1 / 255, np.float32),
+        "mean": np.array(0.1307, np.float32),
+        "std": np.array(0.3081, np.float32),
+        "w1": sd["conv1.weight"] / scale[:, None, None, None],
+        "s1": scale.reshape(20, 1, 1),
+        "b1": sd["conv1.bias"].reshape(1, 20, 1, 1),
+        "w2": sd["conv2.weight"],
+        "b2": sd["conv2.bias"],
+        "flat": np.array([-1, 800], np.int64),
+        "m1": np.ascontiguousarray(sd["fc1.weight"][:, channels_last].T),
+        "a1": sd["fc1.bias"],
+        "w3": sd["fc2.weight"] / 2,
+        "b3": sd["fc2.bias"],
+    }
+    nodes = [
+        helper.make_node("Mul", ["input", "k255"], ["scaled"], name="sequential/rescaling/mul"),
+        helper.make_node("Sub", ["scaled", "mean"], ["centred"], name="sequential/normalization/sub"),
+        helper.make_node("Div", ["centred", "std"], ["standard"], name="sequential/normalization/truediv"),
+        helper.make_node("Transpose", ["standard"], ["nchw"], perm=[0, 3, 1, 2], name="sequential/conv2d/Transpose"),
+        helper.make_node("Conv", ["nchw", "w1"], ["c1"], kernel_shape=[5, 5], name="sequential/conv2d/Conv2D", **pad),
+        helper.make_node("Mul", ["c1", "s1"], ["bn1"], name="sequential/batch_norm/mul"),
+        helper.make_node("Add", ["bn1", "b1"], ["c1b"], name="sequential/batch_norm/add"),
+        helper.make_node("MaxPool", ["c1b"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], auto_pad="VALID"),
+        helper.make_node("Relu", ["p1"], ["r1"], name="sequential/re_lu/Relu"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[5, 5], name="sequential/conv2d_1/Conv2D"),
+        helper.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Relu", ["p2"], ["r2"], name="sequential/re_lu_1/Relu"),
+        helper.make_node("Transpose", ["r2"], ["nhwc"], perm=[0, 2, 3, 1], name="sequential/flatten/Transpose"),
+        helper.make_node("Reshape", ["nhwc", "flat"], ["features"], name="sequential/flatten/Reshape"),
+        helper.make_node("MatMul", ["features", "m1"], ["h"], name="sequential/dense/MatMul"),
+        helper.make_node("Add", ["h", "a1"], ["hb"], name="sequential/dense/BiasAdd"),
+        helper.make_node("Relu", ["hb"], ["hr"], name="sequential/dense/Relu"),
+        helper.make_node("Gemm", ["hr", "w3", "b3"], ["logits"], alpha=2.0, transB=1, name="sequential/dense_1/Gemm"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="sequential/dense_1/Softmax"),
+    ]
+    if same_padding:  # a Keras padding="same" 5x5 conv of stride 2 on 28 pixels pads 3: 1 before, 2 after
+        nodes[4] = helper.make_node(
+            "Conv", ["nchw", "w1"], ["c1"], kernel_shape=[5, 5], strides=[2, 2], auto_pad="SAME_UPPER", name="c1"
+        )
+    order = [*nodes[9:], *nodes[:9]]  # what older writers left: the later half listed first
+    graph = helper.make_graph(
+        order,
+        "tf2onnx",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["unk__6", 28, 28, 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["unk__7", 10])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="tf2onnx", producer_version="1.16.1")
+
+
+@pytest.mark.slow
+def test_a_keras_model_as_tf2onnx_writes_it_imports_measures_its_pixels_and_quantizes(mnist, net, tmp_path):
+    """The tf2onnx-style notebook net: imported, its convention measured as [0, 255] (its graph scales
+    the image itself), its input step shown, the same predictions as the network; then W8A8 (the
+    integer engine agreeing with the simulation), the ONNX QDQ export running in ONNX Runtime, and the
+    CLI's JSON naming the convention and the four candidates' accuracies."""
+    data = _keras_style(net).SerializeToString()
+    imported = import_onnx(data, mnist)
+    assert imported.input_scale == "raw255" and imported.input_layout == (28, 28, 1)
+    assert imported.input_steps[:3] == ("Mul 0.00392157", "Sub 0.1307", "Div 0.3081")
+    assert imported.input_affine == pytest.approx((1 / 255 / 0.3081, -0.1307 / 0.3081), rel=1e-6)
+    accuracies = dict(imported.scale_accuracies)
+    assert accuracies["raw255"] > 0.98 and max(accuracies.values()) == accuracies["raw255"]
+    assert any("pixels in [0, 255] (measured best)" in line for line in describe_input(imported))
+    graph = model_graph(imported.module)
+    assert [op.kind for op in graph.ops if op.kind in ("conv", "linear")] == ["conv", "conv", "linear", "linear"]
+    # what the lab's graph reads is the dataset's standardized image: the file's step undoes its [0, 255]
+    seen = with_input_scale(mnist, imported.input_scale, imported.input_affine)
+    assert torch.allclose(seen.test.images[:100], mnist.test.images[:100], atol=1e-5)
+    x = seen.test.images[:1000]
+    with torch.inference_mode():
+        assert torch.equal(imported.module(x).argmax(1), net(mnist.test.images[:1000]).argmax(1))
+    quantized = quantize_for(imported.module, seen, QuantConfig())
+    with torch.inference_mode():
+        simulated = quantized(x[:500]).argmax(1)
+    assert torch.equal(IntegerNet(quantized).predict(x[:500]), simulated)
+    assert torch.equal(OnnxRunner(export_onnx(quantized, seen.spec)).predict(x[:500]), simulated)
+
+    path = tmp_path / "keras.onnx"
+    path.write_bytes(data)
+    done = run_cli("evaluate", "--checkpoint", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    onnx_card = json.loads(done.stdout)["onnx"]
+    assert onnx_card["input_scale"] == "raw255" and onnx_card["input_scale_chosen_by"] == "measured"
+    assert set(onnx_card["input_scale_accuracies"]) == {"normalized", "raw", "raw255", "symmetric"}
+    assert onnx_card["input_layout"] == [28, 28, 1]
+
+
+class Perceptron(nn.Module):
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        self.flat = flat
+        self.hidden = nn.Linear(784, 64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1) if not self.flat else x
+        return self.out(torch.relu(self.hidden(x)))
+
+
+@pytest.fixture(scope="module")
+def perceptron(mnist):
+    """A perceptron trained here for two passes over 10,000 images in [-1, 1] (a common convention)."""
+    torch.manual_seed(0)
+    model = Perceptron(flat=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    images = (mnist.train.images[:10_000] * 0.3081 + 0.1307) * 2 - 1
+    for _ in range(2):
+        for start in range(0, 10_000, 100):
+            loss = nn.functional.cross_entropy(
+                model(images[start : start + 100].flatten(1)), mnist.train.labels[start : start + 100]
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["flat float64", "28x28", "batch of 1"])
+def test_a_perceptron_reads_pixels_in_minus_one_to_one(mnist, perceptron, layout):
+    """A perceptron on [N, 784] float64 input (cast to float in the graph), on [N, 28, 28] (flattened in
+    the graph) and with its batch fixed at 1 (a Reshape to [1, -1]): `auto` finds [-1, 1], and the import
+    predicts what the perceptron does."""
+    if layout == "flat float64":
+        model = onnx.load_from_string(_export(perceptron, torch.zeros(1, 784)))
+        model.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+        model.graph.node.insert(0, helper.make_node("Cast", ["input"], ["as_float"], to=TensorProto.FLOAT))
+        for node in model.graph.node[1:]:
+            node.input[:] = ["as_float" if name == "input" else name for name in node.input]
+        data = model.SerializeToString()
+    else:
+        wrapped = Perceptron(flat=False)
+        wrapped.load_state_dict(perceptron.state_dict())
+        example = torch.zeros(1, 28, 28) if layout == "28x28" else torch.zeros(1, 1, 28, 28)
+        if layout == "28x28":
+            data = _export(wrapped.eval(), example)
+        else:
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapped.eval(), (example,), buffer, dynamo=False, opset_version=13)
+            data = buffer.getvalue()
+    imported = import_onnx(data, mnist)
+    assert imported.input_scale == "symmetric", dict(imported.scale_accuracies)
+    seen = with_input_scale(mnist, imported.input_scale, imported.input_affine)
+    with torch.inference_mode():
+        reference = perceptron(((mnist.test.images[:1000] * 0.3081 + 0.1307) * 2 - 1).flatten(1)).argmax(1)
+        assert torch.equal(imported.module(seen.test.images[:1000]).argmax(1), reference)
+
+
+def test_a_three_channel_input_reads_the_grey_image_in_each_channel(mnist, net):
+    """[N, 3, 28, 28]: the first convolution's weights summed over the three channels, exactly."""
+
+    class ThreeChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = type(net)()
+            self.net.load_state_dict(net.state_dict())
+            self.net.conv1 = nn.Conv2d(3, 20, 5)
+            with torch.no_grad():
+                self.net.conv1.weight.copy_(net.conv1.weight.repeat(1, 3, 1, 1) / 3)
+                self.net.conv1.bias.copy_(net.conv1.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    imported = import_onnx(_export(ThreeChannels().eval(), torch.zeros(1, 3, 28, 28)), mnist)
+    assert imported.input_layout == (3, 28, 28) and imported.input_scale == "normalized"
+    x = mnist.test.images[:1000]
+    with torch.inference_mode():
+        assert torch.equal(imported.module(x).argmax(1), net(x).argmax(1))
+
+
+def _transposed_image() -> bytes:
+    model = _keras_style(load_model())
+    node = next(n for n in model.graph.node if n.op_type == "Transpose" and n.output[0] == "nchw")
+    node.attribute[0].ints[:] = [0, 3, 2, 1]  # height and width swapped: another image
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "build,needle",
+    [
+        (
+            lambda: _keras_style(load_model(), same_padding=True).SerializeToString(),
+            "auto_pad SAME_UPPER pads 3 pixels, unevenly",
+        ),
+        (_transposed_image, "a transpose [0, 3, 2, 1] that reorders the image's pixels"),
+    ],
+)
+def test_what_the_lab_cannot_express_is_refused_in_one_line(mnist, build, needle):
+    with pytest.raises(OnnxImportError) as caught:
+        import_onnx(build(), mnist)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
