@@ -1012,7 +1012,7 @@ def test_choosing_a_model_on_the_model_page_switches_the_dataset_and_back(app, p
 
 
 @pytest.mark.slow
-def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_keeps_it(app):
+def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_keeps_it(app, monkeypatch):
     """Issue 19 in the app: the residual zoo net exported by torch.onnx.export and uploaded as the user's
     own model on Fashion-MNIST; its card, every page; then a file with an unsupported operation (issue
     17's refusal, reached through an upload) and a file over its declared sizes are refused in plain
@@ -1063,3 +1063,14 @@ def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_kee
     assert any("pixel convention pixels in [0, 1] (named)" in t.value for t in at.main.text)
     at.switch_page("pages/accuracy.py").run()
     no_exceptions(at)
+    # ONNX Runtime crashing on a file (a fault injected into its child process) refuses that file alone
+    import sys
+
+    from qcore.models import onnx_sandbox
+
+    monkeypatch.setattr(onnx_sandbox, "_command", lambda: [sys.executable, "-c", "import os; os.abort()"])
+    at.switch_page("pages/model.py").run()
+    upload(at, "crash.onnx", exported(resnet))
+    no_exceptions(at)
+    assert any("crashed on the file (SIGABRT); the server is unharmed" in t.value for t in at.main.text)
+    assert model_line(at).startswith("Model: uploaded keras.onnx")

@@ -21,7 +21,7 @@ from torch import nn
 
 from qcore.graph import model_graph
 from qcore.graph.diagram import layer_rows
-from qcore.models.onnx_import import MAX_OPERATIONS, import_onnx
+from qcore.models.onnx_import import MAX_OPERATIONS, OnnxImportError, import_onnx
 from tests.conftest import ROOT, run_cli
 from tests.hostile_files import LEGITIMATE, REFUSED, _chain, keyword_node
 
@@ -165,3 +165,44 @@ def test_an_abandoned_import_stops_within_a_batch(mnist):
     import_onnx(heavy, mnist)
     alone = time.perf_counter() - alone
     assert alone > 1.0 and stopped < 0.9, (stopped, alone)  # left at 0.5 s
+
+
+# --- issue 28: the native code a file reaches runs in a bounded child process --------------------------
+_FAULTS = {
+    "crash": ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed on the file (SIGSEGV)"),
+    "hang": (
+        "import sys, time; sys.stdin.buffer.read(); time.sleep(600)  # qlab-hang",
+        "did not finish the file within 2 s",
+    ),
+    # 3 GB, over the child's 2 GB address space: refused there, never allocated (the machine has 24 GB)
+    "runaway allocation": (
+        "import sys; sys.stdin.buffer.read(); x = bytearray(3 * 2**30)",
+        "ended without an answer on the file (exit 1: past its 2 GB bound",
+    ),
+    "garbage": (
+        "import sys; sys.stdin.buffer.read(); sys.stdout.write('{\"upgraded\": -1}\\n')",
+        "answer on the file was malformed",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(_FAULTS))
+def test_a_crash_hang_or_runaway_in_native_code_refuses_the_file_and_the_process_carries_on(mnist, monkeypatch, fault):
+    """The version converter and ONNX Runtime run in a child with memory and time bounds: a fault injected
+    there (the child's command replaced by one that segfaults, hangs, allocates past its bound or answers
+    garbage) refuses the file in one line, leaves no process behind, and the next import in this process,
+    the server, works."""
+    from qcore.models import onnx_sandbox
+    from tests.test_onnx_import import hand_made
+
+    code, needle = _FAULTS[fault]
+    data = hand_made().SerializeToString()
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_sandbox, "_command", lambda: [sys.executable, "-c", code])
+        patch.setattr(onnx_sandbox, "SECONDS", 2)
+        with pytest.raises(OnnxImportError) as caught:
+            import_onnx(data, mnist, "normalized")
+    assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    left = subprocess.run(["pgrep", "-f", "qlab-hang"], capture_output=True, text=True).stdout
+    assert left == "", left
+    assert import_onnx(data, mnist, "normalized").agreement_images == 1000

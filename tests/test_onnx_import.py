@@ -362,8 +362,8 @@ def test_predictions_that_part_from_onnxruntime_are_refused(mnist, monkeypatch):
     file, naming how many images parted and the largest score difference."""
     from qcore.models import onnx_import
 
-    real = onnx_import._onnxruntime_outputs
-    monkeypatch.setattr(onnx_import, "_onnxruntime_outputs", lambda *args: real(*args).roll(1, dims=1))
+    real = onnx_import._reference_scores
+    monkeypatch.setattr(onnx_import, "_reference_scores", lambda scores: real(scores).roll(1, dims=1))
     with pytest.raises(OnnxImportError, match=r"predict differently on \d+ of 1000 test images \(largest difference"):
         import_onnx(hand_made().SerializeToString(), mnist)
 

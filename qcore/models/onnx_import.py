@@ -6,14 +6,17 @@ than itself, nest subgraphs or use any operator. So, in order, `read_onnx`
 2. refuses, each in one line and before any tensor is allocated: external data (wherever `location`
    points), a tensor whose declared size the file does not hold or that passes the bounds below, more
    nodes or parameters than the bounds, subgraphs (If, Loop, Scan, any graph attribute) and local
-   functions, an operator set other than ONNX's own at a version outside ONNX_OPSETS, an operator
-   outside the supported set (named, with its node), an input that is not one [N, 1, 28, 28] float
-   image tensor or an output that is not [N, 10] scores (named with the shape found);
+   functions, ONNX's operator set at a version outside OLD_OPSETS and ONNX_OPSETS, a node of another
+   domain or outside the supported set (named, with its node), a cycle, more than one input, an input
+   that is not a 28x28 float image in one of INPUT_LAYOUTS, or no single [N, 10] output (named with
+   the shapes found); an operator set that no node uses is dropped and nodes are sorted;
 then `onnx_module` turns the nodes into a torch.fx module of torch's own layers (Conv2d, BatchNorm2d,
 Linear, ReLU, ReLU6, pools) that `qcore.graph.model_graph` traces like any zoo model, evaluating the
 constant computations exporters emit around them (Constant; Shape, Gather, Unsqueeze and Concat
-feeding a Reshape) with the batch size as a symbol; and `import_onnx` checks the result on probe
-images (finite) and against ONNX Runtime on 1,000 test images (the same prediction on every one).
+feeding a Reshape) with the batch size as a symbol, and following the image through its own input step
+(layout, scaling) to the first layer; and `import_onnx` upgrades opsets 7 to 10 and runs ONNX Runtime in
+a bounded child process (onnx_sandbox), which also measures the pixel convention, and checks the result
+on probe images (finite) and against ONNX Runtime on 1,000 test images (the same prediction on every one).
 Names from the file (nodes, operators, producer) only ever appear shortened, as plain text.
 """
 
@@ -31,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcore.cancel import Cancelled, checkpoint
+from qcore.cancel import checkpoint
 from qcore.files import shorten
 from qcore.models.checkpoint import MAX_FILE_BYTES, CheckpointError, probe_images
+from qcore.models.onnx_sandbox import UPGRADE_OPSET
 
 if TYPE_CHECKING:
     import onnx
@@ -41,8 +45,7 @@ if TYPE_CHECKING:
     from qcore.data import Dataset, DatasetSpec
 
 ONNX_OPSETS = range(11, 24)  # ONNX's own operator set the converter reads: 11 (Clip's bounds as inputs) to 23
-OLD_OPSETS = range(7, 11)  # older files (ONNX Runtime runs opset 7 and up), upgraded by onnx's converter
-UPGRADE_OPSET = 11
+OLD_OPSETS = range(7, 11)  # older files (ONNX Runtime runs opset 7 and up), upgraded to UPGRADE_OPSET
 MAX_NODES = 2000
 MAX_PARAMETERS = 4_000_000  # float32 values across all tensors (the upload limit holds about 1M anyway)
 MAX_TENSOR_DIMS = 8
@@ -217,7 +220,7 @@ def _tensor_shape(value: onnx.ValueInfoProto) -> list[int | str]:
 
 def read_onnx(data: bytes) -> onnx.ModelProto:
     """The parsed model, after every check in the module's docstring's step 2 (nothing allocated from it),
-    at the file's own opset or, for opsets 7 to 10, upgraded to UPGRADE_OPSET."""
+    at the file's own opset (import_onnx upgrades opsets 7 to 10 in the sandbox)."""
     return _read(data)[0]
 
 
@@ -276,23 +279,11 @@ def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
     del model.opset_import[:]
     model.opset_import.extend(kept)
     _sort_nodes(graph)
-    if opset in OLD_OPSETS:
-        model = _upgraded(model, opset)
-        graph = model.graph
-    for index, node in enumerate(graph.node):  # after the upgrade, which may rewrite operators
-        if node.op_type not in SUPPORTED_OPS:
-            raise OnnxImportError(f"unsupported operation {shorten(node.op_type, 30)} {_where(node, index)}")
     initialized = {tensor.name for tensor in graph.initializer}
     inputs = [value for value in graph.input if value.name not in initialized]
     if len(inputs) != 1:
         names = ", ".join(shorten(value.name, 30) for value in inputs[:4])
         raise OnnxImportError(f"the model takes {len(inputs)} inputs ({names}); it must take one image tensor")
-    if len(inputs) != len(graph.input):  # older writers list initializers as inputs too: they are constants
-        kept_inputs = [type(value)() for value in inputs]
-        for copy, value in zip(kept_inputs, inputs, strict=True):
-            copy.CopyFrom(value)
-        del graph.input[:]
-        graph.input.extend(kept_inputs)
     shape = _tensor_shape(inputs[0])
     if inputs[0].type.tensor_type.elem_type not in (1, 11) or tuple(shape[1:]) not in INPUT_LAYOUTS:
         raise OnnxImportError(
@@ -313,6 +304,13 @@ def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
         del graph.output[:]
         graph.output.append(chosen)
     return model, opset
+
+
+def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+    """The graph's one input that is not also an initializer (files of IR version 3, opsets 7 and 8, list
+    every initializer as an input too: those are constants)."""
+    initialized = {tensor.name for tensor in graph.initializer}
+    return next(value for value in graph.input if value.name not in initialized)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -354,20 +352,6 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
             copy.CopyFrom(nodes[position])
         del graph.node[:]
         graph.node.extend(copies)
-
-
-def _upgraded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """A file of opset 7 to 10 brought to UPGRADE_OPSET by onnx's own version converter (which knows every
-    operator's changes between versions), after every bound above; a conversion that fails is refused."""
-    from onnx import version_converter
-
-    try:
-        return version_converter.convert_version(model, UPGRADE_OPSET)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        reason = str(error).splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise OnnxImportError(
-            f"the opset {opset} file could not be converted to opset {UPGRADE_OPSET} ({shorten(reason, 100)})"
-        ) from None
 
 
 def _reserved_names() -> frozenset[str]:
@@ -689,7 +673,7 @@ class _Converter:
             return tuple(int(d) for d in full[1:])  # type: ignore[call-overload]
         # Reshape: the batch first (symbolic, 0, or the file's fixed batch), then the image's dimensions
         target = self._as_list(self.constant(node, index, 1))
-        batch = self.graph.input[0].type.tensor_type.shape.dim[0]
+        batch = image_input(self.graph).type.tensor_type.shape.dim[0]
         fixed = [batch.dim_value] if batch.HasField("dim_value") and batch.dim_value > 0 else []
         if not target or not (
             target[0] is BATCH or target[0] in (0, *fixed) or (target[0] == -1 and -1 not in target[1:])
@@ -932,7 +916,7 @@ class _Converter:
             self.tensor(node, index, 0)  # refused unless computed from the image
         target = self._as_list(self.constant(node, index, 1))
         features = math.prod(int(d) for d in self.shapes[node.input[0]][1:])  # type: ignore[call-overload]
-        batch = self.graph.input[0].type.tensor_type.shape.dim[0]
+        batch = image_input(self.graph).type.tensor_type.shape.dim[0]
         fixed = [batch.dim_value] if batch.HasField("dim_value") and batch.dim_value > 0 else []
         first_ok = len(target) == 2 and (target[0] is BATCH or target[0] in (0, -1, *fixed))
         second_ok = len(target) == 2 and (target[1] == features or (target[1] == -1 and target[0] != -1))
@@ -1083,7 +1067,7 @@ class _Converter:
         name = self._input_name()
         self.image = self.fx.placeholder("image")
         self.probe[self.image] = torch.zeros(2, *INPUT_SHAPE)
-        shape = tuple(int(d) for d in _tensor_shape(self.graph.input[0])[1:])  # read_onnx accepted it
+        shape = tuple(int(d) for d in _tensor_shape(image_input(self.graph))[1:])  # read_onnx accepted it
         self.views[name] = (shape, 1.0, 0.0)
         self.shapes[name] = [BATCH, *shape]
         for index, node in enumerate(self.graph.node):
@@ -1096,8 +1080,7 @@ class _Converter:
         return fx.GraphModule(self.modules, self.fx)
 
     def _input_name(self) -> str:
-        initialized = {tensor.name for tensor in self.graph.initializer}
-        return next(value.name for value in self.graph.input if value.name not in initialized)
+        return image_input(self.graph).name
 
 
 def _convert(model: onnx.ModelProto) -> tuple[fx.GraphModule, _Converter]:
@@ -1125,24 +1108,23 @@ def check_batch(activation_values: int) -> int:
     return max(1, min(250, CHECK_MEMORY_BYTES // max(1, 4 * activation_values)))
 
 
-def _onnxruntime_outputs(
-    data: bytes, model: onnx.ModelProto, images: torch.Tensor, step: int, dtype: type = float
-) -> torch.Tensor:
-    """ONNX Runtime's output of the scores for `images` (as the file reads them, fed as `dtype`), in
-    batches of `step`, or of the input's own batch size when it is fixed."""
+def _checked(model: onnx.ModelProto) -> tuple[fx.GraphModule, _Converter]:
+    """The file's graph converted, and passed by the lab's own graph checks."""
+    from qcore.graph import GraphError, model_graph
+
+    module, converter = _convert(model)
+    try:
+        model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
+    except GraphError as error:
+        raise OnnxImportError(str(error)) from None
+    return module, converter
+
+
+def _reference_scores(scores: object) -> torch.Tensor:
+    """ONNX Runtime's scores as the child computed them (the arrival check's reference)."""
     import numpy as np
 
-    from qcore.models.onnx_runtime import onnxruntime_session
-
-    session = onnxruntime_session(data, torch.get_num_threads())
-    name, scores = model.graph.input[0].name, model.graph.output[0].name
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    step = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else step
-    outputs = []
-    for start in range(0, len(images), step):
-        checkpoint()  # a batch at a time: an upload whose session has left stops here
-        outputs.append(session.run([scores], {name: images[start : start + step].numpy().astype(dtype)})[0])
-    return torch.from_numpy(np.concatenate(outputs)).float()
+    return torch.from_numpy(np.asarray(scores, dtype=np.float32))
 
 
 def _batched(module: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -1154,68 +1136,68 @@ def _batched(module: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor
     return torch.cat(outputs)
 
 
-def input_scale_accuracies(
-    module: nn.Module, dataset: Dataset, affine: tuple[float, float], images: int = SCALE_IMAGES
-) -> dict[str, float]:
-    """The float accuracy of `module` on the first `images` training images (never the test set) under each
-    pixel convention of qcore.data.INPUT_SCALES, its graph's own input step applied after it."""
-    from qcore.data import INPUT_SCALES, rescaled, view_spec
-
-    train = dataset.train
-    accuracies = {}
-    for scale in INPUT_SCALES:
-        checkpoint()
-        seen = rescaled(train.images[:images], dataset.spec, view_spec(dataset.spec, scale, affine))
-        predictions = _batched(module, seen, 250).argmax(1)
-        accuracies[scale] = float((predictions == train.labels[:images]).float().mean())
-    return accuracies
-
-
 def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> ImportedModel:
     """An ONNX file as a lab model on `dataset` (its standardized images, as loaded), reading images in
-    the pixel convention `input_scale` or, for "auto", the one under which the model is most accurate on
-    SCALE_IMAGES training images; refused with one line when it cannot be: the checks of read_onnx, a
-    forward pass on probe images that is not finite, or a prediction of the imported graph that differs
-    from ONNX Runtime's on any of the first CHECK_IMAGES test images (each fed as the file reads it)."""
-    import numpy as np
-
-    from qcore.data import INPUT_SCALES, rescaled, view_spec, with_input_scale
-    from qcore.graph import GraphError, model_graph
+    the pixel convention `input_scale` or, for "auto", the one under which ONNX Runtime finds the file most
+    accurate on SCALE_IMAGES training images; refused with one line when it cannot be: the checks of
+    read_onnx, a forward pass on probe images that is not finite, or a prediction of the imported graph
+    that differs from ONNX Runtime's on any of the first CHECK_IMAGES test images (each fed as the file
+    reads it). onnx's version converter and ONNX Runtime run in a bounded child process (onnx_sandbox)."""
+    from qcore.data import INPUT_SCALES, view_spec, with_input_scale
+    from qcore.models.onnx_sandbox import SandboxError, run_in_sandbox
 
     if input_scale != "auto" and input_scale not in INPUT_SCALES:
         raise OnnxImportError(
             f"unknown input scale {shorten(input_scale, 20)!r}; auto or one of {', '.join(INPUT_SCALES)}"
         )
     model, file_opset = _read(data)
-    module, converter = _convert(model)
-    softmax, step = converter.softmax_output, check_batch(converter.activation_values)
-    affine = converter.input_affine or (1.0, 0.0)
+    old = file_opset in OLD_OPSETS
+    converted = None if old else _checked(model)  # a file the lab cannot run is refused before the child starts
+    graph_input = image_input(model.graph)
+    layout = tuple(int(d) for d in _tensor_shape(graph_input)[1:])
+    batch = graph_input.type.tensor_type.shape.dim[0]
+    fixed = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else 0
+    # batches bounded by the activation budget (an old file's is known only after the upgrade: 16 images)
+    step = fixed or (16 if converted is None else check_batch(converted[1].activation_values))
+    spec = dataset.spec
+    conventions = {
+        scale: (spec.mean, spec.std, view_spec(spec, scale).mean, view_spec(spec, scale).std) for scale in INPUT_SCALES
+    }
     try:
-        model_graph(module)  # the lab's own checks (BatchNorm after a conv, linear after a flatten, ...)
-    except GraphError as error:
+        answer = run_in_sandbox(
+            data,
+            model.SerializeToString() if old else None,
+            dataset.train.images[:SCALE_IMAGES].numpy(),
+            dataset.train.labels[:SCALE_IMAGES].numpy(),
+            dataset.test.images[:CHECK_IMAGES].numpy(),
+            conventions,
+            input_scale,
+            layout,
+            graph_input.type.tensor_type.elem_type == 11,
+            step,
+            torch.get_num_threads(),
+        )
+    except SandboxError as error:
         raise OnnxImportError(str(error)) from None
-    accuracies = input_scale_accuracies(module, dataset, affine)
-    chosen = max(accuracies, key=lambda scale: accuracies[scale]) if input_scale == "auto" else input_scale
-    seen = with_input_scale(dataset, chosen, affine)  # what the lab's graph reads
+    if old:
+        if answer.upgraded is None:
+            raise OnnxImportError("the converter gave no model back")
+        model, upgraded_opset = _read(answer.upgraded)  # the child's output is checked like any file
+        if upgraded_opset != UPGRADE_OPSET:
+            raise OnnxImportError(f"the converter gave opset {upgraded_opset}, not {UPGRADE_OPSET}")
+        converted = _checked(model)
+    assert converted is not None
+    module, converter = converted
+    affine = converter.input_affine or (1.0, 0.0)
+    seen = with_input_scale(dataset, answer.chosen, affine)  # what the lab's graph reads
     with torch.inference_mode():
         probes = module(probe_images(seen.spec))
     if not bool(torch.isfinite(probes).all()):
         raise OnnxImportError("the model's outputs are not finite on ordinary images (probe images)")
-    images = dataset.test.images[:CHECK_IMAGES]
-    as_file_reads = rescaled(images, dataset.spec, view_spec(dataset.spec, chosen))  # before the file's own step
-    graph_input = model.graph.input[0]
-    layout = tuple(int(d) for d in _tensor_shape(graph_input)[1:])
-    as_file_reads = as_file_reads.expand(-1, layout[0], -1, -1) if layout[0] == 3 else as_file_reads
-    as_file_reads = as_file_reads.reshape(len(images), *layout)
-    dtype = np.float64 if graph_input.type.tensor_type.elem_type == 11 else np.float32
-    try:
-        reference = _onnxruntime_outputs(data, model, as_file_reads, step, dtype)
-    except Cancelled:
-        raise
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad models
-        raise OnnxImportError(f"ONNX Runtime cannot run the file ({shorten(error, 120)})") from None
-    ours = _batched(module, seen.test.images[:CHECK_IMAGES], step)
-    if softmax:
+    images = seen.test.images[:CHECK_IMAGES]
+    reference = _reference_scores(answer.scores)
+    ours = _batched(module, images, step)
+    if converter.softmax_output:
         ours = ours.exp()
     if reference.shape != ours.shape:
         raise OnnxImportError(
@@ -1237,7 +1219,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
         nodes=len(model.graph.node),
         parameters=sum(p.numel() for p in module.parameters()),
         dataset=dataset.spec.name,
-        input_scale=chosen,
+        input_scale=answer.chosen,
         agreement_images=len(images),
         largest_difference=difference,
         activation_values=converter.activation_values,
@@ -1246,7 +1228,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
         input_affine=affine,
         input_layout=layout,
         input_steps=tuple(converter.steps),
-        scale_accuracies=tuple(accuracies.items()),
+        scale_accuracies=tuple((scale, answer.accuracies[scale]) for scale in INPUT_SCALES),
         scale_measured=input_scale == "auto",
         scores_output=shorten(model.graph.output[0].name, 40),
     )
