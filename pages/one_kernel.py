@@ -10,10 +10,18 @@ session.require_navigation()  # first: a deep link on a fresh server may run thi
 st.title("One kernel")
 entry, config, report = session.current_report()
 choices = kernel_layers(entry.model)
-layer_name = st.selectbox("Conv layer", choices, key="lesson2_layer")
-size = int(entry.graph.weight(layer_name)[0, 0].numel())
+rows = entry.graph.op(choices[0]).kind == "linear"  # no convolution with filters wider than 1x1
+layer_name = st.selectbox("Linear layer" if rows else "Conv layer", choices, key="lesson2_layer")
+size = int(entry.graph.weight(layer_name)[0, 0].numel()) if not rows else int(entry.graph.weight(layer_name).shape[1])
+if rows:
+    st.info(
+        "This model has no convolution with filters wider than 1x1, so the lesson shows a row of a linear layer: "
+        "the weights one output reads from every input (drawn as a square when it is one: 784 weights read the "
+        "image's 28x28 pixels). Everything below holds for it as for a filter."
+    )
 st.markdown(
-    f"A {layer_name} filter (one input channel of it) is {size} weights. Quantizing it stores {size} small "
+    f"A {layer_name} {'row' if rows else 'filter (one input channel of it)'} is {size} weights. Quantizing it "
+    f"stores {size} small "
     "integers and one scale: the "
     "reconstruction s·q is what the network computes with, and the difference is the error. With a "
     "scale per filter (per-channel) a small filter gets a fine grid; with one scale for the whole layer "
@@ -21,7 +29,9 @@ st.markdown(
 )
 st.latex(r"\hat{w} = s \cdot q, \qquad q = \mathrm{clamp}(\mathrm{round}(w / s), -q_{\max}, q_{\max})")
 filters = int(entry.graph.weight(layer_name).shape[0])
-channel = st.number_input(f"Filter (0 to {filters - 1})", 0, filters - 1, 0, key=f"lesson2_channel_{layer_name}")
+channel = st.number_input(
+    f"{'Row' if rows else 'Filter'} (0 to {filters - 1})", 0, filters - 1, 0, key=f"lesson2_channel_{layer_name}"
+)
 kernel = one_kernel(entry.model, config, int(channel), layer_name)
 if entry.graph.folded_batchnorm.get(layer_name):
     st.caption(

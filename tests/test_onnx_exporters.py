@@ -269,3 +269,18 @@ def test_what_the_lab_cannot_express_is_refused_in_one_line(mnist, build, needle
     with pytest.raises(OnnxImportError) as caught:
         import_onnx(build(), mnist)
     assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_kernel_lesson_shows_a_perceptrons_row_as_the_image_it_reads(perceptron):
+    """A model without convolutions: the lesson's layers are its linear layers, and a row of 784 weights
+    is drawn as 28x28; its integers at 8 bits per-channel symmetric min/max are round(w / (max|w| / 127))."""
+    from qcore.lessons.steps import kernel_layers, one_kernel
+
+    model = Perceptron(flat=False)  # the lab's graph reads [N, 1, 28, 28] images
+    model.load_state_dict(perceptron.state_dict())
+    assert kernel_layers(model) == ["hidden", "out"]
+    row = perceptron.hidden.weight.detach()[5]
+    kernel = one_kernel(model.eval(), QuantConfig(granularity="per-channel", weight_range="minmax"), 5, "hidden")
+    assert torch.tensor(kernel.weights).shape == (28, 28)
+    expected = torch.round(row / (row.abs().max() / 127)).reshape(28, 28)
+    assert torch.equal(torch.tensor(kernel.per_channel.ints, dtype=torch.float32), expected)

@@ -105,33 +105,47 @@ class OneKernel:
     per_tensor: KernelView
 
 
+def _picture(weight: torch.Tensor, channel: int) -> torch.Tensor:
+    """What the lesson draws of output channel `channel`: a conv filter's first input channel, or a linear
+    layer's row as a square when it is one (784 weights: the image's 28x28 pixels), else as one line."""
+    if weight.ndim == 4:
+        return weight[channel, 0]
+    row = weight[channel]
+    side = math.isqrt(row.numel())
+    return row.reshape(side, side) if side * side == row.numel() else row.reshape(1, -1)
+
+
 def _kernel_view(weight: torch.Tensor, channel: int, qparams: QParams, granularity: str) -> KernelView:
     q = quantize(weight, qparams)
-    ints, reconstructed = q[channel, 0], dequantize(q, qparams)[channel, 0]
+    ints, reconstructed = _picture(q, channel), _picture(dequantize(q, qparams), channel)
     scale = qparams.scale.reshape(-1)
     return KernelView(
         granularity,
         float(scale[channel] if scale.numel() > 1 else scale[0]),
         ints.tolist(),
         reconstructed.tolist(),
-        (reconstructed - weight[channel, 0]).tolist(),
-        sqnr_db(weight[channel, 0], reconstructed),
+        (reconstructed - _picture(weight, channel)).tolist(),
+        sqnr_db(_picture(weight, channel), reconstructed),
     )
 
 
 def kernel_layers(model: nn.Module) -> list[str]:
-    """The conv layers whose filters are more than one weight wide, in execution order (the lesson's choices)."""
+    """The conv layers whose filters are more than one weight wide, in execution order (the lesson's
+    choices); for a model with none (a perceptron, a net of 1x1 convolutions), its linear layers, whose
+    rows the lesson shows instead."""
     graph = model_graph(model)
-    return [name for name in graph.layers if graph.op(name).kind is OpKind.CONV and graph.weight(name).shape[-1] > 1]
+    convs = [name for name in graph.layers if graph.op(name).kind is OpKind.CONV and graph.weight(name).shape[-1] > 1]
+    return convs or [name for name in graph.layers if graph.op(name).kind is OpKind.LINEAR]
 
 
 def one_kernel(model: nn.Module, config: QuantConfig, channel: int, layer_name: str = "conv1") -> OneKernel:
     """Filter `channel` of conv layer `layer_name` (its first input channel; BatchNorm folded in, as
-    every path quantizes it) at the config's weight bits, scheme and range rule, with a scale of its
-    own (per-channel) and with the one scale of the whole layer (per-tensor)."""
+    every path quantizes it), or row `channel` of a linear layer of a model without such convolutions,
+    at the config's weight bits, scheme and range rule, with a scale of its own (per-channel) and with
+    the one scale of the whole layer (per-tensor)."""
     graph = model_graph(model)
     if layer_name not in kernel_layers(model):
-        raise ValueError(f"{layer_name} is not a conv layer with filters wider than 1x1")
+        raise ValueError(f"{layer_name} is not one of the lesson's layers ({', '.join(kernel_layers(model))})")
     weight = graph.weight(layer_name).detach()
     if not 0 <= channel < weight.shape[0]:
         raise ValueError(f"{layer_name} has filters 0 to {weight.shape[0] - 1} (got {channel})")
@@ -141,7 +155,7 @@ def one_kernel(model: nn.Module, config: QuantConfig, channel: int, layer_name: 
         )
         for granularity in ("per-channel", "per-tensor")
     }
-    return OneKernel(channel, weight[channel, 0].tolist(), views["per-channel"], views["per-tensor"])
+    return OneKernel(channel, _picture(weight, channel).tolist(), views["per-channel"], views["per-tensor"])
 
 
 # --- 4. an outlier -----------------------------------------------------------------------------------
