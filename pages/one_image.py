@@ -8,7 +8,7 @@ from qcore.config import integer_path_problems
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from qcore.files import shorten
 from qcore.inference.integer import IntegerEngineError
-from qcore.lessons.walk import AddWalk, walk_shapes
+from qcore.lessons.walk import AddWalk, LookupWalk, walk_shapes
 from ui import cache, session
 
 TERMS_SHOWN = 4
@@ -65,10 +65,20 @@ right.markdown(
     f"({classes[walk.float_prediction]})."
 )
 last_layer = entry.graph.layers[-1]
-steps = {step.name: step for step in [*walk.layers, *walk.adds]}
+steps = {step.name: step for step in [*walk.layers, *walk.adds, *walk.lookups]}
 for name in walk.order:
     step = steps[name]
     st.subheader(f"{name}, output {step.position}")
+    if isinstance(step, LookupWalk):
+        lines = [
+            f"{step.function} on integers is one table lookup (TFLite's int8 LOGISTIC and TANH): "
+            f"{step.table_size} entries, one per level of its input's grid",
+            f"input level {step.input_level} stands for {step.input_real:.6g}; {step.function} of it is "
+            f"{step.activation_real:.6g}",
+            f"table entry {step.input_level}: level {step.output_level}, which stands for {step.output_real:.6g}",
+        ]
+        st.code("\n".join(lines), language=None)
+        continue
     if isinstance(step, AddWalk):
         lines = [
             f"TFLite's int8 ADD of {step.inputs[0]} and {step.inputs[1]}, each on its own grid:",

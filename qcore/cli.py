@@ -730,7 +730,7 @@ def _position(text: str | None, layer_name: str | None, shapes: dict[str, tuple[
 
 def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
     from qcore.graph import model_graph
-    from qcore.lessons.walk import LayerWalk, explain, walk_shapes
+    from qcore.lessons.walk import LayerWalk, LookupWalk, explain, walk_shapes
 
     if not 0 <= args.image <= 9999:
         raise UsageError(f"--image must be between 0 and 9999 (got {args.image})")
@@ -748,10 +748,16 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, object]:
             f"test image {walk.image}: label {walk.label}, "
             f"integer prediction {walk.prediction}, float {walk.float_prediction}"
         )
-        steps = {step.name: step for step in [*walk.layers, *walk.adds]}
+        steps = {step.name: step for step in [*walk.layers, *walk.adds, *walk.lookups]}
         for name in walk.order:
             step = steps[name]
-            if isinstance(step, LayerWalk):
+            if isinstance(step, LookupWalk):
+                print(
+                    f"{step.name} at {step.position}: {step.function} by table, input level {step.input_level} "
+                    f"({step.input_real:.6g}) -> entry {step.output_level} ({step.output_real:.6g}; "
+                    f"{step.function} gives {step.activation_real:.6g}), {step.table_size} entries"
+                )
+            elif isinstance(step, LayerWalk):
                 print(
                     f"{step.name} at {step.position}: {len(step.terms)} terms, "
                     f"accumulator {step.accumulator} (bias {step.bias}), M0 {step.multiplier} "

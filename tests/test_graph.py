@@ -247,14 +247,14 @@ def test_relu6_is_a_clamp_at_the_quantized_six(every_op, mnist):
 # --- refusals --------------------------------------------------------------------------------
 
 
-class WithSigmoid(nn.Module):
+class WithSine(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, 3)
         self.fc = nn.Linear(4 * 26 * 26, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.sigmoid(self.conv1(x)).flatten(1))
+        return self.fc(torch.sin(self.conv1(x)).flatten(1))
 
 
 class BatchNormAfterLinear(nn.Module):
@@ -272,7 +272,7 @@ class BatchNormAfterLinear(nn.Module):
 @pytest.mark.parametrize(
     "model,message",
     [
-        (WithSigmoid(), "unsupported operation 'sigmoid' after conv1"),
+        (WithSine(), "unsupported operation 'sin' after conv1"),
         (BatchNormAfterLinear(), "unsupported operation 'BatchNorm2d' after pool"),
     ],
 )
@@ -363,10 +363,10 @@ def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
 def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsys, command):
     from qcore import cli
 
-    monkeypatch.setattr(cli, "load_checkpoint", lambda source, model_name: (WithSigmoid(), None))
+    monkeypatch.setattr(cli, "load_checkpoint", lambda source, model_name: (WithSine(), None))
     assert cli.main([command]) == 2
     err = capsys.readouterr().err
-    assert err == "qcore: error: unsupported operation 'sigmoid' after conv1\n"
+    assert err == "qcore: error: unsupported operation 'sin' after conv1\n"
 
 
 def test_the_graph_command_prints_the_bundled_nets_points(capsys):

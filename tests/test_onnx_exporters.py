@@ -284,3 +284,72 @@ def test_the_kernel_lesson_shows_a_perceptrons_row_as_the_image_it_reads(percept
     assert torch.tensor(kernel.weights).shape == (28, 28)
     expected = torch.round(row / (row.abs().max() / 127)).reshape(28, 28)
     assert torch.equal(torch.tensor(kernel.per_channel.ints, dtype=torch.float32), expected)
+
+
+class Activations(nn.Module):
+    """Every activation other than ReLU that exporters write, inside the network, and a Sigmoid over the
+    scores (which stays float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8 * 7 * 7, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+        self.inside = nn.ModuleList([nn.LeakyReLU(0.1), nn.ELU(), nn.Hardswish(), nn.Tanh(), nn.Hardsigmoid()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaky, elu, hardswish, tanh, hardsigmoid = self.inside
+        x = nn.functional.max_pool2d(leaky(self.conv1(x)), 2)
+        x = hardswish(elu(self.conv2(x))).flatten(1)
+        return torch.sigmoid(self.fc3(hardsigmoid(self.fc2(tanh(self.fc1(x))))))
+
+
+def test_activations_other_than_relu_are_tables_on_integers_and_agree_everywhere(mnist):
+    """LeakyRelu, Elu, HardSwish, Tanh and HardSigmoid (as torch exports them) become the lab's lookups:
+    the simulation and the integer engine read one table per activation, so at W8A8 and W4A4 they agree
+    on every one of 1,000 images, as do the ONNX export (a Gather on that table) under ONNX Runtime and
+    the qtensors file; a table's levels are the activation of each input level, rounded, computed here
+    in float64 (equal but for rounding ties). The final Sigmoid stays float."""
+    from qcore.export.formats import load_qtensors, qtensors_bytes
+
+    torch.manual_seed(0)
+    model = Activations().eval()
+    imported = import_onnx(_export(model, torch.zeros(1, 1, 28, 28)), mnist, "normalized")
+    graph = model_graph(imported.module)
+    kinds = [op.attrs["function"] for op in graph.ops if op.kind == "lookup"]
+    assert kinds == ["leaky_relu", "elu", "hardswish", "tanh", "hardsigmoid"]
+    assert graph.op(graph.output).kind == "linear"  # the sigmoid over the scores is not quantized
+    x = mnist.test.images[:1000]
+    with torch.inference_mode():
+        assert torch.equal(imported.module(x).argmax(1), model(x).argmax(1))
+    for bits in (8, 4):
+        quantized = quantize_for(imported.module, mnist, QuantConfig(weight_bits=bits, act_bits=bits))
+        with torch.inference_mode():
+            simulated = quantized(x).argmax(1)
+        assert torch.equal(IntegerNet(quantized).predict(x), simulated), bits
+        assert torch.equal(load_qtensors(qtensors_bytes(IntegerNet(quantized))).predict(x), simulated), bits
+        if bits == 8:
+            assert torch.equal(OnnxRunner(export_onnx(quantized, mnist.spec)).predict(x), simulated)
+            tanh = next(op.name for op in graph.ops if op.attrs.get("function") == "tanh")
+            source = quantized.points[quantized.plan.grid[graph.op(tanh).inputs[0]]].qparams
+            target = quantized.points[tanh].qparams
+            low, table = quantized.lookup_tables[tanh]
+            levels = np.arange(low, low + len(table))
+            real = (levels - int(source.zero_point)) * float(source.scale)
+            by_hand = np.clip(np.round(np.tanh(real) / float(target.scale)) + int(target.zero_point), 0, 255)
+            assert np.abs(table.numpy() - by_hand).max() <= 1 and (table.numpy() == by_hand).mean() > 0.99
+    # the One image walk shows a table lookup: the input's level, the real it stands for, the entry
+    from qcore.lessons.walk import explain
+
+    quantized = quantize_for(imported.module, mnist, QuantConfig())
+    walk = explain(imported.module, mnist, QuantConfig(), 0, qnet=quantized)
+    step = next(lookup for lookup in walk.lookups if lookup.function == "tanh")
+    assert step.name in walk.order and step.table_size == 256
+    assert step.activation_real == pytest.approx(float(np.tanh(step.input_real)), abs=1e-6)
+    assert abs(step.output_real - step.activation_real) <= float(quantized.points[step.name].qparams.scale) / 2 + 1e-6
+    # torch's own int8 engine runs it too, with its own activation kernels
+    from qcore.inference.deploy import run_engine
+
+    with torch.inference_mode():
+        everything = quantized(mnist.test.images).argmax(1)
+    engine = run_engine("torch-int8", imported.module, mnist, quantized, everything)
+    assert engine.agreement_with_simulation > 0.9

@@ -276,7 +276,7 @@ def _not_finite() -> bytes:
 
 def _markdown_name() -> bytes:
     model = hand_made()
-    model.graph.node.insert(3, _node("Sigmoid", ["r"], ["s"], "[click](http://evil.example/" + "x" * 300 + ")"))
+    model.graph.node.insert(3, _node("Sin", ["r"], ["s"], "[click](http://evil.example/" + "x" * 300 + ")"))
     return model.SerializeToString()
 
 
@@ -338,7 +338,7 @@ REFUSALS = {
     "two inputs": (_two_inputs, "the model takes 2 inputs (image, labels); it must take one image tensor"),
     "two outputs of 10": (_two_score_outputs, "the model gives 2 outputs, 2 of them [N, 10]"),
     "not finite": (_not_finite, "not finite on ordinary images"),
-    "a name of markdown": (_markdown_name, "unsupported operation Sigmoid at node [click](http://evil.example/xxx"),
+    "a name of markdown": (_markdown_name, "unsupported operation Sin at node [click](http://evil.example/xxx"),
     "BatchNorm after a ReLU": (_batchnorm_after_relu, "unsupported operation 'BatchNorm2d' after "),
 }
 

@@ -29,7 +29,7 @@ from qcore.files import read_json, shorten
 from qcore.graph import ModelGraph, Op, OpKind, QuantPlan
 from qcore.inference.integer import IntegerLayer, IntegerNet, Requantization
 from qcore.quantize.qmodel import QuantizedNet, float_parts
-from qcore.quantize.quant import QParams
+from qcore.quantize.quant import QParams, dequantize
 
 QTENSORS_FORMAT = "qlab-qtensors/2"
 MAX_PLAN_CHARS = 4_000_000  # the graph and plan JSON of a qtensors file (a zoo model needs under 100 kB)
@@ -143,6 +143,7 @@ def _plan_json(engine: IntegerNet, state: dict[str, object]) -> str:
                 for name, (zeros, multipliers, shifts) in engine._adds.items()
             },
             "grid_clamps": {name: list(clamp) for name, clamp in engine._grid_clamps.items()},
+            "tables": {name: [low, [int(v) for v in table]] for name, (low, table) in engine._tables.items()},
             "output_point": engine._output_point,
             "logit_bits": engine.logit_bits,
         }
@@ -233,6 +234,10 @@ class LoadedIntegerNet(IntegerNet):
             for name, (zeros, multipliers, shifts) in plan["adds"].items()
         }
         self._grid_clamps = {name: (int(low), high) for name, (low, high) in plan["grid_clamps"].items()}
+        self._tables = {
+            name: (int(low), torch.tensor([int(v) for v in table], dtype=torch.int64))
+            for name, (low, table) in plan.get("tables", {}).items()
+        }
         self._output_point = plan["output_point"]
         self.logit_bits = int(plan["logit_bits"])
         self._layer_requant = {}
@@ -377,6 +382,23 @@ def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
             qparams = qnet.points[op.name].qparams
             parts = [quantize_dequantize(arg, f"{op.name}.in{i}", qparams) for i, arg in enumerate(args)]
             nodes.append(helper.make_node("Concat", parts, [out], axis=1))
+        elif op.kind is OpKind.LOOKUP:
+            # the simulation's own table (TFLite's int8 LOGISTIC): the input's level, then the output's
+            # dequantized value at that level, read by Gather: exact, where a float Sigmoid between a
+            # DequantizeLinear and a QuantizeLinear could round a level differently
+            source = qnet.points[plan.grid[op.inputs[0]]].qparams
+            low, table = qnet.lookup_tables[op.name]
+            values = dequantize(table, qnet.points[op.name].qparams).numpy().astype(np.float32)
+            tag = op.name
+            s_in = constant(f"{tag}.in_scale", np.array(float(source.scale), np.float32))
+            z_in = constant(f"{tag}.in_zero", np.array(int(source.zero_point), np.uint8))
+            nodes.append(helper.make_node("QuantizeLinear", [args[0], s_in, z_in], [f"{tag}.level"]))
+            nodes.append(helper.make_node("Cast", [f"{tag}.level"], [f"{tag}.index"], to=TensorProto.INT64))
+            if low != 0:
+                offset = constant(f"{tag}.low", np.array(low, np.int64))
+                nodes.append(helper.make_node("Sub", [f"{tag}.index", offset], [f"{tag}.from_low"]))
+            index = f"{tag}.from_low" if low != 0 else f"{tag}.index"
+            nodes.append(helper.make_node("Gather", [constant(f"{tag}.table", values), index], [out], axis=0))
         else:  # log_softmax: the export's output is the logits before it, as the engine's argmax
             out = args[0]
         # where the simulation fake-quantizes a value as it is made (qnet._quantize_after); an average

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class GraphError(ValueError):
@@ -27,6 +29,9 @@ class OpKind(StrEnum):
     ADD = "add"  # residual add of two tensors of one shape
     CAT = "cat"  # along channels
     LOG_SOFTMAX = "log_softmax"
+    # an elementwise activation other than ReLU (sigmoid, tanh, ...): its input and output are quantization
+    # points, and on integers it is a table over its input's levels (TFLite's int8 LOGISTIC and TANH)
+    LOOKUP = "lookup"
 
 
 LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
@@ -44,7 +49,49 @@ OP_KIND_NAMES = (
     "add",
     "concat",
     "flatten",
+    *("sigmoid", "tanh", "leaky_relu", "elu", "hardsigmoid", "hardswish"),
 )
+
+
+class Activation(nn.Module):
+    """An elementwise activation the lab computes by lookup on integers: `function` is one of
+    ACTIVATIONS, `parameter` its setting (LeakyReLU's slope, ELU's alpha, HardSigmoid's alpha and beta)."""
+
+    def __init__(self, function: str, parameter: tuple[float, ...] = ()) -> None:
+        super().__init__()
+        if function not in ACTIVATIONS:
+            raise GraphError(f"unknown activation {function!r}")
+        self.function, self.parameter = function, tuple(float(p) for p in parameter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation(self.function, self.parameter, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.function}{self.parameter or ''}"
+
+
+# the activations and their float definitions (the float model, the simulation's tables and the engine's)
+ACTIVATIONS = ("sigmoid", "tanh", "leaky_relu", "elu", "hardsigmoid", "hardswish")
+
+
+def activation(function: str, parameter: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """`function` of ACTIVATIONS applied to `x`, as ONNX defines it (HardSigmoid: clamp(alpha x + beta, 0, 1),
+    alpha and beta given; HardSwish: x * clamp(x / 6 + 1/2, 0, 1))."""
+    if function == "sigmoid":
+        return torch.sigmoid(x)
+    if function == "tanh":
+        return torch.tanh(x)
+    if function == "leaky_relu":
+        return F.leaky_relu(x, parameter[0])
+    if function == "elu":
+        return F.elu(x, parameter[0])
+    if function == "hardsigmoid":
+        return torch.clamp(parameter[0] * x + parameter[1], 0.0, 1.0)
+    if function == "hardswish":
+        return F.hardswish(x)
+    raise GraphError(f"unknown activation {function!r}")
+
+
 # Operations that commute with a positive per-channel scale and a monotone rounding: on the integer
 # path they run on whatever the tensor holds (accumulators or quantized integers) and share its grid
 PASSTHROUGH_KINDS = (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN)
@@ -132,6 +179,8 @@ class ModelGraph:
                 found.add("depthwise_conv" if self.is_depthwise(op.name) else "conv")
             elif op.kind is OpKind.AVGPOOL:
                 found.add("global_avgpool" if self.is_global_pool(op.name) else "avgpool")
+            elif op.kind is OpKind.LOOKUP:
+                found.add(str(op.attrs["function"]))
             else:
                 found.add({OpKind.CAT: "concat"}.get(op.kind, op.kind.value))
         return [kind for kind in OP_KIND_NAMES if kind in found]

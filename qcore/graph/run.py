@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qcore.graph.ops import ModelGraph, Op, OpKind
+from qcore.graph.ops import ModelGraph, Op, OpKind, activation
 
 
 class GraphRun:
@@ -45,6 +45,10 @@ class GraphRun:
     def avg_pool(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         kernel, stride = op.attrs["kernel"], op.attrs["stride"]
         return F.avg_pool2d(x, kernel, stride)  # type: ignore[arg-type]
+
+    def lookup(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """An activation other than ReLU (the simulation reads it from its table on the integers)."""
+        return activation(str(op.attrs["function"]), op.attrs["parameter"], x)  # type: ignore[arg-type]
 
     # --- the walk --------------------------------------------------------------------------------
     def compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
@@ -82,6 +86,8 @@ class GraphRun:
             return torch.cat([self.cat_input(op, value) for value in args], dim=1)
         if kind is OpKind.LOG_SOFTMAX:
             return F.log_softmax(args[0], dim=1)
+        if kind is OpKind.LOOKUP:
+            return self.lookup(op, args[0])
         raise AssertionError(f"no float rule for {kind}")
 
     def run(self, x: torch.Tensor, log_probs: bool = True) -> torch.Tensor:

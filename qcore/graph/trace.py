@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qcore.graph.ops import GraphError, ModelGraph, Op, OpKind
+from qcore.graph.ops import Activation, GraphError, ModelGraph, Op, OpKind
 
 INPUT_SHAPE = (1, 28, 28)  # MNIST and Fashion-MNIST: one channel, 28 x 28
 MAX_NODES = 2000  # bound the work of checking a traced graph
@@ -115,6 +115,12 @@ class _Builder:
             isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0)
         ):
             self.emit(node, OpKind.RELU6, (self.source(x, node),))
+        elif isinstance(module, Activation):
+            attrs = {"function": module.function, "parameter": module.parameter}
+            self.emit(node, OpKind.LOOKUP, (self.source(x, node),), **attrs)
+        elif type(module) in _TORCH_ACTIVATIONS:
+            function, parameter = _TORCH_ACTIVATIONS[type(module)](module)
+            self.emit(node, OpKind.LOOKUP, (self.source(x, node),), function=function, parameter=parameter)
         elif isinstance(module, nn.MaxPool2d):
             self.max_pool(node, x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
         elif isinstance(module, nn.AvgPool2d):
@@ -202,6 +208,9 @@ class _Builder:
             target is F.hardtanh and (_argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0)) == (0, 6)
         ):
             self.emit(node, OpKind.RELU6, (self.source(x, node),))
+        elif target in _FUNCTION_ACTIVATIONS:
+            function, parameter = _FUNCTION_ACTIVATIONS[target](node)
+            self.emit(node, OpKind.LOOKUP, (self.source(x, node),), function=function, parameter=parameter)
         elif target is F.max_pool2d:
             kernel = _argument(node, 1, "kernel_size", None)
             self.max_pool(
@@ -288,6 +297,23 @@ class _Builder:
 
 
 _SHAPE_USERS = {"view", "reshape", operator.getitem}
+# torch's own activation modules the lab computes by lookup: (function, parameter) from the module
+_TORCH_ACTIVATIONS = {
+    nn.Sigmoid: lambda m: ("sigmoid", ()),
+    nn.Tanh: lambda m: ("tanh", ()),
+    nn.LeakyReLU: lambda m: ("leaky_relu", (float(m.negative_slope),)),
+    nn.ELU: lambda m: ("elu", (float(m.alpha),)),
+    nn.Hardswish: lambda m: ("hardswish", ()),
+}
+_FUNCTION_ACTIVATIONS = {
+    torch.sigmoid: lambda n: ("sigmoid", ()),
+    F.sigmoid: lambda n: ("sigmoid", ()),
+    torch.tanh: lambda n: ("tanh", ()),
+    F.tanh: lambda n: ("tanh", ()),
+    F.leaky_relu: lambda n: ("leaky_relu", (float(_argument(n, 1, "negative_slope", 0.01)),)),  # type: ignore[arg-type]
+    F.elu: lambda n: ("elu", (float(_argument(n, 1, "alpha", 1.0)),)),  # type: ignore[arg-type]
+    F.hardswish: lambda n: ("hardswish", ()),
+}
 
 # torch.fx traces by patching torch.nn.Module.__call__ and __getattr__ for the whole process while it
 # runs: a server's other sessions evaluating a model in other threads would be routed into the trace
@@ -308,6 +334,10 @@ class _OwnThreadTracer(fx.Tracer):
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+    def is_leaf_module(self, m, module_qualified_name):  # type: ignore[no-untyped-def]
+        # the lab's own Activation is one operation, as torch's nn modules are
+        return isinstance(m, Activation) or super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[no-untyped-def]
         if threading.get_ident() != self._thread:

@@ -422,6 +422,7 @@ class IntegerNet:
         self._layer_requant: dict[str, Requantization] = {}
         # ReLU / ReLU6 of a tensor on a grid: the clamp itself (on accumulators it waits for the requantization)
         self._grid_clamps: dict[str, tuple[int, int | None]] = {}
+        self._tables: dict[str, tuple[int, torch.Tensor]] = {}  # activation -> (its input's qmin, table)
         for op in self.graph.ops:
             inputs = [values[name] for name in op.inputs]
             value: _Acc | _Grid
@@ -454,6 +455,11 @@ class IntegerNet:
                     value = replace(value, repeat=value.repeat * int(torch.tensor(shape[2:]).prod()))
             elif op.kind is OpKind.AVGPOOL:
                 value = inputs[0]
+            elif op.kind is OpKind.LOOKUP:  # a table from the input's levels to its own (the simulation's)
+                if not isinstance(inputs[0], _Grid) or inputs[0].point != qnet.plan.grid.get(op.inputs[0]):
+                    raise IntegerEngineError(f"{op.name}'s input is not on the grid its table was made for")
+                self._tables[op.name] = qnet.lookup_tables[op.name]
+                value = _Grid(op.name)
             elif op.kind is OpKind.ADD:
                 grids = [v for v in inputs if isinstance(v, _Grid)]
                 assert len(grids) == 2  # the plan puts both inputs of an add on grids
@@ -539,6 +545,9 @@ class IntegerNet:
             return args[0].flatten(1)
         if kind is OpKind.AVGPOOL:
             return average_pool_int(args[0], op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
+        if kind is OpKind.LOOKUP:
+            low, table = self._tables[op.name]
+            return table[args[0].to(torch.int64) - low]
         if kind is OpKind.ADD:
             zeros, multipliers, shifts = self._adds[op.name]
             return add_int(args[0], args[1], zeros, multipliers, shifts)

@@ -81,6 +81,8 @@ class _EagerGraph(nn.Module):
                 module = nn.AvgPool2d(op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
             elif op.kind in (OpKind.ADD, OpKind.CAT):
                 module = FloatFunctional()
+            elif op.kind is OpKind.LOOKUP:
+                module = _torch_activation(str(op.attrs["function"]), op.attrs["parameter"])  # type: ignore[arg-type]
             if module is None:
                 continue
             if op.is_layer:
@@ -122,6 +124,24 @@ class _EagerGraph(nn.Module):
         if self.ops_[-1].kind is OpKind.LOG_SOFTMAX and self.output == self.ops_[-1].name:
             return out
         return F.log_softmax(self.dequant(out), dim=1)
+
+
+def _torch_activation(function: str, parameter: tuple[float, ...]) -> nn.Module:
+    """torch's own module for an activation, which its eager int8 mode quantizes (its own kernels)."""
+    if function == "hardsigmoid":
+        if abs(parameter[0] - 1 / 6) > 1e-6 or parameter[1] != 0.5:  # ONNX stores alpha as float32
+            raise ValueError(
+                f"torch's int8 engine has HardSigmoid with alpha 1/6 and beta 1/2 only (this one: {parameter})"
+            )
+        return nn.Hardsigmoid()
+    modules = {
+        "sigmoid": lambda: nn.Sigmoid(),
+        "tanh": lambda: nn.Tanh(),
+        "leaky_relu": lambda: nn.LeakyReLU(parameter[0]),
+        "elu": lambda: nn.ELU(parameter[0]),
+        "hardswish": lambda: nn.Hardswish(),
+    }
+    return modules[function]()
 
 
 def torch_int8_model(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:

@@ -12,7 +12,7 @@ integer engine's own tensors for that image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -79,6 +79,22 @@ class AddWalk:
 
 
 @dataclass(frozen=True)
+class LookupWalk:
+    """One activation other than ReLU on integers: its input's level at `position` read in its table
+    (TFLite's int8 LOGISTIC and TANH), with the reals each level stands for."""
+
+    name: str
+    function: str  # sigmoid, tanh, ...
+    position: list[int]
+    input_level: int
+    input_real: float  # s_in * (q_in - z_in)
+    activation_real: float  # the activation of that real, in float
+    output_level: int  # the table's entry: round(activation / s_out) + z_out, clamped
+    output_real: float  # s_out * (q_out - z_out)
+    table_size: int  # entries: one per level of the input's grid
+
+
+@dataclass(frozen=True)
 class Walk:
     image: int
     label: int
@@ -88,7 +104,8 @@ class Walk:
     float_probabilities: list[float]
     layers: list[LayerWalk]
     adds: list[AddWalk]
-    order: list[str]  # layers and adds in execution order (display)
+    order: list[str]  # layers, adds and lookups in execution order (display)
+    lookups: list[LookupWalk] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         """The CLI's JSON (the display-only maps and order left out)."""
@@ -102,12 +119,13 @@ class Walk:
             "float_probabilities": self.float_probabilities,
             "layers": [{k: v for k, v in asdict(layer).items() if k not in display_only} for layer in self.layers],
             "adds": [asdict(add) for add in self.adds],
+            "lookups": [asdict(lookup) for lookup in self.lookups],
         }
 
 
 def walk_shapes(graph: ModelGraph) -> dict[str, tuple[int, ...]]:
     """Each layer's and add's output shape without the batch (where `positions` pick an output)."""
-    return {op.name: op.shape[1:] for op in graph.ops if op.is_layer or op.kind is OpKind.ADD}
+    return {op.name: op.shape[1:] for op in graph.ops if op.is_layer or op.kind in (OpKind.ADD, OpKind.LOOKUP)}
 
 
 def _check_position(name: str, position: Sequence[int], shape: Sequence[int]) -> list[int]:
@@ -274,6 +292,33 @@ def _add_walk(
     )
 
 
+def _lookup_walk(
+    engine: IntegerNet, op: Op, integers: dict[str, torch.Tensor], position: Sequence[int] | None
+) -> LookupWalk:
+    from qcore.graph.ops import activation
+
+    low, table = engine._tables[op.name]
+    source, target = engine.points[engine.plan.grid[op.inputs[0]]], engine.points[op.name]
+    output = integers[op.name][0]
+    default = divmod_index(int(output.argmax()), output.shape)
+    where = tuple(_check_position(op.name, default if position is None else position, output.shape))
+    level = int(integers[op.inputs[0]][0][where])
+    real = float((level - int(source.zero_point)) * source.scale)
+    function, parameter = str(op.attrs["function"]), op.attrs["parameter"]
+    out = int(table[level - low])
+    return LookupWalk(
+        name=op.name,
+        function=function,
+        position=list(where),
+        input_level=level,
+        input_real=real,
+        activation_real=float(activation(function, parameter, torch.tensor(real))),  # type: ignore[arg-type]
+        output_level=out,
+        output_real=float((out - int(target.zero_point)) * target.scale),
+        table_size=len(table),
+    )
+
+
 @torch.inference_mode()
 def explain(
     model: torch.nn.Module,
@@ -303,13 +348,15 @@ def explain(
     float_run = _Values(model_graph(reference))  # the maps beside the integer ones: what the quantizer saw
     float_run.run(x_real)
     float_log_probs = model(x_real)[0]
-    layers, adds, order = [], [], []
+    layers, adds, lookups, order = [], [], [], []
     for op in graph.ops:
         if op.is_layer:
             x = integers[op.inputs[0]]
             layers.append(_layer_walk(engine, graph, op, x, integers, float_run.values, positions.get(op.name)))
         elif op.kind is OpKind.ADD:
             adds.append(_add_walk(engine, op, integers, positions.get(op.name)))
+        elif op.kind is OpKind.LOOKUP:
+            lookups.append(_lookup_walk(engine, op, integers, positions.get(op.name)))
         else:
             continue
         order.append(op.name)
@@ -324,6 +371,7 @@ def explain(
         layers=layers,
         adds=adds,
         order=order,
+        lookups=lookups,
     )
 
 

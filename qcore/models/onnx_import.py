@@ -85,6 +85,12 @@ LAYER_OPS = {
     "Concat",
     "LogSoftmax",
     "Softmax",
+    "Sigmoid",
+    "Tanh",
+    "LeakyRelu",
+    "Elu",
+    "HardSigmoid",
+    "HardSwish",
     "Identity",
     "Dropout",
 }
@@ -428,7 +434,7 @@ class _Converter:
         for node in self.graph.node:
             for name in node.input:
                 self.readers[name] = self.readers.get(name, 0) + 1
-        self.softmax_output = False
+        self.final = ""  # the file's last operation over the scores: softmax, log_softmax, sigmoid or none
         self.probe: dict[fx.Node, torch.Tensor] = {}  # every fx node's value on two zero images
         self.labels: dict[str, str] = {}  # module name -> the file's own name for its node, shortened
         self.operations = 0
@@ -820,6 +826,33 @@ class _Converter:
     def op_Relu(self, node: onnx.NodeProto, index: int) -> None:
         self.output(node, self.module(node, index, nn.ReLU(), self.tensor(node, index, 0)))
 
+    def _activation(self, node: onnx.NodeProto, index: int, function: str, parameter: tuple[float, ...]) -> None:
+        from qcore.graph.ops import Activation
+
+        self.output(node, self.module(node, index, Activation(function, parameter), self.tensor(node, index, 0)))
+
+    def op_Sigmoid(self, node: onnx.NodeProto, index: int) -> None:
+        if node.output[0] == self.graph.output[0].name:  # over the scores: monotone, stays float
+            self.output(node, self._final(node, index, "sigmoid"))
+            return
+        self._activation(node, index, "sigmoid", ())
+
+    def op_Tanh(self, node: onnx.NodeProto, index: int) -> None:
+        self._activation(node, index, "tanh", ())
+
+    def op_LeakyRelu(self, node: onnx.NodeProto, index: int) -> None:
+        self._activation(node, index, "leaky_relu", (float(self.attribute(node, "alpha", 0.01)),))  # type: ignore[arg-type]
+
+    def op_Elu(self, node: onnx.NodeProto, index: int) -> None:
+        self._activation(node, index, "elu", (float(self.attribute(node, "alpha", 1.0)),))  # type: ignore[arg-type]
+
+    def op_HardSigmoid(self, node: onnx.NodeProto, index: int) -> None:
+        alpha, beta = float(self.attribute(node, "alpha", 0.2)), float(self.attribute(node, "beta", 0.5))  # type: ignore[arg-type]
+        self._activation(node, index, "hardsigmoid", (alpha, beta))
+
+    def op_HardSwish(self, node: onnx.NodeProto, index: int) -> None:
+        self._activation(node, index, "hardswish", ())
+
     def op_Clip(self, node: onnx.NodeProto, index: int) -> None:
         import numpy as np
 
@@ -1047,20 +1080,26 @@ class _Converter:
         tensors = [self.tensor(node, index, position) for position in range(len(node.input))]
         self.output(node, self.function(node, index, torch.cat, (tensors, 1)))
 
-    def _final(self, node: onnx.NodeProto, index: int) -> fx.Node:
+    def _final(self, node: onnx.NodeProto, index: int, kind: str = "softmax") -> fx.Node:
+        """The file's last operation over the 10 scores, which stays float (monotone: the prediction is the
+        scores'): the lab's graph ends at log-probabilities for Softmax and LogSoftmax, at the scores
+        themselves for Sigmoid (the arrival check applies the sigmoid to compare)."""
         if node.output[0] != self.graph.output[0].name:
             raise self.refuse(node, index, "only as the last operation, over the classes")
+        if kind == "sigmoid":
+            self.final = kind
+            return self.tensor(node, index, 0)
         if int(self.attribute(node, "axis", -1)) not in (1, -1):  # type: ignore[call-overload]
             raise self.refuse(node, index, "only over the classes (axis 1)")
+        self.final = kind
         return self.function(node, index, F.log_softmax, (self.tensor(node, index, 0),), {"dim": 1})
 
     def op_LogSoftmax(self, node: onnx.NodeProto, index: int) -> None:
-        self.output(node, self._final(node, index))
+        self.output(node, self._final(node, index, "log_softmax"))
 
     def op_Softmax(self, node: onnx.NodeProto, index: int) -> None:
         # the lab works with log-probabilities; the same argmax, and exp() gives the file's values back
         self.output(node, self._final(node, index))
-        self.softmax_output = True
 
     # --- the whole graph -------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
@@ -1100,7 +1139,7 @@ def onnx_module(model: onnx.ModelProto) -> tuple[fx.GraphModule, bool]:
     """The validated model's graph as a torch.fx module of torch's layers (eval mode), and whether the
     file ends in Softmax (the module gives log-probabilities either way)."""
     module, converter = _convert(model)
-    return module, converter.softmax_output
+    return module, converter.final == "softmax"
 
 
 def check_batch(activation_values: int) -> int:
@@ -1197,8 +1236,10 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
     images = seen.test.images[:CHECK_IMAGES]
     reference = _reference_scores(answer.scores)
     ours = _batched(module, images, step)
-    if converter.softmax_output:
+    if converter.final == "softmax":
         ours = ours.exp()
+    elif converter.final == "sigmoid":
+        ours = torch.sigmoid(ours)
     if reference.shape != ours.shape:
         raise OnnxImportError(
             f"ONNX Runtime gives outputs of shape {list(reference.shape)}, the import {list(ours.shape)}"

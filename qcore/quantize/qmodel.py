@@ -39,6 +39,7 @@ from qcore.quantize.quant import (
     dequantize,
     dequantize_bias,
     fake_quantize,
+    lookup_table,
     quantize,
     quantize_bias,
     tensor_range,
@@ -137,6 +138,13 @@ class _Simulation(GraphRun):
         qparams = self.qnet.points[self.qnet.plan.grid[op.inputs[0]]].qparams
         return dequantize(rounded_average_levels(x, qparams, op), qparams)
 
+    def lookup(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """The activation's table read at the input's integers (the engine's very table), dequantized."""
+        source = self.qnet.points[self.qnet.plan.grid[op.inputs[0]]].qparams
+        low, table = self.qnet.lookup_tables[op.name]
+        levels = quantize(x.detach(), source).to(torch.int64) - low
+        return dequantize(table[levels], self.qnet.points[op.name].qparams)
+
 
 def rounded_average_levels(x: torch.Tensor, qparams: QParams, op: Op) -> torch.Tensor:
     """The integers of an average pool of `x` (on `qparams`' grid) as the integer engine computes them
@@ -188,6 +196,17 @@ class QuantizedNet(nn.Module):
             read_by_layers_only = all(user.is_layer for user in graph.consumers(op.name))
             if (op.name in points and not read_by_layers_only) or op.kind is OpKind.RELU6:
                 self._quantize_after[op.name] = points[source].qparams
+        # each activation other than ReLU as a table from its input's levels to its own (quant.lookup_table)
+        self.lookup_tables = {
+            op.name: lookup_table(
+                str(op.attrs["function"]),
+                op.attrs["parameter"],  # type: ignore[arg-type]
+                points[plan.grid[op.inputs[0]]].qparams,
+                points[op.name].qparams,
+            )
+            for op in graph.ops
+            if op.kind is OpKind.LOOKUP
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_outputs(x)[0]

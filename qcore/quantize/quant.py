@@ -149,3 +149,17 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     import math
 
     return 10.0 * math.log10(signal / noise)
+
+
+def lookup_table(
+    function: str, parameter: tuple[float, ...], source: QParams, target: QParams
+) -> tuple[int, torch.Tensor]:
+    """An activation other than ReLU on integers (TFLite's int8 LOGISTIC and TANH): for each level of its
+    input's grid `source`, from qmin up, the level of `target` its float value maps to, int64. The
+    simulation and the integer engine both read it, so they agree on every input by construction."""
+    from qcore.graph.ops import activation
+
+    if source.scale.numel() != 1 or target.scale.numel() != 1:
+        raise ValueError("an activation's table needs one scale per tensor")
+    levels = torch.arange(source.qmin, source.qmax + 1, dtype=torch.int64)
+    return source.qmin, quantize(activation(function, parameter, dequantize(levels, source)), target).to(torch.int64)
