@@ -98,7 +98,7 @@ table_with_csv(size_table(report.qnet), "model size", "sizes")
 
 if config.max_bits <= 8:
     qtensors, onnx_model = cache.exports(
-        entry.fingerprint, config.to_json(), session.data_folder(), entry.model, entry.qat
+        entry.fingerprint, config.to_json(), session.data_folder(), entry.model, entry.qat, entry.imported
     )
     left, right = st.columns(2)
     left.download_button(

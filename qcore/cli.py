@@ -21,7 +21,16 @@ from typing import NoReturn
 from torch import nn
 
 from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
-from qcore.data import DATASETS, INPUT_SCALES, DataError, Dataset, data_dir, load_dataset, with_input_scale
+from qcore.data import (
+    DATASETS,
+    INPUT_SCALES,
+    DataError,
+    Dataset,
+    data_dir,
+    load_dataset,
+    view_spec,
+    with_input_scale,
+)
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.graph import GraphError
 from qcore.inference.deploy import ENGINES
@@ -658,7 +667,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis.tables import quantize_for
-    from qcore.export.formats import export_onnx, qtensors_bytes
+    from qcore.export.formats import export_onnx, input_step_of, qtensors_bytes
     from qcore.inference.integer import IntegerEngineError, IntegerNet
 
     model, trained = _load_for_quantization(args, "export")
@@ -668,7 +677,13 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     qnet = quantize_for(model, _dataset(args), config) if trained is None else trained.qnet
     try:
         engine = IntegerNet(qnet)  # both formats: a model the integer engine cannot run is not exported
-        payload = qtensors_bytes(engine) if args.format == "qtensors" else export_onnx(qnet, _dataset(args).spec)
+        if args.format == "qtensors":
+            payload = qtensors_bytes(engine)
+        elif args.imported is None:
+            payload = export_onnx(qnet, _dataset(args).spec)
+        else:  # the file's own input: its layout, type and pixel convention, then its input step
+            spec = view_spec(load_dataset(args.imported.dataset, args.data_dir).spec, args.imported.input_scale)
+            payload = export_onnx(qnet, spec, input_step_of(args.imported))
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     _write(out, "--out", payload)

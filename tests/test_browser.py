@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from qcore.analysis.tables import quantize_for
 from qcore.config import QuantConfig
@@ -318,6 +319,49 @@ def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
     assert page.get_by_text("- unsupported operation Erf at node /Erf").count() == 1
     assert "uploaded my_resnet.onnx (onnx-" in page.locator("[data-testid='stSidebar']").inner_text()
     page.screenshot(path=str(SHOTS / "onnx_refused.png"), full_page=True)
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_keras_and_perceptron_files_in_a_real_browser(server, browser):
+    """Issue 28: a Keras model as tf2onnx writes it (channels-last [0, 255] input, scaled inside) and a flat
+    perceptron ([N, 784]) uploaded on MNIST: the card shows each file's layout, its input step and the four
+    measured pixel conventions; every page and lesson renders without an exception for the Keras file,
+    and for the perceptron the pages that differ without convolutions (the kernel lesson shows a row)."""
+    from qcore.models.checkpoint import load_model
+    from tests.test_onnx_exporters import Perceptron, _export, _keras_style
+
+    torch.manual_seed(0)
+    files = {
+        "keras.onnx": _keras_style(load_model()).SerializeToString(),
+        "perceptron.onnx": _export(Perceptron(flat=True).eval(), torch.zeros(1, 784)),
+    }
+    pages = {
+        "keras.onnx": ["Activations", "Weights", "Accuracy", "Methods", "Deploy", *LESSONS.values()],
+        "perceptron.onnx": ["Accuracy", "One kernel", "One image on integers"],
+    }
+    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+    page.goto(server)
+    settle(page)
+    for name, data in files.items():
+        page.locator("[data-testid='stSidebarNavLink']").filter(has_text="Model").first.click()
+        settle(page)
+        page.get_by_role("tab", name="Upload a checkpoint").click()
+        inputs = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+        inputs.set_input_files({"name": name, "mimeType": "application/octet-stream", "buffer": data})
+        page.get_by_text(f"uploaded {name} (onnx-").wait_for(timeout=120_000)
+        settle(page)
+        main = page.locator("[data-testid='stMain']").inner_text()
+        layout = "- input [N, 28, 28, 1]" if name == "keras.onnx" else "- input [N, 784]"
+        assert layout in main and "float accuracy on 1,000 training images under each" in main, main[:2000]
+        if name == "keras.onnx":
+            assert "Mul 0.00392157; Sub 0.1307; Div 0.3081; Transpose to [N, 1, 28, 28]" in main
+            assert "pixel convention pixels in [0, 255] (measured best)" in main
+        page.screenshot(path=str(SHOTS / f"onnx_card_{name.split('.')[0]}.png"), full_page=True)
+        for title in pages[name]:
+            page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).first.click()
+            settle(page)
+            assert page.locator("[data-testid='stException']").count() == 0, (name, title)
     page.context.close()
 
 

@@ -353,3 +353,30 @@ def test_activations_other_than_relu_are_tables_on_integers_and_agree_everywhere
         everything = quantized(mnist.test.images).argmax(1)
     engine = run_engine("torch-int8", imported.module, mnist, quantized, everything)
     assert engine.agreement_with_simulation > 0.9
+
+
+def test_the_qdq_export_of_an_imported_model_reads_the_files_own_input(mnist, net, tmp_path):
+    """`export --format onnx` of the tf2onnx-style file: the QDQ model takes [N, 28, 28, 1] pixels in
+    [0, 255] like the original, its metadata describe them, and ONNX Runtime on it predicts what the
+    simulation does on the lab's images."""
+    data = _keras_style(net).SerializeToString()
+    path, out = tmp_path / "keras.onnx", tmp_path / "keras_qdq.onnx"
+    path.write_bytes(data)
+    done = run_cli("export", "--checkpoint", str(path), "--format", "onnx", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    exported = onnx.load(str(out))
+    dims = [d.dim_value or d.dim_param for d in exported.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 28, 28, 1]
+    props = {p.key: p.value for p in exported.metadata_props}
+    assert (float(props["normalize_mean"]), float(props["normalize_std"])) == pytest.approx((0.0, 1 / 255))
+    imported = import_onnx(data, mnist)
+    seen = with_input_scale(mnist, imported.input_scale, imported.input_affine)
+    quantized = quantize_for(imported.module, seen, QuantConfig())
+    pixels = ((mnist.test.images[:1000] * 0.3081 + 0.1307) * 255).permute(0, 2, 3, 1).contiguous().numpy()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"input": pixels})[0]
+    with torch.inference_mode():
+        simulated = quantized(seen.test.images[:1000]).argmax(1)
+    assert float((torch.from_numpy(scores).argmax(1) == simulated).float().mean()) >= 0.999

@@ -32,8 +32,8 @@ from qcore.analysis.tables import (
 )
 from qcore.cancel import Cancelled
 from qcore.config import QuantConfig
-from qcore.data import Dataset, data_dir, load_dataset, parse_input_view, with_input_scale
-from qcore.export.formats import export_onnx, qtensors_bytes
+from qcore.data import DATASETS, Dataset, data_dir, load_dataset, parse_input_view, view_spec, with_input_scale
+from qcore.export.formats import export_onnx, input_step_of, qtensors_bytes
 from qcore.graph import ModelGraph, model_graph
 from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate, slice_estimate
@@ -369,16 +369,26 @@ def engine_results(
 
 
 def exports(
-    fingerprint: str, config_json: str, folder: str, model: nn.Module, qat: QatCheckpoint | None = None
+    fingerprint: str,
+    config_json: str,
+    folder: str,
+    model: nn.Module,
+    qat: QatCheckpoint | None = None,
+    imported: ImportedModel | None = None,
 ) -> tuple[bytes, bytes]:
-    """(qtensors file, ONNX QDQ model) for this model and config."""
+    """(qtensors file, ONNX QDQ model) for this model and config; an imported model's ONNX export reads
+    the file's own input (its layout, type and pixel convention, then its input step)."""
+    step = input_step_of(imported)
 
     def compute() -> tuple[bytes, bytes]:
         qnet = report(fingerprint, config_json, folder, model, qat=qat).qnet
+        spec = shared_data(folder).spec
+        if imported is not None:
+            spec = view_spec(DATASETS[imported.dataset], imported.input_scale)
         with GATE.slot():
-            return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, shared_data(folder).spec)
+            return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, spec, step)
 
-    return _EXPORTS.get(_folder_first(fingerprint, folder, config_json), folder, compute)
+    return _EXPORTS.get(_folder_first(fingerprint, folder, config_json, repr(step)), folder, compute)
 
 
 def diagnosis(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import BinaryIO
 
 import torch
@@ -272,13 +272,36 @@ def size_table(qnet: QuantizedNet, bit_widths: tuple[int, ...] = (2, 3, 4, 5, 6,
 # --- ONNX in QDQ form ------------------------------------------------------------------------
 
 
-def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
+@dataclass(frozen=True)
+class InputStep:
+    """What an imported file's input is, for an export that reads the file's own input: its layout
+    (without the batch), whether it is float64, and the affine map its graph applied to the image before
+    the first layer (qcore.models.onnx_import.ImportedModel.input_step gives it)."""
+
+    layout: tuple[int, ...] = (1, 28, 28)
+    float64: bool = False
+    multiply: float = 1.0
+    add: float = 0.0
+
+
+def input_step_of(imported: object) -> InputStep | None:
+    """The input step of an imported model (qcore.models.onnx_import.ImportedModel), None for a zoo model."""
+    if imported is None:
+        return None
+    multiply, add = imported.input_affine  # type: ignore[attr-defined]
+    return InputStep(tuple(imported.input_layout), bool(imported.input_float64), float(multiply), float(add))  # type: ignore[attr-defined]
+
+
+def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST, input_step: InputStep | None = None) -> bytes:
     """The quantized model as an ONNX graph in QDQ form: QuantizeLinear/DequantizeLinear pairs on each
     layer's input (uint8, after a Clip to the b-bit range when b < 8), weights as uint8 initializers
     (signed ones offset by 128) behind per-channel or per-tensor DequantizeLinear, int32 bias at s_in * s_w.
     Output: logits (float). ONNX Runtime fuses the pairs into its integer kernels. The graph takes the
     normalized image; metadata_props say how to make it (normalize_mean, normalize_std of pixels in
-    [0, 1]), the dataset and its class names (JSON)."""
+    [0, 1]), the dataset and its class names (JSON). With `input_step` (an imported file's), the graph
+    takes the file's own input instead (its layout and type, `dataset` describing its pixel convention)
+    and begins with the file's step: cast, reshape to [N, 1, 28, 28] (a 3-channel copy: its first
+    channel), times `multiply` plus `add`."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -324,7 +347,7 @@ def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
         args = [names[name] for name in op.inputs]
         out = f"{op.name}.out"
         if op.kind is OpKind.INPUT:
-            out = "input"
+            out = "input" if input_step is None else _input_step_nodes(input_step, nodes, constant)
         elif op.is_layer:
             out = _onnx_layer(qnet, op, args[0], nodes, constant, quantize_dequantize)
         elif op.kind is OpKind.RELU:
@@ -412,7 +435,13 @@ def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
     graph = helper.make_graph(
         nodes,
         "qlab_quantized_net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *qnet.graph.input_shape])],
+        [
+            helper.make_tensor_value_info(
+                "input",
+                TensorProto.DOUBLE if input_step is not None and input_step.float64 else TensorProto.FLOAT,
+                ["batch", *(qnet.graph.input_shape if input_step is None else input_step.layout)],
+            )
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         initializers,
     )
@@ -430,6 +459,38 @@ def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST) -> bytes:
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _input_step_nodes(step: InputStep, nodes: list, constant) -> str:  # type: ignore[no-untyped-def]
+    """The file's own input step as ONNX nodes from the graph input "input"; the value the layers read."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    value = "input"
+    if step.float64:
+        nodes.append(helper.make_node("Cast", [value], ["input.float"], to=TensorProto.FLOAT))
+        value = "input.float"
+    if step.layout[0] == 3:  # the grey image in each channel: the lab's first conv summed them
+        starts, ends = (
+            constant("input.first", np.array([0], np.int64)),
+            constant("input.second", np.array([1], np.int64)),
+        )
+        axes = constant("input.channel_axis", np.array([1], np.int64))
+        nodes.append(helper.make_node("Slice", [value, starts, ends, axes], ["input.grey"]))
+        value = "input.grey"
+    elif tuple(step.layout) != (1, 28, 28):
+        shape = constant("input.image_shape", np.array([-1, 1, 28, 28], np.int64))
+        nodes.append(helper.make_node("Reshape", [value, shape], ["input.image"]))
+        value = "input.image"
+    if step.multiply != 1.0:
+        factor = constant("input.multiply", np.array(step.multiply, np.float32))
+        nodes.append(helper.make_node("Mul", [value, factor], ["input.scaled"]))
+        value = "input.scaled"
+    if step.add != 0.0:
+        offset = constant("input.add", np.array(step.add, np.float32))
+        nodes.append(helper.make_node("Add", [value, offset], ["input.shifted"]))
+        value = "input.shifted"
+    return value
 
 
 def _onnx_layer(qnet: QuantizedNet, op: Op, source: str, nodes: list, constant, quantize_dequantize) -> str:

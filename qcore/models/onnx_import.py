@@ -141,6 +141,7 @@ class ImportedModel:
     # times input_affine[0] plus input_affine[1], its layout, and the file's operations, for the card
     input_affine: tuple[float, float] = (1.0, 0.0)
     input_layout: tuple[int, ...] = INPUT_SHAPE
+    input_float64: bool = False
     input_steps: tuple[str, ...] = ()
     # the float accuracy under each pixel convention on training images; whether it chose input_scale
     scale_accuracies: tuple[tuple[str, float], ...] = ()
@@ -1268,6 +1269,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
         labels=tuple(converter.labels.items()),
         input_affine=affine,
         input_layout=layout,
+        input_float64=graph_input.type.tensor_type.elem_type == 11,
         input_steps=tuple(converter.steps),
         scale_accuracies=tuple((scale, answer.accuracies[scale]) for scale in INPUT_SCALES),
         scale_measured=input_scale == "auto",
