@@ -380,3 +380,51 @@ def test_the_qdq_export_of_an_imported_model_reads_the_files_own_input(mnist, ne
     with torch.inference_mode():
         simulated = quantized(seen.test.images[:1000]).argmax(1)
     assert float((torch.from_numpy(scores).argmax(1) == simulated).float().mean()) >= 0.999
+
+
+class Normalized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.instance = nn.InstanceNorm2d(4, affine=True)
+        self.fc1, self.layer, self.fc2 = nn.Linear(4 * 14 * 14, 32), nn.LayerNorm(32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.instance(self.conv(x))), 2).flatten(1)
+        return self.fc2(torch.relu(self.layer(self.fc1(x))))
+
+
+def test_normalizations_by_the_samples_statistics_run_in_float_and_the_engine_names_them(mnist):
+    """InstanceNormalization and LayerNormalization (torch's export) and a MeanVarianceNormalization over
+    channels, height and width: float between a dequantize and a quantize in the simulation (whose
+    W8A8 predictions stay close to the float model's), named on the card and by the integer engine's
+    one-line refusal."""
+    from qcore.inference.integer import IntegerEngineError
+
+    torch.manual_seed(0)
+    model = Normalized().eval()
+    with torch.no_grad():
+        model.instance.weight.uniform_(0.5, 1.5)
+        model.layer.bias.uniform_(-0.2, 0.2)
+    file = onnx.load_from_string(_export(model, torch.zeros(1, 1, 28, 28)))
+    relu = next(node for node in file.graph.node if node.op_type == "Relu")
+    mvn = helper.make_node("MeanVarianceNormalization", [relu.input[0]], ["mvn_out"], axes=[1, 2, 3], name="/mvn")
+    relu.input[0] = "mvn_out"
+    file.graph.node.insert(list(file.graph.node).index(relu), mvn)
+    imported = import_onnx(file.SerializeToString(), mnist, "normalized")
+    graph = model_graph(imported.module)
+    assert [op.attrs["function"] for op in graph.ops if op.kind == "normalize"] == [
+        "instance_norm",
+        "mvn",
+        "layer_norm",
+    ]
+    assert any("in float between a dequantize and a quantize" in line for line in describe_input(imported))
+    x = mnist.test.images[:1000]
+    quantized = quantize_for(imported.module, mnist, QuantConfig())
+    with torch.inference_mode():
+        agree = float((quantized(x).argmax(1) == imported.module(x).argmax(1)).float().mean())
+    assert agree > 0.95
+    with pytest.raises(
+        IntegerEngineError, match=r"no integer rule for a normalization .*: \w+, \w+, \w+ \(the simulation"
+    ):
+        IntegerNet(quantized)

@@ -452,3 +452,15 @@ def test_the_cli_evaluates_exports_and_refuses_an_onnx_file(tmp_path, mnist):
     assert refused.returncode == 2 and "an ONNX --checkpoint brings its own" in refused.stderr
     refused = run_cli("evaluate", "--dataset", "fashion-mnist")
     assert refused.returncode == 2 and "describe an ONNX --checkpoint" in refused.stderr
+
+
+def test_a_file_with_several_outputs_uses_its_one_output_of_scores(mnist):
+    """An exporter that also returns features: the [N, 10] output is the model's, named on the card, and
+    the import predicts what ONNX Runtime gives for it."""
+    from qcore.models.onnx_import import describe_input
+
+    model = hand_made()
+    model.graph.output.insert(0, helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 4, 14, 14]))
+    imported = import_onnx(model.SerializeToString(), mnist, "normalized")
+    assert imported.scores_output == "scores" and "scores from output scores" in describe_input(imported)
+    assert imported.agreement_images == 1000

@@ -32,6 +32,10 @@ class OpKind(StrEnum):
     # an elementwise activation other than ReLU (sigmoid, tanh, ...): its input and output are quantization
     # points, and on integers it is a table over its input's levels (TFLite's int8 LOGISTIC and TANH)
     LOOKUP = "lookup"
+    # a normalization by the sample's own statistics (MeanVarianceNormalization, InstanceNormalization,
+    # LayerNormalization): float between a dequantize and a quantize (ONNX Runtime's QDQ treatment of an
+    # operator without an integer kernel); the integer engine has no rule for it
+    NORMALIZE = "normalize"
 
 
 LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
@@ -50,6 +54,7 @@ OP_KIND_NAMES = (
     "concat",
     "flatten",
     *("sigmoid", "tanh", "leaky_relu", "elu", "hardsigmoid", "hardswish"),
+    *("mvn", "instance_norm", "layer_norm"),
 )
 
 
@@ -68,6 +73,44 @@ class Activation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.function}{self.parameter or ''}"
+
+
+class Normalization(nn.Module):
+    """x normalized by its own mean and variance over `axes` (never the batch), then times `weight` plus
+    `bias` when given (broadcast over the normalized axes' positions, as ONNX's operators define them):
+    `function` names the ONNX operator it came from."""
+
+    def __init__(
+        self,
+        function: str,
+        axes: tuple[int, ...],
+        eps: float,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if 0 in axes:
+            raise GraphError("a normalization over the batch")
+        self.function, self.axes, self.eps = function, tuple(axes), float(eps)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalization(x, self.axes, self.eps, self.weight, self.bias)
+
+
+def normalization(
+    x: torch.Tensor, axes: tuple[int, ...], eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over `axes` (the biased variance), then * weight + bias."""
+    mean = x.mean(dim=axes, keepdim=True)
+    variance = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+    y = (x - mean) / torch.sqrt(variance + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 # the activations and their float definitions (the float model, the simulation's tables and the engine's)
@@ -179,7 +222,7 @@ class ModelGraph:
                 found.add("depthwise_conv" if self.is_depthwise(op.name) else "conv")
             elif op.kind is OpKind.AVGPOOL:
                 found.add("global_avgpool" if self.is_global_pool(op.name) else "avgpool")
-            elif op.kind is OpKind.LOOKUP:
+            elif op.kind in (OpKind.LOOKUP, OpKind.NORMALIZE):
                 found.add(str(op.attrs["function"]))
             else:
                 found.add({OpKind.CAT: "concat"}.get(op.kind, op.kind.value))

@@ -10,6 +10,7 @@ The rules, for the simulation and the integer engine alike:
 - A channel cat is always a point; its inputs are requantized to its scale and zero point.
 - An activation other than ReLU (a lookup) reads its input on a grid and is always a point itself: on
   integers it is a table from its input's levels to its own.
+- A normalization by the sample's own statistics likewise: float between a dequantize and a quantize.
 - Max-pool, ReLU, ReLU6 and flatten of a tensor on a grid, and an average pool, share its grid.
 The network's input feeds a layer on a grid only when the config quantizes the input.
 """
@@ -55,7 +56,7 @@ def quant_plan(graph: ModelGraph, quantized_layers: Collection[str], quantize_in
     required = {
         name
         for op in graph.ops
-        if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL, OpKind.LOOKUP)
+        if op.name in wants_input or op.kind in (OpKind.ADD, OpKind.AVGPOOL, OpKind.LOOKUP, OpKind.NORMALIZE)
         for name in op.inputs
     }
     points: list[str] = []
@@ -63,7 +64,7 @@ def quant_plan(graph: ModelGraph, quantized_layers: Collection[str], quantize_in
     for op in graph.ops:
         if (op.kind in PASSTHROUGH_KINDS or op.kind is OpKind.AVGPOOL) and op.inputs[0] in grid:
             grid[op.name] = grid[op.inputs[0]]
-        if op.kind in (OpKind.CAT, OpKind.LOOKUP) or (op.name in required and op.name not in grid):
+        if op.kind in (OpKind.CAT, OpKind.LOOKUP, OpKind.NORMALIZE) or (op.name in required and op.name not in grid):
             points.append(op.name)
             grid[op.name] = op.name
     layer_input = {name: grid[graph.op(name).inputs[0]] for name in graph.layers if name in wants_input}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qcore.graph.ops import ModelGraph, Op, OpKind, activation
+from qcore.graph.ops import ModelGraph, Op, OpKind, activation, normalization
 
 
 class GraphRun:
@@ -88,6 +88,9 @@ class GraphRun:
             return F.log_softmax(args[0], dim=1)
         if kind is OpKind.LOOKUP:
             return self.lookup(op, args[0])
+        if kind is OpKind.NORMALIZE:
+            a = op.attrs
+            return normalization(args[0], a["axes"], a["eps"], a["weight"], a["bias"])  # type: ignore[arg-type]
         raise AssertionError(f"no float rule for {kind}")
 
     def run(self, x: torch.Tensor, log_probs: bool = True) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qcore.graph.ops import Activation, GraphError, ModelGraph, Op, OpKind
+from qcore.graph.ops import Activation, GraphError, ModelGraph, Normalization, Op, OpKind
 
 INPUT_SHAPE = (1, 28, 28)  # MNIST and Fashion-MNIST: one channel, 28 x 28
 MAX_NODES = 2000  # bound the work of checking a traced graph
@@ -118,6 +118,10 @@ class _Builder:
         elif isinstance(module, Activation):
             attrs = {"function": module.function, "parameter": module.parameter}
             self.emit(node, OpKind.LOOKUP, (self.source(x, node),), **attrs)
+        elif isinstance(module, Normalization):
+            attrs = {"function": module.function, "axes": module.axes, "eps": module.eps}
+            attrs |= {"weight": module.weight, "bias": module.bias}
+            self.emit(node, OpKind.NORMALIZE, (self.source(x, node),), name=name, **attrs)
         elif type(module) in _TORCH_ACTIVATIONS:
             function, parameter = _TORCH_ACTIVATIONS[type(module)](module)
             self.emit(node, OpKind.LOOKUP, (self.source(x, node),), function=function, parameter=parameter)
@@ -337,7 +341,7 @@ class _OwnThreadTracer(fx.Tracer):
 
     def is_leaf_module(self, m, module_qualified_name):  # type: ignore[no-untyped-def]
         # the lab's own Activation is one operation, as torch's nn modules are
-        return isinstance(m, Activation) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, Activation | Normalization) or super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[no-untyped-def]
         if threading.get_ident() != self._thread:

@@ -356,6 +356,12 @@ class IntegerNet:
     same model graph: integers between the quantized input and the integer logits."""
 
     def __init__(self, qnet: QuantizedNet) -> None:
+        normalizations = [op.name for op in qnet.graph.ops if op.kind is OpKind.NORMALIZE]
+        if normalizations:
+            raise IntegerEngineError(
+                f"the integer engine has no integer rule for a normalization by the sample's own statistics: "
+                f"{', '.join(normalizations)} (the simulation runs it in float between a dequantize and a quantize)"
+            )
         missing = float_parts(qnet)
         if missing:
             raise IntegerEngineError(

@@ -91,6 +91,9 @@ LAYER_OPS = {
     "Elu",
     "HardSigmoid",
     "HardSwish",
+    "MeanVarianceNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
     "Identity",
     "Dropout",
 }
@@ -146,7 +149,7 @@ class ImportedModel:
     # the float accuracy under each pixel convention on training images; whether it chose input_scale
     scale_accuracies: tuple[tuple[str, float], ...] = ()
     scale_measured: bool = False
-    scores_output: str = ""  # the file's name for the output the lab uses (plain text, shortened)
+    scores_output: str = ""  # of a file with several outputs, the one the lab uses (plain text, shortened)
 
     @property
     def input_view(self) -> str:
@@ -229,6 +232,15 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
     """The parsed model, after every check in the module's docstring's step 2 (nothing allocated from it),
     at the file's own opset (import_onnx upgrades opsets 7 to 10 in the sandbox)."""
     return _read(data)[0]
+
+
+def onnx_outputs(data: bytes) -> list[str]:
+    """The names of a (parsed, bounded) file's graph outputs, as the file lists them."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    return [value.name for value in model.graph.output]
 
 
 def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
@@ -854,6 +866,45 @@ class _Converter:
     def op_HardSwish(self, node: onnx.NodeProto, index: int) -> None:
         self._activation(node, index, "hardswish", ())
 
+    def _normalization(
+        self,
+        node: onnx.NodeProto,
+        index: int,
+        axes: list[int],
+        scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """A normalization by the sample's own statistics: float between a dequantize and a quantize."""
+        from qcore.graph.ops import Normalization
+
+        x = self.tensor(node, index, 0)
+        rank = self.probe[x].ndim
+        positions = tuple(sorted({int(a) % rank for a in axes}))
+        if not positions or 0 in positions:
+            raise self.refuse(node, index, f"normalizing over axes {axes}, which include the batch")
+        eps = float(self.attribute(node, "epsilon", 1e-9 if node.op_type == "MeanVarianceNormalization" else 1e-5))  # type: ignore[arg-type]
+        function = {"MeanVarianceNormalization": "mvn", "InstanceNormalization": "instance_norm"}.get(
+            node.op_type, "layer_norm"
+        )
+        self.output(node, self.module(node, index, Normalization(function, positions, eps, scale, bias), x))
+
+    def op_MeanVarianceNormalization(self, node: onnx.NodeProto, index: int) -> None:
+        self._normalization(node, index, list(self.attribute(node, "axes", [0, 2, 3])))  # type: ignore[call-overload]
+
+    def op_InstanceNormalization(self, node: onnx.NodeProto, index: int) -> None:
+        scale, bias = self.weight(node, index, 1), self.weight(node, index, 2)
+        assert scale is not None and bias is not None
+        self._normalization(node, index, [2, 3], scale.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1))
+
+    def op_LayerNormalization(self, node: onnx.NodeProto, index: int) -> None:
+        x = self.tensor(node, index, 0)
+        rank, axis = self.probe[x].ndim, int(self.attribute(node, "axis", -1))  # type: ignore[call-overload]
+        scale, bias = self.weight(node, index, 1), self.weight(node, index, 2, required=False)
+        assert scale is not None
+        if len(node.output) > 1 and any(self.readers.get(name) for name in node.output[1:] if name):
+            raise self.refuse(node, index, "its mean and variance outputs are read")
+        self._normalization(node, index, list(range(axis % rank, rank)), scale, bias)
+
     def op_Clip(self, node: onnx.NodeProto, index: int) -> None:
         import numpy as np
 
@@ -1191,6 +1242,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
             f"unknown input scale {shorten(input_scale, 20)!r}; auto or one of {', '.join(INPUT_SCALES)}"
         )
     model, file_opset = _read(data)
+    outputs = len(onnx_outputs(data))
     old = file_opset in OLD_OPSETS
     converted = None if old else _checked(model)  # a file the lab cannot run is refused before the child starts
     graph_input = image_input(model.graph)
@@ -1273,7 +1325,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
         input_steps=tuple(converter.steps),
         scale_accuracies=tuple((scale, answer.accuracies[scale]) for scale in INPUT_SCALES),
         scale_measured=input_scale == "auto",
-        scores_output=shorten(model.graph.output[0].name, 40),
+        scores_output=shorten(model.graph.output[0].name, 40) if outputs > 1 else "",
     )
 
 
@@ -1322,6 +1374,14 @@ def describe_input(imported: ImportedModel) -> list[str]:
         )
     if imported.scores_output:
         lines.append(f"scores from output {imported.scores_output}")
+    from qcore.graph.ops import Normalization
+
+    normalizations = [name for name, module in imported.module.named_modules() if isinstance(module, Normalization)]
+    if normalizations:
+        lines.append(
+            f"normalized by each sample's own statistics, in float between a dequantize and a quantize: "
+            f"{', '.join(normalizations)} (the integer engine and the exports have no integer rule for them)"
+        )
     if imported.scale_accuracies:
         how = "measured best" if imported.scale_measured else "named"
         measured = "; ".join(

@@ -239,8 +239,10 @@ class QuantizedNet(nn.Module):
 
 
 def float_parts(qnet: QuantizedNet) -> list[str]:
-    """Layers whose weights or input stay float: an integer-only pipeline cannot run them."""
-    return [n for n, q in qnet.layers.items() if q.weight_qparams is None or q.input_qparams is None]
+    """Layers whose weights or input stay float, and normalizations by the sample's own statistics (float
+    between a dequantize and a quantize): an integer-only pipeline cannot run them."""
+    layers = [n for n, q in qnet.layers.items() if q.weight_qparams is None or q.input_qparams is None]
+    return [*layers, *(op.name for op in qnet.graph.ops if op.kind is OpKind.NORMALIZE)]
 
 
 def weight_qparams(weight: torch.Tensor, config: QuantConfig, bits: int | None = None) -> QParams:
