@@ -82,7 +82,9 @@ def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelPro
         "b1": sd["conv1.bias"].reshape(1, 20, 1, 1),
         "w2": sd["conv2.weight"],
         "b2": sd["conv2.bias"],
-        "flat": np.array([-1, 800], np.int64),
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "minus_one": np.array([-1], np.int64),
         "m1": np.ascontiguousarray(sd["fc1.weight"][:, channels_last].T),
         "a1": sd["fc1.bias"],
         "w3": sd["fc2.weight"] / 2,
@@ -102,7 +104,12 @@ def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelPro
         helper.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Relu", ["p2"], ["r2"], name="sequential/re_lu_1/Relu"),
         helper.make_node("Transpose", ["r2"], ["nhwc"], perm=[0, 2, 3, 1], name="sequential/flatten/Transpose"),
-        helper.make_node("Reshape", ["nhwc", "flat"], ["features"], name="sequential/flatten/Reshape"),
+        # the target shape computed as tf2onnx writes it: the batch sliced from the input's Shape, -1, a Cast
+        helper.make_node("Shape", ["nhwc"], ["nhwc_shape"], name="sequential/flatten/Shape"),
+        helper.make_node("Slice", ["nhwc_shape", "zero", "one"], ["batch"], name="sequential/flatten/strided_slice"),
+        helper.make_node("Concat", ["batch", "minus_one"], ["target32"], axis=0, name="sequential/flatten/packed"),
+        helper.make_node("Cast", ["target32"], ["target"], to=TensorProto.INT64, name="sequential/flatten/Cast"),
+        helper.make_node("Reshape", ["nhwc", "target"], ["features"], name="sequential/flatten/Reshape"),
         helper.make_node("MatMul", ["features", "m1"], ["h"], name="sequential/dense/MatMul"),
         helper.make_node("Add", ["h", "a1"], ["hb"], name="sequential/dense/BiasAdd"),
         helper.make_node("Relu", ["hb"], ["hr"], name="sequential/dense/Relu"),
@@ -113,7 +120,7 @@ def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelPro
         nodes[4] = helper.make_node(
             "Conv", ["nchw", "w1"], ["c1"], kernel_shape=[5, 5], strides=[2, 2], auto_pad="SAME_UPPER", name="c1"
         )
-    order = [*nodes[9:], *nodes[:9]]  # what older writers left: the later half listed first
+    order = [*nodes[9:], *nodes[:9]]  # out of order, as some writers leave them: the later half first
     graph = helper.make_graph(
         order,
         "tf2onnx",

@@ -97,7 +97,7 @@ LAYER_OPS = {
     "Identity",
     "Dropout",
 }
-CONSTANT_OPS = {"Constant", "Shape", "Gather", "Unsqueeze"}
+CONSTANT_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Slice"}
 # operations that may also be the image's input step (before the first layer): a layout, a cast, scaling
 VIEW_OPS = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Cast", "Identity", "Dropout"}
 SUPPORTED_OPS = LAYER_OPS | CONSTANT_OPS | VIEW_OPS | {"Mul", "Sub", "Div"}
@@ -979,9 +979,39 @@ class _Converter:
         self.shapes[node.output[0]] = [BATCH, *self.probe[x].shape[2:], self.probe[x].shape[1]]
 
     def op_Cast(self, node: onnx.NodeProto, index: int) -> None:
-        if int(self.attribute(node, "to", 1)) not in (1, 10, 11):  # type: ignore[call-overload]
+        import numpy as np
+
+        to = int(self.attribute(node, "to", 1))  # type: ignore[call-overload]
+        if node.input[0] in self.constants:  # a shape being computed (tf2onnx casts them to int64 and back)
+            value = self.constants[node.input[0]]
+            if to not in (1, 6, 7, 10, 11):
+                raise self.refuse(node, index, "a cast of a constant to a type other than a number")
+            if isinstance(value, list):  # a shape holding the batch symbol: its values are integers
+                self.constants[node.output[0]] = value
+            else:
+                dtype = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}[to]
+                self.constants[node.output[0]] = np.asarray(value).astype(dtype)
+            return
+        if to not in (1, 10, 11):
             raise self.refuse(node, index, "a cast to a type other than float")
         self.output(node, self.tensor(node, index, 0))
+
+    def op_Slice(self, node: onnx.NodeProto, index: int) -> None:
+        """A slice of a shape being computed (Shape, then Slice to keep the batch, as tf2onnx writes)."""
+        import numpy as np
+
+        items = self._as_list(self.constant(node, index, 0))
+        starts, ends = self.constant(node, index, 1), self.constant(node, index, 2)  # opset 10 and up: inputs
+        axes, steps = self.constant(node, index, 3, required=False), self.constant(node, index, 4, required=False)
+        as_ints = [
+            None if v is None else [int(i) for i in np.asarray(v).reshape(-1)] for v in (starts, ends, axes, steps)
+        ]
+        starts_, ends_, axes_, steps_ = as_ints
+        if (axes_ is not None and list(axes_) not in ([0], [-1])) or len(starts_) != 1 or (steps_ not in (None, [1])):
+            raise self.refuse(node, index, "only a slice of a shape (one axis, step 1)")
+        start, end = int(starts_[0]), int(ends_[0])
+        end = min(end, len(items)) if end >= 0 else end
+        self.constants[node.output[0]] = items[start:end]
 
     def op_Squeeze(self, node: onnx.NodeProto, index: int) -> None:
         import numpy as np
