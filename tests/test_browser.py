@@ -453,7 +453,9 @@ def test_every_lesson_renders_and_is_captured(server, browser):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zoo", ["fashion-resnet", "fashion-mobilenet", "fashion-net"])
+# fashion-net is the notebook net (walked in a browser as the bundled net) on Fashion-MNIST, which the two
+# others walk: it proved nothing more for its ~35 s
+@pytest.mark.parametrize("zoo", ["fashion-resnet", "fashion-mobilenet"])
 def test_every_page_and_lesson_renders_for_a_zoo_model_in_a_browser(server, browser, zoo, resnet_page_diagnosis):
     """Issue 18: a zoo model opened from its link, every page and lesson in chromium without an
     exception (fashion-resnet's Diagnose page shows the seeded diagnosis of 300 test images: a full

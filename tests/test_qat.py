@@ -211,7 +211,7 @@ def test_the_two_loaders_refuse_each_others_files(short_run, pretrained):
 
 @pytest.mark.slow
 def test_cli_qat_checkpoint_evaluates_identically_in_new_processes(tmp_path, mnist):
-    """`qat` trains and measures in one process; `evaluate --checkpoint` in fresh ones reports the same
+    """`qat` trains and measures in one process; `evaluate --checkpoint` in a fresh one reports the same
     simulated and integer accuracies, and ONNX Runtime on the export agrees with the simulation."""
     out = tmp_path / "w2a2.pt"
     trained = run_cli("qat", "--epochs", "1", "--train-samples", "2048", "--out", str(out), "--json")
@@ -224,14 +224,17 @@ def test_cli_qat_checkpoint_evaluates_identically_in_new_processes(tmp_path, mni
     assert measured["simulated_accuracy"] == made["qat_accuracy"]
     assert measured["quant_accuracy"] == made["integer_accuracy"]
     assert measured["agreement_with_simulation"] == made["integer_agreement"] >= 0.995
-    onnx = run_cli("evaluate", "--checkpoint", str(out), "--engine", "onnxruntime", "--json")
-    assert onnx.returncode == 0, onnx.stderr
-    assert json.loads(onnx.stdout)["agreement_with_simulation"] >= 0.995
-    # and here, in this process, from the file alone
+    # and here, in this process, from the file alone; ONNX Runtime on its export agrees with the simulation
+    # (in this process: a third fresh one, for --engine onnxruntime, proved nothing more for its 10 s)
+    from qcore.export.formats import OnnxRunner, export_onnx
+
     loaded = load_qat(out)
     assert evaluate(loaded.qnet, mnist.test).accuracy == made["qat_accuracy"]
     here = IntegerNet(loaded.qnet).predict(mnist.test.images)
     assert float((here == mnist.test.labels).float().mean()) == made["integer_accuracy"]
+    simulated = evaluate(loaded.qnet, mnist.test).predictions
+    onnx = OnnxRunner(export_onnx(loaded.qnet)).predict(mnist.test.images)
+    assert float((onnx == simulated).float().mean()) >= 0.995
 
 
 @pytest.mark.slow
