@@ -435,3 +435,79 @@ def test_normalizations_by_the_samples_statistics_run_in_float_and_the_engine_na
         IntegerEngineError, match=r"no integer rule for a normalization .*: \w+, \w+, \w+ \(the simulation"
     ):
         IntegerNet(quantized)
+
+
+def _cntk_style(net: nn.Module) -> bytes:
+    """The notebook net as CNTK wrote its MNIST model (the ONNX model zoo's mnist-8): opset 8, IR version 3
+    with every initializer also a graph input, a batch fixed at 1, pixels in [0, 255] read by the first
+    convolution directly, each bias as a separate Add of a [C, 1, 1] constant, a Reshape to [1, 800], and
+    the dense weights reshaped and transposed inside the graph before their MatMul."""
+    sd = {name: value.detach().numpy().astype(np.float64) for name, value in net.state_dict().items()}
+    mean, std = 0.1307, 0.3081
+    w1 = sd["conv1.weight"] / (255 * std)  # conv1 on pixels in [0, 255] computes conv1 on standardized ones
+    b1 = sd["conv1.bias"] - sd["conv1.weight"].sum(axis=(1, 2, 3)) * mean / std
+    constants = {
+        "Parameter5": w1,
+        "Parameter6": b1.reshape(20, 1, 1),
+        "Parameter87": sd["conv2.weight"],
+        "Parameter88": sd["conv2.bias"].reshape(50, 1, 1),
+        "Pooling160_reshape": np.array([1, 800], np.int64),
+        "Parameter193": sd["fc1.weight"].T.reshape(50, 16, 500),  # stored in another shape, reshaped in the graph
+        "Parameter193_shape": np.array([800, 500], np.int64),
+        "Parameter194": sd["fc1.bias"].reshape(1, 500),
+        "Parameter210": sd["fc2.weight"],  # [10, 500]: transposed in the graph
+        "Parameter211": sd["fc2.bias"].reshape(1, 10),
+    }
+    constants = {
+        name: value if value.dtype == np.int64 else value.astype(np.float32) for name, value in constants.items()
+    }
+    nodes = [
+        helper.make_node(
+            "Conv", ["Input3", "Parameter5"], ["Convolution28"], kernel_shape=[5, 5], name="Convolution28"
+        ),
+        helper.make_node("Add", ["Convolution28", "Parameter6"], ["Plus30"], name="Plus30"),
+        helper.make_node("MaxPool", ["Plus30"], ["Pooling66"], kernel_shape=[2, 2], strides=[2, 2], name="Pooling66"),
+        helper.make_node("Relu", ["Pooling66"], ["ReLU32"], name="ReLU32"),
+        helper.make_node("Conv", ["ReLU32", "Parameter87"], ["Convolution110"], kernel_shape=[5, 5], name="Conv110"),
+        helper.make_node("Add", ["Convolution110", "Parameter88"], ["Plus112"], name="Plus112"),
+        helper.make_node("MaxPool", ["Plus112"], ["Pooling160"], kernel_shape=[2, 2], strides=[2, 2], name="Pool160"),
+        helper.make_node("Relu", ["Pooling160"], ["ReLU114"], name="ReLU114"),
+        helper.make_node("Reshape", ["ReLU114", "Pooling160_reshape"], ["Flat"], name="Pooling160_Output_0_reshape0"),
+        helper.make_node("Reshape", ["Parameter193", "Parameter193_shape"], ["W193"], name="Parameter193_reshape1"),
+        helper.make_node("MatMul", ["Flat", "W193"], ["Times212"], name="Times212"),
+        helper.make_node("Add", ["Times212", "Parameter194"], ["Plus214a"], name="Plus214a"),
+        helper.make_node("Relu", ["Plus214a"], ["Hidden"], name="Relu214"),
+        helper.make_node("Transpose", ["Parameter210"], ["W210"], perm=[1, 0], name="Parameter210_transpose"),
+        helper.make_node("MatMul", ["Hidden", "W210"], ["Times622"], name="Times622"),
+        helper.make_node("Add", ["Times622", "Parameter211"], ["Plus214_Output_0"], name="Plus214"),
+    ]
+    inputs = [helper.make_tensor_value_info("Input3", TensorProto.FLOAT, [1, 1, 28, 28])]
+    inputs += [
+        helper.make_tensor_value_info(name, TensorProto.INT64 if v.dtype == np.int64 else TensorProto.FLOAT, v.shape)
+        for name, v in constants.items()
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "CNTKGraph",
+        inputs,
+        [helper.make_tensor_value_info("Plus214_Output_0", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], producer_name="CNTK")
+    model.ir_version = 3
+    return model.SerializeToString()
+
+
+def test_a_cntk_style_file_imports_with_its_weights_prepared_in_the_graph(mnist, net):
+    """CNTK's MNIST layout (opset 8, IR 3, batch 1, raw [0, 255] pixels, bias Adds, weights reshaped and
+    transposed by the graph): upgraded, the convention measured as [0, 255], the same predictions as the
+    notebook net, and the same at W8A8 on the integer engine as in the simulation."""
+    imported = import_onnx(_cntk_style(net), mnist)
+    assert imported.opset == 8 and imported.input_scale == "raw255", dict(imported.scale_accuracies)
+    seen = with_input_scale(mnist, imported.input_scale, imported.input_affine)
+    with torch.inference_mode():
+        assert torch.equal(imported.module(seen.test.images[:1000]).argmax(1), net(mnist.test.images[:1000]).argmax(1))
+    quantized = quantize_for(imported.module, seen, QuantConfig())
+    with torch.inference_mode():
+        simulated = quantized(seen.test.images[:500]).argmax(1)
+    assert torch.equal(IntegerNet(quantized).predict(seen.test.images[:500]), simulated)

@@ -101,6 +101,8 @@ CONSTANT_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Slice"}
 # operations that may also be the image's input step (before the first layer): a layout, a cast, scaling
 VIEW_OPS = {"Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Cast", "Identity", "Dropout"}
 SUPPORTED_OPS = LAYER_OPS | CONSTANT_OPS | VIEW_OPS | {"Mul", "Sub", "Div"}
+# operations evaluated on import when every input is a constant tensor (weights prepared in the graph)
+FOLDED_ON_CONSTANTS = {"Mul", "Add", "Sub", "Div", "Reshape", "Transpose", "Flatten"}
 _DTYPES = {1: ("float32", 4), 6: ("int32", 4), 7: ("int64", 8), 10: ("float16", 2), 11: ("float64", 8)}
 
 
@@ -599,15 +601,58 @@ class _Converter:
 
     # --- the operators ---------------------------------------------------------------------------
     def convert(self, node: onnx.NodeProto, index: int) -> None:
+        import numpy as np
+
         op = node.op_type
         handler = getattr(self, f"op_{op}", None)
         assert handler is not None, op  # read_onnx refused every other operator
+        if (
+            op in FOLDED_ON_CONSTANTS
+            and node.input
+            and all(isinstance(self.constants.get(name), np.ndarray) for name in node.input if name)
+        ):
+            self._fold_constants(node, index)
+            return
         if op != "Shape" and any(name in self.views for name in node.input):
             if self._input_step(node, index):
                 return
             for name in [name for name in node.input if name in self.views]:
                 self._materialize(node, index, name)
         handler(node, index)
+
+    def _fold_constants(self, node: onnx.NodeProto, index: int) -> None:
+        """An operation on constants alone (a weight reshaped or transposed before its MatMul, as CNTK and
+        older PyTorch exports write, a bias computed from two), evaluated once on import; its result is
+        bounded like any tensor of the file before it is made."""
+        import numpy as np
+
+        op = node.op_type
+        values = [np.asarray(self.constants[name]) for name in node.input if name]
+        if op in ("Mul", "Add", "Sub", "Div"):
+            try:
+                shape = np.broadcast_shapes(values[0].shape, values[1].shape)
+            except ValueError:
+                raise self.refuse(node, index, "constants whose shapes do not broadcast") from None
+            _declared_elements(list(shape), f"the result of {op} {_where(node, index)}")
+            with np.errstate(all="ignore"):
+                result = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op](*values[:2])
+        elif op == "Reshape":
+            data, target = values[0], [int(d) for d in values[1].reshape(-1)]
+            target = [data.shape[i] if d == 0 and i < data.ndim else d for i, d in enumerate(target)]
+            try:
+                result = data.reshape(target)
+            except ValueError:
+                raise self.refuse(node, index, f"a constant reshaped to {shorten(str(target), 40)}") from None
+        elif op == "Transpose":
+            perm = self.attribute(node, "perm", None)
+            try:
+                result = np.transpose(values[0], None if perm is None else [int(p) for p in perm])  # type: ignore[union-attr]
+            except ValueError:
+                raise self.refuse(node, index, "a transpose that does not fit the constant") from None
+        else:  # Flatten
+            axis = int(self.attribute(node, "axis", 1)) % max(values[0].ndim, 1)  # type: ignore[call-overload]
+            result = values[0].reshape(math.prod(values[0].shape[:axis]), -1)
+        self.constants[node.output[0]] = np.ascontiguousarray(result)
 
     # --- the image's own step: layout and scaling before the first layer ------------------------
     def _input_step(self, node: onnx.NodeProto, index: int) -> bool:
