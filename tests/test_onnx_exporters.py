@@ -267,7 +267,7 @@ def _transposed_image() -> bytes:
     [
         (
             lambda: _keras_style(load_model(), same_padding=True).SerializeToString(),
-            "auto_pad SAME_UPPER pads 3 pixels, unevenly",
+            "auto_pad SAME_UPPER pads 1 before and 2 after; only padding the same on both sides",
         ),
         (_transposed_image, "a transpose [0, 3, 2, 1] that reorders the image's pixels"),
     ],
@@ -441,7 +441,8 @@ def _cntk_style(net: nn.Module) -> bytes:
     """The notebook net as CNTK wrote its MNIST model (the ONNX model zoo's mnist-8): opset 8, IR version 3
     with every initializer also a graph input, a batch fixed at 1, pixels in [0, 255] read by the first
     convolution directly, each bias as a separate Add of a [C, 1, 1] constant, a Reshape to [1, 800], and
-    the dense weights reshaped and transposed inside the graph before their MatMul."""
+    the dense weights reshaped and transposed inside the graph before their MatMul; and a pool padded at
+    its end only, as Chainer's cover_all pooling writes it."""
     sd = {name: value.detach().numpy().astype(np.float64) for name, value in net.state_dict().items()}
     mean, std = 0.1307, 0.3081
     w1 = sd["conv1.weight"] / (255 * std)  # conv1 on pixels in [0, 255] computes conv1 on standardized ones
@@ -466,7 +467,9 @@ def _cntk_style(net: nn.Module) -> bytes:
             "Conv", ["Input3", "Parameter5"], ["Convolution28"], kernel_shape=[5, 5], name="Convolution28"
         ),
         helper.make_node("Add", ["Convolution28", "Parameter6"], ["Plus30"], name="Plus30"),
-        helper.make_node("MaxPool", ["Plus30"], ["Pooling66"], kernel_shape=[2, 2], strides=[2, 2], name="Pooling66"),
+        helper.make_node(
+            "MaxPool", ["Plus30"], ["Pooling66"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], name="Pool66"
+        ),  # Chainer's cover_all pads: one more at the end, never read on 24 pixels
         helper.make_node("Relu", ["Pooling66"], ["ReLU32"], name="ReLU32"),
         helper.make_node("Conv", ["ReLU32", "Parameter87"], ["Convolution110"], kernel_shape=[5, 5], name="Conv110"),
         helper.make_node("Add", ["Convolution110", "Parameter88"], ["Plus112"], name="Plus112"),

@@ -576,28 +576,43 @@ class _Converter:
 
     def padding(self, node: onnx.NodeProto, index: int, source: fx.Node, kernel: tuple[int, int]) -> tuple[int, int]:
         """The symmetric padding of a convolution or pool: its pads, or what auto_pad SAME asks for on
-        this input's size (as tf2onnx writes Keras's padding='same'); an uneven split is refused."""
+        this input's size (as tf2onnx writes Keras's padding='same'). Padding that is larger at the end
+        than at the start is the start's on both sides when the extra cells are never read (the output
+        has the same size either way: Chainer's cover_all pooling writes such pads); other uneven
+        padding is refused."""
         auto_pad = self.attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else str(auto_pad)
+        strides = self.pair(node, index, "strides", [1, 1])
+        sizes = [int(size) for size in self.probe[source].shape[2:]]
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            strides = self.pair(node, index, "strides", [1, 1])
-            padding = []
-            for size, k, stride in zip(self.probe[source].shape[2:], kernel, strides, strict=True):
-                total = max((-(-int(size) // stride) - 1) * stride + k - int(size), 0)
-                if total % 2:
-                    raise self.refuse(
-                        node, index, f"auto_pad {auto_pad} pads {total} pixels, unevenly; only even padding is imported"
-                    )
-                padding.append(total // 2)
-            return padding[0], padding[1]
-        if auto_pad not in ("NOTSET", "VALID"):
+            totals = [
+                max((-(-size // stride) - 1) * stride + k - size, 0)
+                for size, k, stride in zip(sizes, kernel, strides, strict=True)
+            ]
+            early = [total // 2 if auto_pad == "SAME_UPPER" else total - total // 2 for total in totals]
+            pads = [*early, *(total - first for total, first in zip(totals, early, strict=True))]
+        elif auto_pad in ("NOTSET", "VALID"):
+            pads = [int(p) for p in self.attribute(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
+            if auto_pad == "VALID":
+                pads = [0, 0, 0, 0]
+            if len(pads) != 4:
+                raise self.refuse(node, index, f"pads {pads} (2-D images have four)")
+        else:
             raise self.refuse(node, index, f"auto_pad {shorten(auto_pad, 20)}")
-        pads = [int(p) for p in self.attribute(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
-        if auto_pad == "VALID":
-            pads = [0, 0, 0, 0]
-        if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-            raise self.refuse(node, index, f"pads {pads} are not the same on both sides")
-        return pads[0], pads[1]
+        padding = []
+        for axis in range(2):
+            begin, end, size, k, stride = pads[axis], pads[axis + 2], sizes[axis], kernel[axis], strides[axis]
+
+            def outputs(after: int, begin: int = begin, size: int = size, k: int = k, stride: int = stride) -> int:
+                return (size + begin + after - k) // stride + 1
+
+            if begin != end and not (end > begin and outputs(end) == outputs(begin)):
+                where = f"auto_pad {auto_pad} pads" if auto_pad.startswith("SAME") else "pads"
+                raise self.refuse(
+                    node, index, f"{where} {begin} before and {end} after; only padding the same on both sides"
+                )
+            padding.append(begin)
+        return padding[0], padding[1]
 
     # --- the operators ---------------------------------------------------------------------------
     def convert(self, node: onnx.NodeProto, index: int) -> None:
