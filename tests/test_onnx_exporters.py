@@ -514,3 +514,65 @@ def test_a_cntk_style_file_imports_with_its_weights_prepared_in_the_graph(mnist,
     with torch.inference_mode():
         simulated = quantized(seen.test.images[:500]).argmax(1)
     assert torch.equal(IntegerNet(quantized).predict(seen.test.images[:500]), simulated)
+
+
+def test_batchnorm_on_the_image_and_after_a_dense_layer_global_max_pooling_and_zero_padding(mnist):
+    """More of what Keras models hold, written as tf2onnx writes them: a BatchNormalization of the input
+    image (an affine input step), ZeroPadding2D as a Pad before the conv (its padding), GlobalMaxPooling2D,
+    a Dense layer's BatchNormalization (folded into it). Random weights: the reference is ONNX Runtime on
+    the file (the arrival check, every prediction the same on 1,000 images)."""
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    constants = {
+        "bn0": [np.array([v], f32) for v in (1.7, 0.2, 0.1, 0.8)],
+        "pads": np.array([0, 0, 2, 2, 0, 0, 2, 2], np.int64),
+        "w": rng.normal(0, 0.3, (16, 1, 5, 5)).astype(f32),
+        "b": rng.normal(0, 0.1, 16).astype(f32),
+        "flat": np.array([-1, 16], np.int64),
+        "m": rng.normal(0, 0.3, (16, 32)).astype(f32),
+        "a": rng.normal(0, 0.1, 32).astype(f32),
+        "bn1": [
+            rng.uniform(0.5, 1.5, 32).astype(f32),
+            rng.normal(0, 0.1, 32).astype(f32),
+            rng.normal(0, 0.1, 32).astype(f32),
+            rng.uniform(0.5, 1.5, 32).astype(f32),
+        ],  # fmt: skip
+        "m2": rng.normal(0, 0.3, (32, 10)).astype(f32),
+    }
+    initializers = []
+    for name, value in constants.items():
+        if isinstance(value, list):
+            initializers += [numpy_helper.from_array(v, f"{name}_{i}") for i, v in enumerate(value)]
+        else:
+            initializers.append(numpy_helper.from_array(value, name))
+    bn = [f"bn0_{i}" for i in range(4)]
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("BatchNormalization", ["nchw", *bn], ["normalized"], epsilon=1e-3, name="batch_norm"),
+        helper.make_node("Pad", ["normalized", "pads"], ["padded"], mode="constant", name="zero_padding2d"),
+        helper.make_node("Conv", ["padded", "w", "b"], ["c"], kernel_shape=[5, 5], name="conv2d"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalMaxPool", ["r"], ["g"], name="global_max_pooling2d"),
+        helper.make_node("Reshape", ["g", "flat"], ["f"]),
+        helper.make_node("MatMul", ["f", "m"], ["h"], name="dense/MatMul"),
+        helper.make_node("Add", ["h", "a"], ["hb"], name="dense/BiasAdd"),
+        helper.make_node("BatchNormalization", ["hb", *(f"bn1_{i}" for i in range(4))], ["hn"], name="bn_dense"),
+        helper.make_node("Relu", ["hn"], ["hr"]),
+        helper.make_node("MatMul", ["hr", "m2"], ["logits"], name="dense_1/MatMul"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tf2onnx",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 28, 28, 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tf2onnx")
+    imported = import_onnx(model.SerializeToString(), mnist, "normalized")
+    assert imported.agreement_images == 1000
+    assert imported.input_steps[-1].startswith("BatchNormalization x1.")
+    graph_ = model_graph(imported.module)
+    conv = next(op for op in graph_.ops if op.kind == "conv")
+    assert conv.attrs["padding"] == (2, 2) and [op.kind for op in graph_.ops].count("linear") == 2
+    assert any(op.kind == "maxpool" and op.attrs["kernel"] == (28, 28) for op in graph_.ops)

@@ -79,6 +79,8 @@ LAYER_OPS = {
     "MaxPool",
     "AveragePool",
     "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Pad",
     "ReduceMean",
     "Flatten",
     "Reshape",
@@ -443,6 +445,7 @@ class _Converter:
         self.views: dict[str, tuple[tuple[int, ...], float, float]] = {}
         self.steps: list[str] = []  # the file's input step, operation by operation, for the model card
         self.input_affine: tuple[float, float] | None = None  # the scaling where the first layer reads it
+        self.padded: dict[str, tuple[fx.Node, tuple[int, int]]] = {}  # a zero Pad's output -> (input, pads)
         self.channels_last: dict[str, fx.Node] = {}  # a Transpose to [N, H, W, C] -> the [N, C, H, W] map
         self.column_order: dict[str, torch.Tensor] = {}  # a flattened channels-last map -> its feature order
         self.readers: dict[str, int] = {}
@@ -678,11 +681,19 @@ class _Converter:
         import numpy as np
 
         op, name = node.op_type, node.input[0]
-        if name not in self.views or (op not in VIEW_OPS and op not in ("Mul", "Add", "Sub", "Div")):
+        if name not in self.views or (
+            op not in VIEW_OPS and op not in ("Mul", "Add", "Sub", "Div", "BatchNormalization")
+        ):
             return False
         shape, multiply, add = self.views[name]
         grey = shape == (3, *INPUT_SHAPE[1:])
-        if op in ("Mul", "Add", "Sub", "Div"):
+        if op == "BatchNormalization":  # of the one-channel image (a Keras model's first layer): affine
+            factor, shift = self._batchnorm_affine(node, index)
+            if factor.numel() != 1 or grey:
+                raise self.refuse(node, index, "a BatchNorm of the image with more than one channel")
+            multiply, add = multiply * float(factor), add * float(factor) + float(shift)
+            self.steps.append(f"BatchNormalization x{float(factor):.6g} {float(shift):+.6g}")
+        elif op in ("Mul", "Add", "Sub", "Div"):
             if len(node.input) != 2 or node.input[1] not in self.constants:
                 return False
             value = np.asarray(self.constants[node.input[1]], dtype=np.float64)
@@ -853,7 +864,11 @@ class _Converter:
         self.output(node, self.tensor(node, index, 0))
 
     def op_Conv(self, node: onnx.NodeProto, index: int) -> None:
-        x = self.tensor(node, index, 0)
+        extra = (0, 0)
+        if node.input[0] in self.padded:  # a zero Pad before it: its padding
+            x, extra = self.padded[node.input[0]]
+        else:
+            x = self.tensor(node, index, 0)
         weight = self.weight(node, index, 1)
         bias = self.weight(node, index, 2, required=False)
         assert weight is not None
@@ -872,7 +887,7 @@ class _Converter:
             out_channels,
             (kh, kw),
             self.pair(node, index, "strides", [1, 1]),
-            self.padding(node, index, x, (kh, kw)),
+            tuple(p + e for p, e in zip(self.padding(node, index, x, (kh, kw)), extra, strict=True)),
             groups=groups,
             bias=True,
         )
@@ -882,8 +897,24 @@ class _Converter:
         self.output(node, self.module(node, index, conv, x))
         self.foldable[node.output[0]] = str(self.values[node.output[0]].target)
 
+    def _batchnorm_affine(self, node: onnx.NodeProto, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An inference BatchNorm as x * multiply + add per channel (float64)."""
+        if int(self.attribute(node, "training_mode", 0)) != 0:  # type: ignore[call-overload]
+            raise self.refuse(node, index, "training mode; export the model in eval mode")
+        scale, shift, mean, var = (self.weight(node, index, i) for i in range(1, 5))
+        assert scale is not None and shift is not None and mean is not None and var is not None
+        eps = float(self.attribute(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+        multiply = scale.double() / torch.sqrt(var.double() + eps)
+        return multiply, shift.double() - mean.double() * multiply
+
     def op_BatchNormalization(self, node: onnx.NodeProto, index: int) -> None:
         x = self.tensor(node, index, 0)
+        if self.probe[x].ndim == 2:  # after a linear layer (Keras's Dense then BatchNormalization): folded
+            if node.input[0] not in self.foldable or self.readers.get(node.input[0]) != 1:
+                raise self.refuse(node, index, "a BatchNorm of features that no linear layer of its own computes")
+            multiply, add = self._batchnorm_affine(node, index)
+            self._fold_into(node, index, node.input[0], multiply, add)
+            return
         if int(self.attribute(node, "training_mode", 0)) != 0:  # type: ignore[call-overload]
             raise self.refuse(node, index, "training mode; export the model in eval mode")
         scale, shift, mean, var = (self.weight(node, index, i) for i in range(1, 5))
@@ -994,6 +1025,42 @@ class _Converter:
             raise self.refuse(node, index, "only unpadded average pooling without ceil_mode")
         pool = nn.AvgPool2d(kernel, self.pair(node, index, "strides", [1, 1]))
         self.output(node, self.module(node, index, pool, x))
+
+    def op_GlobalMaxPool(self, node: onnx.NodeProto, index: int) -> None:
+        x = self.tensor(node, index, 0)
+        if self.probe[x].ndim != 4:
+            raise self.refuse(node, index, "only over a feature map")
+        size = tuple(int(d) for d in self.probe[x].shape[2:])
+        self.output(node, self.module(node, index, nn.MaxPool2d(size, size), x))
+
+    def op_Pad(self, node: onnx.NodeProto, index: int) -> None:
+        """Zero padding of height and width the same on both sides, read by one convolution: that
+        convolution's padding (Keras's ZeroPadding2D, PyTorch's ZeroPad2d)."""
+        import numpy as np
+
+        x = self.tensor(node, index, 0)
+        mode = self.attribute(node, "mode", b"constant")
+        pads = self.attribute(node, "pads", None)
+        if pads is None:
+            pads = self.constant(node, index, 1)
+        value = self.constant(node, index, 2, required=False) if pads is not None else None
+        value = value if value is not None else self.attribute(node, "value", 0.0)
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        readers = [other for other in self.graph.node if node.output[0] in other.input]
+        if (
+            mode not in (b"constant", "constant")
+            or float(np.asarray(value).reshape(-1)[0] if np.size(value) else 0.0) != 0.0
+            or self.probe[x].ndim != 4
+            or len(pads) != 8
+            or pads[:2] != [0, 0]
+            or pads[4:6] != [0, 0]
+            or pads[2:4] != pads[6:8]
+            or [other.op_type for other in readers] != ["Conv"]
+        ):
+            raise self.refuse(node, index, "only zero padding of height and width, even, before one convolution")
+        self.padded[node.output[0]] = (x, (pads[2], pads[3]))
+        height, width = self.probe[x].shape[2:]
+        self.shapes[node.output[0]] = [BATCH, self.probe[x].shape[1], height + 2 * pads[2], width + 2 * pads[3]]
 
     def op_GlobalAveragePool(self, node: onnx.NodeProto, index: int) -> None:
         self.output(node, self.module(node, index, nn.AdaptiveAvgPool2d(1), self.tensor(node, index, 0)))
@@ -1168,7 +1235,6 @@ class _Converter:
         """A convolution's or linear layer's output times, plus, minus or divided by a constant per output
         channel: its bias (MatMul + Add), or BatchNorm as tf2onnx writes it (Mul, Add), folded into the
         layer's weights and bias exactly as the operation computes them (its only reader)."""
-        import numpy as np
 
         op = node.op_type
         if len(node.input) != 2 or not all(name in self.values or name in self.constants for name in node.input):
@@ -1183,11 +1249,10 @@ class _Converter:
             )
         if position == 0 and op in ("Sub", "Div"):
             raise self.refuse(node, index, f"{op} with the constant first")
-        layer_name = self.foldable.pop(tensor)
-        layer = self.modules[layer_name]
-        assert isinstance(layer, nn.Conv2d | nn.Linear)
         value = self.weight(node, index, position)
         assert value is not None
+        layer = self.modules[self.foldable[tensor]]
+        assert isinstance(layer, nn.Conv2d | nn.Linear)
         channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         shapes = [(), (1,), (channels, 1, 1), (1, channels, 1, 1)] if isinstance(layer, nn.Conv2d) else []
         shapes = shapes or [(), (1,), (channels,), (1, channels)]
@@ -1196,17 +1261,38 @@ class _Converter:
                 node, index, f"a constant of shape {list(value.shape)}; one value per output channel is folded"
             )
         per_channel = value.reshape(-1).double().expand(channels)
+        if op in ("Mul", "Div"):
+            self._fold_into(node, index, tensor, per_channel if op == "Mul" else 1.0 / per_channel, None)
+        else:
+            self._fold_into(node, index, tensor, None, per_channel if op == "Add" else -per_channel)
+
+    def _fold_into(
+        self,
+        node: onnx.NodeProto,
+        index: int,
+        tensor: str,
+        multiply: torch.Tensor | None,
+        add: torch.Tensor | None,
+    ) -> None:
+        """The layer computing `tensor` (its only reader is `node`) made to compute `tensor * multiply + add`
+        per output channel, in float64: its weights and bias scaled, its bias shifted."""
+        import numpy as np
+
+        layer_name = self.foldable.pop(tensor)
+        layer = self.modules[layer_name]
+        assert isinstance(layer, nn.Conv2d | nn.Linear)
+        channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         with torch.no_grad():
             weight, bias = layer.weight.double(), layer.bias.double()  # type: ignore[union-attr]
-            if op in ("Mul", "Div"):
-                factor = per_channel if op == "Mul" else 1.0 / per_channel
+            if multiply is not None:
+                factor = multiply.reshape(-1).expand(channels)
                 weight = weight * factor.reshape(-1, *[1] * (weight.ndim - 1))
                 bias = bias * factor
-            else:
-                bias = bias + (per_channel if op == "Add" else -per_channel)
+            if add is not None:
+                bias = bias + add.reshape(-1).expand(channels)
             layer.weight.copy_(weight.float())
             layer.bias.copy_(bias.float())  # type: ignore[union-attr]
-        if not np.isfinite(layer.weight.detach().numpy()).all():
+        if not (np.isfinite(layer.weight.detach().numpy()).all() and np.isfinite(layer.bias.detach().numpy()).all()):
             raise self.refuse(node, index, "folding it gives weights that are not finite")
         self.output(node, self.values[tensor])
         self.foldable[node.output[0]] = layer_name
