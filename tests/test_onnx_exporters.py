@@ -576,3 +576,24 @@ def test_batchnorm_on_the_image_and_after_a_dense_layer_global_max_pooling_and_z
     conv = next(op for op in graph_.ops if op.kind == "conv")
     assert conv.attrs["padding"] == (2, 2) and [op.kind for op in graph_.ops].count("linear") == 2
     assert any(op.kind == "maxpool" and op.attrs["kernel"] == (28, 28) for op in graph_.ops)
+
+
+def test_a_fully_convolutional_net_giving_scores_as_a_map_imports(mnist):
+    """Scores as [N, 10, 1, 1] (a 1x1 convolution to 10 channels, global average pooling, no flatten):
+    flattened at the end, the same predictions as ONNX Runtime and torch."""
+
+    class FullyConvolutional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.classes = nn.Conv2d(1, 8, 3, stride=2), nn.Conv2d(8, 10, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.adaptive_avg_pool2d(self.classes(torch.relu(self.conv(x))), 1)
+
+    torch.manual_seed(0)
+    model = FullyConvolutional().eval()
+    imported = import_onnx(_export(model, torch.zeros(1, 1, 28, 28)), mnist, "normalized")
+    x = mnist.test.images[:1000]
+    with torch.inference_mode():
+        assert torch.equal(imported.module(x).argmax(1), model(x).flatten(1).argmax(1))
+    assert model_graph(imported.module).ops[-1].kind == "flatten"

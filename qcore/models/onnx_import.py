@@ -63,6 +63,8 @@ INPUT_SHAPE = (1, 28, 28)
 # the image's layouts a file may read, each the same 784 pixels in the same order (but the grey image
 # copied into 3 channels): PyTorch's, Keras's channels-last, without channels, flat (a perceptron)
 INPUT_LAYOUTS = {(1, 28, 28), (28, 28, 1), (28, 28), (784,), (3, 28, 28)}
+# the scores' shapes a file may give (a fully convolutional net's [N, 10, 1, 1] among them): flattened
+SCORE_SHAPES = {(10,), (10, 1, 1), (1, 10), (1, 1, 10)}
 CLASSES = 10
 # The operators the lab turns into its graph, and those that only compute constants around them
 LAYER_OPS = {
@@ -313,7 +315,7 @@ def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
             f"the input is {shorten(str(shape), 60)}; the lab reads one float image of 28x28 pixels as "
             "[N, 1, 28, 28], [N, 28, 28, 1], [N, 28, 28], [N, 784] or [N, 3, 28, 28]"
         )
-    scores = [value for value in graph.output if len(_tensor_shape(value)) == 2 and _tensor_shape(value)[1] == CLASSES]
+    scores = [value for value in graph.output if tuple(_tensor_shape(value)[1:]) in SCORE_SHAPES]
     if len(graph.output) == 1 and not scores:
         shape = _tensor_shape(graph.output[0])
         raise OnnxImportError(f"the output is {shorten(str(shape), 60)}; it must be [N, 10], one score per class")
@@ -1343,7 +1345,10 @@ class _Converter:
         out = self.graph.output[0].name
         if out not in self.values:
             raise OnnxImportError("the output is not computed from the image by the imported operations")
-        self.fx.output(self.values[out])
+        result = self.values[out]
+        if self.probe[result].ndim > 2:  # scores as [N, 10, 1, 1] or [N, 1, 10]: flattened to [N, 10]
+            result = self.function(self.graph.node[-1], len(self.graph.node) - 1, torch.flatten, (result, 1))
+        self.fx.output(result)
         return fx.GraphModule(self.modules, self.fx)
 
     def _input_name(self) -> str:
@@ -1442,6 +1447,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
             input_scale,
             layout,
             graph_input.type.tensor_type.elem_type == 11,
+            model.graph.output[0].name,
             step,
             torch.get_num_threads(),
         )
