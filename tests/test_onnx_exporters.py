@@ -62,7 +62,7 @@ def test_old_opsets_are_upgraded_and_predict_what_the_network_does(mnist, net, o
         assert torch.equal(imported.module(x).argmax(1), net(x).argmax(1))
 
 
-def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelProto:
+def _keras_style(net: nn.Module) -> onnx.ModelProto:
     """The notebook net as tf2onnx writes a Keras model: input [N, 28, 28, 1] in [0, 255], Mul by 1/255 and
     standardization inside the graph, Transpose to channels-first, conv1 as Conv, Mul and Add (BatchNorm's
     form), max pooling with auto_pad VALID, a Transpose back to channels-last before the flatten, fc1 as
@@ -72,7 +72,7 @@ def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelPro
     sd = {name: value.detach().numpy().astype(np.float32) for name, value in net.state_dict().items()}
     scale = rng.uniform(0.5, 2.0, 20).astype(np.float32)
     channels_last = np.arange(800).reshape(50, 4, 4).transpose(1, 2, 0).reshape(-1)  # NHWC position -> NCHW index
-    pad = {"auto_pad": "SAME_UPPER"} if same_padding else {"auto_pad": "VALID"}
+    pad = {"auto_pad": "VALID"}
     constants = {
         "k255": np.array(1 / 255, np.float32),
         "mean": np.array(0.1307, np.float32),
@@ -116,10 +116,6 @@ def _keras_style(net: nn.Module, *, same_padding: bool = False) -> onnx.ModelPro
         helper.make_node("Gemm", ["hr", "w3", "b3"], ["logits"], alpha=2.0, transB=1, name="sequential/dense_1/Gemm"),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="sequential/dense_1/Softmax"),
     ]
-    if same_padding:  # a Keras padding="same" 5x5 conv of stride 2 on 28 pixels pads 3: 1 before, 2 after
-        nodes[4] = helper.make_node(
-            "Conv", ["nchw", "w1"], ["c1"], kernel_shape=[5, 5], strides=[2, 2], auto_pad="SAME_UPPER", name="c1"
-        )
     order = [*nodes[9:], *nodes[:9]]  # out of order, as some writers leave them: the later half first
     graph = helper.make_graph(
         order,
@@ -262,13 +258,18 @@ def _transposed_image() -> bytes:
     return model.SerializeToString()
 
 
+def _uneven_pads() -> bytes:
+    model = _keras_style(load_model())
+    node = next(n for n in model.graph.node if n.op_type == "Conv" and n.output[0] == "c1")
+    del node.attribute[:]
+    node.attribute.extend([helper.make_attribute("kernel_shape", [5, 5]), helper.make_attribute("pads", [0, 0, 2, 2])])
+    return model.SerializeToString()
+
+
 @pytest.mark.parametrize(
     "build,needle",
     [
-        (
-            lambda: _keras_style(load_model(), same_padding=True).SerializeToString(),
-            "auto_pad SAME_UPPER pads 1 before and 2 after; only padding the same on both sides",
-        ),
+        (_uneven_pads, "pads 0 before and 2 after; at most one apart"),
         (_transposed_image, "a transpose [0, 3, 2, 1] that reorders the image's pixels"),
     ],
 )
@@ -597,3 +598,39 @@ def test_a_fully_convolutional_net_giving_scores_as_a_map_imports(mnist):
     with torch.inference_mode():
         assert torch.equal(imported.module(x).argmax(1), model(x).flatten(1).argmax(1))
     assert model_graph(imported.module).ops[-1].kind == "flatten"
+
+
+def test_same_padding_that_splits_unevenly_is_a_kernel_one_larger(mnist):
+    """Keras's padding='same' with stride 2 on an even size pads one more at the end (SAME_UPPER), and
+    SAME_LOWER one more at the start: each is the larger padding on both sides with the kernel grown by
+    a zero row and column, which ONNX Runtime's predictions on 1,000 images confirm (the arrival check)."""
+    rng = np.random.default_rng(2)
+    weights = {
+        "w1": rng.normal(0, 0.3, (8, 1, 5, 5)),  # stride 2 on 28: pads 1 before, 2 after
+        "w2": rng.normal(0, 0.3, (8, 8, 3, 3)),  # stride 2 on 14: 0 before, 1 after
+        "w3": rng.normal(0, 0.3, (8, 8, 4, 4)),  # SAME_LOWER, stride 1, an even kernel: 2 before, 1 after
+        "fc": rng.normal(0, 0.1, (8 * 7 * 7, 10)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], kernel_shape=[5, 5], strides=[2, 2], auto_pad="SAME_UPPER"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], kernel_shape=[4, 4], auto_pad="SAME_LOWER"),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Flatten", ["r3"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "same",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    imported = import_onnx(model.SerializeToString(), mnist, "normalized")
+    convs = [op for op in model_graph(imported.module).ops if op.kind == "conv"]
+    assert [tuple(imported.module.get_submodule(op.name).kernel_size) for op in convs] == [(6, 6), (4, 4), (5, 5)]
+    assert [op.attrs["padding"] for op in convs] == [(2, 2), (1, 1), (2, 2)]
+    assert imported.agreement_images == 1000 and imported.largest_difference < 1e-4

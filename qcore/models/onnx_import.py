@@ -579,12 +579,11 @@ class _Converter:
             raise self.refuse(node, index, f"{name} must have two values (2-D images)")
         return int(values[0]), int(values[1])
 
-    def padding(self, node: onnx.NodeProto, index: int, source: fx.Node, kernel: tuple[int, int]) -> tuple[int, int]:
-        """The symmetric padding of a convolution or pool: its pads, or what auto_pad SAME asks for on
-        this input's size (as tf2onnx writes Keras's padding='same'). Padding that is larger at the end
-        than at the start is the start's on both sides when the extra cells are never read (the output
-        has the same size either way: Chainer's cover_all pooling writes such pads); other uneven
-        padding is refused."""
+    def _pads(
+        self, node: onnx.NodeProto, index: int, source: fx.Node, kernel: tuple[int, int]
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """A convolution's or pool's padding as (before, after) for height and width: its pads, or what
+        auto_pad SAME asks for on this input's size (as tf2onnx writes Keras's padding='same')."""
         auto_pad = self.attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else str(auto_pad)
         strides = self.pair(node, index, "strides", [1, 1])
@@ -595,29 +594,61 @@ class _Converter:
                 for size, k, stride in zip(sizes, kernel, strides, strict=True)
             ]
             early = [total // 2 if auto_pad == "SAME_UPPER" else total - total // 2 for total in totals]
-            pads = [*early, *(total - first for total, first in zip(totals, early, strict=True))]
-        elif auto_pad in ("NOTSET", "VALID"):
-            pads = [int(p) for p in self.attribute(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
-            if auto_pad == "VALID":
-                pads = [0, 0, 0, 0]
-            if len(pads) != 4:
-                raise self.refuse(node, index, f"pads {pads} (2-D images have four)")
-        else:
+            return auto_pad, [(first, total - first) for total, first in zip(totals, early, strict=True)]
+        if auto_pad not in ("NOTSET", "VALID"):
             raise self.refuse(node, index, f"auto_pad {shorten(auto_pad, 20)}")
+        pads = [int(p) for p in self.attribute(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
+        if auto_pad == "VALID":
+            pads = [0, 0, 0, 0]
+        if len(pads) != 4:
+            raise self.refuse(node, index, f"pads {pads} (2-D images have four)")
+        return auto_pad, [(pads[0], pads[2]), (pads[1], pads[3])]
+
+    def _unread_end(self, before: int, after: int, size: int, k: int, stride: int) -> bool:
+        """Whether padding `after` > `before` at the end adds cells no window reads (the same output size)."""
+        return after > before and (size + before + after - k) // stride == (size + 2 * before - k) // stride
+
+    def padding(self, node: onnx.NodeProto, index: int, source: fx.Node, kernel: tuple[int, int]) -> tuple[int, int]:
+        """A pool's symmetric padding. Padding that is larger at the end than at the start is the start's on
+        both sides when the extra cells are never read (Chainer's cover_all pooling writes such pads);
+        other uneven padding is refused."""
+        auto_pad, pads = self._pads(node, index, source, kernel)
+        strides, sizes = self.pair(node, index, "strides", [1, 1]), self.probe[source].shape[2:]
         padding = []
-        for axis in range(2):
-            begin, end, size, k, stride = pads[axis], pads[axis + 2], sizes[axis], kernel[axis], strides[axis]
-
-            def outputs(after: int, begin: int = begin, size: int = size, k: int = k, stride: int = stride) -> int:
-                return (size + begin + after - k) // stride + 1
-
-            if begin != end and not (end > begin and outputs(end) == outputs(begin)):
+        for (before, after), size, k, stride in zip(pads, sizes, kernel, strides, strict=True):
+            if before != after and not self._unread_end(before, after, int(size), k, stride):
                 where = f"auto_pad {auto_pad} pads" if auto_pad.startswith("SAME") else "pads"
                 raise self.refuse(
-                    node, index, f"{where} {begin} before and {end} after; only padding the same on both sides"
+                    node, index, f"{where} {before} before and {after} after; only padding the same on both sides"
                 )
-            padding.append(begin)
+            padding.append(before)
         return padding[0], padding[1]
+
+    def conv_padding(
+        self, node: onnx.NodeProto, index: int, source: fx.Node, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A convolution's weight and symmetric padding. Padding one larger on one side (auto_pad SAME with
+        stride 2 on an even size, as Keras writes padding='same') is the larger on both sides with the
+        kernel one larger, its extra row or column zero on the side that padding moves the windows from:
+        the same windows over the same pixels, the same output size, exactly."""
+        auto_pad, pads = self._pads(node, index, source, (int(weight.shape[2]), int(weight.shape[3])))
+        strides, sizes = self.pair(node, index, "strides", [1, 1]), self.probe[source].shape[2:]
+        padding = []
+        for axis, ((before, after), size, stride) in enumerate(zip(pads, sizes, strides, strict=True)):
+            k = int(weight.shape[2 + axis])
+            if before == after or self._unread_end(before, after, int(size), k, stride):
+                padding.append(before)
+                continue
+            if abs(before - after) != 1:
+                where = f"auto_pad {auto_pad} pads" if auto_pad.startswith("SAME") else "pads"
+                raise self.refuse(node, index, f"{where} {before} before and {after} after; at most one apart")
+            zero_shape = list(weight.shape)
+            zero_shape[2 + axis] = 1
+            zeros = torch.zeros(zero_shape, dtype=weight.dtype)
+            # more at the end: the windows start one later, so the grown kernel's first row is zero
+            weight = torch.cat([zeros, weight] if after > before else [weight, zeros], dim=2 + axis)
+            padding.append(max(before, after))
+        return weight, (padding[0], padding[1])
 
     # --- the operators ---------------------------------------------------------------------------
     def convert(self, node: onnx.NodeProto, index: int) -> None:
@@ -883,13 +914,18 @@ class _Converter:
             if groups != 1 or weight.shape[1] != 3:
                 raise self.refuse(node, index, "a 3-channel image must reach an ordinary convolution")
             weight = weight.sum(1, keepdim=True)
+        if extra != (0, 0) and self._pads(node, index, x, (int(weight.shape[2]), int(weight.shape[3])))[0].startswith(
+            "SAME"
+        ):
+            raise self.refuse(node, index, "a Pad before a convolution with auto_pad SAME")
+        weight, padding = self.conv_padding(node, index, x, weight)
         out_channels, per_group, kh, kw = weight.shape
         conv = nn.Conv2d(
             per_group * groups,
             out_channels,
             (kh, kw),
             self.pair(node, index, "strides", [1, 1]),
-            tuple(p + e for p, e in zip(self.padding(node, index, x, (kh, kw)), extra, strict=True)),
+            tuple(p + e for p, e in zip(padding, extra, strict=True)),
             groups=groups,
             bias=True,
         )
