@@ -47,6 +47,7 @@ def net():
     return load_model().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [7, 8, 9, 10])
 def test_old_opsets_are_upgraded_and_predict_what_the_network_does(mnist, net, opset):
     """torch's exporter at opsets 7 to 10 (initializers listed as inputs too, as exporters then did):
@@ -311,6 +312,7 @@ class Activations(nn.Module):
         return torch.sigmoid(self.fc3(hardsigmoid(self.fc2(tanh(self.fc1(x))))))
 
 
+@pytest.mark.slow
 def test_activations_other_than_relu_are_tables_on_integers_and_agree_everywhere(mnist):
     """LeakyRelu, Elu, HardSwish, Tanh and HardSigmoid (as torch exports them) become the lab's lookups:
     the simulation and the integer engine read one table per activation, so at W8A8 and W4A4 they agree
@@ -363,6 +365,7 @@ def test_activations_other_than_relu_are_tables_on_integers_and_agree_everywhere
     assert engine.agreement_with_simulation > 0.9
 
 
+@pytest.mark.slow
 def test_the_qdq_export_of_an_imported_model_reads_the_files_own_input(mnist, net, tmp_path):
     """`export --format onnx` of the tf2onnx-style file: the QDQ model takes [N, 28, 28, 1] pixels in
     [0, 255] like the original, its metadata describe them, and ONNX Runtime on it predicts what the
@@ -502,6 +505,7 @@ def _cntk_style(net: nn.Module) -> bytes:
     return model.SerializeToString()
 
 
+@pytest.mark.slow
 def test_a_cntk_style_file_imports_with_its_weights_prepared_in_the_graph(mnist, net):
     """CNTK's MNIST layout (opset 8, IR 3, batch 1, raw [0, 255] pixels, bias Adds, weights reshaped and
     transposed by the graph): upgraded, the convention measured as [0, 255], the same predictions as the
