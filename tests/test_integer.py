@@ -21,15 +21,9 @@ from qcore.export.formats import (
     unpack_bits,
 )
 from qcore.inference.evaluate import evaluate
-from qcore.inference.integer import (
-    INT32_MAX,
-    INT32_MIN,
-    IntegerEngineError,
-    IntegerNet,
-    multiply_by_quantized_multiplier,
-    quantize_multiplier,
-)
+from qcore.inference.integer import IntegerEngineError, IntegerNet
 from qcore.inference.torch_int8 import torch_int8_model
+from qcore.quantize.integer_rules import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier
 from qcore.quantize.qmodel import calibration_data
 
 

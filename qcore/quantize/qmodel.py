@@ -21,6 +21,7 @@ from qcore.config import QuantConfig
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
 from qcore.quantize.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
+from qcore.quantize.integer_rules import average_pool_int
 from qcore.quantize.methods import (
     MethodsReport,
     adaround,
@@ -148,8 +149,7 @@ class _Simulation(GraphRun):
 
 def rounded_average_levels(x: torch.Tensor, qparams: QParams, op: Op) -> torch.Tensor:
     """The integers of an average pool of `x` (on `qparams`' grid) as the integer engine computes them
-    (qcore.inference.integer.average_pool_int: the window's sum divided rounding half up)."""
-    from qcore.inference.integer import average_pool_int
+    (qcore.quantize.integer_rules.average_pool_int: the window's sum divided rounding half up)."""
 
     q = quantize(x.detach(), qparams).to(torch.int64)
     return average_pool_int(q, op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]

@@ -1,0 +1,80 @@
+"""The integer rules the fake-quant simulation and the integer engine share (TFLite reference
+semantics): the fixed-point requantization multiplier, rounded average pooling, ReLU6's bound on a
+grid and the 8-bit ADD's rescaling. They live below both, so qcore.quantize.qmodel (the simulation)
+and qcore.inference.integer (the engine) import them from here and never each other."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qcore.quantize.quant import QParams
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """(M0, shift) with real = M0 * 2^(shift - 31) and M0 in [2^30, 2^31) (M0 = 0 for real = 0).
+    M0 is rounded half away from zero, as TFLite's QuantizeMultiplier does with std::round."""
+    if real < 0:
+        raise ValueError(f"multiplier must be >= 0 (got {real})")
+    if real == 0.0:
+        return 0, 0
+    mantissa, exponent = math.frexp(real)  # real = mantissa * 2^exponent, mantissa in [0.5, 1)
+    multiplier = math.floor(mantissa * 2**31 + 0.5)
+    if multiplier == 2**31:  # the mantissa rounded up to 1.0
+        multiplier //= 2
+        exponent += 1
+    return multiplier, exponent
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TFLite's single-rounding MultiplyByQuantizedMultiplier: x * M0 * 2^(shift - 31) rounded once,
+    half up (toward +infinity), on int32 values held in int64, saturated to int32. The product of an
+    int32 and an M0 < 2^31 fits 63 bits, so nothing is lost before the one rounding."""
+    total_shift = 31 - shift.to(torch.int64)
+    if bool((total_shift < 1).any()):
+        raise ValueError("shift must be at most 30 (a multiplier below 2^30)")
+    nudge = torch.tensor(1, dtype=torch.int64) << (total_shift - 1)
+    return torch.clamp((x.to(torch.int64) * multiplier.to(torch.int64) + nudge) >> total_shift, INT32_MIN, INT32_MAX)
+
+
+def average_pool_int(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """TFLite's uint8 reference AveragePool: the window's sum of the quantized values, divided by the
+    count rounded half up, (sum + n / 2) / n in integers; input and output share scale and zero point."""
+    count = kernel[0] * kernel[1]
+    sums = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).sum(dim=(4, 5))
+    return torch.div(sums + count // 2, count, rounding_mode="floor")
+
+
+def quantized_six(qparams: QParams) -> int:
+    """ReLU6's upper clamp on a grid: round(6 / s) + z, rounded as the simulation's float32 divides."""
+    return int(torch.round(torch.tensor(6.0) / qparams.scale)) + int(qparams.zero_point)
+
+
+ADD_LEFT_SHIFT = 20  # TFLite's 8-bit ADD: inputs are shifted left by 20 bits before rescaling
+
+
+def add_multipliers(input_scales: tuple[float, float]) -> tuple[list[float], float]:
+    """TFLite's ADD (kernels/add.cc, PrepareGeneralSubOp): each input rescaled by s_i / (2 max(s1, s2))
+    after a left shift of 20 bits, so the sum's scale is 2 max(s1, s2) / 2^20."""
+    twice_max = 2.0 * max(input_scales)
+    return [scale / twice_max for scale in input_scales], twice_max / 2.0**ADD_LEFT_SHIFT
+
+
+def add_int(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    zeros: tuple[int, int],
+    multipliers: tuple[torch.Tensor, torch.Tensor],
+    shifts: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The raw sum of TFLite's int8 ADD: ((q_i - z_i) << 20) times each input's multiplier, summed;
+    requantized to the output's scale and zero point afterwards, like any accumulator."""
+    scaled = [
+        multiply_by_quantized_multiplier((q.to(torch.int64) - zero) << ADD_LEFT_SHIFT, multiplier, shift)
+        for q, zero, multiplier, shift in zip((a, b), zeros, multipliers, shifts, strict=True)
+    ]
+    return scaled[0] + scaled[1]
