@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 from qcore.analysis.tables import quantize_for  # noqa: E402
-from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import load_mnist  # noqa: E402
-from qcore.inference.deploy import predictor  # noqa: E402
+from qcore.export.deploy import predictor  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
+from qcore.quantize.config import QuantConfig  # noqa: E402
 
 PATHS = ("float", "simulate", "integer", "torch-int8", "onnxruntime")
 INT8_PATHS = ("integer", "torch-int8", "onnxruntime")

@@ -24,10 +24,10 @@ import torch  # noqa: E402
 from _common import emit  # noqa: E402
 
 from qcore.analysis.tables import build_report  # noqa: E402
-from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import load_mnist  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
+from qcore.quantize.config import QuantConfig  # noqa: E402
 from ui.gate import Gate  # noqa: E402
 
 

@@ -51,9 +51,9 @@ def run_once(folder: Path) -> dict[str, object]:
 def plan_largest_graph() -> dict[str, float]:
     """Issue 35: quantization planning grew as the cube of the adds (800 adds, 25.5 s). The largest graph
     the import's bounds allow, all adds: its conversion, trace and plan, timed in this process."""
-    from qcore.config import QuantConfig
     from qcore.graph import model_graph
     from qcore.models.onnx_import import MAX_OPERATIONS, onnx_module, read_onnx
+    from qcore.quantize.config import QuantConfig
     from qcore.quantize.qmodel import config_plan
     from tests.hostile_files import _chain
 

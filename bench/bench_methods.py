@@ -30,10 +30,10 @@ GOALS: list[tuple[str, dict[str, object], float]] = [
 
 def main() -> None:
     from qcore.analysis.tables import quantize_for
-    from qcore.config import QuantConfig
     from qcore.data import load_mnist
     from qcore.inference.evaluate import evaluate
     from qcore.models.checkpoint import load_model
+    from qcore.quantize.config import QuantConfig
     from qcore.quantize.methods import METHODS, average_bits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit  # noqa: E402
 from qcore.analysis.tables import quantize_for  # noqa: E402
-from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import load_dataset  # noqa: E402
 from qcore.inference.integer import IntegerNet  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
 from qcore.models.zoo import ZOO, zoo_model  # noqa: E402
+from qcore.quantize.config import QuantConfig  # noqa: E402
 from qcore.quantize.qmodel import calibration_data  # noqa: E402
 
 BATCH = 1000

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 from qcore.analysis.tables import bit_sweep  # noqa: E402
-from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import MNIST_MEAN, MNIST_STD, data_dir, load_mnist  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
 from qcore.models.net import Net  # noqa: E402
+from qcore.quantize.config import QuantConfig  # noqa: E402
 from qcore.quantize.qmodel import calibration_data, quantize_model  # noqa: E402
 from qcore.training.train import TrainConfig, train  # noqa: E402
 

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit  # noqa: E402
 from qcore.analysis.tables import quantize_for  # noqa: E402
-from qcore.config import QuantConfig  # noqa: E402
 from qcore.data import load_dataset  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
 from qcore.inference.integer import IntegerNet  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
 from qcore.models.zoo import ZOO, zoo_model  # noqa: E402
+from qcore.quantize.config import QuantConfig  # noqa: E402
 from qcore.training.qat import QatConfig, qat, qat_control  # noqa: E402
 
 PTQ_BITS = ((8, 8), (6, 6), (4, 4), (3, 3))

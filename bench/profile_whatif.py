@@ -42,11 +42,11 @@ def main() -> None:
         import streamlit  # noqa: F401
     with timed("cold: import torch and qcore"):
         from qcore.analysis.tables import build_report, quantize_for
-        from qcore.config import QuantConfig
         from qcore.data import MNIST_MEAN, MNIST_STD, load_mnist
         from qcore.figures import digits_figure, per_class_figure
         from qcore.inference.evaluate import evaluate, flipped_indices
         from qcore.models.checkpoint import load_model
+        from qcore.quantize.config import QuantConfig
     with timed("cold: load MNIST (validate + normalize)"):
         data = load_mnist(download=False)
     with timed("cold: load the bundled net (validated)"):

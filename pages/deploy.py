@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from qcore.config import integer_path_problems
 from qcore.export.formats import size_table
 from qcore.figures import throughput_figure
 from qcore.files import shorten
 from qcore.inference.integer import IntegerEngineError, IntegerNet
+from qcore.quantize.config import integer_path_problems
 from ui import cache, session
 from ui.tables import table_with_csv
 

@@ -4,11 +4,11 @@ import json
 
 import streamlit as st
 
-from qcore.config import integer_path_problems
 from qcore.figures import digits_figure, heatmaps_figure, logits_figure
 from qcore.files import shorten
 from qcore.inference.integer import IntegerEngineError
 from qcore.lessons.walk import AddWalk, LookupWalk, walk_shapes
+from qcore.quantize.config import integer_path_problems
 from ui import cache, session
 
 TERMS_SHOWN = 4

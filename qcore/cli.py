@@ -20,7 +20,6 @@ from typing import NoReturn
 
 from torch import nn
 
-from qcore.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
 from qcore.data import (
     DATASETS,
     INPUT_SCALES,
@@ -31,9 +30,9 @@ from qcore.data import (
     view_spec,
     with_input_scale,
 )
+from qcore.export.deploy import ENGINES
 from qcore.files import OutputPathError, check_output_path, shorten, write_atomic
 from qcore.graph import GraphError
-from qcore.inference.deploy import ENGINES
 from qcore.models.checkpoint import (
     MAX_FILE_BYTES,
     CheckpointError,
@@ -46,6 +45,7 @@ from qcore.models.net import LAYER_NAMES
 from qcore.models.onnx_import import import_onnx, is_onnx
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, UnknownModelError, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
+from qcore.quantize.config import WEIGHT_RANGES, ConfigError, QuantConfig, integer_path_problems, make_config
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 from qcore.training.qat import QAT_METHODS, QatCheckpoint, QatConfig, QatError, QatProgress, claims_qat, load_checkpoint
@@ -581,7 +581,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
         result["qat"] = True  # quant_accuracy is the trained model's; float_accuracy its float weights'
 
     if args.engine != "simulate":
-        from qcore.inference.deploy import run_engine
+        from qcore.export.deploy import run_engine
         from qcore.inference.integer import IntegerEngineError
 
         try:

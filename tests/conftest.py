@@ -85,7 +85,7 @@ def w3a3_diagnosis(pretrained, mnist, float_eval):
     """qcore.analysis.diagnose at W3A3 (about 25 s), shared by the diagnosis, CLI, AppTest and browser
     checks (seeded into the app's store: the Diagnose page at W3A3 shows this very result)."""
     from qcore.analysis.diagnose import diagnose
-    from qcore.config import QuantConfig
+    from qcore.quantize.config import QuantConfig
 
     config = QuantConfig(weight_bits=3, act_bits=3)
     result = diagnose(pretrained, mnist, config, float_eval.accuracy)
@@ -102,10 +102,10 @@ def resnet_page_diagnosis():
     check the page (its diagram's branches, its table's layers), not the numbers."""
     import qcore.analysis.diagnose
     from qcore.analysis.diagnose import diagnose
-    from qcore.config import QuantConfig
     from qcore.data import Dataset, load_dataset
     from qcore.inference.evaluate import evaluate
     from qcore.models.checkpoint import load_model
+    from qcore.quantize.config import QuantConfig
 
     data, model = load_dataset("fashion-mnist", download=False), load_model(None, "fashion-resnet")
     small = Dataset(data.train, data.test.subset(300), data.spec)
@@ -123,7 +123,7 @@ def w2a8_all_methods(pretrained, mnist, float_eval):
     shared by the methods goals, the regression and the Methods page's check (seeded into the app's
     store: the page shows this very result)."""
     from qcore.analysis.tables import build_report, quantize_for
-    from qcore.config import QuantConfig
+    from qcore.quantize.config import QuantConfig
 
     config = QuantConfig(weight_bits=2, methods=("equalization", "adaround", "bias-correction"))
     qnet = quantize_for(pretrained, mnist, config)

@@ -12,10 +12,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from qcore.analysis.tables import build_report, quantize_for
-from qcore.config import QuantConfig
 from qcore.inference.evaluate import evaluate
 from qcore.models.checkpoint import checkpoint_bytes, fingerprint
 from qcore.models.net import Net
+from qcore.quantize.config import QuantConfig
 from tests.conftest import ROOT
 from ui.apptest import NavigationPagesManager
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
 from tests.serving import IDLE, ROOT, chromium, streamlit_server
 
 pytestmark = pytest.mark.browser

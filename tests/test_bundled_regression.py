@@ -149,7 +149,7 @@ def _predictions(module, images: torch.Tensor) -> torch.Tensor:
 
 def _ptq_numbers(model, data, changes: dict[str, object]) -> dict[str, object]:
     from qcore.analysis.tables import quantize_for
-    from qcore.config import QuantConfig
+    from qcore.quantize.config import QuantConfig
 
     qnet = quantize_for(model, data, QuantConfig().with_changes(**changes))
     predictions = _predictions(qnet, data.test.images)
@@ -183,7 +183,7 @@ def capture_fast(model, data) -> dict[str, object]:
                 "disagreements": int((onnx_predictions != simulated).sum()),
                 "hash": _hash(onnx_predictions),
             }
-    from qcore.config import QuantConfig
+    from qcore.quantize.config import QuantConfig
 
     walk = explain(model, data, QuantConfig(weight_bits=4, act_bits=4), 0, {}).to_dict()
     numbers["explain W4A4 image 0 before fc2"] = _report_fingerprint(_walk_before_the_logits(walk))
@@ -212,9 +212,9 @@ def test_the_finer_logits_are_the_old_ones_times_two_to_the_k(pretrained, mnist)
     move), so with v = acc * M0 * 2^(shift - 31) the old logit was round(v) and the new one is
     round(v * 2^k): they differ from old * 2^k by at most 2^(k-1) + 1/2."""
     from qcore.analysis.tables import quantize_for
-    from qcore.config import QuantConfig
     from qcore.inference.integer import IntegerNet
     from qcore.lessons.walk import explain
+    from qcore.quantize.config import QuantConfig
 
     config = QuantConfig(weight_bits=4, act_bits=4)
     k = IntegerNet(quantize_for(pretrained, mnist, config)).logit_bits
@@ -231,8 +231,8 @@ def capture_slow(model, data, diagnosis=None, all_methods=None) -> dict[str, obj
     """Methods, PyTorch's int8 kernels, a short QAT run and the W3A3 diagnosis (`diagnosis`: the suite's
     own W3A3 diagnosis of this model, computed once for every test that reads it; `all_methods`: likewise
     its W2A8 quantization with all three methods)."""
-    from qcore.config import QuantConfig
     from qcore.inference.torch_int8 import torch_int8_model
+    from qcore.quantize.config import QuantConfig
     from qcore.quantize.qmodel import calibration_data
     from qcore.training.qat import QatConfig, qat
 

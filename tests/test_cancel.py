@@ -7,8 +7,8 @@ import pytest
 from qcore import cancel
 from qcore.analysis.tables import quantize_for
 from qcore.cancel import Cancelled
-from qcore.config import QuantConfig
 from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
 
 
 def test_without_a_check_nothing_is_ever_cancelled():

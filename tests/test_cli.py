@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
 from tests.conftest import run_cli
 
 

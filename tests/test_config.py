@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from qcore.config import DASHBOARD, ConfigError, QuantConfig, integer_path_problems, make_config
+from qcore.quantize.config import DASHBOARD, ConfigError, QuantConfig, integer_path_problems, make_config
 
 
 def test_hashable_and_order_insensitive():

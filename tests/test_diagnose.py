@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from qcore.analysis.diagnose import apply_suggestion, diagnose, variant, worst_channels
 from qcore.analysis.report import diagnosis_html
 from qcore.analysis.tables import build_report, quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Dataset
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import LAYER_NAMES
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.quant import dequantize, fake_quantize, sqnr_db
 from tests.conftest import run_cli
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Dataset
 from qcore.graph import GraphError, OpKind, model_graph, quant_plan, run_float
 from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import IntegerNet, Requantization
 from qcore.models.net import Net
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.integer_rules import INT32_MAX, add_int, add_multipliers, average_pool_int, quantize_multiplier
 from qcore.quantize.qmodel import calibration_data, quantize_model
 

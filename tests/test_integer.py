@@ -10,7 +10,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.export.formats import (
     OnnxRunner,
     export_onnx,
@@ -23,6 +22,7 @@ from qcore.export.formats import (
 from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import IntegerEngineError, IntegerNet
 from qcore.inference.torch_int8 import torch_int8_model
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.integer_rules import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier
 from qcore.quantize.qmodel import calibration_data
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.inference.integer import IntegerNet
 from qcore.lessons.walk import explain
 from qcore.models.net import LAYER_NAMES
+from qcore.quantize.config import QuantConfig
 from tests.conftest import run_cli
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

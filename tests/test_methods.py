@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.graph import model_graph, run_float
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import Net
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.methods import (
     adaround,
     average_bits,

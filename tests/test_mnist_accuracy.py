@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qcore.analysis.tables import bit_sweep, build_report, layer_sensitivity, quantize_for
-from qcore.config import QuantConfig
 from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
 
 CHANCE = 0.2  # ten balanced classes: anything this low has collapsed
 

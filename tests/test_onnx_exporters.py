@@ -20,13 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import with_input_scale
 from qcore.export.formats import OnnxRunner, export_onnx
 from qcore.graph import model_graph
 from qcore.inference.integer import IntegerNet
 from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import OnnxImportError, describe_input, import_onnx
+from qcore.quantize.config import QuantConfig
 from tests.conftest import run_cli
 
 
@@ -357,7 +357,7 @@ def test_activations_other_than_relu_are_tables_on_integers_and_agree_everywhere
     assert step.activation_real == pytest.approx(float(np.tanh(step.input_real)), abs=1e-6)
     assert abs(step.output_real - step.activation_real) <= float(quantized.points[step.name].qparams.scale) / 2 + 1e-6
     # torch's own int8 engine runs it too, with its own activation kernels
-    from qcore.inference.deploy import run_engine
+    from qcore.export.deploy import run_engine
 
     with torch.inference_mode():
         everything = quantized(mnist.test.images).argmax(1)

@@ -20,13 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import load_dataset, with_input_scale
 from qcore.graph import model_graph
 from qcore.inference.integer import IntegerNet
 from qcore.models.checkpoint import load_model
 from qcore.models.net import Net
 from qcore.models.onnx_import import OnnxImportError, import_onnx, is_onnx, read_onnx
+from qcore.quantize.config import QuantConfig
 from tests.conftest import ROOT, run_cli
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Split
 from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import IntegerNet
 from qcore.models.checkpoint import CheckpointError, load_state_dict, save_checkpoint
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.quant import QParams, fake_quantize
 from qcore.training.qat import QatConfig, fake_quantize_ste, load_qat, qat, qat_bytes, qat_state
 from tests.conftest import run_cli

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcore.config import QuantConfig
 from qcore.models.net import LAYER_NAMES, Net
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.qmodel import quantize_model
 
 

@@ -173,8 +173,8 @@ def test_a_new_what_if_shows_a_labelled_first_answer_then_the_full_one(tmp_path,
     """In a real browser: a new config's first accuracy on 1,000 test images, with its interval and its
     slice named, then the full 10,000-image figure in its place."""
     from qcore.analysis.tables import quantize_for
-    from qcore.config import QuantConfig
     from qcore.inference.evaluate import evaluate, slice_estimate
+    from qcore.quantize.config import QuantConfig
 
     config = QuantConfig(weight_bits=5, act_bits=7)
     qnet = quantize_for(pretrained, mnist, config)

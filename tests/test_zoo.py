@@ -12,7 +12,6 @@ import onnx
 import pytest
 import torch
 
-from qcore.config import QuantConfig
 from qcore.data import (
     FASHION_MNIST,
     MNIST,
@@ -24,6 +23,7 @@ from qcore.graph import model_graph
 from qcore.models.checkpoint import CheckpointError, checkpoint_bytes, load_model, load_state_dict
 from qcore.models.net import Net
 from qcore.models.zoo import ZOO, DepthwiseNet, ResNet, zoo_model
+from qcore.quantize.config import QuantConfig
 from tests.conftest import run_cli
 
 # Fashion-MNIST's README (zalandoresearch/fashion-mnist): 60,000 training and 10,000 test images,

@@ -31,11 +31,10 @@ from qcore.analysis.tables import (
     quantize_for,
 )
 from qcore.cancel import Cancelled
-from qcore.config import QuantConfig
 from qcore.data import DATASETS, Dataset, data_dir, load_dataset, parse_input_view, view_spec, with_input_scale
+from qcore.export.deploy import EngineResult, compare_engines
 from qcore.export.formats import export_onnx, input_step_of, qtensors_bytes
 from qcore.graph import ModelGraph, model_graph
-from qcore.inference.deploy import EngineResult, compare_engines
 from qcore.inference.evaluate import EvalResult, evaluate, slice_estimate
 from qcore.inference.integer import IntegerNet
 from qcore.lessons.failures import (
@@ -50,6 +49,7 @@ from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import ImportedModel, import_onnx
+from qcore.quantize.config import QuantConfig
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 from ui.store import ResultStore, StoreConfigError, store_from_environment

@@ -19,7 +19,6 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
 from qcore.analysis.tables import Report
-from qcore.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
 from qcore.data import DATASETS, MAX_SEED, DataError, DataFileError, Dataset, DatasetSpec, data_dir
 from qcore.files import shorten
 from qcore.graph import ModelGraph
@@ -27,6 +26,7 @@ from qcore.models.checkpoint import fingerprint
 from qcore.models.onnx_import import ImportedModel
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
+from qcore.quantize.config import DASHBOARD, WEIGHT_RANGES, QuantConfig
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import Granularity, Scheme
 from qcore.training.qat import QatCheckpoint, qat_fingerprint

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.data import Dataset
 from qcore.graph import Diagram, OpKind, graph_diagram
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import Net, capture_layers
+from qcore.quantize.config import DASHBOARD, QuantConfig, integer_path_problems
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet
 from qcore.quantize.quant import QParams, quantize, sqnr_db
 

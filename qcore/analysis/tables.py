@@ -9,11 +9,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from qcore.config import QuantConfig
 from qcore.data import Dataset, Split
 from qcore.graph import model_graph
 from qcore.inference.evaluate import EvalResult, evaluate, flipped_indices
 from qcore.models.net import Net, capture_layers
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet, calibration_data, quantize_model
 from qcore.quantize.quant import fake_quantize, sqnr_db
 

@@ -189,7 +189,7 @@ class LoadedIntegerNet(IntegerNet):
     and the integer rules as stored, so it predicts what the exported engine predicted."""
 
     def __init__(self, state: dict[str, object]) -> None:
-        from qcore.config import QuantConfig
+        from qcore.quantize.config import QuantConfig
 
         if state.get("format") != QTENSORS_FORMAT:
             raise ValueError(

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Dataset
 from qcore.graph import GraphRun, Op, OpKind, batchnorm_folding, model_graph
 from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.qmodel import QuantizedNet
 from qcore.quantize.quant import QParams, Scheme, choose_qparams, fake_quantize, sqnr_db
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Dataset, Split, calibration_indices
 from qcore.graph import OpKind, model_graph
 from qcore.inference.evaluate import evaluate
 from qcore.models.net import capture_layers
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.qmodel import weight_qparams
 from qcore.quantize.quant import QParams, Scheme, choose_qparams, dequantize, fake_quantize, quantize, sqnr_db
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qcore.config import QuantConfig, make_config
+from qcore.quantize.config import QuantConfig, make_config
 
 
 @dataclass(frozen=True)

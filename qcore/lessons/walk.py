@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from qcore.analysis.tables import quantize_for
-from qcore.config import QuantConfig
 from qcore.data import Dataset
 from qcore.graph import GraphRun, ModelGraph, Op, OpKind, model_graph
 from qcore.inference.integer import IntegerNet, Requantization
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.integer_rules import ADD_LEFT_SHIFT, INT32_MAX, multiply_by_quantized_multiplier
 from qcore.quantize.qmodel import QuantizedNet
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from qcore.config import QuantConfig
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
 from qcore.quantize.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.integer_rules import average_pool_int
 from qcore.quantize.methods import (
     MethodsReport,

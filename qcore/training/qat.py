@@ -40,7 +40,6 @@ from torch import nn
 
 from qcore import cancel
 from qcore.analysis.tables import quantize_for
-from qcore.config import ConfigError, QuantConfig
 from qcore.data import MAX_SEED, TRAIN_SIZE, Dataset
 from qcore.files import JsonFileError, read_json, shorten
 from qcore.graph import GraphRun, ModelGraphModule, Op, OpKind, model_graph
@@ -55,6 +54,7 @@ from qcore.models.checkpoint import (
 )
 from qcore.models.net import LAYER_NAMES, Net, layer
 from qcore.models.zoo import DEFAULT_MODEL, zoo_model
+from qcore.quantize.config import ConfigError, QuantConfig
 from qcore.quantize.qmodel import (
     BIAS_BITS,
     LayerQuant,
