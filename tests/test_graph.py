@@ -355,8 +355,9 @@ def test_batchnorm_folding_is_reported_channel_by_channel(every_op):
 @pytest.mark.parametrize("command", ["graph", "evaluate"])
 def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsys, command):
     from qcore import cli
+    from qcore.cli import common
 
-    monkeypatch.setattr(cli, "load_checkpoint", lambda source, model_name: (WithSine(), None))
+    monkeypatch.setattr(common, "load_checkpoint", lambda source, model_name: (WithSine(), None))
     assert cli.main([command]) == 2
     err = capsys.readouterr().err
     assert err == "qcore: error: unsupported operation 'sin' after conv1\n"
