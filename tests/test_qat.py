@@ -112,7 +112,8 @@ def test_qat_with_edge_bits_trains_and_reloads_the_first_and_last_layers_at_8_bi
 def test_a_collapsing_channel_step_is_held_where_the_integer_engine_can_run_it(pretrained, mnist):
     """LSQ once drove one fc1 channel's step to ~1e-10 of the rest (W2A2, batch 128, lr 2e-3): its
     requantization multiplier left TFLite's range and the trained model could not run on integers."""
-    from qcore.training.qat import CHANNEL_STEP_SPAN_BITS, QatNet, _keep_scales_deployable
+    from qcore.training.qat import CHANNEL_STEP_SPAN_BITS, QatNet
+    from qcore.training.qat.training import _keep_scales_deployable
 
     config = QatConfig(weight_bits=2, act_bits=2).quant_config()
     net = QatNet(quantize_for(pretrained, mnist, config), "lsq", pretrained)
