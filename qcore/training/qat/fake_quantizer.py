@@ -53,6 +53,12 @@ def fake_quantize_ste(
     return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, scale_factor)
 
 
+def straight_through(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`target`'s values with `value`'s gradient (the straight-through estimator, Bengio et al. 2013):
+    for the roundings that need no scale gradient, the int32 bias and the rounded average pool."""
+    return value + (target - value).detach()
+
+
 def lsq_gradient_factor(values_per_scale: int, qmax_level: int) -> float:
     """LSQ's g = 1 / sqrt(N * Qp)."""
     return 1.0 / math.sqrt(values_per_scale * max(qmax_level, 1))

@@ -23,7 +23,7 @@ from qcore.quantize.qmodel import (
 )
 from qcore.quantize.quant import QParams, Scheme, integer_range, quantize, quantize_bias
 from qcore.training.qat.config import EMA_CONSTANT, MIN_SCALE, QatError
-from qcore.training.qat.fake_quantizer import fake_quantize_ste, lsq_gradient_factor
+from qcore.training.qat.fake_quantizer import fake_quantize_ste, lsq_gradient_factor, straight_through
 
 
 def _channel_view(vector: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -121,7 +121,7 @@ class QatNet(nn.Module):
         # int32 bias: its rounding is far below the weights' and inputs', so plain STE, no scale gradient
         bias = self.biases[_key(name)]
         bias_scale = (input_scale * scale).detach()
-        bias_q = bias + (torch.round(bias / bias_scale) * bias_scale - bias).detach()
+        bias_q = straight_through(bias, torch.round(bias / bias_scale) * bias_scale)
         return weight_q, bias_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ class _QatRun(GraphRun):
         zero = zero.to(x.dtype)
         levels = F.avg_pool2d(x / scale + zero, op.attrs["kernel"], op.attrs["stride"])  # type: ignore[arg-type]
         rounded = rounded_average_levels(x, qparams, op).to(x.dtype)
-        return (levels + (rounded - levels).detach() - zero) * scale
+        return (straight_through(levels, rounded) - zero) * scale
 
     def weight(self, op: Op) -> torch.Tensor:
         input_scale = self.net.point_scale(self.net.layer_input_point(op.name))
