@@ -1,6 +1,6 @@
 """Abandoned work on a real server: sessions that ask for long work and then close their tabs.
 
-A fresh `streamlit run app.py` (MALLOC_ARENA_MAX=2, as the README serves a class) is warmed by one
+A fresh `streamlit run app.py` (MALLOC_ARENA_MAX=2, as docs/serving.md serves a class) is warmed by one
 session; then N browser sessions each ask for long new work and close their tabs after --hold
 seconds: every other one opens Diagnose (a diagnosis that shows progress), the others Accuracy with
 AdaRound (a report that shows nothing until done), each on a config of its own; the gate runs two

@@ -1,4 +1,4 @@
-"""Every zoo model, measured the same way on its own full test set: the README's zoo table.
+"""Every zoo model, measured the same way on its own full test set: docs/models.md's zoo table.
 
 For each model: float accuracy; PTQ at W8A8, W6A6, W4A4, W3A3 (the default config: per-channel
 symmetric MSE weights, MSE activations, 16 calibration batches of 64); W4A4 and W2A4 with the PTQ

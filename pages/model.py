@@ -144,7 +144,7 @@ with upload_tab:
         )
         + ". Or bring **your own model as an ONNX file** (`torch.onnx.export`, tf2onnx, ...): one image tensor "
         "[N, 1, 28, 28] in, 10 scores out, made of convolutions (depthwise too), BatchNorm, linear layers, "
-        "ReLU/ReLU6, pooling, residual adds and concatenations (the README lists what is accepted)."
+        "ReLU/ReLU6, pooling, residual adds and concatenations (docs/models.md lists what is accepted)."
     )
     with st.container(border=True):
         st.caption("For an ONNX model: the data it is evaluated on, and what it reads")

@@ -34,7 +34,7 @@ import math
 import pytest
 import torch
 
-# (name, QuantConfig changes): the README's PTQ, integer-engine and methods rows
+# (name, QuantConfig changes): the PTQ, integer-engine and methods rows of docs/quantizer.md, engine.md and methods.md
 PTQ_CONFIGS: dict[str, dict[str, object]] = {
     "W8A8": {},
     "W6A6": {"weight_bits": 6, "act_bits": 6},
@@ -64,7 +64,7 @@ METHOD_CONFIGS: dict[str, dict[str, object]] = {
 }
 
 # printed at ea8d967 (the two reports' fingerprints on the second CPU), the integer rows as above; the
-# README's tables give the same accuracies (98.31% W8A8, 97.85% for all three methods at W2A8, 98.29%
+# docs/' tables give the same accuracies (98.31% W8A8, 97.85% for all three methods at W2A8, 98.29%
 # torch int8)
 EXPECTED: dict[str, object] = {
     "ptq W8A8": {"correct": 9831, "hash": "39cc0725da9697b4"},

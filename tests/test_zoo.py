@@ -126,7 +126,7 @@ def test_each_bundled_checkpoint_reproduces_its_recorded_accuracy(name):
     assert spec.checkpoint.stat().st_size <= 2 * 1024 * 1024
     data = load_dataset(spec.dataset, download=False)
     accuracy = evaluate(load_model(None, name), data.test).accuracy
-    assert round(accuracy, 4) == spec.float_accuracy  # the README's number, recorded when it was trained
+    assert round(accuracy, 4) == spec.float_accuracy  # docs/models.md's number, recorded when it was trained
 
 
 def test_float_accuracy_goals_of_the_issue():
@@ -194,7 +194,7 @@ def test_onnx_export_writes_the_normalization_and_the_class_names(tmp_path):
 def test_integer_engine_agrees_with_the_simulation_on_each_model(name):
     """The issue's goal: at least 99.5% of the test images predicted alike at W8A8 and W4A4 (the
     bundled net's agreements are in test_bundled_regression), here on the first 1,000 (bench_zoo.py
-    measures all 10,000 for the README)."""
+    measures all 10,000 for docs/models.md)."""
     from qcore.analysis.tables import quantize_for
     from qcore.inference.evaluate import evaluate
     from qcore.inference.integer import IntegerNet

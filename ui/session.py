@@ -229,7 +229,7 @@ def show_data_error(error: DataError, where: DeltaGenerator | None = None) -> No
         where.error(
             f"**{spec.title} is not available on this server.** Whoever runs it must put its four "
             f"`*-ubyte` files in `{spec.folder}/raw/` under the folder that `QCORE_DATA_DIR` names, or "
-            f"{spec.how_to_get} (see the README's Data section); the server's log names the folder searched."
+            f"{spec.how_to_get} (see docs/setup.md, Data); the server's log names the folder searched."
         )
 
 

@@ -5,7 +5,7 @@ The notebook's net stays the default (on MNIST, unchanged). The others are where
 matters: a residual network with BatchNorm and a depthwise-separable (MobileNet-style) network with
 BatchNorm and ReLU6, both on Fashion-MNIST, and the notebook's net on Fashion-MNIST so one network can
 be compared across datasets. Each bundled checkpoint is a plain state_dict this project trained with
-`python -m qcore train --model NAME --out FILE` (the recipe below; see the README for each command).
+`python -m qcore train --model NAME --out FILE` (the recipe below; see docs/models.md for each command).
 """
 
 from __future__ import annotations
