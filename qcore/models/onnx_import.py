@@ -240,17 +240,9 @@ def read_onnx(data: bytes) -> onnx.ModelProto:
     return _read(data)[0]
 
 
-def onnx_outputs(data: bytes) -> list[str]:
-    """The names of a (parsed, bounded) file's graph outputs, as the file lists them."""
-    import onnx
-
-    model = onnx.ModelProto()
-    model.ParseFromString(data)
-    return [value.name for value in model.graph.output]
-
-
-def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
-    """read_onnx's model, and the opset the file itself declares."""
+def _read(data: bytes) -> tuple[onnx.ModelProto, int, int]:
+    """read_onnx's model, the opset the file itself declares, and how many outputs the file lists (the
+    model keeps only the scores)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -323,12 +315,13 @@ def _read(data: bytes) -> tuple[onnx.ModelProto, int]:
         raise OnnxImportError(
             f"the model gives {len(graph.output)} outputs, {len(scores)} of them [N, 10]; one must be the 10 scores"
         )
-    if len(graph.output) > 1:  # the scores are what the lab quantizes; the other outputs are left out
+    outputs = len(graph.output)
+    if outputs > 1:  # the scores are what the lab quantizes; the other outputs are left out
         chosen = type(scores[0])()
         chosen.CopyFrom(scores[0])
         del graph.output[:]
         graph.output.append(chosen)
-    return model, opset
+    return model, opset, outputs
 
 
 def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
@@ -935,24 +928,8 @@ class _Converter:
         self.output(node, self.module(node, index, conv, x))
         self.foldable[node.output[0]] = str(self.values[node.output[0]].target)
 
-    def _batchnorm_affine(self, node: onnx.NodeProto, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """An inference BatchNorm as x * multiply + add per channel (float64)."""
-        if int(self.attribute(node, "training_mode", 0)) != 0:  # type: ignore[call-overload]
-            raise self.refuse(node, index, "training mode; export the model in eval mode")
-        scale, shift, mean, var = (self.weight(node, index, i) for i in range(1, 5))
-        assert scale is not None and shift is not None and mean is not None and var is not None
-        eps = float(self.attribute(node, "epsilon", 1e-5))  # type: ignore[arg-type]
-        multiply = scale.double() / torch.sqrt(var.double() + eps)
-        return multiply, shift.double() - mean.double() * multiply
-
-    def op_BatchNormalization(self, node: onnx.NodeProto, index: int) -> None:
-        x = self.tensor(node, index, 0)
-        if self.probe[x].ndim == 2:  # after a linear layer (Keras's Dense then BatchNormalization): folded
-            if node.input[0] not in self.foldable or self.readers.get(node.input[0]) != 1:
-                raise self.refuse(node, index, "a BatchNorm of features that no linear layer of its own computes")
-            multiply, add = self._batchnorm_affine(node, index)
-            self._fold_into(node, index, node.input[0], multiply, add)
-            return
+    def _batchnorm(self, node: onnx.NodeProto, index: int) -> nn.BatchNorm2d:
+        """An inference BatchNorm's parameters (scale, shift, mean, variance, epsilon) as torch's module."""
         if int(self.attribute(node, "training_mode", 0)) != 0:  # type: ignore[call-overload]
             raise self.refuse(node, index, "training mode; export the model in eval mode")
         scale, shift, mean, var = (self.weight(node, index, i) for i in range(1, 5))
@@ -963,7 +940,25 @@ class _Converter:
             bn.bias.copy_(shift)
             bn.running_mean.copy_(mean)  # type: ignore[union-attr]
             bn.running_var.copy_(var)  # type: ignore[union-attr]
-        self.output(node, self.module(node, index, bn.eval(), x))
+        return bn.eval()
+
+    def _batchnorm_affine(self, node: onnx.NodeProto, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An inference BatchNorm as x * multiply + add per channel (float64)."""
+        bn = self._batchnorm(node, index)
+        scale, shift = bn.weight.detach().double(), bn.bias.detach().double()
+        mean, var = bn.running_mean.double(), bn.running_var.double()  # type: ignore[union-attr]
+        multiply = scale / torch.sqrt(var + bn.eps)
+        return multiply, shift - mean * multiply
+
+    def op_BatchNormalization(self, node: onnx.NodeProto, index: int) -> None:
+        x = self.tensor(node, index, 0)
+        if self.probe[x].ndim == 2:  # after a linear layer (Keras's Dense then BatchNormalization): folded
+            if node.input[0] not in self.foldable or self.readers.get(node.input[0]) != 1:
+                raise self.refuse(node, index, "a BatchNorm of features that no linear layer of its own computes")
+            multiply, add = self._batchnorm_affine(node, index)
+            self._fold_into(node, index, node.input[0], multiply, add)
+            return
+        self.output(node, self.module(node, index, self._batchnorm(node, index), x))
 
     def op_Relu(self, node: onnx.NodeProto, index: int) -> None:
         self.output(node, self.module(node, index, nn.ReLU(), self.tensor(node, index, 0)))
@@ -1458,8 +1453,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
         raise OnnxImportError(
             f"unknown input scale {shorten(input_scale, 20)!r}; auto or one of {', '.join(INPUT_SCALES)}"
         )
-    model, file_opset = _read(data)
-    outputs = len(onnx_outputs(data))
+    model, file_opset, outputs = _read(data)
     old = file_opset in OLD_OPSETS
     converted = None if old else _checked(model)  # a file the lab cannot run is refused before the child starts
     graph_input = image_input(model.graph)
@@ -1492,7 +1486,7 @@ def import_onnx(data: bytes, dataset: Dataset, input_scale: str = "auto") -> Imp
     if old:
         if answer.upgraded is None:
             raise OnnxImportError("the converter gave no model back")
-        model, upgraded_opset = _read(answer.upgraded)  # the child's output is checked like any file
+        model, upgraded_opset, _ = _read(answer.upgraded)  # the child's output is checked like any file
         if upgraded_opset != UPGRADE_OPSET:
             raise OnnxImportError(f"the converter gave opset {upgraded_opset}, not {UPGRADE_OPSET}")
         converted = _checked(model)
