@@ -31,9 +31,9 @@ from qcore.analysis.tables import (
     quantize_for,
 )
 from qcore.cancel import Cancelled
-from qcore.data import DATASETS, Dataset, data_dir, load_dataset, parse_input_view, view_spec, with_input_scale
+from qcore.data import Dataset, data_dir, load_dataset, parse_input_view, with_input_scale
 from qcore.export.deploy import EngineResult, compare_engines
-from qcore.export.formats import export_onnx, input_step_of, qtensors_bytes
+from qcore.export.formats import export_onnx_for, input_step_of, qtensors_bytes
 from qcore.graph import ModelGraph, model_graph
 from qcore.inference.evaluate import EvalResult, evaluate, slice_estimate
 from qcore.inference.integer import IntegerNet
@@ -382,11 +382,8 @@ def exports(
 
     def compute() -> tuple[bytes, bytes]:
         qnet = report(fingerprint, config_json, folder, model, qat=qat).qnet
-        spec = shared_data(folder).spec
-        if imported is not None:
-            spec = view_spec(DATASETS[imported.dataset], imported.input_scale)
         with GATE.slot():
-            return qtensors_bytes(IntegerNet(qnet)), export_onnx(qnet, spec, step)
+            return qtensors_bytes(IntegerNet(qnet)), export_onnx_for(qnet, shared_data(folder).spec, imported)
 
     return _EXPORTS.get(_folder_first(fingerprint, folder, config_json, repr(step)), folder, compute)
 

@@ -14,10 +14,6 @@ from qcore.cli.common import (
     require_integer_path,
     write_output,
 )
-from qcore.data import (
-    load_dataset,
-    view_spec,
-)
 from qcore.files import check_output_path
 
 
@@ -34,7 +30,7 @@ def add_export(commands: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis.tables import quantize_for
-    from qcore.export.formats import export_onnx, input_step_of, qtensors_bytes
+    from qcore.export.formats import export_onnx_for, qtensors_bytes
     from qcore.inference.integer import IntegerEngineError, IntegerNet
 
     model, trained = load_for_quantization(args, "export")
@@ -46,11 +42,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, object]:
         engine = IntegerNet(qnet)  # both formats: a model the integer engine cannot run is not exported
         if args.format == "qtensors":
             payload = qtensors_bytes(engine)
-        elif args.imported is None:
-            payload = export_onnx(qnet, dataset_of(args).spec)
-        else:  # the file's own input: its layout, type and pixel convention, then its input step
-            spec = view_spec(load_dataset(args.imported.dataset, args.data_dir).spec, args.imported.input_scale)
-            payload = export_onnx(qnet, spec, input_step_of(args.imported))
+        else:  # an imported model's reads the file's own input
+            payload = export_onnx_for(qnet, dataset_of(args).spec, args.imported)
     except (IntegerEngineError, ValueError) as error:
         raise UsageError(f"export {args.format}: {error}") from error
     write_output(out, "--out", payload)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from qcore.data import MNIST, DatasetSpec
+from qcore.data import DATASETS, MNIST, DatasetSpec, view_spec
 from qcore.files import read_json, shorten
 from qcore.graph import ModelGraph, Op, OpKind, QuantPlan
 from qcore.inference.integer import IntegerLayer, IntegerNet, Requantization
@@ -290,6 +290,15 @@ def input_step_of(imported: object) -> InputStep | None:
         return None
     multiply, add = imported.input_affine  # type: ignore[attr-defined]
     return InputStep(tuple(imported.input_layout), bool(imported.input_float64), float(multiply), float(add))  # type: ignore[attr-defined]
+
+
+def export_onnx_for(qnet: QuantizedNet, dataset: DatasetSpec, imported: object | None = None) -> bytes:
+    """export_onnx of a zoo model on `dataset`, or of an imported model (qcore.models.onnx_import.
+    ImportedModel) reading the file's own input: its layout and type, its pixel convention, its step."""
+    if imported is None:
+        return export_onnx(qnet, dataset)
+    spec = view_spec(DATASETS[imported.dataset], imported.input_scale)  # type: ignore[attr-defined]
+    return export_onnx(qnet, spec, input_step_of(imported))
 
 
 def export_onnx(qnet: QuantizedNet, dataset: DatasetSpec = MNIST, input_step: InputStep | None = None) -> bytes:
