@@ -119,7 +119,8 @@ bundled_tab, upload_tab, train_tab, qat_tab = st.tabs(
     ["Bundled net", "Upload a checkpoint", "Train a new net", "Quantization-aware training"]
 )
 recipe = TrainConfig(**spec.recipe)  # type: ignore[arg-type]
-keeps_qat_file = spec.is_notebook_net and entry.imported is None  # a QAT checkpoint holds the notebook's net
+# a QAT model's float weights load as a zoo state_dict only for the notebook's net (others hold folded weights)
+weights_load_as_zoo = spec.is_notebook_net and entry.imported is None
 
 with bundled_tab:
     st.markdown(
@@ -137,12 +138,9 @@ with upload_tab:
     st.markdown(
         f"Upload a `state_dict` saved with `torch.save(model.state_dict(), path)` or "
         f"`safetensors.torch.save_file(model.state_dict(), path)` from this architecture ({spec.name})"
-        + (
-            ", or a QAT checkpoint written by the *Quantization-aware training* tab or `python -m qcore qat`"
-            if spec.is_notebook_net
-            else ""
-        )
-        + ". Or bring **your own model as an ONNX file** (`torch.onnx.export`, tf2onnx, ...): one image tensor "
+        + ", or a QAT checkpoint of any model written by the *Quantization-aware training* tab or "
+        "`python -m qcore qat` (it brings its own model). Or bring **your own model as an ONNX file** "
+        "(`torch.onnx.export`, tf2onnx, ...): one image tensor "
         "[N, 1, 28, 28] in, 10 scores out, made of convolutions (depthwise too), BatchNorm, linear layers, "
         "ReLU/ReLU6, pooling, residual adds and concatenations (docs/models.md lists what is accepted)."
     )
@@ -180,9 +178,10 @@ with upload_tab:
                 imported = cache.imported_model(content, str(onnx_dataset), str(onnx_scale))
                 session.set_model(imported.module, f"uploaded {upload.name}", imported=imported)
             else:
-                model, trained = load_checkpoint(content, entry.zoo)
+                model, trained = load_checkpoint(content, entry.zoo, follow_qat=True)
                 if trained is not None:
-                    session.set_model(model, f"uploaded QAT {upload.name}", qat=trained, zoo=entry.zoo)
+                    own = {"imported": trained.imported} if trained.imported is not None else {"zoo": trained.zoo}
+                    session.set_model(model, f"uploaded QAT {upload.name}", qat=trained, **own)
                     st.session_state[session.PENDING_SETTINGS_KEY] = trained.config.to_dict()
                 else:
                     session.set_model(model, f"uploaded {upload.name}", zoo=entry.zoo)
@@ -374,8 +373,12 @@ with qat_tab:
             st.session_state[QAT_HISTORY_KEY] = (result.held_out, result.losses)
             bits = qat_config.quant_config().bits_label
             start_entry = entry if entry.qat is None else entry.start
+            trained_from = entry.imported if entry.imported is not None else entry.zoo
             session.set_model(
-                result.model, f"QAT {bits} ({qat_config.method}) from {entry.name}", checkpoint_of(result), start_entry
+                result.model,
+                f"QAT {bits} ({qat_config.method}) from {entry.name}",
+                checkpoint_of(result, trained_from),
+                start_entry,
             )
             st.session_state[session.PENDING_SETTINGS_KEY] = result.qnet.config.to_dict()
             st.session_state["qlab_train_message"] = (
@@ -384,16 +387,20 @@ with qat_tab:
                 f"{bits}: the Accuracy page shows float, PTQ and QAT side by side."
             )
             st.rerun()
-    if entry.qat is not None and not keeps_qat_file:
-        st.caption("QAT checkpoints are saved for the notebook's net only; this trained model lives in this session.")
-    elif entry.qat is not None:
-        st.download_button(
-            "Download the QAT checkpoint",
-            qat_bytes(entry.qat),
-            file_name=session.download_name(entry, "qat_checkpoint", "pt"),
-            mime="application/octet-stream",
-            key="download_qat",
-        )
+    if entry.qat is not None:
+        try:
+            qat_file = qat_bytes(entry.qat)
+        except CheckpointError as error:  # larger than a checkpoint the lab loads back: say so, write nothing
+            st.caption("This QAT model lives in this session only:")
+            session.plain_text(str(error))
+        else:
+            st.download_button(
+                "Download the QAT checkpoint",
+                qat_file,
+                file_name=session.download_name(entry, "qat_checkpoint", "pt"),
+                mime="application/octet-stream",
+                key="download_qat",
+            )
 
 if st.session_state.get(QAT_HISTORY_KEY) and not start_qat:
     st.caption("The last quantization-aware training run:")
@@ -413,7 +420,7 @@ if entry.imported is not None and entry.qat is None:
         file_name=session.download_name(entry, "model", "onnx"),
         mime="application/octet-stream",
     )
-elif entry.qat is not None and not keeps_qat_file:
+elif entry.qat is not None and not weights_load_as_zoo:
     st.caption(
         "A QAT model of a BatchNorm network or of an ONNX model holds folded weights, which no zoo architecture loads."
     )

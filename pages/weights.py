@@ -46,7 +46,7 @@ if not histogram.levels:
     st.caption("Quantization levels are drawn for one channel (per-channel) and at 8 bits or fewer.")
 st.plotly_chart(error_histogram_figure(histogram.errors, layer), key="weight_error_chart")
 
-snapshots = valid_snapshots(entry.qat.meta) if entry.qat is not None else []
+snapshots = valid_snapshots(entry.qat.meta, entry.qat.qnet.graph.layers) if entry.qat is not None else []
 if snapshots:
     st.subheader("How QAT moved the weights onto the levels")
     st.plotly_chart(weight_snapshots_figure(snapshots, layer), key="qat_snapshots_chart")

@@ -816,7 +816,7 @@ def test_an_uploaded_qat_checkpoint_is_used_as_trained(app, pretrained, mnist):
     from qcore.training.qat import QatConfig, qat, qat_bytes
 
     trained = qat(pretrained, mnist, QatConfig(weight_bits=3, act_bits=3, epochs=1, train_samples=256))
-    at = upload(app.run(), "w3a3 qat.pt", qat_bytes(trained))
+    at = upload(app.run(), "w3a3 qat.pt", qat_bytes(trained, "mnist-net"))
     no_exceptions(at)
     assert model_line(at).startswith("Model: uploaded QAT w3a3 qat.pt")
     assert at.select_slider(key="weight_bits").value == 3 and at.select_slider(key="act_bits").value == 3
@@ -836,7 +836,7 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
     from qcore.training.qat import QatConfig, qat, qat_bytes
 
     trained = qat(pretrained, mnist, QatConfig(epochs=1, train_samples=256))
-    at = upload(app.run(), "qat.pt", qat_bytes(trained))
+    at = upload(app.run(), "qat.pt", qat_bytes(trained, "mnist-net"))
     for page in PAGES + LESSON_PAGES:
         at.switch_page(page).run()
         no_exceptions(at)
@@ -852,6 +852,52 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
             digit = int(logits.argmax())
             line = f"fc2 keeps int32: logit {int(logits[digit])} for class {digit} ({digit})"
             assert any(line in c.value for c in at.code)
+
+
+@pytest.mark.slow
+def test_qat_checkpoints_of_every_model_upload_and_download(app, mnist):
+    """issue 30: a QAT checkpoint of fashion-resnet uploaded while the notebook's net is current brings its
+    own model, data and bits; one of an imported ONNX model imports its file again. The app's QAT tab on
+    an uploaded ONNX model offers the checkpoint, and that file is the trained model to the integer."""
+    from qcore.data import load_dataset
+    from qcore.inference.integer import IntegerNet
+    from qcore.models.checkpoint import load_model
+    from qcore.training.qat import QatCheckpoint, load_qat, qat_bytes
+    from tests.test_onnx_import import exported, small_model
+
+    fashion = load_dataset("fashion-mnist", download=False)
+    config = QuantConfig(weight_bits=4, act_bits=4)
+    resnet = load_model(None, "fashion-resnet")
+    resnet_file = qat_bytes(QatCheckpoint(resnet, quantize_for(resnet, fashion, config), config, {}, "fashion-resnet"))
+    at = upload(app.run(), "resnet qat.pt", resnet_file)
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: uploaded QAT resnet qat.pt")
+    assert at.session_state["qlab_model"].zoo == "fashion-resnet"
+    assert at.select_slider(key="weight_bits").value == 4 and at.select_slider(key="act_bits").value == 4
+    assert metric(at, "Quantized accuracy") == percent(evaluate(load_qat(resnet_file).qnet, fashion.test).accuracy)
+    assert "Download the QAT checkpoint" in {b.label for b in at.get("download_button")}
+
+    at.select_slider(key="weight_bits").set_value(8)
+    at.select_slider(key="act_bits").set_value(8)
+    at.selectbox(key="qlab_onnx_scale").set_value("normalized")  # as exported: no need to measure it
+    upload(at.run(), "small.onnx", exported(small_model()))
+    no_exceptions(at)
+    at.number_input(key="qat_epochs").set_value(1)
+    at.number_input(key="qat_samples").set_value(256)
+    next(b for b in at.button if b.label == "Train with quantization").click()
+    at.run()
+    no_exceptions(at)
+    entry = at.session_state["qlab_model"]
+    assert entry.imported is not None and entry.qat is not None
+    assert "Download the QAT checkpoint" in {b.label for b in at.get("download_button")}
+    saved = load_qat(qat_bytes(entry.qat))  # the bytes the download button serves
+    images = mnist.test.images[:500]
+    assert torch.equal(IntegerNet(saved.qnet).predict(images), IntegerNet(entry.qat.qnet).predict(images))
+    assert metric(at, "Quantized accuracy") == percent(evaluate(saved.qnet, mnist.test).accuracy)
+    upload(at, "small qat.pt", qat_bytes(entry.qat))  # and it uploads as what it is
+    no_exceptions(at)
+    assert model_line(at).startswith("Model: uploaded QAT small qat.pt (onnx-")
+    assert metric(at, "Quantized accuracy") == percent(evaluate(saved.qnet, mnist.test).accuracy)
 
 
 # --- issue 16: hardening, round two -------------------------------------------------------------
@@ -872,7 +918,7 @@ def w2a2_qat_state(pretrained, mnist):
         (lambda s: s.update(config="[" * 1900 + "]" * 1900), "config nests 1900 deep"),
         (lambda s: s.update(meta='{"seconds": ' + "9" * 5000 + "}"), "a number of 5000 digits"),
         (lambda s: s.update(config=s["config"].replace('"weight_bits": 2', '"weight_bits": 2.0')), "weight_bits must"),
-        (lambda s: s["qparams"]["conv2"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
+        (lambda s: s["layers"]["conv2"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
     ],
     ids=["deep-config", "long-int-meta", "float-bits", "huge-scale"],
 )

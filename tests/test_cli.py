@@ -335,7 +335,7 @@ def qat_state_from_ptq(pretrained, mnist):
         ("deep-config", lambda s: s.update(config="[" * 1900 + "]" * 1900), "config nests 1900 deep"),
         ("long-int", lambda s: s.update(meta='{"seconds": ' + "9" * 5000 + "}"), "a number of 5000 digits"),
         ("float-bits", lambda s: s.update(config=s["config"].replace('"act_bits": 2', '"act_bits": 2.0')), "act_bits"),
-        ("huge-scale", lambda s: s["qparams"]["fc1"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
+        ("huge-scale", lambda s: s["layers"]["fc1"]["weight_scale"].fill_(1e30), "does not fit the integer engine"),
     ],
 )
 @pytest.mark.slow

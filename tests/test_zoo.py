@@ -172,12 +172,6 @@ def test_float_layers_are_checked_against_the_models_own_layers():
     assert "unknown layer(s) conv1; layers are stem, layer1.conv1" in result.stderr
 
 
-def test_qat_checkpoints_are_refused_for_other_architectures(tmp_path):
-    result = run_cli("qat", "--model", "fashion-resnet", "--out", str(tmp_path / "q.pt"))
-    assert result.returncode == 2 and "saved for the notebook's net only" in result.stderr
-    assert not (tmp_path / "q.pt").exists()
-
-
 def test_onnx_export_writes_the_normalization_and_the_class_names(tmp_path):
     out = tmp_path / "mobilenet.onnx"
     result = run_cli("export", "--model", "fashion-mobilenet", "--format", "onnx", "--out", str(out), "--json")

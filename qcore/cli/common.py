@@ -22,6 +22,7 @@ from qcore.data import (
 from qcore.files import shorten, write_atomic
 from qcore.models.checkpoint import (
     MAX_FILE_BYTES,
+    CheckpointError,
     load_model,
     model_from_state,
     read_checkpoint,
@@ -33,7 +34,7 @@ from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.config import WEIGHT_RANGES, QuantConfig, integer_path_problems, make_config
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
-from qcore.training.qat import QatCheckpoint, claims_qat, load_checkpoint
+from qcore.training.qat import QatCheckpoint, claims_qat, imported_qat, load_checkpoint, qat_from_state
 
 
 class UsageError(Exception):
@@ -207,8 +208,11 @@ def dataset_of(args: argparse.Namespace) -> Dataset:
 
 def import_onnx_checkpoint(args: argparse.Namespace) -> None:
     """When --checkpoint is an ONNX file (by content), import it once, checked against ONNX Runtime on the
-    chosen dataset, into args.imported; every command then uses that model and its data."""
+    chosen dataset, into args.imported; every command then uses that model and its data. A QAT
+    checkpoint of an ONNX model imports the file it holds, on the data it names, and is loaded once into
+    args.imported_qat."""
     args.imported = None
+    args.imported_qat = None
     path = getattr(args, "checkpoint", None)
     if path is None:
         return
@@ -219,11 +223,32 @@ def import_onnx_checkpoint(args: argparse.Namespace) -> None:
     except OSError:
         return
     if not is_onnx(data):
+        _import_qat_checkpoint(args, data)
         return
     if args.model != DEFAULT_MODEL:
         raise UsageError("--model names a zoo architecture; an ONNX --checkpoint brings its own (drop --model)")
     dataset = load_dataset(args.dataset or "mnist", args.data_dir)
     args.imported = import_onnx(data, dataset, args.input_scale or "auto")
+
+
+def _import_qat_checkpoint(args: argparse.Namespace, data: bytes) -> None:
+    try:
+        state = read_checkpoint(data)
+    except CheckpointError:
+        return  # load_checkpoint says why, in its own words
+    if not imported_qat(state):
+        return
+    if args.model != DEFAULT_MODEL:
+        raise UsageError("--model names a zoo architecture; a QAT checkpoint of an ONNX model brings its own")
+    checkpoint = qat_from_state(state, args.data_dir)
+    assert checkpoint.imported is not None
+    for flag, given, own in (
+        ("--dataset", getattr(args, "dataset", None), checkpoint.imported.dataset),
+        ("--input-scale", getattr(args, "input_scale", None), checkpoint.imported.input_scale),
+    ):
+        if given not in (None, own, "auto"):
+            raise UsageError(f"{flag} {given}: the QAT checkpoint's ONNX model was trained reading {own}")
+    args.imported, args.imported_qat = checkpoint.imported, checkpoint
 
 
 def write_output(out: Path, flag: str, payload: bytes) -> None:
@@ -239,8 +264,10 @@ def load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Modul
     own config, so a quantization flag set to neither the default nor the checkpoint's value is refused
     rather than ignored."""
     if args.imported is not None:
-        return args.imported.module, None
-    model, checkpoint = load_checkpoint(args.checkpoint, args.model)
+        checkpoint = args.imported_qat
+        model = args.imported.module if checkpoint is None else checkpoint.model
+    else:
+        model, checkpoint = load_checkpoint(args.checkpoint, args.model, args.data_dir)
     if checkpoint is None:
         return model, None
     asked, default = config_from_args(args), QuantConfig()
@@ -258,7 +285,7 @@ def load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Modul
 def float_model_only(args: argparse.Namespace, what: str) -> nn.Module:
     """For commands that calibrate variants of a config: a QAT checkpoint's grid is its own, so they
     would measure something else than the trained model; say so instead."""
-    if args.imported is not None:
+    if args.imported is not None and args.imported_qat is None:
         return args.imported.module
     if args.checkpoint is None:
         return load_model(None, args.model)

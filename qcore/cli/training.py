@@ -18,8 +18,9 @@ from qcore.cli.common import (
     whole_number,
     write_output,
 )
-from qcore.files import check_output_path
+from qcore.files import check_output_path, shorten
 from qcore.models.checkpoint import (
+    CheckpointError,
     checkpoint_bytes,
 )
 from qcore.models.zoo import zoo_model
@@ -55,7 +56,7 @@ def add_qat(commands: argparse._SubParsersAction) -> None:
     qat_cmd = commands.add_parser("qat", help="quantization-aware training from a float model; writes a QAT checkpoint")
     qat_cmd.add_argument("--checkpoint", help="the float weights to start from (default: the model's bundled ones)")
     qat_cmd.add_argument(
-        "--out", help="where to write the QAT checkpoint (required for the notebook's net, which alone has one)"
+        "--out", help="where to write the QAT checkpoint (any model; without it, QAT trains and measures only)"
     )
     qat_cmd.add_argument("--force", action="store_true", help="replace --out if it exists")
     qat_cmd.add_argument("--weight-bits", type=whole_number, default=qat_defaults.weight_bits)
@@ -152,15 +153,6 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
         config.validate()
     except QatError as error:
         raise UsageError(str(error)) from error
-    keeps_checkpoint = zoo_model(args.model).is_notebook_net and args.imported is None
-    if keeps_checkpoint and args.out is None:
-        raise UsageError("qat: --out is required (where to write the QAT checkpoint)")
-    if not keeps_checkpoint and args.out is not None:
-        model_name = "an ONNX --checkpoint" if args.imported is not None else f"--model {args.model}"
-        raise UsageError(
-            f"qat with {model_name}: QAT checkpoints are saved for the notebook's net only; drop --out "
-            "to train and measure this model"
-        )
     out = check_output_path(args.out, args.force) if args.out is not None else None
     model = float_model_only(args, "qat (it starts from a float model)")
     data = dataset_of(args)
@@ -178,7 +170,11 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, object]:
     assert result.ptq is not None  # qat() always starts from a PTQ calibration
     ptq_accuracy = evaluate(result.ptq, data.test).accuracy
     if out is not None:
-        write_output(out, "--out", qat_bytes(result))
+        try:
+            payload = qat_bytes(result, args.imported if args.imported is not None else args.model)
+        except CheckpointError as error:
+            raise UsageError(f"--out {shorten(out)}: {error}; nothing was written") from None
+        write_output(out, "--out", payload)
     simulated = evaluate(result.qnet, data.test)
     integer = IntegerNet(result.qnet).predict(data.test.images)
     summary = {

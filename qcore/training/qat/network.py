@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcore.graph import GraphRun, ModelGraphModule, Op, OpKind, model_graph
+from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, model_graph
 from qcore.models.net import LAYER_NAMES, Net, layer
 from qcore.quantize.config import QuantConfig
 from qcore.quantize.qmodel import (
@@ -163,32 +163,46 @@ class QatNet(nn.Module):
     def quantized_net(self, config: QuantConfig) -> QuantizedNet:
         """The deployed model for any graph: integer weights and int32 biases at the trained scales,
         every point at its trained scale and zero point."""
-        points = {
-            point: QuantPoint(
-                point,
-                QParams(
+        return deployed_net(
+            self.graph.with_parameters(self.trained_parameters()),
+            self.plan,
+            config,
+            {name: self.weight_scales[_key(name)].detach().cpu().float() for name in self.graph.layers},
+            {
+                point: QParams(
                     self.point_scale(point).detach().cpu().float().reshape(()).clone(),
                     self.input_zero(point).detach().cpu().to(torch.int64).reshape(()).clone(),
                     *self.input_range[point],
-                ),
-                None,
-            )
-            for point in self.plan.points
-        }
-        graph = self.graph.with_parameters(self.trained_parameters())
-        weight_bits = layer_weight_bits(graph, config)
-        layers = {
-            name: _layer_quant(
-                name,
-                graph.weight(name),
-                graph.bias(name),
-                self.weight_scales[_key(name)].detach().cpu().float(),
-                points[self.layer_input_point(name)].qparams,
-                weight_bits[name],
-            )
-            for name in graph.layers
-        }
-        return QuantizedNet(layers, config, ModelGraphModule(graph), graph=graph, plan=self.plan, points=points).eval()
+                )
+                for point in self.plan.points
+            },
+        )
+
+
+def deployed_net(
+    graph: ModelGraph,
+    plan: QuantPlan,
+    config: QuantConfig,
+    weight_scales: dict[str, torch.Tensor],
+    point_qparams: dict[str, QParams],
+) -> QuantizedNet:
+    """A graph with trained weights as the simulation runs it: each layer's weights rounded at its
+    trained per-channel scales, its bias to int32 at s_in * s_w, every point on its trained grid. QAT's
+    finished run and a loaded QAT checkpoint of any graph both build it here."""
+    points = {point: QuantPoint(point, qparams, None) for point, qparams in point_qparams.items()}
+    weight_bits = layer_weight_bits(graph, config)
+    layers = {
+        name: _layer_quant(
+            name,
+            graph.weight(name),
+            graph.bias(name),
+            weight_scales[name],
+            points[plan.layer_input[name]].qparams,
+            weight_bits[name],
+        )
+        for name in graph.layers
+    }
+    return QuantizedNet(layers, config, ModelGraphModule(graph), graph=graph, plan=plan, points=points).eval()
 
 
 class _QatRun(GraphRun):

@@ -14,14 +14,10 @@ from torch import nn
 from qcore import cancel
 from qcore.analysis.tables import quantize_for
 from qcore.data import TRAIN_SIZE, Dataset
-from qcore.models.checkpoint import (
-    fingerprint,
-)
+from qcore.models.checkpoint import fingerprint
 from qcore.models.net import Net
 from qcore.quantize.config import QuantConfig
-from qcore.quantize.qmodel import (
-    QuantizedNet,
-)
+from qcore.quantize.qmodel import QuantizedNet
 from qcore.training.qat.config import (
     BIAS_HEADROOM_BITS,
     CHANNEL_STEP_SPAN_BITS,
