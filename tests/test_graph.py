@@ -357,7 +357,7 @@ def test_the_cli_refuses_an_unsupported_operation_in_one_line(monkeypatch, capsy
     from qcore import cli
     from qcore.cli import common
 
-    monkeypatch.setattr(common, "load_checkpoint", lambda source, model_name: (WithSine(), None))
+    monkeypatch.setattr(common, "load_checkpoint", lambda source, model_name, data_dir=None: (WithSine(), None))
     assert cli.main([command]) == 2
     err = capsys.readouterr().err
     assert err == "qcore: error: unsupported operation 'sin' after conv1\n"
