@@ -363,7 +363,17 @@ def test_qat_checkpoints_of_a_zoo_model_and_an_onnx_model_load_in_evaluate_and_e
     onnx_file, onnx_qat_file = tmp_path / "small.onnx", tmp_path / "small_qat.pt"
     onnx_file.write_bytes(exported(small_model()))
     short = ("--weight-bits", "4", "--act-bits", "4", "--epochs", "1", "--train-samples", "256")
-    made = run_cli("qat", "--checkpoint", str(onnx_file), *short, "--out", str(onnx_qat_file), "--json")
+    made = run_cli(
+        "qat",
+        "--checkpoint",
+        str(onnx_file),
+        "--input-scale",
+        "normalized",
+        *short,
+        "--out",
+        str(onnx_qat_file),
+        "--json",
+    )
     assert made.returncode == 0, made.stderr
     cases = [
         (("--model", "fashion-resnet"), resnet_file, fashion, evaluate(resnet.qnet, fashion.test).accuracy),
