@@ -94,7 +94,7 @@ class IntegerOnly(TorchFunctionMode):
 
 
 def test_runs_on_integer_tensors_only(pretrained, mnist):
-    engine = IntegerNet(quantize_for(pretrained, mnist, QuantConfig()))
+    engine = IntegerNet(quantize_for(pretrained, mnist, QuantConfig()), integer_kernels=True)
     x = engine.quantize_input(mnist.test.images[:64])  # the float -> integer boundary
     with IntegerOnly():
         logits = engine.logits_int(x)
@@ -113,6 +113,38 @@ def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(
     monkeypatch.setattr("qcore.inference.integer._int8_operands", lambda _x, _layer: None)
     plain = engine.logits_int(x)  # (x - zx)(w - zw) in int64, zero points subtracted first
     assert torch.equal(corrected, plain)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(), QuantConfig(weight_bits=4, act_bits=4), QuantConfig(scheme="asymmetric", granularity="per-tensor")],
+)
+def test_the_float_kernels_give_the_integer_kernels_integers(pretrained, mnist, config):
+    """The default engine multiplies int8 values on float kernels; torch's int8 ones give the same logits."""
+    qnet = quantize_for(pretrained, mnist, config)
+    x = IntegerNet(qnet).quantize_input(mnist.test.images[:300])
+    assert torch.equal(IntegerNet(qnet).logits_int(x), IntegerNet(qnet, integer_kernels=True).logits_int(x))
+
+
+def test_float_products_are_exact_up_to_the_bound_and_widen_past_it():
+    """At K = 1024 every product of -128 and -128 sums to exactly 2^24, the largest float32 holds with
+    every integer below it; one more term needs float64. Random int8 operands of K = 3000 (float64)
+    and K = 700 (float32) against torch's int8 kernel."""
+    from qcore.inference.integer import _exact_dtype, _int8_products
+
+    assert _exact_dtype(1024) == torch.float32 and _exact_dtype(1025) == torch.float64
+    for fan_in in (1024, 1025):
+        x8 = torch.full((3, fan_in), -128, dtype=torch.int8)
+        w8 = torch.full((fan_in, 2), -128, dtype=torch.int8)
+        products, sums = _int8_products(x8.to(_exact_dtype(fan_in)), w8)
+        assert products.tolist() == [[fan_in * 2**14] * 2] * 3 and sums.tolist() == [[-128 * fan_in]] * 3
+    generator = torch.Generator().manual_seed(0)
+    for fan_in in (700, 3000):
+        x8 = torch.randint(-128, 128, (64, fan_in), dtype=torch.int8, generator=generator)
+        w8 = torch.randint(-128, 128, (fan_in, 16), dtype=torch.int8, generator=generator)
+        products, sums = _int8_products(x8.to(_exact_dtype(fan_in)), w8)
+        assert torch.equal(products, torch._int_mm(x8, w8))
+        assert torch.equal(sums[:, 0], x8.sum(dim=1, dtype=torch.int32))
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ def export_qtensors(engine: IntegerNet, destination: str | os.PathLike[str] | Bi
         state[f"{name}.weight_shape"] = list(layer.weight.shape)
         state[f"{name}.weight_offset"] = offset
         for f in fields(IntegerLayer):
-            if f.name in ("name", "weight"):
+            if f.name in ("name", "weight", "input_range"):  # the range is the engine's shortcut, not the format's
                 continue
             value = getattr(layer, f.name)
             state[f"{name}.{f.name}"] = value.to(torch.int32) if isinstance(value, torch.Tensor) else value
@@ -214,7 +214,9 @@ class LoadedIntegerNet(IntegerNet):
             bits = int(state[f"{name}.weight_bits"])  # type: ignore[call-overload]
             weight = (unpack_bits(packed, bits, count) + int(state[f"{name}.weight_offset"])).reshape(shape)  # type: ignore[call-overload]
             values = {
-                f.name: state[f"{name}.{f.name}"] for f in fields(IntegerLayer) if f.name not in ("name", "weight")
+                f.name: state[f"{name}.{f.name}"]
+                for f in fields(IntegerLayer)
+                if f.name not in ("name", "weight", "input_range")
             }
             tensors = {k: v.to(torch.int64) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             self.layers[name] = IntegerLayer(name=name, weight=weight, **tensors)  # type: ignore[arg-type]

@@ -74,6 +74,9 @@ class IntegerLayer:
     output_zero: int
     output_min: int  # the clamp; equal to output_zero where a ReLU follows
     output_max: int
+    # the integers its input can hold (its grid's range: every path clamps onto it), so the int8 path is
+    # chosen without scanning each batch; None (a qtensors file read back) scans
+    input_range: tuple[int, int] | None = None
 
 
 def accumulator_bound(quant: LayerQuant) -> int:
@@ -148,16 +151,20 @@ def _conv_int(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     groups: int = 1,
+    float_kernels: bool = True,
 ) -> torch.Tensor:
-    """Accumulators of a convolution, by im2col and an integer matrix product (im2col on bytes when
-    the int8 path applies: 8x less to copy than int64). Zero padding of the reals is padding with the
-    input's zero point; a grouped (depthwise) convolution is one product per group."""
+    """Accumulators of a convolution: on the int8 path, torch's float convolution, exact (_conv_int8), or
+    with `float_kernels` False im2col on bytes and int8 x int8 -> int32 products; else im2col and an
+    int64 matrix product. Zero padding of the reals is padding with the input's zero point; a grouped
+    (depthwise) convolution is one product per group."""
     out_channels, group_channels, kh, kw = layer.weight.shape
     x = _pad(x, padding, layer.input_zero)
     if groups == out_channels and group_channels == 1:
         return _depthwise_int(x, layer, stride)
     n = x.shape[0]
     int8 = _int8_operands(x, layer) if groups == 1 else None
+    if int8 is not None and float_kernels:
+        return _conv_int8(x, layer, stride, int8)
     source = x if int8 is None else (x - BYTE_OFFSET).to(torch.int8)
     patches = source.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])  # [N, C, OH, OW, kh, kw]
     oh, ow = patches.shape[2], patches.shape[3]
@@ -171,6 +178,27 @@ def _conv_int(
     acc = torch.bmm(columns, weight.transpose(1, 2))  # [G, N*OH*OW, O/G]
     acc = acc.permute(1, 0, 2).reshape(n, oh, ow, out_channels) + layer.bias
     return acc.permute(0, 3, 1, 2)
+
+
+def _conv_int8(
+    x: torch.Tensor, layer: IntegerLayer, stride: tuple[int, int], operands: tuple[torch.Tensor, int]
+) -> torch.Tensor:
+    """A convolution's accumulators on the int8 path (x already padded), with _matmul_int8's zero-point
+    corrections: the int8 products by torch's float convolution in _exact_dtype, exact for the reason
+    _exact_dtype gives (PyTorch runs oneDNN's direct algorithm, never Winograd's transforms, and float64
+    as im2col and a GEMM), with one more output channel of ones for each window's sum of x - 128."""
+    w8, w_offset = operands  # [K, O]
+    out_channels, channels, kh, kw = layer.weight.shape
+    dtype = _exact_dtype(channels * kh * kw)
+    kernels = w8.t().reshape(out_channels, channels, kh, kw).to(dtype)
+    kernels = torch.cat([kernels, torch.ones(1, channels, kh, kw, dtype=dtype)])
+    out = torch.nn.functional.conv2d((x - BYTE_OFFSET).to(dtype), kernels, stride=stride)
+    products, window_sums = out[:, :-1].to(torch.int32), out[:, -1:].to(torch.int32)
+    dx = BYTE_OFFSET - layer.input_zero
+    dw = (w_offset - layer.weight_zero).to(torch.int32).reshape(1, -1, 1, 1)
+    column_sums = w8.sum(dim=0, dtype=torch.int32).reshape(1, -1, 1, 1)
+    bias = layer.bias.to(torch.int32).reshape(1, -1, 1, 1)
+    return products + dw * window_sums + dx * column_sums + w8.shape[0] * dx * dw + bias
 
 
 def _depthwise_int(x: torch.Tensor, layer: IntegerLayer, stride: tuple[int, int]) -> torch.Tensor:
@@ -206,30 +234,53 @@ def _int8_operands(x: torch.Tensor, layer: IntegerLayer) -> tuple[torch.Tensor, 
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
     low, high = int(weight.min()), int(weight.max())
     offset = 0 if -128 <= low and high <= 127 else BYTE_OFFSET if 0 <= low and high <= 255 else None
-    if offset is None or int(x.min()) < 0 or int(x.max()) > 255 or weight.shape[1] > MAX_INT8_FAN_IN:
+    x_low, x_high = layer.input_range if layer.input_range is not None else (int(x.min()), int(x.max()))
+    if offset is None or x_low < 0 or x_high > 255 or weight.shape[1] > MAX_INT8_FAN_IN:
         return None
     return (weight - offset).to(torch.int8).t().contiguous(), offset
 
 
 def _matmul_int8(x8: torch.Tensor, layer: IntegerLayer, operands: tuple[torch.Tensor, int]) -> torch.Tensor:
-    """gemmlowp's zero-point corrections around an int8 x int8 -> int32 matrix product. With
+    """gemmlowp's zero-point corrections around an int8 x int8 -> int32 matrix product (x8: the int8
+    values, held in _exact_dtype). With
     x = x' + 128 and w = w' + ow (x', w' int8), all in int32:
     sum (x - zx)(w - zw) = sum x'w' + (ow - zw) sum x' + (128 - zx) sum w' + K (128 - zx)(ow - zw)."""
     w8, w_offset = operands
     fan_in = w8.shape[0]
     dx = BYTE_OFFSET - layer.input_zero
     dw = (w_offset - layer.weight_zero).to(torch.int32)  # [O]
-    products = torch._int_mm(x8, w8)  # int32 accumulators [M, O]
-    row_sums = x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
+    products, row_sums = _int8_products(x8, w8)  # int32 accumulators [M, O], and [M, 1]
     column_sums = w8.sum(dim=0, dtype=torch.int32)
     return products + dw * row_sums + dx * column_sums + fan_in * dx * dw + layer.bias.to(torch.int32)
 
 
-def _linear_int(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor:
+def _exact_dtype(fan_in: int) -> torch.dtype:
+    """The float type in which a product of int8 rows and columns of length `fan_in` is exact: every
+    partial sum is an integer of magnitude at most fan_in * 128 * 128, and every integer up to 2^24
+    (float32) or 2^53 (float64) is exact in any summation order. float32 only at torch's default
+    ("highest") matmul precision, which never lowers a CPU GEMM to bfloat16."""
+    exact_in_float32 = fan_in * 128 * 128 <= 2**24 and torch.get_float32_matmul_precision() == "highest"
+    return torch.float32 if exact_in_float32 else torch.float64
+
+
+def _int8_products(x8: torch.Tensor, w8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x8 @ w8 and x8's row sums, exactly, as int32 (w8 int8). x8 int8: torch._int_mm, integer kernels
+    only. x8 holding int8 values in _exact_dtype: a float GEMM, which gives the same integers (see
+    _exact_dtype); on CPUs without int8 dot-product instructions (VNNI) torch._int_mm ran 19x slower
+    than float32's GEMM at a ResNet layer's size. The row sums ride along as one more column of ones."""
+    if x8.dtype == torch.int8:
+        return torch._int_mm(x8, w8), x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
+    weights = torch.cat([w8.to(x8.dtype), torch.ones(w8.shape[0], 1, dtype=x8.dtype)], dim=1)
+    out = x8 @ weights
+    return out[:, :-1].to(torch.int32), out[:, -1:].to(torch.int32)
+
+
+def _linear_int(x: torch.Tensor, layer: IntegerLayer, float_kernels: bool = True) -> torch.Tensor:
     int8 = _int8_operands(x, layer)
     if int8 is None:
         return _matmul_int(x, layer)
-    return _matmul_int8((x - BYTE_OFFSET).to(torch.int8), layer, int8)
+    dtype = _exact_dtype(x.shape[1]) if float_kernels else torch.int8
+    return _matmul_int8((x - BYTE_OFFSET).to(dtype), layer, int8)
 
 
 def _max_pool_int(
@@ -292,9 +343,17 @@ class Requantization:
 
 class IntegerNet:
     """The integer-only twin of a QuantizedNet whose every layer and input are quantized, walking the
-    same model graph: integers between the quantized input and the integer logits."""
+    same model graph: integers between the quantized input and the integer logits.
 
-    def __init__(self, qnet: QuantizedNet) -> None:
+    Every value is an integer. The products of int8 values run, by default, on torch's float32 or
+    float64 kernels, which are exact for them (_exact_dtype says why) and several times faster than its
+    int8 ones on CPUs without VNNI; `integer_kernels=True` runs torch's integer kernels only (the
+    same integers: a test checks both, another that nothing but integer tensors is touched then)."""
+
+    integer_kernels = False
+
+    def __init__(self, qnet: QuantizedNet, integer_kernels: bool = False) -> None:
+        self.integer_kernels = integer_kernels
         normalizations = [op.name for op in qnet.graph.ops if op.kind is OpKind.NORMALIZE]
         if normalizations:
             raise IntegerEngineError(
@@ -461,6 +520,7 @@ class IntegerNet:
             output_zero=0 if requant is None else requant.output_zero,
             output_min=0 if requant is None else requant.output_min,
             output_max=0 if requant is None else requant.output_max,
+            input_range=(iq.qmin, iq.qmax),
         )
 
     # --- running ----------------------------------------------------------------------------------
@@ -473,8 +533,9 @@ class IntegerNet:
     def _layer(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[op.name]
         if op.kind is OpKind.CONV:
-            return _conv_int(x, layer, op.attrs["stride"], op.attrs["padding"], op.attrs["groups"])  # type: ignore[arg-type]
-        return _linear_int(x, layer)
+            attrs, floats = op.attrs, not self.integer_kernels
+            return _conv_int(x, layer, attrs["stride"], attrs["padding"], attrs["groups"], floats)  # type: ignore[arg-type]
+        return _linear_int(x, layer, not self.integer_kernels)
 
     def _compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         """One op on integers, before any requantization to its grid."""
@@ -536,7 +597,8 @@ class IntegerNet:
         return self._requant["<logits>"].apply(out)
 
     def logits_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer logits for integer input [N, C, H, W] (no floating-point tensor involved)."""
+        """Integer logits for integer input [N, C, H, W] (every value an integer; with integer_kernels, no
+        floating-point tensor is involved at all)."""
         if x.is_floating_point():
             raise TypeError("logits_int takes the quantized input integers; use quantize_input first")
         return self._walk(x)
