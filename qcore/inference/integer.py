@@ -187,18 +187,14 @@ def _conv_int8(
     corrections: the int8 products by torch's float convolution in _exact_dtype, exact for the reason
     _exact_dtype gives (PyTorch runs oneDNN's direct algorithm, never Winograd's transforms, and float64
     as im2col and a GEMM), with one more output channel of ones for each window's sum of x - 128."""
-    w8, w_offset = operands  # [K, O]
+    w8 = operands[0]  # [K, O]
     out_channels, channels, kh, kw = layer.weight.shape
     dtype = _exact_dtype(channels * kh * kw)
     kernels = w8.t().reshape(out_channels, channels, kh, kw).to(dtype)
     kernels = torch.cat([kernels, torch.ones(1, channels, kh, kw, dtype=dtype)])
     out = torch.nn.functional.conv2d((x - BYTE_OFFSET).to(dtype), kernels, stride=stride)
     products, window_sums = out[:, :-1].to(torch.int32), out[:, -1:].to(torch.int32)
-    dx = BYTE_OFFSET - layer.input_zero
-    dw = (w_offset - layer.weight_zero).to(torch.int32).reshape(1, -1, 1, 1)
-    column_sums = w8.sum(dim=0, dtype=torch.int32).reshape(1, -1, 1, 1)
-    bias = layer.bias.to(torch.int32).reshape(1, -1, 1, 1)
-    return products + dw * window_sums + dx * column_sums + w8.shape[0] * dx * dw + bias
+    return _zero_point_corrected(products, window_sums, layer, operands, (1, -1, 1, 1))
 
 
 def _depthwise_int(x: torch.Tensor, layer: IntegerLayer, stride: tuple[int, int]) -> torch.Tensor:
@@ -245,13 +241,25 @@ def _matmul_int8(x8: torch.Tensor, layer: IntegerLayer, operands: tuple[torch.Te
     values, held in _exact_dtype). With
     x = x' + 128 and w = w' + ow (x', w' int8), all in int32:
     sum (x - zx)(w - zw) = sum x'w' + (ow - zw) sum x' + (128 - zx) sum w' + K (128 - zx)(ow - zw)."""
+    products, row_sums = _int8_products(x8, operands[0])  # int32 accumulators [M, O], and [M, 1]
+    return _zero_point_corrected(products, row_sums, layer, operands, (1, -1))
+
+
+def _zero_point_corrected(
+    products: torch.Tensor,
+    input_sums: torch.Tensor,
+    layer: IntegerLayer,
+    operands: tuple[torch.Tensor, int],
+    channel_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """The accumulators sum (x - zx)(w - zw) + bias from the int8 products sum x'w' and each output's
+    sum of x' (see _matmul_int8), in int32; per-channel terms shaped `channel_shape` to broadcast."""
     w8, w_offset = operands
-    fan_in = w8.shape[0]
     dx = BYTE_OFFSET - layer.input_zero
-    dw = (w_offset - layer.weight_zero).to(torch.int32)  # [O]
-    products, row_sums = _int8_products(x8, w8)  # int32 accumulators [M, O], and [M, 1]
-    column_sums = w8.sum(dim=0, dtype=torch.int32)
-    return products + dw * row_sums + dx * column_sums + fan_in * dx * dw + layer.bias.to(torch.int32)
+    dw = (w_offset - layer.weight_zero).to(torch.int32).reshape(channel_shape)
+    column_sums = w8.sum(dim=0, dtype=torch.int32).reshape(channel_shape)
+    bias = layer.bias.to(torch.int32).reshape(channel_shape)
+    return products + dw * input_sums + dx * column_sums + w8.shape[0] * dx * dw + bias
 
 
 def _exact_dtype(fan_in: int) -> torch.dtype:
