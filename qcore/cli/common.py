@@ -34,7 +34,14 @@ from qcore.quantize.calibrate import OBSERVERS
 from qcore.quantize.config import WEIGHT_RANGES, QuantConfig, integer_path_problems, make_config
 from qcore.quantize.methods import METHODS
 from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
-from qcore.training.qat import QatCheckpoint, claims_qat, imported_qat, load_checkpoint, qat_from_state
+from qcore.training.qat import (
+    QatCheckpoint,
+    checkpoint_from_state,
+    claims_qat,
+    imported_qat,
+    load_checkpoint,
+    qat_from_state,
+)
 
 
 class UsageError(Exception):
@@ -213,6 +220,7 @@ def import_onnx_checkpoint(args: argparse.Namespace) -> None:
     args.imported_qat."""
     args.imported = None
     args.imported_qat = None
+    args.checkpoint_state = None  # the file, unpickled once here, when it is a zoo model's checkpoint
     path = getattr(args, "checkpoint", None)
     if path is None:
         return
@@ -237,6 +245,7 @@ def _import_qat_checkpoint(args: argparse.Namespace, data: bytes) -> None:
     except CheckpointError:
         return  # load_checkpoint says why, in its own words
     if not imported_qat(state):
+        args.checkpoint_state = state
         return
     if args.model != DEFAULT_MODEL:
         raise UsageError("--model names a zoo architecture; a QAT checkpoint of an ONNX model brings its own")
@@ -266,6 +275,8 @@ def load_for_quantization(args: argparse.Namespace, what: str) -> tuple[nn.Modul
     if args.imported is not None:
         checkpoint = args.imported_qat
         model = args.imported.module if checkpoint is None else checkpoint.model
+    elif args.checkpoint_state is not None:
+        model, checkpoint = checkpoint_from_state(args.checkpoint_state, args.model, args.data_dir)
     else:
         model, checkpoint = load_checkpoint(args.checkpoint, args.model, args.data_dir)
     if checkpoint is None:
@@ -289,7 +300,7 @@ def float_model_only(args: argparse.Namespace, what: str) -> nn.Module:
         return args.imported.module
     if args.checkpoint is None:
         return load_model(None, args.model)
-    state = read_checkpoint(args.checkpoint)
+    state = args.checkpoint_state if args.checkpoint_state is not None else read_checkpoint(args.checkpoint)
     if claims_qat(state):
         raise UsageError(
             f"{what} calibrates its own variants of a config, which would not be the QAT model "

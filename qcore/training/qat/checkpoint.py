@@ -36,7 +36,7 @@ from qcore.quantize.qmodel import (
 )
 from qcore.quantize.quant import QParams, Scheme, integer_range
 from qcore.training.qat.config import HISTOGRAM_BINS, MIN_SCALE, QatConfig
-from qcore.training.qat.network import deployed_net, to_quantized_net
+from qcore.training.qat.network import deployed_net, net_with_parameters, to_quantized_net
 from qcore.training.qat.training import QatResult
 from qcore.training.train import MAX_EPOCHS
 
@@ -219,8 +219,15 @@ def load_checkpoint(
     an imported ONNX model, is refused, or with `follow_qat` (an upload) loaded as the model it names."""
     if source is None:
         return load_model(None, model_name), None
-    state = read_checkpoint(source)
+    return checkpoint_from_state(read_checkpoint(source), model_name, data_dir, follow_qat)
+
+
+def checkpoint_from_state(
+    state: object, model_name: str = DEFAULT_MODEL, data_dir: str | None = None, follow_qat: bool = False
+) -> tuple[nn.Module, QatCheckpoint | None]:
+    """load_checkpoint of an already unpickled file (read_checkpoint's result)."""
     if claims_qat(state):
+        assert isinstance(state, dict)
         trained_on = _model_of(state)
         if trained_on == NOTEBOOK_ARCHITECTURE and zoo_model(model_name).is_notebook_net:
             trained_on = model_name  # a qlab-qat/1 file does not say which dataset: the one asked for
@@ -467,11 +474,7 @@ def _graph_checkpoint(state: dict[str, object], data_dir: str | None) -> QatChec
         raise CheckpointError(problems)
     trained = graph.with_parameters(parameters)
     if imported is None and zoo_model(zoo).is_notebook_net:  # as qat() builds it: a Net, per-layer qparams
-        model = Net()
-        with torch.no_grad():
-            for name in LAYER_NAMES:
-                layer(model, name).weight.copy_(parameters[name][0])
-                layer(model, name).bias.copy_(parameters[name][1])
+        model = net_with_parameters(parameters)
         qparams = {
             name: {
                 "weight_scale": weight_scales[name],

@@ -142,12 +142,7 @@ class QatNet(nn.Module):
         parameters = self.trained_parameters()
         if self.source is not None and not isinstance(self.source, Net):
             return ModelGraphModule(self.graph.with_parameters(parameters)).eval()
-        net = Net()
-        with torch.no_grad():
-            for name in LAYER_NAMES:
-                layer(net, name).weight.copy_(parameters[name][0])
-                layer(net, name).bias.copy_(parameters[name][1])
-        return net.eval()
+        return net_with_parameters(parameters)
 
     def qparams(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer: its weight scales and its input point's scale and zero point (the checkpoint's)."""
@@ -177,6 +172,16 @@ class QatNet(nn.Module):
                 for point in self.plan.points
             },
         )
+
+
+def net_with_parameters(parameters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Net:
+    """The notebook's Net holding per-layer (weight, bias), as the model graph names its layers."""
+    net = Net()
+    with torch.no_grad():
+        for name in LAYER_NAMES:
+            layer(net, name).weight.copy_(parameters[name][0])
+            layer(net, name).bias.copy_(parameters[name][1])
+    return net.eval()
 
 
 def deployed_net(
