@@ -558,3 +558,25 @@ def test_tracing_while_other_threads_run_the_same_model_disturbs_neither():
         sys.setswitchinterval(interval)
     assert not failures, failures[:3]
     assert all(trace == reference for trace in traces)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"),
+    [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((3, 2), (1, 2), (1, 0)), ((2, 2), (1, 1), (1, 1))],
+)
+def test_max_pool_by_taps_equals_torchs_max_pool2d(kernel, stride, padding):
+    """The graph's max-pool (a maximum of strided slices) against torch's own, on an odd-sized input
+    with ties and negatives (padding must never win), and on integers as the engine pools them."""
+    from qcore.graph.ops import max_pool
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 3, (2, 3, 9, 7), generator=generator).float()  # few values: many ties
+    assert torch.equal(max_pool(x, kernel, stride, padding), F.max_pool2d(x, kernel, stride, padding))
+    integers = x.to(torch.int64) * 1000
+    expected = F.max_pool2d(integers.double(), kernel, stride, padding).to(torch.int64)
+    assert torch.equal(max_pool(integers, kernel, stride, padding, -(2**40)), expected)
+    leaf = x.clone().requires_grad_()  # with gradients: torch's own, whose backward QAT relies on
+    max_pool(leaf, kernel, stride, padding).sum().backward()
+    reference = x.clone().requires_grad_()
+    F.max_pool2d(reference, kernel, stride, padding).sum().backward()
+    assert torch.equal(leaf.grad, reference.grad)

