@@ -107,7 +107,7 @@ def test_runs_on_integer_tensors_only(pretrained, mnist):
     [QuantConfig(), QuantConfig(weight_bits=4, act_bits=4), QuantConfig(scheme="asymmetric", granularity="per-tensor")],
 )
 def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(pretrained, mnist, config, monkeypatch):
-    engine = IntegerNet(quantize_for(pretrained, mnist, config))
+    engine = IntegerNet(quantize_for(pretrained, mnist, config), integer_kernels=True)
     x = engine.quantize_input(mnist.test.images[:200])
     corrected = engine.logits_int(x)  # int8 x int8 -> int32 products plus gemmlowp's corrections
     monkeypatch.setattr("qcore.inference.integer._int8_operands", lambda _x, _layer: None)
@@ -120,31 +120,40 @@ def test_int8_products_with_zero_point_corrections_equal_the_plain_integer_path(
     [QuantConfig(), QuantConfig(weight_bits=4, act_bits=4), QuantConfig(scheme="asymmetric", granularity="per-tensor")],
 )
 def test_the_float_kernels_give_the_integer_kernels_integers(pretrained, mnist, config):
-    """The default engine multiplies int8 values on float kernels; torch's int8 ones give the same logits."""
+    """The default engine multiplies on exact float kernels; torch's int8 ones give the same logits."""
     qnet = quantize_for(pretrained, mnist, config)
     x = IntegerNet(qnet).quantize_input(mnist.test.images[:300])
     assert torch.equal(IntegerNet(qnet).logits_int(x), IntegerNet(qnet, integer_kernels=True).logits_int(x))
 
 
-def test_float_products_are_exact_up_to_the_bound_and_widen_past_it():
-    """At K = 1024 every product of -128 and -128 sums to exactly 2^24, the largest float32 holds with
-    every integer below it; one more term needs float64. Random int8 operands of K = 3000 (float64)
-    and K = 700 (float32) against torch's int8 kernel."""
-    from qcore.inference.integer import _exact_dtype, _int8_products
+def test_float_kernels_are_exact_up_to_the_bound_and_widen_past_it():
+    """A linear layer whose products sum to 255 * 127 * K: at K = 519 that is 16,807,815, odd and past
+    2^24, which float32 cannot hold (it would round to an even neighbour); the engine must take float64
+    and give the int64 product's integers. At K = 516 the sum, 16,710,660, fits float32."""
+    from qcore.inference.integer import IntegerLayer, _centred_weights, _exact_float_dtype, _linear_int, _matmul_int
 
-    assert _exact_dtype(1024) == torch.float32 and _exact_dtype(1025) == torch.float64
-    for fan_in in (1024, 1025):
-        x8 = torch.full((3, fan_in), -128, dtype=torch.int8)
-        w8 = torch.full((fan_in, 2), -128, dtype=torch.int8)
-        products, sums = _int8_products(x8.to(_exact_dtype(fan_in)), w8)
-        assert products.tolist() == [[fan_in * 2**14] * 2] * 3 and sums.tolist() == [[-128 * fan_in]] * 3
-    generator = torch.Generator().manual_seed(0)
-    for fan_in in (700, 3000):
-        x8 = torch.randint(-128, 128, (64, fan_in), dtype=torch.int8, generator=generator)
-        w8 = torch.randint(-128, 128, (fan_in, 16), dtype=torch.int8, generator=generator)
-        products, sums = _int8_products(x8.to(_exact_dtype(fan_in)), w8)
-        assert torch.equal(products, torch._int_mm(x8, w8))
-        assert torch.equal(sums[:, 0], x8.sum(dim=1, dtype=torch.int32))
+    assert _exact_float_dtype(2**24) == torch.float32 and _exact_float_dtype(2**24 + 1) == torch.float64
+    assert _exact_float_dtype(2**53 + 1) is None
+    for fan_in, dtype in ((516, torch.float32), (519, torch.float64)):
+        layer = IntegerLayer(
+            name="fc",
+            weight=torch.full((2, fan_in), 127, dtype=torch.int64),
+            weight_zero=torch.zeros(2, dtype=torch.int64),
+            input_zero=0,
+            bias=torch.tensor([0, 1], dtype=torch.int64),
+            multiplier=torch.ones(2, dtype=torch.int64),
+            shift=torch.zeros(2, dtype=torch.int64),
+            output_zero=0,
+            output_min=0,
+            output_max=255,
+            input_range=(0, 255),
+        )
+        x = torch.full((3, fan_in), 255, dtype=torch.int64)
+        centred = _centred_weights(x, layer)
+        assert centred is not None and centred.dtype == dtype
+        accumulators = _linear_int(x, layer, centred)
+        assert torch.equal(accumulators, _matmul_int(x, layer))
+        assert accumulators[0].tolist() == [255 * 127 * fan_in, 255 * 127 * fan_in + 1]
 
 
 @pytest.mark.slow

@@ -206,6 +206,7 @@ class LoadedIntegerNet(IntegerNet):
         plan = read_json(state["plan"], "the qtensors file's plan", MAX_PLAN_CHARS)
         assert isinstance(plan, dict)
         self.layers = {}
+        self._float_kernels = {}
         for name in self.graph.layers:
             shape = [int(v) for v in state[f"{name}.weight_shape"]]  # type: ignore[union-attr]
             count = int(torch.tensor(shape).prod())

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from qcore.graph import Op, OpKind
 from qcore.graph.ops import max_pool
@@ -152,20 +153,22 @@ def _conv_int(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     groups: int = 1,
-    float_kernels: bool = True,
+    centred: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Accumulators of a convolution: on the int8 path, torch's float convolution, exact (_conv_int8), or
-    with `float_kernels` False im2col on bytes and int8 x int8 -> int32 products; else im2col and an
-    int64 matrix product. Zero padding of the reals is padding with the input's zero point; a grouped
+    """Accumulators of a convolution. Given `centred` (_centred_weights): torch's float convolution of
+    x - z_x by it, exact, its zero padding being the reals' zero. Else integer kernels only:
+    on the int8 path im2col on bytes and int8 x int8 -> int32 products; otherwise im2col and an int64
+    matrix product, zero padding of the reals being padding with the input's zero point; a grouped
     (depthwise) convolution is one product per group."""
+    if centred is not None:
+        out = F.conv2d((x - layer.input_zero).to(centred.dtype), centred, None, stride, padding, 1, groups)
+        return out.to(torch.int64).add_(layer.bias.reshape(1, -1, 1, 1))
     out_channels, group_channels, kh, kw = layer.weight.shape
     x = _pad(x, padding, layer.input_zero)
     if groups == out_channels and group_channels == 1:
         return _depthwise_int(x, layer, stride)
     n = x.shape[0]
     int8 = _int8_operands(x, layer) if groups == 1 else None
-    if int8 is not None and float_kernels:
-        return _conv_int8(x, layer, stride, int8)
     source = x if int8 is None else (x - BYTE_OFFSET).to(torch.int8)
     patches = source.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])  # [N, C, OH, OW, kh, kw]
     oh, ow = patches.shape[2], patches.shape[3]
@@ -181,21 +184,27 @@ def _conv_int(
     return acc.permute(0, 3, 1, 2)
 
 
-def _conv_int8(
-    x: torch.Tensor, layer: IntegerLayer, stride: tuple[int, int], operands: tuple[torch.Tensor, int]
-) -> torch.Tensor:
-    """A convolution's accumulators on the int8 path (x already padded), with _matmul_int8's zero-point
-    corrections: the int8 products by torch's float convolution in _exact_dtype, exact for the reason
-    _exact_dtype gives (PyTorch runs oneDNN's direct algorithm, never Winograd's transforms, and float64
-    as im2col and a GEMM), with one more output channel of ones for each window's sum of x - 128."""
-    w8 = operands[0]  # [K, O]
-    out_channels, channels, kh, kw = layer.weight.shape
-    dtype = _exact_dtype(channels * kh * kw)
-    kernels = w8.t().reshape(out_channels, channels, kh, kw).to(dtype)
-    kernels = torch.cat([kernels, torch.ones(1, channels, kh, kw, dtype=dtype)])
-    out = torch.nn.functional.conv2d((x - BYTE_OFFSET).to(dtype), kernels, stride=stride)
-    products, window_sums = out[:, :-1].to(torch.int32), out[:, -1:].to(torch.int32)
-    return _zero_point_corrected(products, window_sums, layer, operands, (1, -1, 1, 1))
+def _exact_float_dtype(bound: int) -> torch.dtype | None:
+    """The float type in which a sum of integer products is exact when every product and every partial
+    sum has magnitude at most `bound`: every integer up to 2^24 (float32) or 2^53 (float64) is exact,
+    so no step of any summation order rounds. float32 only at torch's default ("highest") matmul
+    precision, which never lowers a CPU GEMM to bfloat16; None past 2^53."""
+    if bound <= 2**24 and torch.get_float32_matmul_precision() == "highest":
+        return torch.float32
+    return torch.float64 if bound <= 2**53 else None
+
+
+def _centred_weights(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor | None:
+    """w - z_w in the float type that holds the layer's products exactly (None when none does). Every
+    partial sum of sum (x - z_x)(w - z_w) is at most max|x - z_x| times the largest sum of one output's
+    |w - z_w|; the input's range is its grid's (static) or, for a layer read back from a file, this
+    batch's. torch's CPU convolution is oneDNN's direct algorithm (float32) or im2col and a GEMM
+    (float64), never Winograd's or FFT's transforms, whose intermediate values are not integers."""
+    x_low, x_high = layer.input_range if layer.input_range is not None else (int(x.min()), int(x.max()))
+    x_span = max(abs(x_low - layer.input_zero), abs(x_high - layer.input_zero))
+    weight = layer.weight - layer.weight_zero.reshape(-1, *[1] * (layer.weight.ndim - 1))
+    dtype = _exact_float_dtype(x_span * int(weight.reshape(weight.shape[0], -1).abs().sum(dim=1).max()))
+    return None if dtype is None else weight.to(dtype)
 
 
 def _depthwise_int(x: torch.Tensor, layer: IntegerLayer, stride: tuple[int, int]) -> torch.Tensor:
@@ -238,11 +247,11 @@ def _int8_operands(x: torch.Tensor, layer: IntegerLayer) -> tuple[torch.Tensor, 
 
 
 def _matmul_int8(x8: torch.Tensor, layer: IntegerLayer, operands: tuple[torch.Tensor, int]) -> torch.Tensor:
-    """gemmlowp's zero-point corrections around an int8 x int8 -> int32 matrix product (x8: the int8
-    values, held in _exact_dtype). With
+    """gemmlowp's zero-point corrections around torch's int8 x int8 -> int32 matrix product. With
     x = x' + 128 and w = w' + ow (x', w' int8), all in int32:
     sum (x - zx)(w - zw) = sum x'w' + (ow - zw) sum x' + (128 - zx) sum w' + K (128 - zx)(ow - zw)."""
-    products, row_sums = _int8_products(x8, operands[0])  # int32 accumulators [M, O], and [M, 1]
+    products = torch._int_mm(x8, operands[0])  # int32 accumulators [M, O]
+    row_sums = x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
     return _zero_point_corrected(products, row_sums, layer, operands, (1, -1))
 
 
@@ -263,33 +272,16 @@ def _zero_point_corrected(
     return products + dw * input_sums + dx * column_sums + w8.shape[0] * dx * dw + bias
 
 
-def _exact_dtype(fan_in: int) -> torch.dtype:
-    """The float type in which a product of int8 rows and columns of length `fan_in` is exact: every
-    partial sum is an integer of magnitude at most fan_in * 128 * 128, and every integer up to 2^24
-    (float32) or 2^53 (float64) is exact in any summation order. float32 only at torch's default
-    ("highest") matmul precision, which never lowers a CPU GEMM to bfloat16."""
-    exact_in_float32 = fan_in * 128 * 128 <= 2**24 and torch.get_float32_matmul_precision() == "highest"
-    return torch.float32 if exact_in_float32 else torch.float64
-
-
-def _int8_products(x8: torch.Tensor, w8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x8 @ w8 and x8's row sums, exactly, as int32 (w8 int8). x8 int8: torch._int_mm, integer kernels
-    only. x8 holding int8 values in _exact_dtype: a float GEMM, which gives the same integers (see
-    _exact_dtype); on CPUs without int8 dot-product instructions (VNNI) torch._int_mm ran 19x slower
-    than float32's GEMM at a ResNet layer's size. The row sums ride along as one more column of ones."""
-    if x8.dtype == torch.int8:
-        return torch._int_mm(x8, w8), x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
-    weights = torch.cat([w8.to(x8.dtype), torch.ones(w8.shape[0], 1, dtype=x8.dtype)], dim=1)
-    out = x8 @ weights
-    return out[:, :-1].to(torch.int32), out[:, -1:].to(torch.int32)
-
-
-def _linear_int(x: torch.Tensor, layer: IntegerLayer, float_kernels: bool = True) -> torch.Tensor:
+def _linear_int(x: torch.Tensor, layer: IntegerLayer, centred: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's accumulators: given `centred` (_centred_weights), a float GEMM of x - z_x by it,
+    exact; with integer kernels only, the int8 path where it applies, else int64."""
+    if centred is not None:
+        out = (x - layer.input_zero).to(centred.dtype) @ centred.t()
+        return out.to(torch.int64).add_(layer.bias)
     int8 = _int8_operands(x, layer)
     if int8 is None:
         return _matmul_int(x, layer)
-    dtype = _exact_dtype(x.shape[1]) if float_kernels else torch.int8
-    return _matmul_int8((x - BYTE_OFFSET).to(dtype), layer, int8)
+    return _matmul_int8((x - BYTE_OFFSET).to(torch.int8), layer, int8)
 
 
 def _max_pool_int(
@@ -344,19 +336,25 @@ class Requantization:
         shape = [1] * x.ndim
         if multiplier.numel() > 1:
             shape[channel_dim] = -1
-        scaled = multiply_by_quantized_multiplier(
-            x.to(torch.int64) - self.input_zero, multiplier.reshape(shape), shift.reshape(shape)
+        values = x.to(torch.int64) - self.input_zero if self.input_zero else x
+        # TFLite saturates x * M to int32 before adding the zero point; the clamp after it does the same
+        # wherever its range lies inside int32 shifted by the zero point (every grid's does)
+        saturated_by_clamp = INT32_MIN + self.output_zero <= self.output_min and self.output_max <= (
+            INT32_MAX + self.output_zero
         )
-        return torch.clamp(scaled + self.output_zero, self.output_min, self.output_max)
+        scaled = multiply_by_quantized_multiplier(
+            values, multiplier.reshape(shape), shift.reshape(shape), saturate=not saturated_by_clamp
+        )
+        return scaled.add_(self.output_zero).clamp_(self.output_min, self.output_max)
 
 
 class IntegerNet:
     """The integer-only twin of a QuantizedNet whose every layer and input are quantized, walking the
     same model graph: integers between the quantized input and the integer logits.
 
-    Every value is an integer. The products of int8 values run, by default, on torch's float32 or
-    float64 kernels, which are exact for them (_exact_dtype says why) and several times faster than its
-    int8 ones on CPUs without VNNI; `integer_kernels=True` runs torch's integer kernels only (the
+    Every value is an integer. The products run, by default, on torch's float32 or float64 kernels,
+    which are exact for them (_centred_weights says why) and several times faster than its int8 ones on
+    CPUs without VNNI; `integer_kernels=True` runs torch's integer kernels only (the
     same integers: a test checks both, another that nothing but integer tensors is touched then)."""
 
     integer_kernels = False
@@ -390,6 +388,7 @@ class IntegerNet:
         # s_in * s_w / s_out per output channel in float64, before M0 approximates it (for diagnostics)
         self.real_multipliers = {name: r.real_multiplier for name, r in self._layer_requant.items()}
         self.layers = {name: self._integer_layer(qnet.layers[name]) for name in self.graph.layers}
+        self._float_kernels: dict[str, torch.Tensor | None] = {}
 
     # --- building ---------------------------------------------------------------------------------
     def _requantization(self, value: _Acc | _Grid, point: str | None, logit_bits: int = 0) -> Requantization:
@@ -541,10 +540,19 @@ class IntegerNet:
 
     def _layer(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[op.name]
+        centred = None if self.integer_kernels else self._centred_weights(x, layer)
         if op.kind is OpKind.CONV:
-            attrs, floats = op.attrs, not self.integer_kernels
-            return _conv_int(x, layer, attrs["stride"], attrs["padding"], attrs["groups"], floats)  # type: ignore[arg-type]
-        return _linear_int(x, layer, not self.integer_kernels)
+            attrs = op.attrs
+            return _conv_int(x, layer, attrs["stride"], attrs["padding"], attrs["groups"], centred)  # type: ignore[arg-type]
+        return _linear_int(x, layer, centred)
+
+    def _centred_weights(self, x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor | None:
+        """The layer's float kernel, made once where its input range is static (see _centred_weights)."""
+        if layer.input_range is None:
+            return _centred_weights(x, layer)
+        if layer.name not in self._float_kernels:
+            self._float_kernels[layer.name] = _centred_weights(x, layer)
+        return self._float_kernels[layer.name]
 
     def _compute(self, op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         """One op on integers, before any requantization to its grid."""
