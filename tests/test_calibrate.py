@@ -165,3 +165,59 @@ def test_calibration_batches_come_from_the_given_split():
     assert [len(b) for b in batches] == [10, 10, 10]
     expected = calibration_indices(1000, 3, 10, 0)[:10].float()
     assert torch.equal(batches[0].flatten(), expected)
+
+
+def test_a_calibration_is_remembered_by_content_and_never_shared_by_reference():
+    """The same graph, images and settings: the float pass runs once (counted at its per-batch
+    checkpoint), and a caller that changes its stats changes nobody else's. Another weight, another
+    op setting or other images: computed afresh, with other ranges."""
+    from dataclasses import replace
+
+    from qcore import cancel
+    from qcore.graph import model_graph
+    from qcore.quantize.calibrate import CALIBRATIONS, calibrate_points
+
+    torch.manual_seed(0)
+    graph = model_graph(Net().eval())
+    batches = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    passes = []
+
+    def count() -> bool:
+        passes.append(1)
+        return False
+
+    CALIBRATIONS.clear()
+    with cancel.stop_when(count):
+        first = calibrate_points(graph, batches, "minmax", 8, ["conv2"])
+        first["conv2"].clip_max = 1e9  # the caller's copy only
+        again = calibrate_points(graph, batches, "minmax", 8, ["conv2"])
+        assert len(passes) == 2  # one checkpoint per batch, for the first call only
+        weight, bias = graph.parameters["conv1"]
+        heavier = graph.with_parameters({**graph.parameters, "conv1": (weight * 2, bias)})
+        other_weights = calibrate_points(heavier, batches, "minmax", 8, ["conv2"])
+        pool = next(op for op in graph.ops if op.kind.value == "maxpool")
+        ops = tuple(replace(op, attrs={**op.attrs, "stride": (1, 1)}) if op is pool else op for op in graph.ops)
+        other_stride = replace(graph, ops=ops)
+        assert other_stride.digest() != graph.digest() and heavier.digest() != graph.digest()
+        other_images = calibrate_points(graph, [batch + 1 for batch in batches], "minmax", 8, ["conv2"])
+        assert len(passes) == 6
+    assert again["conv2"].clip_max != 1e9 and again["conv2"].clip_max == first["conv2"].observed_max
+    assert other_weights["conv2"].observed_max != again["conv2"].observed_max
+    assert other_images["conv2"].observed_max != again["conv2"].observed_max
+    assert len(CALIBRATIONS._values) == 3
+
+
+def test_the_weight_range_search_is_remembered_by_the_weights_content():
+    from qcore.quantize.calibrate import WEIGHT_RANGES, mse_optimal_weight_range, mse_optimal_weight_range_search
+
+    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    WEIGHT_RANGES.clear()
+    low, high = mse_optimal_weight_range(weight, 4, Scheme.SYMMETRIC, True)
+    low.fill_(0.0)  # the caller's copy only
+    again = mse_optimal_weight_range(weight, 4, Scheme.SYMMETRIC, True)
+    expected = mse_optimal_weight_range_search(weight, 4, Scheme.SYMMETRIC, True)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+    changed = weight.clone()
+    changed[0, 0, 0, 0] = 9.0
+    assert not torch.equal(mse_optimal_weight_range(changed, 4, Scheme.SYMMETRIC, True)[1], expected[1])
+    assert len(WEIGHT_RANGES._values) == 2

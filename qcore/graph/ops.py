@@ -4,6 +4,7 @@ integer engine and the exports all walk it."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -212,6 +213,34 @@ class ModelGraph:
 
     def op(self, name: str) -> Op:
         return self.by_name[name]
+
+    def digest(self) -> str:
+        """A content hash of everything that decides the graph's outputs: each op's name, kind, inputs,
+        shape and settings (tensors by their bytes), and every parameter, to key caches by."""
+        hasher = hashlib.blake2b(digest_size=20)
+
+        def feed(value: object) -> None:
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().cpu().contiguous()
+                hasher.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}".encode())
+                hasher.update(tensor.numpy().tobytes())
+            else:
+                hasher.update(repr(value).encode())
+            hasher.update(b"|")
+
+        for op in self.ops:
+            feed((op.name, op.kind.value, op.inputs, op.shape))
+            for key in sorted(op.attrs):
+                feed(key)
+                value = op.attrs[key]
+                for part in value if isinstance(value, tuple | list) else (value,):
+                    feed(part)
+        feed(self.output)
+        for name in sorted(self.parameters):
+            feed(name)
+            for tensor in self.parameters[name]:
+                feed(tensor)
+        return hasher.hexdigest()
 
     def values_per_image(self) -> int:
         """How many values one image writes across every op's output: what a batch's working set scales with."""

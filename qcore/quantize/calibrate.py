@@ -8,10 +8,14 @@ in `clipping_range`. Exact running min and max are always kept; rules that need 
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +31,52 @@ SAMPLES_PER_BATCH = 8192
 SAMPLE_CAP = 2**18
 MSE_CHUNK = 2**14  # values scored per step of the MSE search (bounds its memory to grid x chunk)
 WEIGHT_MSE_CHUNK = 2**22  # candidate values the weight range search scores at once (16 MB a copy)
+_T = TypeVar("_T")
+
+
+class Memo:
+    """A small least-recently-used table of a pure function's results, keyed by content digests, shared
+    by a server's sessions (threads). A class exploring one model repeats calibration's work: every
+    what-if that keeps the activations' bits, observer and calibration images has the same float pass
+    and ranges (calibrate_points), every one that keeps a layer's weight bits and rule the same MSE
+    search over its weights (mse_optimal_weight_range). Values are copied in and out, so no caller
+    can change what another gets; a computation that raises (a cancelled one) stores nothing."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._values: OrderedDict[tuple[object, ...], object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: tuple[object, ...], compute: Callable[[], _T]) -> _T:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return copy.deepcopy(self._values[key])  # type: ignore[return-value]
+        value = compute()
+        with self._lock:
+            self._values[key] = copy.deepcopy(value)
+            while len(self._values) > self.entries:
+                self._values.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+def tensors_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """A content hash of tensors' dtypes, shapes and bytes, in order."""
+    hasher = hashlib.blake2b(digest_size=20)
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}|".encode())
+        hasher.update(tensor.numpy().tobytes())
+    return hasher.hexdigest()
+
+
+# Calibrations of 8 (graph, images, observer, bits) and 256 weight range searches: kilobytes each
+CALIBRATIONS = Memo(entries=8)
+WEIGHT_RANGES = Memo(entries=256)
 
 
 class ValueSample:
@@ -173,6 +223,16 @@ def mse_optimal_range(values: torch.Tensor, bits: int, scheme: Scheme, grid: int
 def mse_optimal_weight_range(
     weight: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, grid: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mse_optimal_weight_range_search, remembered (WEIGHT_RANGES) by the weight's content and the settings."""
+    key = ("weight range", tensors_digest([weight]), bits, Scheme(scheme).value, per_channel, grid)
+    return WEIGHT_RANGES.get_or_compute(
+        key, lambda: mse_optimal_weight_range_search(weight.detach(), bits, scheme, per_channel, grid)
+    )
+
+
+def mse_optimal_weight_range_search(
+    weight: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, grid: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Like mse_optimal_range, for weights: one search per output channel (axis 0) when
     `per_channel`, else one for the whole tensor. Returns (min, max) tensors.
 
@@ -302,11 +362,34 @@ def calibrate_points(
     histogram_bins: int = 64,
 ) -> dict[str, ActivationStats]:
     """Run the float graph over `batches` and observe the output of each named op (a quantization
-    point, qcore.graph.points) at `bits` (one for all, or per point). The model itself is never touched."""
+    point, qcore.graph.points) at `bits` (one for all, or per point). The model itself is never touched.
+    Remembered (CALIBRATIONS) by the graph's and the images' content and the settings."""
     if not batches:
         raise ValueError("calibration needs at least one batch")
     graph = model if isinstance(model, ModelGraph) else model_graph(model)
-    point_bits = bits if isinstance(bits, Mapping) else dict.fromkeys(points, bits)
+    point_bits = dict(bits) if isinstance(bits, Mapping) else dict.fromkeys(points, bits)
+    key = (
+        "calibration",
+        graph.digest(),
+        tensors_digest(batches),
+        observer,
+        tuple(sorted(point_bits.items())),
+        tuple(points),
+        histogram_bins,
+    )
+    return CALIBRATIONS.get_or_compute(
+        key, lambda: _observe_points(graph, batches, observer, point_bits, points, histogram_bins)
+    )
+
+
+def _observe_points(
+    graph: ModelGraph,
+    batches: Sequence[torch.Tensor],
+    observer: str,
+    point_bits: dict[str, int],
+    points: Sequence[str],
+    histogram_bins: int,
+) -> dict[str, ActivationStats]:
     observers = {name: make_observer(observer, point_bits[name], Scheme.ASYMMETRIC) for name in points}
     # Histograms always come from a sample, whichever rule chooses the range.
     samples = {name: ValueSample() for name in points}
