@@ -121,6 +121,8 @@ def serving(kind: str, store: Path, logs: Path, app: Path | None = None):
             str(port),
             "--store",
             str(store),
+            "--datasets",
+            str(store / "shared-datasets"),  # inside the temporary store: removed with it
             "--log-dir",
             str(logs),
         ]

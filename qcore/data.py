@@ -26,6 +26,9 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 DATA_DIR_ENV = "QCORE_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
+# A folder where the normalized images are kept as files and memory-mapped, so that the server's
+# replicas (deploy/serve sets it) share one copy of each dataset's pages instead of one each
+SHARED_DATASETS_ENV = "QCORE_SHARED_DATASETS"
 MAX_GZIP_BYTES = 30 * 1024 * 1024  # Fashion-MNIST's largest .gz is 26.4 MB; a bigger one is refused unread
 
 
@@ -169,7 +172,34 @@ def load_split(
     labels = read_idx_labels(label_path, count)
     digest = hashlib.sha256(images.numpy().tobytes())
     digest.update(labels.numpy().tobytes())
-    return Split(normalize(images, spec), labels, digest.hexdigest()[:16])
+    content_hash = digest.hexdigest()[:16]
+    return Split(shared_images(normalize(images, spec), spec, content_hash), labels, content_hash)
+
+
+def shared_images(normalized: torch.Tensor, spec: DatasetSpec, content_hash: str) -> torch.Tensor:
+    """`normalized` itself, or, where $QCORE_SHARED_DATASETS names a folder, the same values memory-mapped
+    from a file there (copy-on-write: the processes that map it share its pages until one writes).
+    The file is written once, atomically, and used only when it holds exactly these values: one that
+    is damaged, or was changed by anyone, is written again."""
+    folder = os.environ.get(SHARED_DATASETS_ENV)
+    if not folder:
+        return normalized
+    key = hashlib.sha256(f"{spec.name}|{content_hash}|{spec.mean!r}|{spec.std!r}|{tuple(normalized.shape)}".encode())
+    path = Path(folder) / f"{spec.name}-{key.hexdigest()[:20]}.float32"
+    for _attempt in range(2):
+        try:
+            if not path.is_file() or path.stat().st_size != normalized.numel() * 4:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, normalized.numpy().tobytes())
+            mapped = torch.from_file(str(path), shared=False, size=normalized.numel(), dtype=torch.float32)
+        except (OSError, RuntimeError) as error:  # the operator's folder: named by its setting, not its path
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+            raise DataError(f"the shared datasets folder (${SHARED_DATASETS_ENV}) cannot be used: {reason}") from None
+        mapped = mapped.reshape(normalized.shape)
+        if torch.equal(mapped, normalized):
+            return mapped
+        path.unlink(missing_ok=True)  # not these values: written again once
+    raise DataError(f"the shared dataset file of {spec.name} (${SHARED_DATASETS_ENV}) changed while it was read")
 
 
 def _idx_bytes(path: Path, limit: int) -> bytes:

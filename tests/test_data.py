@@ -112,3 +112,26 @@ def test_looking_for_missing_data_creates_nothing(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError, match="Download failed: Error downloading"):
         load_split(False, target, download=True)
     assert list(target.iterdir()) == []
+
+
+def test_shared_images_are_mapped_from_one_file_and_a_changed_file_is_written_again(tmp_path, monkeypatch):
+    """Where $QCORE_SHARED_DATASETS is set (deploy/serve sets it), the normalized images come from a
+    file there, memory-mapped (its path in this process's mappings), holding exactly the same values;
+    a file someone changed is detected by value and written again."""
+    from qcore.data import MNIST, SHARED_DATASETS_ENV, DataError, normalize, shared_images
+
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalized = normalize(pixels, MNIST)
+    assert shared_images(normalized, MNIST, "abc") is normalized  # not set: the tensor itself
+    monkeypatch.setenv(SHARED_DATASETS_ENV, str(tmp_path / "shared"))
+    mapped = shared_images(normalized.clone(), MNIST, "abc")
+    (path,) = (tmp_path / "shared").iterdir()
+    assert torch.equal(mapped, normalized) and str(path) in Path("/proc/self/maps").read_text()
+    changed = bytearray(path.read_bytes())
+    changed[100] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    again = shared_images(normalized.clone(), MNIST, "abc")
+    assert torch.equal(again, normalized) and path.read_bytes() == normalized.numpy().tobytes()
+    monkeypatch.setenv(SHARED_DATASETS_ENV, str(path))  # a file where a folder should be: one line, no path
+    with pytest.raises(DataError, match=r"^the shared datasets folder \(\$QCORE_SHARED_DATASETS\) cannot be used"):
+        shared_images(normalized.clone(), MNIST, "abc")

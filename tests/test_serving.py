@@ -42,7 +42,7 @@ def serve(
     log = open(tmp_path / "serve.out", "w")  # noqa: SIM115 - closed below, after the process
     process = subprocess.Popen(
         [sys.executable, str(SERVE), str(port), "--replicas", str(replicas), "--store", str(tmp_path / "store"),
-         "--log-dir", str(tmp_path / "logs")],
+         "--datasets", str(tmp_path / "datasets"), "--log-dir", str(tmp_path / "logs")],
         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
