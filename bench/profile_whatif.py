@@ -1,8 +1,8 @@
 """Where the time of a cold start and of one what-if goes, phase by phase, in a fresh process.
 
-    QCORE_DATA_DIR=../shared/data python bench/profile_whatif.py [--json-out bench/results/profile.json]
+    QCORE_DATA_DIR=../shared/data python bench/profile_whatif.py [--model fashion-resnet] [--json-out FILE]
 
-Cold start: importing streamlit and torch, loading MNIST and the bundled net, the float eval and
+Cold start: importing streamlit and torch, loading the dataset and the model, the float eval and
 the default config's report. What-if (a new config on the Accuracy page): calibration and
 quantization, the quantized evaluation, the rest of the report (analysis), the page's figures, and
 their serialization to JSON (what the server sends). The browser's share is measured by
@@ -37,20 +37,22 @@ def timed(name: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json-out")
+    parser.add_argument("--model", default="mnist-net", help="a zoo model (default: the bundled net)")
     args = parser.parse_args()
     with timed("cold: import streamlit"):
         import streamlit  # noqa: F401
     with timed("cold: import torch and qcore"):
         from qcore.analysis.tables import build_report, quantize_for
-        from qcore.data import MNIST_MEAN, MNIST_STD, load_mnist
+        from qcore.data import load_dataset
         from qcore.figures import digits_figure, per_class_figure
         from qcore.inference.evaluate import evaluate, flipped_indices
         from qcore.models.checkpoint import load_model
+        from qcore.models.zoo import zoo_model
         from qcore.quantize.config import QuantConfig
-    with timed("cold: load MNIST (validate + normalize)"):
-        data = load_mnist(download=False)
-    with timed("cold: load the bundled net (validated)"):
-        model = load_model()
+    with timed("cold: load the dataset (validate + normalize)"):
+        data = load_dataset(zoo_model(args.model).dataset, download=False)
+    with timed("cold: load the model (validated)"):
+        model = load_model(None, args.model)
     with timed("cold: float eval, 10k"):
         float_result = evaluate(model, data.test)
     with timed("cold: default config report"):
@@ -75,7 +77,7 @@ def main() -> None:
         figures = [
             per_class_figure(report.float_result.per_class_accuracy, report.quant_result.per_class_accuracy),
             digits_figure(
-                [(data.test.images[i, 0] * MNIST_STD + MNIST_MEAN).tolist() for i in shown], [""] * len(shown)
+                [(data.test.images[i, 0] * data.spec.std + data.spec.mean).tolist() for i in shown], [""] * len(shown)
             ),
         ]
     with timed("what-if: figures to JSON"):
