@@ -120,3 +120,31 @@ def test_float_input_leaves_conv1_input_unquantized(net, batches):
     assert qnet.layers["conv1"].input_qparams is None and qnet.layers["conv1"].bias_int is None
     assert qnet.layers["conv1"].weight_qparams is not None
     assert qnet.layers["conv2"].input_qparams is not None
+
+
+def test_input_sqnrs_as_the_inputs_come_are_those_of_the_captured_inputs(net, batches):
+    """The report's activation SQNRs, measured as each layer's input is produced (none held), equal
+    torch's own layers' inputs (forward pre-hooks) against those inputs fake-quantized on the grid."""
+    from qcore.analysis.tables import input_sqnrs
+    from qcore.quantize.quant import fake_quantize, sqnr_db
+
+    qnet = quantize_model(net, QuantConfig(weight_bits=4, act_bits=4, float_layers=("fc2",)), batches)
+    images = torch.cat(batches)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(net, name).register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+        for name in LAYER_NAMES
+    ]
+    with torch.no_grad():
+        net(images)
+    for hook in hooks:
+        hook.remove()
+    expected = {
+        name: sqnr_db(inputs[name], fake_quantize(inputs[name], qnet.layers[name].input_qparams))
+        for name in LAYER_NAMES
+        if qnet.layers[name].input_qparams is not None
+    }
+    measured = input_sqnrs(qnet, net, images)
+    assert measured.keys() == expected.keys() and "fc2" not in measured
+    for name, value in expected.items():
+        assert measured[name] == pytest.approx(value, rel=1e-9), name

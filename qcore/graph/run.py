@@ -142,3 +142,12 @@ def capture(graph: ModelGraph, images: torch.Tensor, what: str) -> dict[str, tor
 
     _Capture(graph, keep, what).run(images)
     return captured
+
+
+@torch.inference_mode()
+def visit_layers(
+    graph: ModelGraph, images: torch.Tensor, what: str, visit: Callable[[str, torch.Tensor], None]
+) -> None:
+    """`visit(layer, tensor)` with every layer's input, or its output, for `images`, in float, as it is
+    computed: what `capture` gives, without holding every layer's at once (read it, never keep it)."""
+    _Capture(graph, visit, what).run(images)
