@@ -39,7 +39,7 @@ class EvalResult:
 def batch_size_for(graph: ModelGraph | None, values: int = BATCH_VALUES) -> int:
     """The power of two (32 to 1,024) nearest to `values` / the values one image writes in `graph`.
     An image's arithmetic is its own whatever the batch: test_zoo compares every zoo model's predictions
-    with those recorded in batches of 1,000."""
+    with those recorded in batches of 1,000 (the integer engine's, of 500)."""
     if graph is None:
         return DEFAULT_BATCH
     per_image = max(1, graph.values_per_image())
