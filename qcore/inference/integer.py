@@ -196,11 +196,11 @@ def _exact_float_dtype(bound: int) -> torch.dtype | None:
 
 def _centred_weights(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor | None:
     """w - z_w in the float type that holds the layer's products exactly (None when none does). Every
-    partial sum of sum (x - z_x)(w - z_w) is at most max|x - z_x| times the largest sum of one output's
-    |w - z_w|; the input's range is its grid's (static) or, for a layer read back from a file, this
-    batch's. torch's CPU convolution is oneDNN's direct algorithm (float32) or im2col and a GEMM
-    (float64), never Winograd's or FFT's transforms, whose intermediate values are not integers."""
-    x_low, x_high = layer.input_range if layer.input_range is not None else (int(x.min()), int(x.max()))
+    partial sum of sum (x - z_x)(w - z_w) is at most max|x - z_x| (over _input_range) times the largest
+    sum of one output's |w - z_w|. torch's CPU convolution is oneDNN's direct algorithm (float32) or
+    im2col and a GEMM (float64), never Winograd's or FFT's transforms, whose intermediate values are
+    not integers."""
+    x_low, x_high = _input_range(x, layer)
     x_span = max(abs(x_low - layer.input_zero), abs(x_high - layer.input_zero))
     weight = layer.weight - layer.weight_zero.reshape(-1, *[1] * (layer.weight.ndim - 1))
     dtype = _exact_float_dtype(x_span * int(weight.reshape(weight.shape[0], -1).abs().sum(dim=1).max()))
@@ -234,13 +234,18 @@ def _matmul_int(x: torch.Tensor, layer: IntegerLayer) -> torch.Tensor:
     return (x - layer.input_zero) @ (weight - layer.weight_zero.unsqueeze(1)).t() + layer.bias
 
 
+def _input_range(x: torch.Tensor, layer: IntegerLayer) -> tuple[int, int]:
+    """The integers the layer's input can hold: its grid's, or for a layer read back from a file, this batch's."""
+    return layer.input_range if layer.input_range is not None else (int(x.min()), int(x.max()))
+
+
 def _int8_operands(x: torch.Tensor, layer: IntegerLayer) -> tuple[torch.Tensor, int] | None:
     """(weights minus their offset as int8 [K, O], that offset) when the input is uint8-ranged and
     the weights fit int8 after subtracting 0 (signed) or 128 (unsigned); else None."""
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
     low, high = int(weight.min()), int(weight.max())
     offset = 0 if -128 <= low and high <= 127 else BYTE_OFFSET if 0 <= low and high <= 255 else None
-    x_low, x_high = layer.input_range if layer.input_range is not None else (int(x.min()), int(x.max()))
+    x_low, x_high = _input_range(x, layer)
     if offset is None or x_low < 0 or x_high > 255 or weight.shape[1] > MAX_INT8_FAN_IN:
         return None
     return (weight - offset).to(torch.int8).t().contiguous(), offset
@@ -250,26 +255,14 @@ def _matmul_int8(x8: torch.Tensor, layer: IntegerLayer, operands: tuple[torch.Te
     """gemmlowp's zero-point corrections around torch's int8 x int8 -> int32 matrix product. With
     x = x' + 128 and w = w' + ow (x', w' int8), all in int32:
     sum (x - zx)(w - zw) = sum x'w' + (ow - zw) sum x' + (128 - zx) sum w' + K (128 - zx)(ow - zw)."""
-    products = torch._int_mm(x8, operands[0])  # int32 accumulators [M, O]
-    row_sums = x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
-    return _zero_point_corrected(products, row_sums, layer, operands, (1, -1))
-
-
-def _zero_point_corrected(
-    products: torch.Tensor,
-    input_sums: torch.Tensor,
-    layer: IntegerLayer,
-    operands: tuple[torch.Tensor, int],
-    channel_shape: tuple[int, ...],
-) -> torch.Tensor:
-    """The accumulators sum (x - zx)(w - zw) + bias from the int8 products sum x'w' and each output's
-    sum of x' (see _matmul_int8), in int32; per-channel terms shaped `channel_shape` to broadcast."""
     w8, w_offset = operands
+    fan_in = w8.shape[0]
     dx = BYTE_OFFSET - layer.input_zero
-    dw = (w_offset - layer.weight_zero).to(torch.int32).reshape(channel_shape)
-    column_sums = w8.sum(dim=0, dtype=torch.int32).reshape(channel_shape)
-    bias = layer.bias.to(torch.int32).reshape(channel_shape)
-    return products + dw * input_sums + dx * column_sums + w8.shape[0] * dx * dw + bias
+    dw = (w_offset - layer.weight_zero).to(torch.int32)  # [O]
+    products = torch._int_mm(x8, w8)  # int32 accumulators [M, O]
+    row_sums = x8.sum(dim=1, dtype=torch.int32).unsqueeze(1)
+    column_sums = w8.sum(dim=0, dtype=torch.int32)
+    return products + dw * row_sums + dx * column_sums + fan_in * dx * dw + layer.bias.to(torch.int32)
 
 
 def _linear_int(x: torch.Tensor, layer: IntegerLayer, centred: torch.Tensor | None = None) -> torch.Tensor:
