@@ -167,6 +167,14 @@ def max_pool(
     return pooled
 
 
+def hash_tensor(hasher: hashlib._Hash, tensor: torch.Tensor) -> None:
+    """Feed `hasher` a tensor's dtype, shape and bytes: content, never identity (every digest that keys a
+    cache by tensors goes through here)."""
+    tensor = tensor.detach().cpu().contiguous()
+    hasher.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}|".encode())
+    hasher.update(tensor.numpy().tobytes())
+
+
 # Operations that commute with a positive per-channel scale and a monotone rounding: on the integer
 # path they run on whatever the tensor holds (accumulators or quantized integers) and share its grid
 PASSTHROUGH_KINDS = (OpKind.RELU, OpKind.RELU6, OpKind.MAXPOOL, OpKind.FLATTEN)
@@ -221,9 +229,7 @@ class ModelGraph:
 
         def feed(value: object) -> None:
             if isinstance(value, torch.Tensor):
-                tensor = value.detach().cpu().contiguous()
-                hasher.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}".encode())
-                hasher.update(tensor.numpy().tobytes())
+                hash_tensor(hasher, value)
             else:
                 hasher.update(repr(value).encode())
             hasher.update(b"|")

@@ -22,6 +22,7 @@ from torch import nn
 
 from qcore import cancel
 from qcore.graph import GraphRun, ModelGraph, Op, model_graph
+from qcore.graph.ops import hash_tensor
 from qcore.quantize.quant import Scheme, choose_qparams, fake_quantize
 
 # Subsample bounds: per batch at most SAMPLES_PER_BATCH values, at most SAMPLE_CAP overall (when the
@@ -68,9 +69,7 @@ def tensors_digest(tensors: Sequence[torch.Tensor]) -> str:
     """A content hash of tensors' dtypes, shapes and bytes, in order."""
     hasher = hashlib.blake2b(digest_size=20)
     for tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}|".encode())
-        hasher.update(tensor.numpy().tobytes())
+        hash_tensor(hasher, tensor)
     return hasher.hexdigest()
 
 
