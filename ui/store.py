@@ -204,10 +204,11 @@ class ResultStore:
             self.cache.close()
 
 
-def checked_store_folder(folder: str) -> Path:
-    """The store's folder, or StoreConfigError naming the setting when no store could ever live there:
-    a symbolic link loop, a file (/dev/null included), a folder where no file can be created (/proc)."""
-    where = f"{STORE_ENV}={shorten(folder, 80)!r}"
+def checked_store_folder(folder: str, setting: str = STORE_ENV) -> Path:
+    """The store's folder (or another a server writes files in, named by `setting`), or StoreConfigError
+    naming the setting when no file could ever live there: a symbolic link loop, a file (/dev/null
+    included), a folder where no file can be created (/proc)."""
+    where = f"{setting}={shorten(folder, 80)!r}"
     try:
         path = Path(folder).resolve()
     except (OSError, RuntimeError) as error:  # RuntimeError: a symbolic link loop (Python 3.11)
