@@ -28,9 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from qcore.graph import Op, OpKind
+from qcore.graph import BATCH_VALUES, Op, OpKind, batch_size_for
 from qcore.graph.ops import max_pool
-from qcore.inference.evaluate import BATCH_VALUES, batch_size_for
 from qcore.quantize.integer_rules import (
     INT32_MAX,
     INT32_MIN,
