@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qcore import cancel
-from qcore.graph import ModelGraph, Op, OpKind, run_float
+from qcore.graph import ModelGraph, Op, OpKind, batch_size_for, run_float
 from qcore.quantize.quant import QParams
 
 METHODS = ("equalization", "adaround", "bias-correction")  # the order they are applied in
@@ -185,7 +185,16 @@ def sensitivities(
     bits_options: Sequence[int] = MIXED_BITS,
 ) -> dict[str, dict[int, float]]:
     """KL(float || one layer's weights quantized at b bits) of the output distribution on `images`."""
-    reference = run_float(graph, images)
+    # in batches sized to the graph, as evaluation runs: fashion-resnet's 1,024 calibration images in one
+    # batch took 0.94 s a pass, 4.9x its 10,000 test images in batches of 128
+    step = batch_size_for(graph)
+
+    def run(model_graph: ModelGraph) -> torch.Tensor:
+        return torch.cat(
+            [run_float(model_graph, images[start : start + step]) for start in range(0, len(images), step)]
+        )
+
+    reference = run(graph)
     result: dict[str, dict[int, float]] = {}
     for name in graph.layers:
         result[name] = {}
@@ -193,7 +202,7 @@ def sensitivities(
             cancel.checkpoint()
             parameters = dict(graph.parameters)
             parameters[name] = (weight_quantizer(graph.weight(name), bits), graph.bias(name))
-            output = run_float(graph.with_parameters(parameters), images)
+            output = run(graph.with_parameters(parameters))
             result[name][bits] = float(F.kl_div(output, reference, log_target=True, reduction="batchmean"))
     return result
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
-from qcore.quantize.calibrate import ActivationStats, calibrate_points, mse_optimal_weight_range
+from qcore.quantize.calibrate import ActivationStats, Memo, calibrate_points, mse_optimal_weight_range, tensors_digest
 from qcore.quantize.config import QuantConfig
 from qcore.quantize.integer_rules import average_pool_int
 from qcore.quantize.methods import (
@@ -345,6 +345,26 @@ def calibration_data(train: Split, config: QuantConfig) -> list[torch.Tensor]:
     return calibration_batches(train, config.calib_batches, config.batch_size, config.seed)
 
 
+# Mixed precision's per-layer sensitivities of 16 (graph, images, weight rule): one float pass per layer
+# and bit-width, the same for every weight bits budget (the auto search tries several in a row)
+SENSITIVITIES = Memo(entries=16)
+
+
+def layer_sensitivities(graph: ModelGraph, images: torch.Tensor, config: QuantConfig) -> dict[str, dict[int, float]]:
+    """methods.sensitivities under the config's weight rule (granularity, scheme, range), remembered."""
+    key = (
+        "sensitivity",
+        graph.digest(),
+        tensors_digest([images]),
+        config.granularity,
+        config.scheme,
+        config.weight_range,
+    )
+    return SENSITIVITIES.get_or_compute(
+        key, lambda: sensitivities(graph, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b)))
+    )
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor]) -> QuantizedNet:
     """Calibrate on `batches` (training images) and build the quantized twin of `model`'s graph,
     applying the config's methods in METHODS' order (see qcore.quantize.methods)."""
@@ -358,9 +378,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torc
     bits = None
     if config.weight_bits_budget > 0:
         with timed(report, "mixed precision"):
-            report.sensitivity = sensitivities(
-                graph, images, lambda w, b: fake_quantize(w, weight_qparams(w, config, b))
-            )
+            report.sensitivity = layer_sensitivities(graph, images, config)
             bits = choose_bits(report.sensitivity, config.weight_bits_budget, parameter_counts(graph))
     points = quantize_points(graph, plan, config, batches)
     layers = quantize_layers(graph, config, plan, points, bits)
