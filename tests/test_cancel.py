@@ -40,3 +40,18 @@ def test_calibration_and_adaround_stop_too(pretrained, mnist):
     for config in (QuantConfig(calib_batches=8), QuantConfig(weight_bits=3, methods=("adaround",))):
         with cancel.stop_when(lambda: True), pytest.raises(Cancelled):
             quantize_for(pretrained, mnist, config)
+
+
+def test_a_deadline_stops_work_at_its_checkpoint_and_is_told_apart_from_a_session_that_left():
+    import time
+
+    with cancel.until(time.monotonic() + 60):
+        cancel.checkpoint()  # time left: nothing happens
+        with cancel.until(time.monotonic() - 1), pytest.raises(cancel.DeadlinePassed):
+            cancel.checkpoint()  # the earlier deadline holds inside
+        cancel.checkpoint()  # and the outer one again after it
+    with cancel.stop_when(lambda: True), cancel.until(time.monotonic() + 60):
+        with pytest.raises(Cancelled) as stopped:
+            cancel.checkpoint()
+        assert not isinstance(stopped.value, cancel.DeadlinePassed)  # nobody left to want the result
+    cancel.checkpoint()  # no deadline outside the blocks
