@@ -5,7 +5,7 @@ missing data end with exit code 2 and a one-line error on stderr; every argument
 any work starts. Files are written atomically and never replace an existing file without --force.
 Ctrl-C exits 130 with one line and writes nothing.
 
-One module per command group (training, measure, explain, catalog, export), each with its flags and
+One module per command group (training, measure, explain, search, catalog, export), each with its flags and
 its run; this entry assembles them in the order --help lists them.
 """
 
@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from qcore.cli import catalog, explain, export, measure, training
+from qcore.cli import catalog, explain, export, measure, search, training
 from qcore.cli.common import Parser, UsageError, import_onnx_checkpoint
 from qcore.data import DataError, data_dir
 from qcore.files import OutputPathError, shorten
@@ -36,6 +36,7 @@ COMMANDS = (
     measure.add_sweep,
     measure.add_sensitivity,
     explain.add_diagnose,
+    search.add_auto,
     explain.add_explain,
     explain.add_graph,
     catalog.add_data,

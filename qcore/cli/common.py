@@ -186,6 +186,24 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     )
 
 
+def config_flags(config: QuantConfig) -> list[str]:
+    """The quantization flags that give `config` (those that differ from the defaults): config_from_args'
+    inverse, so a config found elsewhere (the auto search) can be run again with `evaluate`."""
+    default = QuantConfig()
+    flags: list[str] = []
+    for f in fields(QuantConfig):
+        value = getattr(config, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if f.name == "quantize_input":
+            flags.append("--float-input")
+        elif isinstance(value, tuple):
+            flags += [f"--{f.name.replace('_', '-')}", ",".join(value)]
+        else:
+            flags += [f"--{f.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
+
+
 def table(rows: Sequence[dict[str, object]]) -> str:
     import pandas as pd
 
