@@ -20,6 +20,7 @@ PAGES = {
         st.Page("pages/methods.py", title="Methods", icon=":material/auto_fix_high:"),
         st.Page("pages/deploy.py", title="Deploy", icon=":material/memory:"),
         st.Page("pages/diagnose.py", title="Diagnose", icon=":material/troubleshoot:"),
+        st.Page("pages/auto.py", title="Auto", icon=":material/auto_mode:"),
     ],
     "Lessons": [
         st.Page("pages/one_number.py", title="One number", icon=":material/looks_one:"),
@@ -33,7 +34,7 @@ PAGES = {
 }
 
 session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
-navigation = st.navigation(PAGES, expanded=True)  # all 14 pages: collapsed, it hides the last four behind "View more"
+navigation = st.navigation(PAGES, expanded=True)  # all 15 pages: collapsed, it hides the last four behind "View more"
 st.sidebar.title("Quantization Lab")
 if cache.GATE_PROBLEM or cache.STORE_PROBLEM:  # the operator's setting, not a visitor's: refuse rather than guess
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")

@@ -27,6 +27,11 @@ st.markdown(
     "this layer quantized) and where it grows (**accumulated**: everything up to it quantized)."
 )
 st.latex(r"\mathrm{SQNR} = 10 \log_{10} \frac{\sum y^2}{\sum (y - \hat{y})^2}\ \mathrm{dB}")
+st.page_link(
+    "pages/auto.py",
+    label="Or let the lab search: the smallest config within the accuracy you can lose (Auto)",
+    icon=":material/auto_mode:",
+)
 
 if entry.qat_applies(config):
     # A diagnosis calibrates variants of the config; for a QAT model they would not be the trained model.

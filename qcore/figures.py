@@ -539,3 +539,63 @@ def residual_figure(adds: Sequence[str], own_db: Sequence[float], shared_db: Seq
     fig.add_bar(x=list(adds), y=list(shared_db), name="one shared scale", marker_color=QUANT_COLOR)
     fig.update_layout(barmode="group")
     return _layout(fig, "Residual add output: SQNR", "add", "SQNR (dB)")
+
+
+def pareto_figure(
+    labels: Sequence[str],
+    sizes: Sequence[float],
+    accuracies: Sequence[float],
+    frontier: Sequence[int],
+    chosen: int | None,
+    target: float,
+    float_accuracy: float,
+    size_title: str,
+) -> go.Figure:
+    """The auto search's points: size against validation accuracy (in %), each labelled with its config;
+    the frontier as a line, the chosen point ringed, the accuracy budget as a dashed line. Every point
+    carries its index as customdata, so a click can name it."""
+    fig = go.Figure()
+    within = [i for i, a in enumerate(accuracies) if a >= target - 1e-12]
+    outside = [i for i in range(len(labels)) if i not in set(within)]
+    for name, indices, color in (
+        ("within the budget", within, "#2ca02c"),
+        ("outside the budget", outside, "#9e9e9e"),
+    ):
+        fig.add_scatter(
+            name=name,
+            x=[sizes[i] for i in indices],
+            y=[100 * accuracies[i] for i in indices],
+            customdata=indices,
+            text=[labels[i] for i in indices],
+            mode="markers",
+            marker={"color": color, "size": 10},
+            hovertemplate="%{text}<br>%{x:,.4~g}<br>validation %{y:.2f}%<extra></extra>",
+        )
+    fig.add_scatter(
+        name="frontier",
+        x=[sizes[i] for i in frontier],
+        y=[100 * accuracies[i] for i in frontier],
+        customdata=list(frontier),
+        text=[labels[i] for i in frontier],
+        mode="lines",
+        line={"color": FLOAT_COLOR, "shape": "hv"},
+        hoverinfo="skip",
+    )
+    if chosen is not None:
+        fig.add_scatter(
+            name="chosen: the smallest within the budget",
+            x=[sizes[chosen]],
+            y=[100 * accuracies[chosen]],
+            customdata=[chosen],
+            text=[labels[chosen]],
+            mode="markers",
+            marker={"color": "rgba(0,0,0,0)", "size": 22, "line": {"color": QUANT_COLOR, "width": 3}},
+            hovertemplate="%{text}<extra>chosen</extra>",
+        )
+    fig.add_hline(y=100 * target, line_dash="dash", line_color=QUANT_COLOR, annotation_text="budget")
+    fig.add_hline(y=100 * float_accuracy, line_dash="dot", line_color=FLOAT_COLOR, annotation_text="float")
+    fig.update_xaxes(rangemode="tozero", tickformat=",")
+    fig.update_layout(clickmode="event+select")
+    return _layout(
+        fig, "Every config measured: smaller is left, more accurate is up", size_title, "validation accuracy (%)"
+    )

@@ -1124,3 +1124,33 @@ def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_kee
     no_exceptions(at)
     assert any("crashed on the file (SIGABRT); the server is unharmed" in t.value for t in at.main.text)
     assert model_line(at).startswith("Model: uploaded keras.onnx")
+
+
+@pytest.mark.slow
+def test_auto_page_searches_shows_the_choice_on_the_test_set_and_applies_it(app, pretrained, mnist):
+    from qcore.analysis.auto import SearchSettings, auto_search
+
+    at = app.run()
+    at.switch_page("pages/auto.py").run()
+    no_exceptions(at)
+    assert not at.get("plotly_chart")  # nothing runs before the user asks
+    at.number_input[1].set_value(10.0)  # the time budget's least: the search stops itself
+    at.button[0].click().run()  # the form's Search
+    no_exceptions(at)
+    table = at.dataframe[0].value
+    assert len(table) >= 3 and len(at.get("plotly_chart")) == 1
+    # the same search in qcore, cut after as many configs as the page measured in its 10 s
+    reference = auto_search(pretrained, mnist, QuantConfig(), SearchSettings(max_points=len(table)))
+    for row, point in zip(table.to_dict("records"), reference.points, strict=True):
+        assert row["config"] == point.label
+        assert row["validation accuracy (%)"] == round(100 * point.validation_accuracy, 2)
+        assert row["weight bytes"] == point.weight_bytes
+    chosen = reference.chosen
+    assert chosen is not None and at.main.text[0].value == chosen.label
+    expected = build_report(pretrained, mnist, chosen.config)
+    shown = next(m.value for m in at.main.markdown if "Test set" in m.value)
+    assert percent(expected.quant_result.accuracy) in shown and percent(chosen.validation_accuracy) in shown
+    at.button(key="auto_apply_chosen").click().run()
+    no_exceptions(at)
+    for name, value in chosen.config.to_query().items():  # the sidebar, and so the link, now say it
+        assert at.query_params[name] == value

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 from qcore.analysis.tables import quantize_for
 from qcore.inference.evaluate import evaluate
 from qcore.quantize.config import QuantConfig
-from tests.serving import IDLE, ROOT, chromium, streamlit_server
+from tests.serving import IDLE, ROOT, chromium, streamlit_process, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -99,7 +101,7 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
 
 # --- a shared server under attack ------------------------------------------------------------
 
-NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose"]
+NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose", "Auto"]
 NAV_TITLES += ["One number", "One kernel", "One image on integers", "Outliers", "BatchNorm folding", "Residual adds"]
 NAV_TITLES += ["Guided tour"]
 
@@ -532,3 +534,55 @@ def test_nothing_is_fetched_from_outside_the_server(server, browser):
     outside = [url for url in requested if not url.startswith((server, "data:", "blob:"))]
     assert not outside, outside
     context.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU time so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_auto_fills_its_chart_live_a_click_applies_a_point_and_a_closed_tab_stops_it(browser):
+    with streamlit_process("streamlit-auto.log") as (base, process):
+        page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+        page.goto(f"{base}/auto")
+        page.wait_for_selector(IDLE, timeout=120_000)
+        assert_app_page(page, "Auto: the smallest model within your accuracy budget")
+        budget = page.get_by_label("Time budget (s)")
+        budget.fill("20")
+        budget.press("Enter")
+        page.get_by_role("button", name="Search").click()
+        # while it runs, the chart is drawn again with each config measured
+        status = page.locator("[data-testid='stAlert']").filter(has_text="configs in")
+        status.wait_for(timeout=60_000)
+        first = int(status.inner_text().split("Measured ")[1].split()[0])
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll(\"[data-testid='stAlert']\")].some(e => "
+            f"(/Measured ([0-9]+) configs/.exec(e.innerText) || [0, 0])[1] > {first})",
+            timeout=60_000,
+        )
+        assert page.locator("[data-testid='stPlotlyChart']").count() == 1
+        page.get_by_text("configs measured in").wait_for(timeout=120_000)
+        page.wait_for_selector(IDLE, timeout=180_000)
+        page.screenshot(path=str(SHOTS / "auto.png"), full_page=True)
+        # the second point within the budget is W7A8 (the first measured is W8A8, the default)
+        marker = page.locator("[data-testid='stPlotlyChart']").first.locator(".scatterlayer .trace").first
+        box = marker.locator(".point").nth(1).bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_url("**weight_bits=7**", timeout=60_000)
+        page.context.close()
+
+        # a closed tab: the search it started stops within a batch, and the server goes idle
+        page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+        page.goto(f"{base}/auto")
+        page.wait_for_selector(IDLE, timeout=120_000)
+        page.get_by_label("Accuracy you can lose (points)").fill("0.2")  # another search than the first
+        page.get_by_role("button", name="Search").click()
+        page.locator("[data-testid='stAlert']").filter(has_text="configs in").wait_for(timeout=60_000)
+        page.context.close()
+        time.sleep(3)  # the next checkpoint: one batch of one evaluation
+        before = cpu_seconds(process.pid)
+        time.sleep(5)
+        assert cpu_seconds(process.pid) - before < 1.0  # a running search keeps both cores busy

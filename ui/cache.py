@@ -20,6 +20,7 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
+from qcore.analysis.auto import SearchPoint, SearchResult, SearchSettings, auto_search
 from qcore.analysis.diagnose import Diagnosis, LayerDiagnosis, diagnose
 from qcore.analysis.tables import (
     Report,
@@ -281,6 +282,7 @@ _FOLDING_WALKS = _Results("folding", 8)
 _RESIDUALS = _Results("residual", 16, "Measuring every residual add…")
 _OUTLIERS = _Results("outliers", 16)
 _WALKS = _Results("walk", 32, "Running the image through the integer engine…")
+_SEARCHES = _Results("auto", 8)  # the page draws each point as it is measured
 
 
 def float_result(fingerprint: str, folder: str, model: nn.Module) -> EvalResult:
@@ -409,6 +411,25 @@ def diagnosis(
             return diagnose(model, shared_data(folder), config, float_accuracy, on_progress, on_row=on_row)
 
     return _DIAGNOSES.get(key, folder, compute)
+
+
+def auto(
+    fingerprint: str,
+    base_json: str,
+    folder: str,
+    settings: SearchSettings,
+    model: nn.Module,
+    on_point: Callable[[SearchPoint, SearchResult], None] | None = None,
+) -> SearchResult:
+    """The auto search from `base_json`'s calibration settings (`on_point` after each config measured).
+    Its time budget starts when it gets a slot, not while it waits in line."""
+    key = _folder_first(fingerprint, folder, base_json, json.dumps(settings.to_dict(), sort_keys=True))
+
+    def compute() -> SearchResult:
+        with GATE.slot():
+            return auto_search(model, shared_data(folder), QuantConfig.from_json(base_json), settings, on_point)
+
+    return _SEARCHES.get(key, folder, compute)
 
 
 def folding_walk(
