@@ -32,11 +32,12 @@ def test_evaluation_stops_at_the_batch_after_the_check_says_so(pretrained, mnist
 
 def test_calibration_and_adaround_stop_too(pretrained, mnist):
     from qcore.quantize.calibrate import CALIBRATIONS, WEIGHT_RANGES
-    from qcore.quantize.qmodel import SENSITIVITIES
+    from qcore.quantize.qmodel import ADAROUNDS, SENSITIVITIES
 
     CALIBRATIONS.clear()  # a calibration remembered from another test would never reach a checkpoint
     WEIGHT_RANGES.clear()
     SENSITIVITIES.clear()
+    ADAROUNDS.clear()
     for config in (QuantConfig(calib_batches=8), QuantConfig(weight_bits=3, methods=("adaround",))):
         with cancel.stop_when(lambda: True), pytest.raises(Cancelled):
             quantize_for(pretrained, mnist, config)

@@ -158,3 +158,18 @@ def test_the_w2a8_goal(mnist, float_eval, w2a8_all_methods):
     accuracy = evaluate(qnet, mnist.test).accuracy
     assert 100 * (float_eval.accuracy - accuracy) <= 1.0
     assert qnet.methods.adaround and all(v["kept"] in (0.0, 1.0) for v in qnet.methods.adaround.values())
+
+
+@pytest.mark.slow
+def test_adaround_remembered_is_what_was_learned_and_nobody_can_change_it(pretrained, mnist, w2a8_all_methods):
+    """The same config quantized again takes AdaRound's weights from the memo (or learns them again: the
+    same seed gives the same weights); changing one copy changes no other."""
+    from qcore.analysis.tables import quantize_for
+
+    again = quantize_for(pretrained, mnist, w2a8_all_methods.config)
+    for name, quant in w2a8_all_methods.layers.items():
+        assert torch.equal(again.layers[name].weight_int, quant.weight_int), name
+        assert again.methods.adaround[name] == w2a8_all_methods.methods.adaround[name]
+    again.layers["fc1"].weight_int.zero_()
+    third = quantize_for(pretrained, mnist, w2a8_all_methods.config)
+    assert torch.equal(third.layers["fc1"].weight_int, w2a8_all_methods.layers["fc1"].weight_int)

@@ -393,16 +393,31 @@ def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torc
     return qnet.with_layers(qnet.layers)
 
 
+# AdaRound's learned integer weights of 8 (graph, calibration images, config): the longest step of a
+# quantization (69 s for mnist-net here), asked for again when a search's choice is reported on the test set
+ADAROUNDS = Memo(entries=8)
+
+
 def apply_adaround(qnet: QuantizedNet, images: torch.Tensor) -> None:
     """Replace nearest rounding by AdaRound layer by layer: each layer learns to map the input it
-    really gets (from the layers before it, already quantized) to the float model's output."""
+    really gets (from the layers before it, already quantized) to the float model's output. The result
+    is remembered by what decides it: the graph (equalized when that ran), the images and the config."""
+    key = ("adaround", qnet.graph.digest(), tensors_digest([images]), qnet.config.to_json())
+    learned = ADAROUNDS.get_or_compute(key, lambda: _learn_adaround(qnet, images))
+    for name, (weight_int, info) in learned.items():
+        qnet.layers[name].weight_int = weight_int
+        qnet.methods.adaround[name] = info
+
+
+def _learn_adaround(qnet: QuantizedNet, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, dict[str, float]]]:
     float_inputs = capture(qnet.graph, images, "input")
+    learned: dict[str, tuple[torch.Tensor, dict[str, float]]] = {}
     for name, quant in qnet.layers.items():
         if quant.weight_qparams is None:
             continue
         with torch.inference_mode():
             _, _, quantized = qnet.with_layers(qnet.layers).trace(images)
-        weight_int, info = adaround(
+        learned[name] = adaround(
             quant.weight,
             quant.weight_qparams,
             float_inputs[name],
@@ -410,8 +425,8 @@ def apply_adaround(qnet: QuantizedNet, images: torch.Tensor) -> None:
             seed=qnet.config.seed,
             layer=qnet.graph.op(name),
         )
-        quant.weight_int = weight_int
-        qnet.methods.adaround[name] = info
+        quant.weight_int = learned[name][0]  # the next layer learns on this layer's learned rounding
+    return learned
 
 
 def apply_bias_correction(qnet: QuantizedNet, images: torch.Tensor) -> None:
