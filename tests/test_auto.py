@@ -165,3 +165,36 @@ def test_bad_search_settings_get_one_line(flags, says):
     found = run_cli("auto", *flags)
     assert found.returncode == 2
     assert found.stdout == "" and len(found.stderr.strip().splitlines()) == 1 and says in found.stderr
+
+
+@pytest.mark.slow
+def test_the_bits_objective_lowers_activations_too_and_integer_only_keeps_every_point_on_integers(pretrained, mnist):
+    from qcore.quantize.config import integer_path_problems
+
+    settings = SearchSettings(objective="bits", integer_only=True, max_points=10)
+    result = auto_search(pretrained, mnist, QuantConfig(), settings)
+    assert any(p.config.act_bits < 8 for p in result.points)  # activations are searched for this objective
+    for point in result.points:
+        assert integer_path_problems(point.config) == [], point.label
+        if not point.config.edge_bits and not point.config.add_bits:
+            assert point.average_activation_bits == point.config.act_bits  # every point at act_bits
+            if not point.config.weight_bits_budget:
+                assert point.average_bits == (point.config.weight_bits + point.config.act_bits) / 2
+    within = [p for p in result.points if result.within_budget(p)]
+    assert result.chosen.average_bits == min(p.average_bits for p in within)
+
+
+def test_integer_only_is_refused_in_one_line_for_a_model_that_normalizes_in_float(mnist):
+    """A per-sample normalization (an instance norm, float between a dequantize and a quantize) has no
+    integer-only config: the search says so, naming it, before any calibration."""
+    from torch import nn
+
+    from qcore.graph.ops import Normalization
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), Normalization("InstanceNormalization", (2, 3), 1e-5), nn.Flatten(), nn.Linear(2704, 10),
+        nn.LogSoftmax(dim=1),
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="no config of this model runs integer-only") as refused:
+        auto_search(model, mnist, QuantConfig(), SearchSettings(integer_only=True))
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("(1)")  # one line, naming the op
