@@ -3,7 +3,7 @@
 import streamlit as st
 
 from qcore.figures import outlier_figure
-from qcore.lessons.steps import OUTLIER_CALIB_BATCHES, outlier_layer
+from qcore.lessons.steps import OUTLIER_CALIB_BATCHES, OUTLIER_FACTORS, outlier_conclusion, outlier_layer
 from ui import cache, session
 from ui.tables import table_with_csv
 
@@ -29,7 +29,7 @@ target = columns[0].radio(
     key="lesson4_target",
     horizontal=True,
 )
-factor = columns[1].select_slider("Multiplied by", [2, 5, 10, 20, 50, 100, 200], value=50, key="lesson4_factor")
+factor = columns[1].select_slider("Multiplied by", [int(f) for f in OUTLIER_FACTORS], value=50, key="lesson4_factor")
 with st.spinner("Eight calibrations and evaluations…"):
     rows = cache.outliers(
         entry.fingerprint, config.to_json(), target, float(factor), session.data_folder(), entry.model
@@ -54,6 +54,7 @@ first.plotly_chart(
         [100 * without[s].accuracy for s in settings],
         [100 * with_outlier[s].accuracy for s in settings],
         "accuracy (%)",
+        (100 * rows[0].float_accuracy, 100 * next(r for r in rows if r.with_outlier).float_accuracy),
     ),
     key="outlier_accuracy",
 )
@@ -72,16 +73,12 @@ table_with_csv(
             "levels in the typical range": r.levels_in_typical_range,
             "SQNR (dB)": round(r.sqnr_db, 2),
             "accuracy (%)": round(100 * r.accuracy, 2),
+            "float, same outlier (%)": round(100 * r.float_accuracy, 2),
+            "quantization's cost (points)": round(r.quantization_cost, 2),
         }
         for r in rows
     ],
     "outlier lesson",
     "outliers",
 )
-worst = min(rows, key=lambda r: r.accuracy)
-best = max((r for r in rows if r.with_outlier), key=lambda r: r.accuracy)
-st.info(
-    f"Measured: with the outlier, {worst.setting} falls to {100 * worst.accuracy:.2f}% "
-    f"({worst.levels_in_typical_range} level(s) left where the values are); {best.setting} keeps "
-    f"{100 * best.accuracy:.2f}% ({best.levels_in_typical_range} levels)."
-)
+st.info(outlier_conclusion(rows), icon=":material/lightbulb:")

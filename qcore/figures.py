@@ -490,13 +490,24 @@ def logits_figure(logits_int32: Sequence[int], float_probabilities: Sequence[flo
 
 
 def outlier_figure(
-    settings: Sequence[str], without: Sequence[float], with_outlier: Sequence[float], what: str
+    settings: Sequence[str],
+    without: Sequence[float],
+    with_outlier: Sequence[float],
+    what: str,
+    float_levels: tuple[float, float] | None = None,
 ) -> go.Figure:
-    """One measure per range setting, without and with the outlier."""
+    """One measure per range setting, without and with the outlier; `float_levels` (the float model without
+    and with the outlier) as dashed lines, so the outlier's own effect is not read as quantization's."""
     fig = go.Figure()
     fig.add_bar(x=list(settings), y=list(without), name="without the outlier", marker_color=FLOAT_COLOR)
     fig.add_bar(x=list(settings), y=list(with_outlier), name="with the outlier", marker_color=QUANT_COLOR)
+    if float_levels is not None:
+        for level, text, color in zip(
+            float_levels, ("float model", "float model with the outlier"), (FLOAT_COLOR, QUANT_COLOR), strict=True
+        ):
+            fig.add_hline(y=level, line_dash="dash", line_color=color, annotation_text=text)
     fig.update_layout(barmode="group", height=320)
+    fig.update_yaxes(rangemode="tozero")
     return _layout(fig, what, "range setting", what)
 
 

@@ -575,7 +575,7 @@ def test_lesson_one_image_shows_the_engines_integers(app, pretrained, mnist, bit
 
 @pytest.mark.slow
 def test_lesson_outliers_match_qcore(app, pretrained, mnist):
-    from qcore.lessons.steps import outlier_lesson
+    from qcore.lessons.steps import outlier_conclusion, outlier_lesson
 
     at = app.run()
     at.select_slider(key="weight_bits").set_value(4)
@@ -588,6 +588,9 @@ def test_lesson_outliers_match_qcore(app, pretrained, mnist):
     shown = next(d.value for d in at.dataframe if "levels in the typical range" in d.value.columns)
     assert list(shown["accuracy (%)"]) == [round(100 * r.accuracy, 2) for r in rows]
     assert list(shown["levels in the typical range"]) == [r.levels_in_typical_range for r in rows]
+    # the float model with the same outlier beside each row, and the conclusion drawn from both
+    assert list(shown["float, same outlier (%)"]) == [round(100 * r.float_accuracy, 2) for r in rows]
+    assert any(box.value == outlier_conclusion(rows) for box in at.info)
 
 
 @pytest.mark.slow

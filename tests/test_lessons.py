@@ -190,3 +190,60 @@ def test_explain_cli_walks_a_residual_zoo_model():
     assert len(result["layers"]) == 10  # stem, two convs in each of three blocks, two strided shortcuts, fc
     refused = run_cli("explain", "--model", "fashion-resnet", "--image", "3", "--layer", "conv1", "--position", "1")
     assert refused.returncode == 2 and "--layer must be one of stem, layer1.conv1" in refused.stderr
+
+
+def _outlier_rows(clean_float: float, spoiled_float: float, quantized: list[tuple[float, float]]):
+    """Rows for the four settings: (accuracy without, accuracy with) the outlier for each."""
+    from qcore.lessons.steps import SETTINGS, OutlierRow
+
+    rows = [
+        OutlierRow(setting, False, 0.1, 10, 30.0, without, clean_float)
+        for (setting, _), (without, _) in zip(SETTINGS, quantized, strict=True)
+    ]
+    rows += [
+        OutlierRow(setting, True, 0.1, levels, 30.0, outlier, spoiled_float)
+        for (setting, _), (_, outlier), levels in zip(SETTINGS, quantized, (1, 219, 3, 200), strict=True)
+    ]
+    return rows
+
+
+def test_the_outlier_conclusion_blames_the_outlier_when_the_float_model_falls_with_it():
+    """fashion-resnet's case in issue 29: the float model with the outlier already scores 33.85%, and every
+    quantized row sits within half a point of it: the loss is the outlier's, and the settings are not told
+    apart."""
+    from qcore.lessons.steps import outlier_conclusion
+
+    rows = _outlier_rows(0.9222, 0.3385, [(0.92, 0.3360), (0.921, 0.3390), (0.92, 0.3380), (0.921, 0.3400)])
+    text = outlier_conclusion(rows)
+    assert "The outlier alone costs the float model 58.37 points (92.22% without it, 33.85% with it)" in text
+    assert "does not tell the settings apart" in text and "between -0.15 and +0.25 points" in text
+
+
+def test_the_outlier_conclusion_blames_quantization_when_the_float_model_keeps_its_accuracy():
+    from qcore.lessons.steps import outlier_conclusion
+
+    rows = _outlier_rows(0.9832, 0.9830, [(0.98, 0.40), (0.98, 0.97), (0.98, 0.95), (0.98, 0.976)])
+    text = outlier_conclusion(rows)
+    assert text.startswith("The float model hardly notices the outlier (98.32% without it, 98.30% with it)")
+    # the worst costs 98.30 - 40.00 points with 1 level left; the best 98.30 - 97.60
+    assert "per-tensor, min/max ranges costs 58.30 points (1 level(s) left" in text
+    assert "per-channel, MSE-clipped ranges 0.70 (200 levels)" in text
+
+
+@pytest.mark.slow
+def test_the_outlier_lesson_measures_the_float_model_with_the_same_outlier(pretrained, mnist):
+    import copy
+
+    from qcore.inference.evaluate import evaluate
+    from qcore.lessons.steps import outlier_conclusion, outlier_lesson
+
+    rows = outlier_lesson(pretrained, mnist, QuantConfig(weight_bits=4, act_bits=4), "weights", 50.0)
+    spoiled = copy.deepcopy(pretrained)
+    flat = spoiled.fc1.weight.data.view(-1)
+    flat[int(flat.abs().argmax())] *= 50.0
+    test = mnist.test.subset(2000)
+    assert all(r.float_accuracy == evaluate(pretrained, test).accuracy for r in rows if not r.with_outlier)
+    assert all(r.float_accuracy == evaluate(spoiled, test).accuracy for r in rows if r.with_outlier)
+    printed = run_cli("walkthrough", "outliers", "--weight-bits", "4", "--act-bits", "4", "--json")
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout)["conclusion"] == outlier_conclusion(rows)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from qcore.cli.common import (
     UsageError,
     add_common,
@@ -20,7 +22,10 @@ from qcore.cli.common import (
     whole_number,
     write_output,
 )
+from qcore.data import Dataset
 from qcore.files import check_output_path, shorten
+from qcore.lessons.steps import OUTLIER_FACTORS
+from qcore.quantize.config import QuantConfig
 
 
 def add_diagnose(commands: argparse._SubParsersAction) -> None:
@@ -66,9 +71,19 @@ def add_graph(commands: argparse._SubParsersAction) -> None:
 def add_walkthrough(commands: argparse._SubParsersAction) -> None:
     """`walkthrough`: a classic failure measured on the model."""
     walk_cmd = commands.add_parser(
-        "walkthrough", help="a classic failure measured on the model: BatchNorm folding, or residual requantization"
+        "walkthrough",
+        help="a classic failure measured on the model: BatchNorm folding, residual requantization, or an outlier",
     )
-    walk_cmd.add_argument("failure", choices=["folding", "residual"])
+    walk_cmd.add_argument("failure", choices=["folding", "residual", "outliers"])
+    walk_cmd.add_argument(
+        "--outlier-in",
+        choices=["weights", "calibration"],
+        default="weights",
+        help="outliers: the first linear layer's largest weight, or one calibration image (default weights)",
+    )
+    walk_cmd.add_argument(
+        "--factor", type=float, choices=OUTLIER_FACTORS, default=50.0, help="outliers: multiplied by this"
+    )
     add_quant_flags(walk_cmd)
     add_common(walk_cmd)
     walk_cmd.set_defaults(run=cmd_walkthrough)
@@ -231,6 +246,8 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
     if args.failure == "folding" and not graph.folded_batchnorm:
         raise UsageError(f"{name} has no BatchNorm to fold (try fashion-mobilenet or fashion-resnet)")
     data = dataset_of(args)
+    if args.failure == "outliers":
+        return _walk_outliers(model, data, config, args)
     if args.failure == "residual":
         adds = residual_adds(quantize_for(model, data, config), data)
         if not adds:
@@ -280,3 +297,32 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
             print(f"per-tensor alone first loses {FAILURE_POINTS} points at W{walk.failure_bits[0]}A8")
         print("weights' ranges are their min/max (Nagel et al.'s setting) except in the MSE column")
     return {"config": config.to_dict(), **walk.to_dict()}
+
+
+def _walk_outliers(
+    model: torch.nn.Module, data: Dataset, config: QuantConfig, args: argparse.Namespace
+) -> dict[str, object]:
+    """The Outliers lesson's table and conclusion (its measurements: qcore.lessons.steps.outlier_lesson)."""
+    from qcore.lessons.steps import outlier_conclusion, outlier_lesson
+
+    rows = outlier_lesson(model, data, config, args.outlier_in, args.factor)
+    conclusion = outlier_conclusion(rows)
+    if not args.json:
+        print(
+            table(
+                [
+                    {
+                        "setting": r.setting,
+                        "outlier": "yes" if r.with_outlier else "no",
+                        "levels in the typical range": r.levels_in_typical_range,
+                        "SQNR (dB)": round(r.sqnr_db, 2),
+                        "accuracy": percent(r.accuracy),
+                        "float, same outlier": percent(r.float_accuracy),
+                        "quantization's cost (points)": round(r.quantization_cost, 2),
+                    }
+                    for r in rows
+                ]
+            )
+        )
+        print(conclusion)
+    return {"config": config.to_dict(), "rows": [r.__dict__ for r in rows], "conclusion": conclusion}

@@ -169,6 +169,14 @@ class OutlierRow:
     levels_in_typical_range: int  # grid levels inside the middle 99% of the values without the outlier
     sqnr_db: float  # of the layer's weights (or its input on the test images), outlier element left out
     accuracy: float
+    # the float model's on the same images, with the outlier when the row has it: what the outlier does
+    # alone (an outlier in a calibration image leaves the float model as it is)
+    float_accuracy: float = float("nan")
+
+    @property
+    def quantization_cost(self) -> float:
+        """Points the quantized model loses against the float model with the same outlier."""
+        return 100 * (self.float_accuracy - self.accuracy)
 
 
 SETTINGS = (
@@ -222,6 +230,7 @@ def outlier_lesson(
         if with_outlier and target == "weights":
             subject = copy.deepcopy(model)
             subject.get_submodule(name).weight.data.view(-1)[outlier_index] *= factor
+        float_accuracy = evaluate(subject, test).accuracy
         if with_outlier and target == "calibration":
             images = data.train.images.clone()
             images[int(calibration_indices(len(images), 1, 1, config.seed)[0])] *= factor
@@ -240,5 +249,44 @@ def outlier_lesson(
                 scale = float(quant.input_qparams.scale)
                 sqnr = sqnr_db(clean_inputs, fake_quantize(clean_inputs, quant.input_qparams))
             accuracy = evaluate(qnet, test).accuracy
-            rows.append(OutlierRow(setting, with_outlier, scale, _levels_within(low, high, scale), sqnr, accuracy))
+            levels = _levels_within(low, high, scale)
+            rows.append(OutlierRow(setting, with_outlier, scale, levels, sqnr, accuracy, float_accuracy))
     return rows
+
+
+OUTLIER_FACTORS = (2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)  # what the lesson offers to multiply the outlier by
+OUTLIER_NOISE_POINTS = 0.5  # differences below this on the lesson's 2,000 test images are not told apart
+
+
+def outlier_conclusion(rows: list[OutlierRow]) -> str:
+    """What the measurements say, separating what the outlier does to the float model from what quantization
+    adds on top of it; every number and every verdict comes from `rows`."""
+    clean = next(r for r in rows if not r.with_outlier).float_accuracy
+    with_outlier = [r for r in rows if r.with_outlier]
+    spoiled = with_outlier[0].float_accuracy
+    lost = 100 * (clean - spoiled)
+    if lost >= OUTLIER_NOISE_POINTS:
+        first = (
+            f"The outlier alone costs the float model {lost:.2f} points ({100 * clean:.2f}% without it, "
+            f"{100 * spoiled:.2f}% with it): that loss is the outlier's, and no range setting can win it back."
+        )
+    else:
+        first = (
+            f"The float model hardly notices the outlier ({100 * clean:.2f}% without it, {100 * spoiled:.2f}% with "
+            "it), so what the quantized rows lose below it is quantization's."
+        )
+    worst = max(with_outlier, key=lambda r: r.quantization_cost)
+    best = min(with_outlier, key=lambda r: r.quantization_cost)
+    if worst.quantization_cost - best.quantization_cost < OUTLIER_NOISE_POINTS:
+        second = (
+            f"Against the float model with the outlier, every setting costs between {best.quantization_cost:+.2f} "
+            f"and {worst.quantization_cost:+.2f} points: less apart than this lesson's noise "
+            f"({OUTLIER_NOISE_POINTS} point on 2,000 images), so this outlier does not tell the settings apart here."
+        )
+    else:
+        second = (
+            f"Against the float model with the outlier, {worst.setting} costs {worst.quantization_cost:.2f} points "
+            f"({worst.levels_in_typical_range} level(s) left where the values are) and {best.setting} "
+            f"{best.quantization_cost:.2f} ({best.levels_in_typical_range} levels)."
+        )
+    return f"{first} {second}"
