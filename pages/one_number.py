@@ -61,8 +61,22 @@ else:
         x = st.slider(
             "x (an activation value within the calibrated range)", float(low), float(high), x, key="lesson1_act"
         )
-bits = st.select_slider("Bits", [2, 3, 4, 5, 6, 7, 8], value=min(config.weight_bits, 8), key="lesson1_bits")
-st.caption(where)
+# One source of truth: the slider starts from the sidebar's bits (the weights' for a weight, the activations'
+# for an activation) every time those change; moving it here is a local override, and says so
+is_weight = source == f"a weight of {first_layer}"
+sidebar_bits = config.weight_bits if is_weight else config.act_bits
+if st.session_state.get("lesson1_bits_from") != (sidebar_bits, is_weight):
+    st.session_state["lesson1_bits_from"] = (sidebar_bits, is_weight)
+    st.session_state["lesson1_bits"] = min(sidebar_bits, 8)
+bits = st.select_slider("Bits", [2, 3, 4, 5, 6, 7, 8], key="lesson1_bits")
+role = "weight" if is_weight else "activation"
+if bits == sidebar_bits:
+    st.caption(f"{where}. At the sidebar's {role} bits ({sidebar_bits}).")
+else:
+    st.caption(
+        f"{where}. At {bits} bits here, a local override: the sidebar's {role} bits are {sidebar_bits}, and "
+        "this slider goes back to them when they change."
+    )
 
 columns = st.columns(2)
 for column, scheme in zip(columns, (Scheme.SYMMETRIC, Scheme.ASYMMETRIC), strict=True):

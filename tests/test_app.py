@@ -531,6 +531,13 @@ def test_lesson_one_number_matches_qcore(app, pretrained):
         table_values(at, 0)[2]
         == f"{one_number(float(weights[7]), float(weights.min()), float(weights.max()), 6, Scheme.SYMMETRIC).scale:.6g}"
     )
+    assert any("a local override" in c.value and "weight bits are 3" in c.value for c in at.caption)
+    at.run()
+    assert at.select_slider(key="lesson1_bits").value == 6  # a rerun keeps the override
+    at.select_slider(key="weight_bits").set_value(4).run()  # issue 29: it showed 8 while the sidebar said 4
+    assert at.select_slider(key="lesson1_bits").value == 4  # the sidebar changed: the slider follows it
+    at.radio(key="lesson1_source").set_value(at.radio(key="lesson1_source").options[1]).run()
+    assert at.select_slider(key="lesson1_bits").value == 8  # an activation: the sidebar's activation bits
 
 
 def test_lesson_one_kernel_matches_qcore(app, pretrained):
