@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from qcore.lessons.tour import TOUR, step_config
-from ui import session
+from qcore.lessons.tour import NOISE_POINTS, sensitivity_config, step_config, tour_for, within_noise
+from ui import cache, session
 
 MEASURED_KEY = "tour_measured"
 
@@ -16,8 +16,11 @@ st.markdown(
     "written in advance."
 )
 st.latex(r"\Delta = \mathrm{accuracy}_{\mathrm{quantized}} - \mathrm{accuracy}_{\mathrm{float}}")
+with st.spinner("Measuring which layer 2-bit weights hurt most on this model (one layer at a time)…"):
+    drops = cache.sensitivity(entry.fingerprint, sensitivity_config().to_json(), session.data_folder(), entry.model)
+steps = tour_for({row.layer: row.drop for row in drops})
 measured = st.session_state.setdefault(MEASURED_KEY, {})
-for index, step in enumerate(TOUR):
+for index, step in enumerate(steps):
     target = step_config(step)
     is_current = target == config
     if is_current:
@@ -40,4 +43,15 @@ for index, step in enumerate(TOUR):
                 f"Measured for this model: quantized **{100 * quant:.2f}%**, float {100 * float_accuracy:.2f}% "
                 f"({100 * (quant - float_accuracy):+.2f} points)."
             )
+            other = step.compare_with
+            if other is not None and (entry.fingerprint, other) in measured:
+                before = measured[(entry.fingerprint, other)][0]
+                if within_noise(quant, before):
+                    st.caption(
+                        f"Within noise of step {other + 1} on this model ({100 * (quant - before):+.2f} points; "
+                        f"differences under {NOISE_POINTS} points, {NOISE_POINTS * 100:.0f} of the 10,000 test "
+                        "images, are not told apart): this change makes no measurable difference here."
+                    )
+                else:
+                    st.caption(f"Against step {other + 1}: {100 * (quant - before):+.2f} points.")
 st.caption("Each config is computed once per model and cached: coming back to a step is instant.")

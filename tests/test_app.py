@@ -602,22 +602,33 @@ def test_lesson_outliers_match_qcore(app, pretrained, mnist):
 
 @pytest.mark.slow
 def test_tour_buttons_set_the_sidebar_as_they_say(app, pretrained, mnist, float_eval):
-    from qcore.lessons.tour import TOUR, step_config
+    from qcore.analysis.tables import layer_sensitivity
+    from qcore.lessons.tour import sensitivity_config, step_config, tour_for
 
+    drops = {
+        row.layer: row.drop for row in layer_sensitivity(pretrained, mnist, sensitivity_config(), float_eval.accuracy)
+    }
+    steps = tour_for(drops)
     at = app.run()
     at.select_slider(key="act_bits").set_value(5).run()  # a setting the tour must reset
     at.switch_page("pages/tour.py").run()
-    for index in (2, 5):  # 2-bit weights; 2-bit weights with fc1 float
+    for index in (2, 5):  # 2-bit weights; 2-bit weights with the layer that costs most kept float
         next(b for b in at.button if b.key == f"tour_{index}").click()
         at.run()
         no_exceptions(at)
-        expected = step_config(TOUR[index])
+        expected = step_config(steps[index])
         assert at.select_slider(key="weight_bits").value == expected.weight_bits
         assert at.select_slider(key="act_bits").value == expected.act_bits == 8
-        assert at.checkbox(key="float_fc1").value == ("fc1" in expected.float_layers)
+        for layer in drops:
+            assert at.checkbox(key=f"float_{layer}").value == (layer in expected.float_layers)
         accuracy = build_report(pretrained, mnist, expected, float_eval).quant_result.accuracy
         assert any(f"quantized **{100 * accuracy:.2f}%**" in m.value for m in at.markdown)
         assert metric(at, "Quantized accuracy") == percent(accuracy)
+    # step 6 read against step 3, both measured now
+    before = build_report(pretrained, mnist, step_config(steps[2]), float_eval).quant_result.accuracy
+    assert any(f"Against step 3: {100 * (accuracy - before):+.2f} points." in c.value for c in at.caption) or any(
+        "Within noise of step 3" in c.value for c in at.caption
+    )
 
 
 # --- readability: what a teacher preparing a lesson tripped over ----------------------------------

@@ -247,3 +247,33 @@ def test_the_outlier_lesson_measures_the_float_model_with_the_same_outlier(pretr
     printed = run_cli("walkthrough", "outliers", "--weight-bits", "4", "--act-bits", "4", "--json")
     assert printed.returncode == 0, printed.stderr
     assert json.loads(printed.stdout)["conclusion"] == outlier_conclusion(rows)
+
+
+def test_the_tour_keeps_float_the_layer_that_costs_most_and_every_step_changes_the_config():
+    from qcore.graph import model_graph
+    from qcore.lessons.tour import step_config, tour_for
+    from qcore.models.zoo import ZOO, zoo_model
+
+    for name in ZOO:
+        layers = model_graph(zoo_model(name).build().eval()).layers
+        drops = {layer: 0.001 * index for index, layer in enumerate(layers)}  # the last layer costs most
+        steps = tour_for(drops)
+        configs = [step_config(step) for step in steps]
+        assert configs[5].float_layers == (layers[-1],) and layers[-1] in steps[5].title
+        assert all(a != b for a, b in zip(configs, configs[1:], strict=False)), name  # no step repeats the last
+        assert all(set(c.float_layers) <= set(layers) for c in configs)  # only this model's layers
+
+
+@pytest.mark.slow
+def test_the_tour_on_two_architectures_names_each_ones_measured_worst_layer(pretrained, mnist, float_eval):
+    from qcore.analysis.tables import layer_sensitivity
+    from qcore.data import load_dataset
+    from qcore.lessons.tour import sensitivity_config, step_config, tour_for
+    from qcore.models.checkpoint import load_model
+
+    resnet, fashion = load_model(None, "fashion-resnet"), load_dataset("fashion-mnist")
+    for model, data in ((pretrained, mnist), (resnet, fashion)):
+        rows = layer_sensitivity(model, data, sensitivity_config())
+        worst = min(rows, key=lambda row: row.accuracy).layer  # only it quantized: the lowest accuracy
+        step = tour_for({row.layer: row.drop for row in rows})[5]
+        assert step_config(step).float_layers == (worst,) and step.title.endswith(f"but {worst} kept in float")
