@@ -144,3 +144,32 @@ def test_bias_shift_chart_shows_a_distribution_for_many_channels():
     assert few.data[0].type == "bar" and len(few.data[0].x) == 20
     assert many.data[0].type == "histogram" and len(many.data[0].x) == 500 > MAX_CHANNEL_BARS
     assert "500 channels" in many.layout.title.text
+
+
+# --- read at a glance (issue 29) -------------------------------------------------------------------
+
+
+def test_accuracy_per_class_starts_at_zero_so_a_drop_is_seen_at_its_size():
+    fig = per_class_figure([0.99, 0.98], [0.77, 0.97])
+    assert tuple(fig.layout.yaxis.range) == (0, 100)
+
+
+def test_weight_level_lines_only_where_levels_can_be_told_apart():
+    from qcore.figures import MAX_DRAWN_LEVELS
+
+    weight = torch.linspace(-1, 1, 25).reshape(1, 25)
+    for bits, drawn in ((4, True), (8, False)):  # 15 levels are drawn; 255 over 25 weights were a grey wash
+        qparams = choose_qparams(weight.min(), weight.max(), bits, Scheme.SYMMETRIC)
+        quant = LayerQuant("fc2", weight, torch.zeros(1), qparams, quantize(weight, qparams), None, None, None)
+        hist = weight_histogram(quant, bins=8)
+        assert (len(hist.levels) <= MAX_DRAWN_LEVELS) == drawn
+        assert (len(weight_histogram_figure(hist).data) == 3) == drawn
+
+
+def test_the_engine_gap_chart_counts_what_differs_and_keeps_the_zero_bin():
+    from qcore.figures import lsb_difference_figure
+
+    fig = lsb_difference_figure({"conv1": {0: 4_199_999, 1: 1}, "fc1": {0: 500}})
+    assert fig.layout.title.text.endswith("1 of 4,200,500 output values differ")
+    assert list(fig.data[0].x) == ["0", "+1"] and list(fig.data[0].y) == [4_199_999, 1]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1  # labelled at decades only
