@@ -4,7 +4,7 @@ import streamlit as st
 
 from qcore.figures import channel_ranges_figure, granularity_figure
 from qcore.graph import batchnorm_folding
-from qcore.lessons.failures import FAILURE_POINTS
+from qcore.lessons.failures import FAILURE_POINTS, folding_conclusion, granularity_table
 from ui import cache, session
 from ui.tables import table_with_csv
 
@@ -101,23 +101,5 @@ if st.button("Measure (about twenty calibrations and evaluations)", key="run_fol
         for row in walk.rows
     ]
     st.plotly_chart(granularity_figure(rows), key="granularity_chart")
-    table_with_csv(
-        [{**row, "recovered": walk_row.recovered} for row, walk_row in zip(rows, walk.rows, strict=True)],
-        "granularity",
-        "granularity",
-    )
-    if walk.failure_bits is None:
-        st.info(
-            f"Float {session.percent(walk.float_accuracy)}. Per-tensor never lost {FAILURE_POINTS:g} points down to "
-            "2 weight bits on this model."
-        )
-    else:
-        last = walk.rows[-1]
-        recovered = "" if last.recovered is None else f", {100 * last.recovered:.0f}% of the way back"
-        st.info(
-            f"Measured: float {session.percent(walk.float_accuracy)}. Per-tensor alone first loses "
-            f"{FAILURE_POINTS:g} points at W{last.weight_bits}A{last.act_bits}: {session.percent(last.per_tensor)} "
-            f"against {session.percent(last.per_channel)} per-channel; with equalization "
-            f"{session.percent(last.per_tensor_equalized)}{recovered}. Per-tensor with MSE-clipped weights, "
-            f"without equalization: {session.percent(last.per_tensor_mse)}."
-        )
+    table_with_csv(granularity_table(walk), "granularity", "granularity")
+    st.info(folding_conclusion(walk), icon=":material/lightbulb:")

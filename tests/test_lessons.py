@@ -277,3 +277,40 @@ def test_the_tour_on_two_architectures_names_each_ones_measured_worst_layer(pret
         worst = min(rows, key=lambda row: row.accuracy).layer  # only it quantized: the lowest accuracy
         step = tour_for({row.layer: row.drop for row in rows})[5]
         assert step_config(step).float_layers == (worst,) and step.title.endswith(f"but {worst} kept in float")
+
+
+def _walk(per_channel: float, per_tensor: float, equalized: float, failure: bool):
+    from qcore.lessons.failures import FoldingWalk, GranularityRow
+
+    rows = [
+        GranularityRow(8, 8, 0.9230, 0.9228, 0.9229, 0.9229),
+        GranularityRow(4, 8, per_channel, per_tensor, equalized, 0.90),
+    ]
+    return FoldingWalk(0.9240, [], rows, (4, 8) if failure else None)
+
+
+def test_the_folding_conclusion_says_when_equalization_makes_per_tensor_worse():
+    """Issue 29's reading on fashion-mobilenet: equalization took per-tensor from 89.55% to 88.69%, and the
+    lesson presented it as the fix without a word."""
+    from qcore.lessons.failures import folding_conclusion, granularity_table
+
+    walk = _walk(0.9180, 0.8955, 0.8869, failure=True)
+    text = folding_conclusion(walk)
+    assert "Per-tensor alone first loses 2 points at W4A8: 89.55% against 91.80% per-channel." in text
+    assert "Equalization makes per-tensor worse here: 88.69% (-0.86 points)" in text and "raises" not in text
+    table = granularity_table(walk)
+    assert (
+        table[1]["per-tensor + equalization (%)"] == 88.69
+        and table[1]["equalization's effect on per-tensor (points)"] == -0.86
+    )
+    assert table[0]["share of per-channel's lead won back"].startswith("no gap")  # was the word None
+    assert not any("_" in key for key in table[0])  # no snake_case headers
+
+
+def test_the_folding_conclusion_credits_equalization_only_when_it_helps_beyond_noise():
+    from qcore.lessons.failures import folding_conclusion
+
+    helped = folding_conclusion(_walk(0.9180, 0.8800, 0.9090, failure=True))
+    assert "Equalization raises per-tensor to 90.90% (+2.90 points, 76% of per-channel's lead)" in helped
+    flat = folding_conclusion(_walk(0.9180, 0.9170, 0.9180, failure=False))
+    assert "never lost 2 points" in flat and "leaves per-tensor where it was (91.80%, +0.10 points" in flat

@@ -234,7 +234,7 @@ def cmd_graph(args: argparse.Namespace) -> dict[str, object]:
 def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
     from qcore.analysis.tables import quantize_for
     from qcore.graph import OpKind, model_graph
-    from qcore.lessons.failures import FAILURE_POINTS, folding_walkthrough, residual_adds
+    from qcore.lessons.failures import folding_conclusion, folding_walkthrough, granularity_table, residual_adds
 
     config = config_from_args(args)
     model = float_model_only(args, f"walkthrough {args.failure}")
@@ -275,26 +275,8 @@ def cmd_walkthrough(args: argparse.Namespace) -> dict[str, object]:
     walk = folding_walkthrough(model, data, config, on_progress=report)
     if not args.json:
         print(table([layer.__dict__ for layer in walk.layers]))
-        print(f"float accuracy {percent(walk.float_accuracy)}")
-        print(
-            table(
-                [
-                    {
-                        "bits": f"W{row.weight_bits}A{row.act_bits}",
-                        "per-channel": percent(row.per_channel),
-                        "per-tensor": percent(row.per_tensor),
-                        "per-tensor + equalization": percent(row.per_tensor_equalized),
-                        "per-tensor, MSE weights": percent(row.per_tensor_mse),
-                        "recovered": "-" if row.recovered is None else f"{100 * row.recovered:.0f}%",
-                    }
-                    for row in walk.rows
-                ]
-            )
-        )
-        if walk.failure_bits is None:
-            print(f"per-tensor never lost {FAILURE_POINTS} points against float down to 2 weight bits")
-        else:
-            print(f"per-tensor alone first loses {FAILURE_POINTS} points at W{walk.failure_bits[0]}A8")
+        print(table(granularity_table(walk)))
+        print(folding_conclusion(walk))
         print("weights' ranges are their min/max (Nagel et al.'s setting) except in the MSE column")
     return {"config": config.to_dict(), **walk.to_dict()}
 
