@@ -114,14 +114,37 @@ if st.button("Run the sweep (2 to 8 bits)", key="run_sweep") or st.session_state
     points = cache.sweep(entry.fingerprint, config.to_json(), target, session.data_folder(), entry.model, draw)
     live.empty()
     st.plotly_chart(sweep_figure(points, float_result.accuracy, target), key="sweep_chart")
-    table_with_csv([p.__dict__ for p in points], "sweep", "sweep")
+    table_with_csv(
+        [
+            {
+                "weight bits": p.weight_bits,
+                "activation bits": p.act_bits,
+                "quantized accuracy (%)": round(100 * p.accuracy, 2),
+                "loss": round(p.loss, 4),
+            }
+            for p in points
+        ],
+        "sweep",
+        "sweep",
+    )
 
 st.subheader("Per-layer sensitivity")
 if st.button("Quantize one layer at a time", key="run_sensitivity") or st.session_state.get("sensitivity_shown"):
     st.session_state["sensitivity_shown"] = True
     rows = cache.sensitivity(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
     st.plotly_chart(sensitivity_figure(rows), key="sensitivity_chart")
-    table_with_csv([r.__dict__ for r in rows], "sensitivity", "sensitivity")
+    table_with_csv(
+        [
+            {
+                "layer": r.layer,
+                "accuracy, only this layer quantized (%)": round(100 * r.accuracy, 2),
+                "drop (points)": round(100 * r.drop, 2),
+            }
+            for r in rows
+        ],
+        "sensitivity",
+        "sensitivity",
+    )
 
 st.download_button(
     "Download the full result (JSON)",

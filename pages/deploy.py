@@ -75,10 +75,10 @@ elif st.button("Run every inference path on the 10k test set", key="run_engines"
         [
             {
                 "path": r.engine,
-                "accuracy": r.accuracy,
-                "same prediction as simulation": r.agreement_with_simulation,
-                "seconds": r.seconds,
-                "images/s": r.images_per_second,
+                "accuracy (%)": round(100 * r.accuracy, 2),
+                "same prediction as the simulation (%)": round(100 * r.agreement_with_simulation, 2),
+                "seconds": round(r.seconds, 3),
+                "images/s": round(r.images_per_second),
             }
             for r in results
         ],

@@ -14,9 +14,20 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False, float_format="%.6g").encode()
 
 
+LARGE = 10_000  # numbers from here on are shown with thousands separators (1,724,320, not 1724320)
+
+
 def table_with_csv(rows: Sequence[dict[str, object]], name: str, key: str) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows))
-    st.dataframe(frame, hide_index=True, width="stretch", key=f"table_{key}")
+    large = [
+        column
+        for column in frame.columns
+        if pd.api.types.is_numeric_dtype(frame[column])
+        and not pd.api.types.is_bool_dtype(frame[column])
+        and bool((frame[column].abs() >= LARGE).any())
+    ]
+    formats = {column: st.column_config.NumberColumn(format="localized") for column in large}
+    st.dataframe(frame, hide_index=True, width="stretch", key=f"table_{key}", column_config=formats)
     st.download_button(
         f"Download {name} (CSV)",
         csv_bytes(frame),
