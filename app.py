@@ -30,11 +30,12 @@ PAGES = {
         st.Page("pages/folding.py", title="BatchNorm folding", icon=":material/layers:"),
         st.Page("pages/residual.py", title="Residual adds", icon=":material/call_merge:"),
         st.Page("pages/tour.py", title="Guided tour", icon=":material/tour:"),
+        st.Page("pages/glossary.py", title="Glossary", icon=":material/menu_book:"),
     ],
 }
 
 session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
-navigation = st.navigation(PAGES, expanded=True)  # all 15 pages: collapsed, it hides the last four behind "View more"
+navigation = st.navigation(PAGES, expanded=True)  # all 16 pages: collapsed, it hides the last four behind "View more"
 st.sidebar.title("Quantization Lab")
 if cache.GATE_PROBLEM or cache.STORE_PROBLEM:  # the operator's setting, not a visitor's: refuse rather than guess
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")

@@ -6,10 +6,12 @@ from qcore.figures import channel_ranges_figure, granularity_figure
 from qcore.graph import batchnorm_folding
 from qcore.lessons.failures import FAILURE_POINTS, folding_conclusion, granularity_table
 from ui import cache, session
+from ui.lessons import lesson_links
 from ui.tables import table_with_csv
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("BatchNorm folding")
+lesson_links("pages/folding.py")
 entry, config, report = session.current_report()
 st.markdown(
     "A deployed network has no BatchNorm: each one is folded into the convolution before it, channel by channel. "

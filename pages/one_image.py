@@ -10,11 +10,13 @@ from qcore.inference.integer import IntegerEngineError
 from qcore.lessons.walk import AddWalk, LookupWalk, walk_shapes
 from qcore.quantize.config import integer_path_problems
 from ui import cache, session
+from ui.lessons import lesson_links
 
 TERMS_SHOWN = 4
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("One image on integers")
+lesson_links("pages/one_image.py")
 entry, config, report = session.current_report()
 mnist = session.mnist_or_stop()
 st.markdown(

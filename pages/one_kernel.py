@@ -5,9 +5,11 @@ import streamlit as st
 from qcore.figures import heatmaps_figure
 from qcore.lessons.steps import kernel_layers, one_kernel
 from ui import session
+from ui.lessons import lesson_links
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("One kernel")
+lesson_links("pages/one_kernel.py")
 entry, config, report = session.current_report()
 choices = kernel_layers(entry.model)
 rows = entry.graph.op(choices[0]).kind == "linear"  # no convolution with filters wider than 1x1

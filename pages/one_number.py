@@ -6,9 +6,11 @@ from qcore.figures import number_line_figure
 from qcore.lessons.steps import one_number
 from qcore.quantize.quant import Scheme
 from ui import session
+from ui.lessons import lesson_links
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("One number")
+lesson_links("pages/one_number.py")
 entry, config, report = session.current_report()
 st.markdown(
     "Quantization maps a real number onto one of 2^b evenly spaced levels. The **scale** s is the "

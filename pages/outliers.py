@@ -5,10 +5,12 @@ import streamlit as st
 from qcore.figures import outlier_figure
 from qcore.lessons.steps import OUTLIER_CALIB_BATCHES, OUTLIER_FACTORS, outlier_conclusion, outlier_layer
 from ui import cache, session
+from ui.lessons import lesson_links
 from ui.tables import table_with_csv
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Outliers")
+lesson_links("pages/outliers.py")
 entry, config, report = session.current_report()
 mnist = session.mnist_or_stop()
 st.markdown(

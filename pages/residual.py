@@ -5,10 +5,12 @@ import streamlit as st
 from qcore.figures import residual_figure
 from qcore.lessons.failures import RESIDUAL_IMAGES
 from ui import cache, session
+from ui.lessons import lesson_links
 from ui.tables import table_with_csv
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Residual adds")
+lesson_links("pages/residual.py")
 entry, config, report = session.current_report()
 st.markdown(
     "A residual add sums two tensors that reached it along different paths, so their ranges and scales differ. "

@@ -4,11 +4,13 @@ import streamlit as st
 
 from qcore.lessons.tour import NOISE_POINTS, sensitivity_config, step_config, tour_for, within_noise
 from ui import cache, session
+from ui.lessons import lesson_links
 
 MEASURED_KEY = "tour_measured"
 
 session.require_navigation()  # first: a deep link on a fresh server may run this page alone
 st.title("Guided tour")
+lesson_links("pages/tour.py")
 entry, config, report = session.current_report()
 st.markdown(
     "Seven steps through what matters most, for a class to follow together. **Apply this step** sets "

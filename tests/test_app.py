@@ -1175,3 +1175,24 @@ def test_auto_page_searches_shows_the_choice_on_the_test_set_and_applies_it(app,
     no_exceptions(at)
     for name, value in chosen.config.to_query().items():  # the sidebar, and so the link, now say it
         assert at.query_params[name] == value
+
+
+def test_every_lesson_links_the_one_before_the_one_after_and_the_glossary(app):
+    from ui.lessons import GLOSSARY, LESSONS
+
+    at = app.run()
+    for index, (page, _title) in enumerate(LESSONS):
+        if page in ("pages/folding.py", "pages/residual.py"):
+            continue  # the notebook's net has no BatchNorm and no add: their links are checked in a browser
+        at.switch_page(page).run()
+        no_exceptions(at)
+        links = {link.proto.label: link.proto.page for link in at.get("page_link")}
+        stem = {path: path.removeprefix("pages/").removesuffix(".py") for path, _ in [*LESSONS, (GLOSSARY, "")]}
+        if index > 0:
+            assert links[f"Previous: {LESSONS[index - 1][1]}"] == stem[LESSONS[index - 1][0]]
+        if index + 1 < len(LESSONS):
+            assert links[f"Next: {LESSONS[index + 1][1]}"] == stem[LESSONS[index + 1][0]]
+        assert stem[GLOSSARY] in links.values()
+    at.switch_page(GLOSSARY).run()
+    no_exceptions(at)
+    assert at.title[0].value == "Glossary" and len(at.latex) >= 4

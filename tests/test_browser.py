@@ -103,7 +103,7 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
 
 NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose", "Auto"]
 NAV_TITLES += ["One number", "One kernel", "One image on integers", "Outliers", "BatchNorm folding", "Residual adds"]
-NAV_TITLES += ["Guided tour"]
+NAV_TITLES += ["Guided tour", "Glossary"]
 
 
 def assert_app_page(page, title: str) -> None:
