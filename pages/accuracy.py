@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from qcore.analysis.tables import SWEEP_TARGETS, SweepPoint, flip_gallery, per_class_rows
+from qcore.analysis.tables import SWEEP_TARGETS, SweepPoint, flip_gallery, per_class_rows, sensitivity_advice
 from qcore.figures import digits_figure, per_class_figure, sensitivity_figure, sweep_figure
 from qcore.models.checkpoint import fingerprint
 from ui import cache, session
@@ -129,9 +129,10 @@ if st.button("Run the sweep (2 to 8 bits)", key="run_sweep") or st.session_state
     )
 
 st.subheader("Per-layer sensitivity")
+sensitivity_rows = []
 if st.button("Quantize one layer at a time", key="run_sensitivity") or st.session_state.get("sensitivity_shown"):
     st.session_state["sensitivity_shown"] = True
-    rows = cache.sensitivity(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
+    rows = sensitivity_rows = cache.sensitivity(entry.fingerprint, config.to_json(), session.data_folder(), entry.model)
     st.plotly_chart(sensitivity_figure(rows), key="sensitivity_chart")
     table_with_csv(
         [
@@ -153,7 +154,10 @@ st.download_button(
     mime="application/json",
     key="json_result",
 )
-st.info(
-    f"Try next: sweep activations only, then keep {entry.graph.layers[-1]} in float (sidebar) and sweep again; "
-    "the layer with the biggest sensitivity bar is the one to keep at more bits."
-)
+if sensitivity_rows:
+    st.info(sensitivity_advice(sensitivity_rows))
+else:
+    st.info(
+        "Try next: **Quantize one layer at a time** above to see which layer costs the most; the advice here "
+        "then names it, measured."
+    )

@@ -1196,3 +1196,18 @@ def test_every_lesson_links_the_one_before_the_one_after_and_the_glossary(app):
     at.switch_page(GLOSSARY).run()
     no_exceptions(at)
     assert at.title[0].value == "Glossary" and len(at.latex) >= 4
+
+
+@pytest.mark.slow
+def test_the_accuracy_pages_advice_comes_from_its_own_sensitivity_measurement(app, pretrained, mnist, float_eval):
+    from qcore.analysis.tables import layer_sensitivity, sensitivity_advice
+
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(3).run()
+    at.switch_page("pages/accuracy.py").run()
+    assert any("Quantize one layer at a time" in box.value for box in at.info)  # nothing named before measuring
+    next(b for b in at.button if b.key == "run_sensitivity").click()
+    at.run()
+    no_exceptions(at)
+    rows = layer_sensitivity(pretrained, mnist, QuantConfig(weight_bits=3), float_eval.accuracy)
+    assert any(box.value == sensitivity_advice(rows) for box in at.info)

@@ -314,3 +314,16 @@ def test_the_folding_conclusion_credits_equalization_only_when_it_helps_beyond_n
     assert "Equalization raises per-tensor to 90.90% (+2.90 points, 76% of per-channel's lead)" in helped
     flat = folding_conclusion(_walk(0.9180, 0.9170, 0.9180, failure=False))
     assert "never lost 2 points" in flat and "leaves per-tensor where it was (91.80%, +0.10 points" in flat
+
+
+def test_the_advice_names_the_layer_the_measurement_blames_or_none():
+    """Issue 29: the advice said "keep fc2 in float" where the page's own measurement gave fc2 no drop."""
+    from qcore.analysis.tables import Sensitivity, sensitivity_advice
+
+    rows = [Sensitivity("conv1", 0.9800, 0.0032), Sensitivity("fc1", 0.9500, 0.0332), Sensitivity("fc2", 0.9832, 0.0)]
+    assert sensitivity_advice(rows).startswith("Try next: keep fc1 in float") and "3.32 points" in sensitivity_advice(
+        rows
+    )
+    quiet = [Sensitivity("conv1", 0.9831, 0.0001), Sensitivity("fc2", 0.9830, 0.0002)]
+    assert "fc2" not in sensitivity_advice(quiet).split("(the most:")[0]  # no layer is blamed
+    assert sensitivity_advice(quiet).startswith("No layer quantized alone costs 0.2 points or more")

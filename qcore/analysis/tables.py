@@ -303,6 +303,25 @@ class Sensitivity:
     drop: float  # float accuracy minus that
 
 
+SENSITIVITY_NOISE_POINTS = 0.2  # 20 of 10,000 test images
+
+
+def sensitivity_advice(rows: Sequence[Sensitivity]) -> str:
+    """What to try next, from the one-layer-at-a-time measurement itself (never a template naming a layer
+    the measurement clears)."""
+    worst = max(rows, key=lambda row: row.drop)
+    if 100 * worst.drop < SENSITIVITY_NOISE_POINTS:
+        return (
+            f"No layer quantized alone costs {SENSITIVITY_NOISE_POINTS} points or more at this config (the most: "
+            f"{worst.layer}, {100 * worst.drop:+.2f}): the loss, if any, comes from the layers together. Try fewer "
+            "bits, or sweep activations only to see which side it comes from."
+        )
+    return (
+        f"Try next: keep {worst.layer} in float (sidebar), or give it more bits: quantized alone it costs "
+        f"{100 * worst.drop:.2f} points, the most of any layer; then sweep again."
+    )
+
+
 def layer_sensitivity(
     model: Net, data: Dataset, config: QuantConfig, float_accuracy: float | None = None
 ) -> list[Sensitivity]:
