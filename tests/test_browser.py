@@ -550,7 +550,7 @@ def test_auto_fills_its_chart_live_a_click_applies_a_point_and_a_closed_tab_stop
         page.wait_for_selector(IDLE, timeout=120_000)
         assert_app_page(page, "Auto: the smallest model within your accuracy budget")
         budget = page.get_by_label("Time budget (s)")
-        budget.fill("20")
+        budget.fill("12")
         budget.press("Enter")
         page.get_by_role("button", name="Search").click()
         # while it runs, the chart is drawn again with each config measured

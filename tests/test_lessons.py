@@ -267,12 +267,13 @@ def test_the_tour_keeps_float_the_layer_that_costs_most_and_every_step_changes_t
 @pytest.mark.slow
 def test_the_tour_on_two_architectures_names_each_ones_measured_worst_layer(pretrained, mnist, float_eval):
     from qcore.analysis.tables import layer_sensitivity
-    from qcore.data import load_dataset
+    from qcore.data import Dataset, load_dataset
     from qcore.lessons.tour import sensitivity_config, step_config, tour_for
     from qcore.models.checkpoint import load_model
 
     resnet, fashion = load_model(None, "fashion-resnet"), load_dataset("fashion-mnist")
     for model, data in ((pretrained, mnist), (resnet, fashion)):
+        data = Dataset(data.train, data.test.subset(2000), data.spec)  # the choice, not its precision, is tested
         rows = layer_sensitivity(model, data, sensitivity_config())
         worst = min(rows, key=lambda row: row.accuracy).layer  # only it quantized: the lowest accuracy
         step = tour_for({row.layer: row.drop for row in rows})[5]
