@@ -110,23 +110,40 @@ class GraphRun:
             return normalization(args[0], a["axes"], a["eps"], a["weight"], a["bias"])  # type: ignore[arg-type]
         raise AssertionError(f"no float rule for {kind}")
 
+    def _step(self, index: int, op: Op, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Op `index`'s value (before `after`), dropping the values nothing after it reads."""
+        value = self.compute(op, [values[name] for name in op.inputs])
+        for name in op.inputs:
+            if self._last_use[name] == index and name != self.graph.output:
+                del values[name]
+        return value
+
     def run(self, x: torch.Tensor, log_probs: bool = True) -> torch.Tensor:
         """The graph's output for `x`; with `log_probs`, as log-probabilities (log_softmax is added
         when the model ends without one, so every model the lab holds returns the same thing)."""
         values: dict[str, torch.Tensor] = {}
         for index, op in enumerate(self.graph.ops):
-            if op.kind is OpKind.INPUT:
-                value = x
-            else:
-                value = self.compute(op, [values[name] for name in op.inputs])
-                for name in op.inputs:
-                    if self._last_use[name] == index and name != self.graph.output:
-                        del values[name]
+            value = x if op.kind is OpKind.INPUT else self._step(index, op, values)
             values[op.name] = self.after(op, value)
         out = values[self.graph.output]
         if log_probs and self.graph.op(self.graph.output).kind is not OpKind.LOG_SOFTMAX:
             out = F.log_softmax(out, dim=1)
         return out
+
+    def run_between(self, start: str, x: torch.Tensor, end: str) -> torch.Tensor:
+        """Op `end`'s value (before `after` is applied to it) when op `start`'s value (after it) is `x`:
+        the ops after `start` up to `end`, in order. `start` must be the only value anything after it
+        reads (a block's entry: qcore.graph.blocks)."""
+        names = [op.name for op in self.graph.ops]
+        first, last = names.index(start), names.index(end)
+        values = {start: x}
+        for index in range(first + 1, last + 1):
+            op = self.graph.ops[index]
+            value = self._step(index, op, values)
+            if index == last:
+                return value
+            values[op.name] = self.after(op, value)
+        raise ValueError(f"{end} does not come after {start}")
 
 
 def run_float(graph: ModelGraph, x: torch.Tensor) -> torch.Tensor:
