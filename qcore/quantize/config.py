@@ -11,7 +11,7 @@ from qcore.data import MAX_SEED, TRAIN_SIZE
 from qcore.files import read_json, shorten
 from qcore.models.net import LAYER_NAMES
 from qcore.quantize.calibrate import OBSERVERS
-from qcore.quantize.methods import METHODS
+from qcore.quantize.methods import METHODS, ROUNDING_METHODS
 from qcore.quantize.quant import MAX_BITS, MIN_BITS, Granularity, Scheme
 
 WEIGHT_RANGES = ("minmax", "mse")
@@ -117,6 +117,8 @@ class QuantConfig:
         unknown_methods = [name for name in self.methods if name not in METHODS]
         if unknown_methods:
             found.append(f"methods: unknown {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
+        if all(name in self.methods for name in ROUNDING_METHODS):
+            found.append("methods: adaround and block-reconstruction both learn the rounding: choose one")
         if self.weight_bits_budget != 0 and not 2 <= self.weight_bits_budget <= 8:
             found.append(f"weight_bits_budget must be 0 (off) or between 2 and 8 (got {self.weight_bits_budget})")
         for name in ("edge_bits", "add_bits"):

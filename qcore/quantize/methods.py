@@ -11,7 +11,11 @@
    rectified-sigmoid variable decides, trained to reconstruct the layer's float output on the
    calibration data with a regulariser that drives each variable to 0 or 1. Kept only where it
    reconstructs better than nearest rounding.
-4. bias-correction: empirical bias correction (Nagel et al. 2019): layer by layer, the mean
+4. block-reconstruction: learned rounding per block (BRECQ, Li et al. 2021, with QDrop's dropping of
+   activation quantization, Wei et al. 2022): the layers of a residual block, a depthwise-separable
+   pair or a pair of layers learn their roundings together to reproduce the block's float output, its
+   activations quantized in the loop (qcore.quantize.reconstruction). Instead of AdaRound, not after it.
+5. bias-correction: empirical bias correction (Nagel et al. 2019): layer by layer, the mean
    difference between the float and the quantized layer output on the calibration data, per
    output channel, is added to the bias.
 """
@@ -31,7 +35,9 @@ from qcore import cancel
 from qcore.graph import ModelGraph, Op, OpKind, batch_size_for, run_float
 from qcore.quantize.quant import QParams
 
-METHODS = ("equalization", "adaround", "bias-correction")  # the order they are applied in
+# the order they are applied in; adaround and block-reconstruction both learn the rounding: one at a time
+METHODS = ("equalization", "adaround", "block-reconstruction", "bias-correction")
+ROUNDING_METHODS = ("adaround", "block-reconstruction")
 EQUALIZATION_ROUNDS = 10
 ADAROUND_ITERATIONS = 1000
 ADAROUND_BATCH = 128
@@ -49,6 +55,7 @@ class MethodsReport:
     equalization: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
     adaround: dict[str, dict[str, float]] = field(default_factory=dict)
+    blocks: dict[str, dict[str, object]] = field(default_factory=dict)  # block reconstruction, per block
     bias_shift: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)  # weights per layer, for the averages
@@ -60,6 +67,7 @@ class MethodsReport:
             "equalization": self.equalization,
             "sensitivity": {name: {str(b): v for b, v in row.items()} for name, row in self.sensitivity.items()},
             "adaround": self.adaround,
+            "block_reconstruction": self.blocks,
             "bias_shift": self.bias_shift,
             "seconds": self.seconds,
         }

@@ -45,6 +45,7 @@ from qcore.quantize.quant import (
     quantize_bias,
     tensor_range,
 )
+from qcore.quantize.reconstruction import reconstruct_blocks
 
 BIAS_BITS = 32
 
@@ -231,6 +232,33 @@ class QuantizedNet(nn.Module):
         _Simulation(self, {}, {}, points).run(x)
         return points
 
+    def simulation(self) -> GraphRun:
+        """The simulation as a walk of the graph, to run part of it (run_between: block reconstruction)."""
+        return _Simulation(self, {}, {})
+
+    def point_quantized_after(self, op_name: str) -> str | None:
+        """The point whose grid op `op_name`'s value is put on where it is made (None: where a layer
+        reads it, or nowhere)."""
+        return self.plan.grid[op_name] if op_name in self._quantize_after else None
+
+    def with_point_scales(self, scales: dict[str, torch.Tensor]) -> QuantizedNet:
+        """The same decisions with other scales at some points (block reconstruction learns them, each
+        zero point kept): the layers that read them get the new input qparams and their int32 biases again."""
+        points = dict(self.points)
+        for name, scale in scales.items():
+            point = points[name]
+            points[name] = replace(point, qparams=replace(point.qparams, scale=scale.detach().clone().reshape(())))
+        layers = {}
+        for name, quant in self.layers.items():
+            point_name = self.plan.layer_input.get(name)
+            if point_name in scales and quant.weight_qparams is not None:
+                quant = replace(quant, input_qparams=points[point_name].qparams)
+                quant.bias_int = quantize_bias(quant.bias, quant.bias_scale, BIAS_BITS)  # type: ignore[arg-type]
+            layers[name] = quant
+        return QuantizedNet(
+            layers, self.config, self.float_model, self.methods, graph=self.graph, plan=self.plan, points=points
+        ).eval()
+
     def with_layers(self, layers: dict[str, LayerQuant]) -> QuantizedNet:
         """The same graph and points with other layer decisions (methods, diagnosis variants)."""
         return QuantizedNet(
@@ -387,6 +415,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, batches: Sequence[torc
     if "adaround" in config.methods:
         with timed(report, "adaround"):
             apply_adaround(qnet, images)
+    if "block-reconstruction" in config.methods:
+        with timed(report, "block-reconstruction"):
+            qnet = apply_block_reconstruction(qnet, images)
     if "bias-correction" in config.methods:
         with timed(report, "bias-correction"):
             apply_bias_correction(qnet, images)
@@ -427,6 +458,21 @@ def _learn_adaround(qnet: QuantizedNet, images: torch.Tensor) -> dict[str, tuple
         )
         quant.weight_int = learned[name][0]  # the next layer learns on this layer's learned rounding
     return learned
+
+
+# Block reconstruction's learned integer weights and report, remembered like AdaRound's
+RECONSTRUCTIONS = Memo(entries=8)
+
+
+def apply_block_reconstruction(qnet: QuantizedNet, images: torch.Tensor) -> QuantizedNet:
+    """`qnet` with block reconstruction's learned rounding and activation scales
+    (qcore.quantize.reconstruction), remembered by the graph, the images and the config, like AdaRound."""
+    key = ("block-reconstruction", qnet.graph.digest(), tensors_digest([images]), qnet.config.to_json())
+    learned = RECONSTRUCTIONS.get_or_compute(key, lambda: reconstruct_blocks(qnet, images, seed=qnet.config.seed))
+    for name, weight_int in learned.weights.items():
+        qnet.layers[name].weight_int = weight_int
+    qnet.methods.blocks = learned.report
+    return qnet.with_point_scales(learned.scales)
 
 
 def apply_bias_correction(qnet: QuantizedNet, images: torch.Tensor) -> None:
