@@ -1,8 +1,9 @@
-"""Methods: what equalization, mixed precision, AdaRound and bias correction changed, per layer."""
+"""Methods: what equalization, mixed precision, AdaRound, block reconstruction and bias correction changed."""
 
 import streamlit as st
 
-from qcore.figures import adaround_figure, bias_shift_figure, equalization_figure
+from qcore.analysis.tables import block_rows
+from qcore.figures import adaround_figure, bias_shift_figure, block_reconstruction_figure, equalization_figure
 from qcore.quantize.methods import average_bits
 from ui import session
 from ui.tables import table_with_csv
@@ -19,10 +20,11 @@ st.title("Methods")
 entry, config, report = session.current_report()
 methods = report.qnet.methods
 st.markdown(
-    "Beyond choosing ranges, four published post-training methods push quantization to fewer bits "
+    "Beyond choosing ranges, five published post-training methods push quantization to fewer bits "
     "without retraining. Pick them in the sidebar (**PTQ methods**); they run in a fixed order: "
-    "cross-layer equalization, mixed precision, AdaRound, bias correction. AdaRound learns, per "
-    "weight, whether to round down or up, so that the layer's output on calibration data is kept:"
+    "cross-layer equalization, mixed precision, AdaRound or block reconstruction, bias correction. "
+    "AdaRound learns, per weight, whether to round down or up, so that the layer's output on "
+    "calibration data is kept:"
 )
 st.latex(
     r"\min_{V}\ \big\| W x - \tilde W \hat x \big\|^2 + \lambda \sum_{i} \big(1 - |2h(V_i) - 1|^{\beta}\big),"
@@ -60,6 +62,18 @@ if methods.adaround:
     names = list(methods.adaround)
     st.plotly_chart(adaround_figure(names, [methods.adaround[n]["flipped_fraction"] for n in names]), key="ada")
     table_with_csv([{"layer": n, **adaround_row(methods.adaround[n])} for n in names], "AdaRound", "adaround")
+if methods.blocks:
+    st.subheader("Block reconstruction")
+    st.markdown(
+        "The same objective, but for a whole block at once (a residual block, a depthwise-separable pair, a "
+        "pair of layers: the blocks found in this model's graph), with the block's activations quantized "
+        "while it learns and, as QDrop does, left in float at random half the time."
+    )
+    rows = block_rows(methods.blocks)
+    before = [r["error, nearest rounding"] for r in rows]
+    figure = block_reconstruction_figure([r["block"] for r in rows], before, [r["error, reconstructed"] for r in rows])
+    st.plotly_chart(figure, key="blocks_chart")
+    table_with_csv(rows, "Block reconstruction", "block_reconstruction")
 if methods.bias_shift:
     st.subheader("Bias correction")
     chosen = st.selectbox("Layer", list(methods.bias_shift), key="bias_layer")

@@ -282,6 +282,22 @@ def adaround_figure(layers: Sequence[str], flipped_fraction: Sequence[float]) ->
     return _layout(fig, "Weights AdaRound rounds the other way than nearest", "layer", "flipped (%)")
 
 
+def block_reconstruction_figure(
+    blocks: Sequence[str], nearest: Sequence[float], reconstructed: Sequence[float]
+) -> go.Figure:
+    """Each block's output error with nearest rounding beside what block reconstruction left (log scale:
+    the blocks' errors span orders of magnitude)."""
+    fig = go.Figure(
+        [
+            go.Bar(name="nearest rounding", x=list(blocks), y=list(nearest), marker_color=FLOAT_COLOR),
+            go.Bar(name="reconstructed", x=list(blocks), y=list(reconstructed), marker_color=QUANT_COLOR),
+        ]
+    )
+    fig.update_yaxes(type="log", dtick=1)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Each block's output error on the calibration images", "block", "squared error (log)")
+
+
 MAX_CHANNEL_BARS = 50  # more bars than this are unreadable: show the distribution instead
 
 

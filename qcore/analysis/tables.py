@@ -193,6 +193,29 @@ class Report:
         }
 
 
+def block_rows(blocks: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    """Block reconstruction per block, as the Methods page and `evaluate` print it: the block's float
+    output reconstructed with nearest rounding and with what it learned (mean squared error summed over
+    the block's output values, on the calibration images), and how much it learned."""
+    rows = []
+    for name, row in blocks.items():
+        nearest, learned = float(row["objective_nearest"]), float(row["objective_reconstructed"])  # type: ignore[arg-type]
+        rows.append(
+            {
+                "block": name,
+                "kind": row["kind"],
+                "layers": ", ".join(row["layers"]),  # type: ignore[arg-type]
+                "error, nearest rounding": round(nearest, 4),
+                "error, reconstructed": round(learned, 4),
+                "error removed (%)": round(100 * (1 - learned / nearest), 1) if nearest > 0 else 0.0,
+                "weights rounded the other way (%)": round(100 * float(row["flipped_fraction"]), 1),  # type: ignore[arg-type]
+                "activation scales learned": len(row.get("scales_learned", [])),  # type: ignore[arg-type]
+                "kept": "yes" if row["kept"] else "no (nearest reconstructs better)",
+            }
+        )
+    return rows
+
+
 def quantize_for(model: Net, data: Dataset, config: QuantConfig) -> QuantizedNet:
     return quantize_model(model, config, calibration_data(data.train, config))
 

@@ -115,6 +115,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
                 f"weight bits per layer: {methods.weight_bits}; method seconds: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in methods.seconds.items())
             )
+        if methods.blocks:
+            from qcore.analysis.tables import block_rows
+
+            print("block reconstruction:")
+            print(table(block_rows(methods.blocks)))
         if args.engine != "simulate":
             print(
                 f"engine {args.engine}: accuracy {percent(result['quant_accuracy'])}, same prediction as the "
