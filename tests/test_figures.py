@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from qcore.analysis.tables import LayerRow, Sensitivity, SweepPoint, WeightHistogram, weight_histogram
+from qcore.analysis.tables import LayerRow, Sensitivity, SweepPoint, WeightHistogram, block_rows, weight_histogram
 from qcore.figures import (
     activation_histogram_figure,
     activation_ranges_figure,
+    block_reconstruction_figure,
     digits_figure,
     error_histogram_figure,
     per_class_figure,
@@ -173,3 +174,32 @@ def test_the_engine_gap_chart_counts_what_differs_and_keeps_the_zero_bin():
     assert fig.layout.title.text.endswith("1 of 4,200,500 output values differ")
     assert list(fig.data[0].x) == ["0", "+1"] and list(fig.data[0].y) == [4_199_999, 1]
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1  # labelled at decades only
+
+
+def test_block_reconstruction_rows_and_figure_carry_the_report():
+    report = {
+        "layer1": {
+            "kind": "residual",
+            "layers": ["layer1.conv1", "layer1.conv2"],
+            "objective_nearest": 40.0,
+            "objective_reconstructed": 10.0,
+            "kept": True,
+            "flipped_fraction": 0.125,
+        },
+        "fc": {
+            "kind": "layer",
+            "layers": ["fc"],
+            "objective_nearest": 2.0,
+            "objective_reconstructed": 2.0,
+            "kept": False,
+            "flipped_fraction": 0.0,
+        },
+    }
+    rows = block_rows(report)
+    assert rows[0]["error removed (%)"] == 75.0  # 1 - 10 / 40
+    assert rows[0]["weights rounded the other way (%)"] == 12.5
+    assert rows[0]["layers"] == "layer1.conv1, layer1.conv2"
+    assert rows[1]["kept"].startswith("no") and rows[1]["error removed (%)"] == 0.0
+    figure = block_reconstruction_figure(["layer1", "fc"], [40.0, 2.0], [10.0, 2.0])
+    assert [list(bar.y) for bar in figure.data] == [[40.0, 2.0], [10.0, 2.0]]
+    assert figure.layout.yaxis.type == "log"
