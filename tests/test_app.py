@@ -650,6 +650,35 @@ def test_weights_page_opens_on_one_channel_with_its_levels_and_explains_clipping
     assert any("minimizes the squared error" in m.value for m in at.markdown)
 
 
+@pytest.mark.slow
+def test_methods_page_shows_each_blocks_error_before_and_after(app, monkeypatch, pretrained, mnist, float_eval):
+    """The page shows block reconstruction's own report for this config (computed here with fewer steps
+    and seeded into the app's store, so the page shows that very result rather than learning again)."""
+    from qcore.analysis.tables import block_rows
+    from qcore.quantize.reconstruction import ReconstructionSettings, reconstruct_blocks
+    from tests.conftest import seed_app_result
+
+    def quick(qnet, images, seed):
+        return reconstruct_blocks(qnet, images, ReconstructionSettings(iterations=50), seed)
+
+    monkeypatch.setattr("qcore.quantize.qmodel.reconstruct_blocks", quick)
+    config = QuantConfig(weight_bits=2, methods=("block-reconstruction",))
+    qnet = quantize_for(pretrained, mnist, config)
+    seed_app_result("report", pretrained, mnist, config, build_report(pretrained, mnist, config, float_eval, qnet))
+    at = app.run()
+    at.select_slider(key="weight_bits").set_value(2).run()
+    at.multiselect(key="methods").set_value(["block-reconstruction"])
+    next(b for b in at.button if b.label == "Apply methods").click()
+    at.run()
+    at.switch_page("pages/methods.py").run()
+    no_exceptions(at)
+    shown = next(d.value for d in at.dataframe if "error, reconstructed" in d.value.columns)
+    expected = block_rows(qnet.methods.blocks)
+    assert list(shown["block"]) == ["conv1+conv2", "fc1+fc2"] == [row["block"] for row in expected]
+    assert list(shown["error, nearest rounding"]) == [row["error, nearest rounding"] for row in expected]
+    assert list(shown["error, reconstructed"]) == [row["error, reconstructed"] for row in expected]
+
+
 def test_deploy_page_says_how_the_engine_requantizes(app):
     at = app.run()
     at.switch_page("pages/deploy.py").run()
