@@ -44,6 +44,7 @@ ADAROUND_BATCH = 128
 ADAROUND_LR = 1e-2
 ADAROUND_REG = 0.01
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+ADAROUND_WARMUP = 0.2  # the first fifth of the steps without the rounding regulariser
 MIXED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -280,6 +281,44 @@ def reconstruction_error(
         return float(difference.pow(2).flatten(1).sum(dim=1).mean())
 
 
+class SoftRounding:
+    """One layer's weights on the grid of `qparams`, each rounded down or up as a learned variable `v`
+    decides through a rectified sigmoid, starting where nearest rounding is (AdaRound; block
+    reconstruction learns several at once)."""
+
+    def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
+        self.scale, self.zero = qparams.scale_for(weight), qparams.zero_point_for(weight)
+        scaled = weight / self.scale
+        self.floor = torch.floor(scaled)
+        rest = torch.clamp(scaled - self.floor, 0.01, 0.99)  # start where nearest rounding is, inside (0, 1)
+        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+        self.lo, self.hi = qparams.qmin - self.zero, qparams.qmax - self.zero
+        self.nearest = (torch.clamp(torch.round(scaled), self.lo, self.hi) + self.zero).to(torch.int32)
+
+    def weight(self) -> torch.Tensor:
+        """The soft-rounded weights (differentiable in `v`)."""
+        return self.scale * torch.clamp(self.floor + _rectified_sigmoid(self.v), self.lo, self.hi)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """Drives each variable to 0 or 1."""
+        return (1 - (2 * _rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+    def integers(self) -> torch.Tensor:
+        """The learned rounding as integer weights."""
+        with torch.no_grad():
+            rounded = torch.clamp(self.floor + (self.v >= 0).to(self.floor.dtype), self.lo, self.hi)
+            return (rounded + self.zero).to(torch.int32)
+
+
+def rounding_regularizer_beta(step: int, iterations: int) -> float | None:
+    """AdaRound's schedule: no regulariser for the first ADAROUND_WARMUP of the steps, then its beta
+    annealed from 20 to 2 (None: not yet)."""
+    progress = step / iterations
+    if progress < ADAROUND_WARMUP:
+        return None
+    return 20.0 + (2.0 - 20.0) * (progress - ADAROUND_WARMUP) / (1 - ADAROUND_WARMUP)
+
+
 def adaround(
     weight: torch.Tensor,
     qparams: QParams,
@@ -292,35 +331,28 @@ def adaround(
     """Learned rounding of `weight` on the grid of `qparams`, reconstructing W x from W_hat x_hat.
     Returns integer weights and what it did; nearest rounding is returned if it reconstructs better."""
     generator = torch.Generator().manual_seed(seed)
-    scale, zero = qparams.scale_for(weight), qparams.zero_point_for(weight)
-    scaled = weight / scale
-    floor = torch.floor(scaled)
-    rest = torch.clamp(scaled - floor, 0.01, 0.99)  # start where nearest rounding is, inside (0, 1)
-    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
-    optimizer = torch.optim.Adam([v], lr=ADAROUND_LR)
+    rounding = SoftRounding(weight, qparams)
+    optimizer = torch.optim.Adam([rounding.v], lr=ADAROUND_LR)
     with torch.no_grad():
         target = _layer_apply(weight, x, layer)
-    lo, hi = qparams.qmin - zero, qparams.qmax - zero
     for step in range(iterations):
         cancel.checkpoint()  # per step: abandoned work stops here
         batch = torch.randint(0, len(x), (min(ADAROUND_BATCH, len(x)),), generator=generator)
-        soft = scale * torch.clamp(floor + _rectified_sigmoid(v), lo, hi)
-        loss = (_layer_apply(soft, x_hat[batch], layer) - target[batch]).pow(2).flatten(1).sum(dim=1).mean()
-        progress = step / iterations
-        if progress >= 0.2:  # warm-up without the regulariser, then anneal beta from 20 to 2
-            beta = 20.0 + (2.0 - 20.0) * (progress - 0.2) / 0.8
-            loss = loss + ADAROUND_REG * (1 - (2 * _rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+        output = _layer_apply(rounding.weight(), x_hat[batch], layer)
+        loss = (output - target[batch]).pow(2).flatten(1).sum(dim=1).mean()
+        beta = rounding_regularizer_beta(step, iterations)
+        if beta is not None:
+            loss = loss + ADAROUND_REG * rounding.regularizer(beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        learned = torch.clamp(floor + (v >= 0).to(weight.dtype), lo, hi) + zero
-        nearest = torch.clamp(torch.round(scaled), lo, hi) + zero
-        error_learned = reconstruction_error(weight, scale * (learned - zero), x, x_hat, layer)
-        error_nearest = reconstruction_error(weight, scale * (nearest - zero), x, x_hat, layer)
+    learned, nearest = rounding.integers(), rounding.nearest
+    scale, zero = rounding.scale, rounding.zero
+    error_learned = reconstruction_error(weight, scale * (learned - zero), x, x_hat, layer)
+    error_nearest = reconstruction_error(weight, scale * (nearest - zero), x, x_hat, layer)
     kept = error_learned <= error_nearest
     chosen = learned if kept else nearest
-    return chosen.to(torch.int32), {
+    return chosen, {
         "flipped": int((chosen != nearest).sum()),
         "flipped_fraction": float((chosen != nearest).float().mean()),
         "objective_nearest": error_nearest,

@@ -33,8 +33,7 @@ from qcore import cancel
 from qcore.graph import GraphRun, ModelGraph, Op, batch_size_for
 from qcore.graph.blocks import Block, reconstruction_blocks
 from qcore.graph.ops import activation
-from qcore.quantize.methods import ADAROUND_LR, ADAROUND_REG, GAMMA, ZETA
-from qcore.quantize.quant import QParams
+from qcore.quantize.methods import ADAROUND_LR, ADAROUND_REG, SoftRounding, rounding_regularizer_beta
 
 
 class QuantizedNet(Protocol):
@@ -58,7 +57,6 @@ BLOCK_ITERATIONS = 1000  # Adam steps per block
 BLOCK_BATCH = 32  # BRECQ's; here 3.7x faster a step than 64 (a residual block's maps stay in cache)
 DROP_PROBABILITY = 0.5  # QDrop's: each activation keeps its float value with this probability
 SCALE_LR = 1e-3  # an activation scale's Adam step, as a fraction of its calibrated value
-WARMUP = 0.2  # the first fifth of the steps without the rounding regulariser, as AdaRound
 
 
 @dataclass(frozen=True)
@@ -84,37 +82,6 @@ class ReconstructionSettings:
         return found
 
 
-def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-class _SoftRounding:
-    """One layer's weights on its grid, each rounded down or up as a learned variable decides (AdaRound's
-    rectified sigmoid), starting where nearest rounding is."""
-
-    def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
-        self.scale, self.zero = qparams.scale_for(weight), qparams.zero_point_for(weight)
-        scaled = weight / self.scale
-        self.floor = torch.floor(scaled)
-        rest = torch.clamp(scaled - self.floor, 0.01, 0.99)
-        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
-        self.lo = (qparams.qmin - self.zero).to(weight.dtype)
-        self.hi = (qparams.qmax - self.zero).to(weight.dtype)
-        self.nearest = torch.clamp(torch.round(scaled), self.lo, self.hi) + self.zero
-
-    def weight(self) -> torch.Tensor:
-        return self.scale * torch.clamp(self.floor + _rectified_sigmoid(self.v), self.lo, self.hi)
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * _rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
-
-    def integers(self) -> torch.Tensor:
-        with torch.no_grad():
-            return (torch.clamp(self.floor + (self.v >= 0).to(self.floor.dtype), self.lo, self.hi) + self.zero).to(
-                torch.int32
-            )
-
-
 class _LearningRun(GraphRun):
     """The simulation with soft-rounded weights for the block's layers, rounding that passes gradients
     straight through, and QDrop's dropping of activation quantization. Each hook computes the
@@ -123,7 +90,7 @@ class _LearningRun(GraphRun):
     def __init__(
         self,
         qnet: QuantizedNet,
-        soft: dict[str, _SoftRounding],
+        soft: dict[str, SoftRounding],
         scales: dict[str, torch.Tensor],
         drop: float,
         generator: torch.Generator,
@@ -214,6 +181,13 @@ def _through(run: GraphRun, block: Block, x: torch.Tensor, step: int) -> torch.T
     return torch.cat(parts)
 
 
+def _next_input(simulation: GraphRun, block: Block, x_quantized: torch.Tensor, step: int) -> torch.Tensor:
+    """What the quantized model hands the next block: the block's output, then its `end` op's `after`."""
+    output = _through(simulation, block, x_quantized, step)
+    with torch.no_grad():
+        return simulation.after(simulation.graph.op(block.end), output)
+
+
 def block_error(qnet: QuantizedNet, block: Block, x_quantized: torch.Tensor, target: torch.Tensor) -> float:
     """The block's reconstruction error: mean over samples of || float output - quantized output ||^2,
     the quantized block (as `qnet` decides it) fed `x_quantized`."""
@@ -232,9 +206,7 @@ def block_inputs(qnet: QuantizedNet, images: torch.Tensor) -> list[tuple[Block, 
     for block in reconstruction_blocks(qnet.graph):
         target = _through(float_run, block, x_float, step)
         found.append((block, x_quantized, target))
-        x_quantized = _through(simulation, block, x_quantized, step)
-        with torch.no_grad():
-            x_quantized = simulation.after(qnet.graph.op(block.end), x_quantized)
+        x_quantized = _next_input(simulation, block, x_quantized, step)
         x_float = target
     return found
 
@@ -272,9 +244,9 @@ def _learn_block(
     target: torch.Tensor,
     settings: ReconstructionSettings,
     generator: torch.Generator,
-) -> tuple[dict[str, _SoftRounding], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, SoftRounding], dict[str, torch.Tensor]]:
     soft = {
-        name: _SoftRounding(qnet.layers[name].weight, qnet.layers[name].weight_qparams)
+        name: SoftRounding(qnet.layers[name].weight, qnet.layers[name].weight_qparams)
         for name in block.layers
         if qnet.layers[name].weight_qparams is not None
     }
@@ -295,9 +267,8 @@ def _learn_block(
             from_float = run._random(x) < settings.drop_probability
             x = torch.where(from_float, x_float[batch], x)
         loss = _squared_error(run.run_between(block.start, x, block.end), target[batch])
-        progress = step / settings.iterations
-        if progress >= WARMUP:  # then anneal beta from 20 to 2, as AdaRound
-            beta = 20.0 + (2.0 - 20.0) * (progress - WARMUP) / (1 - WARMUP)
+        beta = rounding_regularizer_beta(step, settings.iterations)  # AdaRound's schedule
+        if beta is not None:
             loss = loss + ADAROUND_REG * sum(rounding.regularizer(beta) for rounding in soft.values())
         optimizer.zero_grad()
         loss.backward()
@@ -340,7 +311,7 @@ def reconstruct_blocks(
     for block in reconstruction_blocks(qnet.graph):
         target = _through(float_run, block, x_float, step)
         soft, scales = _learn_block(current, block, x_quantized, x_float, target, settings, generator)
-        nearest = {name: rounding.nearest.to(torch.int32) for name, rounding in soft.items()}
+        nearest = {name: rounding.nearest for name, rounding in soft.items()}
         for name, integers in nearest.items():
             layers[name].weight_int = integers
         error_nearest = block_error(current.with_layers(layers), block, x_quantized, target)
@@ -370,9 +341,6 @@ def reconstruct_blocks(
             "flipped_fraction": flipped / total if total else 0.0,
             "scales_learned": sorted(scales) if kept else [],
         }
-        simulation = current.simulation()
-        x_quantized = _through(simulation, block, x_quantized, step)
-        with torch.no_grad():
-            x_quantized = simulation.after(qnet.graph.op(block.end), x_quantized)
+        x_quantized = _next_input(current.simulation(), block, x_quantized, step)
         x_float = target
     return result
