@@ -28,11 +28,10 @@ def seed_app_result(kind: str, model, data, config, result, zoo: str = "mnist-ne
     """Put a result qcore computed in the test into the session's store under the key the app looks it
     up by (the bundled model, the data's content, the config): the page then shows it without computing
     it again (its display is what the test checks)."""
-    from qcore.models.checkpoint import fingerprint
-    from ui.cache import store_key
-    from ui.store import ResultStore
+    from qcore.models.checkpoint import bundled_identity
+    from qcore.store import ResultStore, result_key
 
-    key = store_key(kind, f"{zoo}-{fingerprint(model)}", data.content_id, config.to_json())
+    key = result_key(kind, bundled_identity(zoo, model), data.content_id, config.to_json())
     ResultStore(TEST_STORE, 2**31).put(key, result)
 
 

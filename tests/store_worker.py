@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from ui.store import ResultStore
+from qcore.store import ResultStore
 
 
 def compute_once(directory: str, log: str, key: str, results: multiprocessing.Queue) -> None:

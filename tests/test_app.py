@@ -791,8 +791,8 @@ def test_damaged_data_file_is_named_without_the_servers_path(app, tmp_path, monk
 def test_a_broken_store_costs_sharing_never_a_result(app, monkeypatch, tmp_path, pretrained, mnist):
     """Issue 35: a corrupted cache.db made every new what-if 'Results could not be computed ... (OperationalError)',
     blaming the model. Now the page computes without the store and says once that results are not shared."""
+    from qcore.store import ResultStore
     from ui import cache
-    from ui.store import ResultStore
 
     (tmp_path / "cache.db").write_bytes(b"not a database" * 100)
     monkeypatch.setattr(cache, "STORE", ResultStore(tmp_path, 64 * 2**20))

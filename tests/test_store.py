@@ -12,8 +12,8 @@ import torch
 import qcore
 import qcore.data
 from qcore.data import Dataset, Split, with_input_scale
+from qcore.store import ResultStore, StoreConfigError, store_from_environment
 from tests.store_worker import compute_once
-from ui.store import ResultStore, StoreConfigError, store_from_environment
 
 
 def _dataset(seed: int, folder_note: str = "") -> Dataset:
@@ -133,9 +133,9 @@ def test_a_lock_is_a_lease_its_owner_renews(tmp_path, monkeypatch):
     import threading
     import time
 
-    import ui.store
+    import qcore.store
 
-    monkeypatch.setattr(ui.store, "LEASE_SECONDS", 0.6)
+    monkeypatch.setattr(qcore.store, "LEASE_SECONDS", 0.6)
     store = ResultStore(tmp_path, 64 * 1024 * 1024)
     seen: list[object] = []
 
@@ -197,7 +197,7 @@ def test_a_store_that_works_again_is_used_again(tmp_path, monkeypatch):
 
     import diskcache
 
-    import ui.store
+    import qcore.store
 
     store = ResultStore(tmp_path, 64 * 1024 * 1024)
     real = diskcache.Cache.set
@@ -205,7 +205,7 @@ def test_a_store_that_works_again_is_used_again(tmp_path, monkeypatch):
     store.put("k", 1)
     assert store.problem
     monkeypatch.setattr(diskcache.Cache, "set", real)
-    monkeypatch.setattr(ui.store, "RETRY_SECONDS", 0)
+    monkeypatch.setattr(qcore.store, "RETRY_SECONDS", 0)
     store.put("k", 2)
     assert store.problem == "" and store.get("k") == 2
 

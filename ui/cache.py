@@ -1,6 +1,6 @@
 """Caching rules: st.cache_resource only for read-only shared data (the datasets, the bundled nets);
 results are kept per kind in a bounded in-process cache of the objects themselves, keyed by (model
-fingerprint, data source, config JSON, ...), in front of the shared result store (ui.store) that a
+fingerprint, data source, config JSON, ...), in front of the shared result store (qcore.store) that a
 server's replicas share, keyed by content; sessions share results only for identical weights and data."""
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import ImportedModel, import_onnx
 from qcore.quantize.config import QuantConfig
+from qcore.store import StoreConfigError, result_key, store_from_environment
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
-from ui.store import ResultStore, StoreConfigError, store_from_environment
 
 
 def _session_present(session_id: Hashable) -> bool:
@@ -200,16 +200,10 @@ def bundled_model(zoo: str) -> nn.Module:
 # --- results: every session's, in memory, in front of the shared store, computed in the gate's line ---
 
 
-def store_key(kind: str, fingerprint: str, data_id: str, *rest: object) -> str:
-    """The shared store's key of a result: its kind, the model, the data's content id and what else it
-    depends on (the config JSON first), as every replica computes it."""
-    return ResultStore.key(kind, fingerprint, data_id, json.dumps(list(rest), default=str))
-
-
 class _Results:
     """One kind of result, shared by every session of this process: a bounded in-memory LRU of the
     objects themselves (st.cache_data unpickled a copy, a Report with its quantized model, on every
-    rerun of every session), in front of the disk store the replicas share (ui.store). A miss waits its
+    rerun of every session), in front of the disk store the replicas share (qcore.store). A miss waits its
     turn in the gate's line, where sessions asking for the same key share one computation."""
 
     def __init__(self, kind: str, limit: int, spinner: str | None = None) -> None:
@@ -241,7 +235,7 @@ class _Results:
     def store_key(self, key: tuple[object, ...], folder: str) -> str:
         """The store's key: the folder (a server path) replaced by the data's content id."""
         fingerprint, _folder, *rest = key
-        return store_key(self.kind, str(fingerprint), shared_data(folder).content_id, *rest)
+        return result_key(self.kind, str(fingerprint), shared_data(folder).content_id, *rest)
 
     def get(
         self,

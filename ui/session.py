@@ -22,7 +22,7 @@ from qcore.analysis.tables import Report
 from qcore.data import DATASETS, MAX_SEED, DataError, DataFileError, Dataset, DatasetSpec, data_dir
 from qcore.files import shorten
 from qcore.graph import ModelGraph
-from qcore.models.checkpoint import fingerprint
+from qcore.models.checkpoint import bundled_identity, fingerprint
 from qcore.models.onnx_import import ImportedModel
 from qcore.models.zoo import DEFAULT_MODEL, ZOO, zoo_model
 from qcore.quantize.calibrate import OBSERVERS
@@ -193,7 +193,7 @@ def switch_model(zoo: str) -> None:
 
 def bundled_entry(zoo: str) -> ModelEntry:
     bundled = cache.bundled_model(zoo)
-    return ModelEntry(bundled, bundled_name(zoo), f"{zoo}-{fingerprint(bundled)}", zoo=zoo)
+    return ModelEntry(bundled, bundled_name(zoo), bundled_identity(zoo, bundled), zoo=zoo)
 
 
 def current_model() -> ModelEntry:

@@ -387,6 +387,11 @@ def load_model(
     return model_from_state(read_checkpoint(zoo_model(model_name).checkpoint if source is None else source), model_name)
 
 
+def bundled_identity(zoo: str, model: nn.Module) -> str:
+    """A zoo model's identity as the app and its result store key it: the zoo name and its fingerprint."""
+    return f"{zoo}-{fingerprint(model)}"
+
+
 def fingerprint(model: nn.Module) -> str:
     """A short content hash of everything in the model that decides its outputs, to key caches and the
     shared store by: its operations (an fx module's generated code: their order and functions; each

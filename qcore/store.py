@@ -204,6 +204,12 @@ class ResultStore:
             self.cache.close()
 
 
+def result_key(kind: str, fingerprint: str, data_id: str, *rest: object) -> str:
+    """The store's key of a result: its kind, the model, the data's content id and what else it depends
+    on (the config JSON first), as every replica (ui.cache) and `python -m qcore prepare` compute it."""
+    return ResultStore.key(kind, fingerprint, data_id, json.dumps(list(rest), default=str))
+
+
 def checked_store_folder(folder: str, setting: str = STORE_ENV) -> Path:
     """The store's folder (or another a server writes files in, named by `setting`), or StoreConfigError
     naming the setting when no file could ever live there: a symbolic link loop, a file (/dev/null
@@ -232,10 +238,17 @@ def store_from_environment() -> ResultStore | None:
     folder = os.environ.get(STORE_ENV, "").strip()
     if not folder:
         return None
+    size = store_size_bytes()
+    path = checked_store_folder(folder)
+    log.info("result store at %s, at most %d MB", path, size // 2**20)
+    return ResultStore(path, size)
+
+
+def store_size_bytes() -> int:
+    """The store's bound, QCORE_RESULT_STORE_MB megabytes (DEFAULT_SIZE_MB unset); StoreConfigError
+    naming the setting when it is not a whole number from 16 to 1,000,000."""
     size = os.environ.get(STORE_SIZE_ENV, "").strip()
     megabytes = DEFAULT_SIZE_MB if not size else parse_whole_number(size, 16, 1_000_000)
     if megabytes is None:
         raise StoreConfigError(f"{STORE_SIZE_ENV} must be a whole number of megabytes, 16 to 1000000 (got {size!r})")
-    path = checked_store_folder(folder)
-    log.info("result store at %s, at most %d MB", path, megabytes)
-    return ResultStore(path, megabytes * 1024 * 1024)
+    return megabytes * 2**20
