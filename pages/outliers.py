@@ -3,7 +3,14 @@
 import streamlit as st
 
 from qcore.figures import outlier_figure
-from qcore.lessons.steps import OUTLIER_CALIB_BATCHES, OUTLIER_FACTORS, outlier_conclusion, outlier_layer
+from qcore.lessons.steps import (
+    OUTLIER_CALIB_BATCHES,
+    OUTLIER_DEFAULT_FACTOR,
+    OUTLIER_FACTORS,
+    OUTLIER_TARGETS,
+    outlier_conclusion,
+    outlier_layer,
+)
 from ui import cache, session
 from ui.lessons import lesson_links
 from ui.tables import table_with_csv
@@ -26,12 +33,14 @@ layer_name = outlier_layer(entry.model)
 columns = st.columns(2)
 target = columns[0].radio(
     "Where",
-    ["weights", "calibration"],
+    list(OUTLIER_TARGETS),
     format_func=lambda t: {"weights": f"{layer_name}'s largest weight", "calibration": "one calibration image"}[t],
     key="lesson4_target",
     horizontal=True,
 )
-factor = columns[1].select_slider("Multiplied by", [int(f) for f in OUTLIER_FACTORS], value=50, key="lesson4_factor")
+factor = columns[1].select_slider(
+    "Multiplied by", [int(f) for f in OUTLIER_FACTORS], value=int(OUTLIER_DEFAULT_FACTOR), key="lesson4_factor"
+)
 with st.spinner("Eight calibrations and evaluations…"):
     rows = cache.outliers(
         entry.fingerprint, config.to_json(), target, float(factor), session.data_folder(), entry.model

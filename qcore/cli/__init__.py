@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from qcore.cli import catalog, explain, export, measure, search, training
+from qcore.cli import catalog, explain, export, measure, prepare, search, training
 from qcore.cli.common import Parser, UsageError, import_onnx_checkpoint
 from qcore.data import DataError, data_dir
 from qcore.files import OutputPathError, shorten
@@ -43,6 +43,7 @@ COMMANDS = (
     explain.add_walkthrough,
     catalog.add_models,
     export.add_export,
+    prepare.add_prepare,
 )
 
 

@@ -214,7 +214,7 @@ def outlier_lesson(
     values are, SQNR and accuracy (on the first `test_images` test images). Eight calibrations, each
     on `calib_batches` batches so the lesson stays quick."""
     config = replace(config, calib_batches=min(config.calib_batches, calib_batches)).validate(None)
-    if target not in ("weights", "calibration"):
+    if target not in OUTLIER_TARGETS:
         raise ValueError(f"target must be weights or calibration (got {target!r})")
     test = data.test.subset(test_images)
     clean_data = Dataset(data.train, test)
@@ -254,6 +254,8 @@ def outlier_lesson(
     return rows
 
 
+OUTLIER_TARGETS = ("weights", "calibration")  # where the lesson puts the outlier
+OUTLIER_DEFAULT_FACTOR = 50.0  # the factor the lesson opens with
 OUTLIER_FACTORS = (2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)  # what the lesson offers to multiply the outlier by
 OUTLIER_NOISE_POINTS = 0.5  # differences below this on the lesson's 2,000 test images are not told apart
 

@@ -57,6 +57,8 @@ _STEPS: tuple[TourStep, ...] = (
     ),
 )
 
+TOUR_STEPS = len(_STEPS)
+
 
 def tour_for(two_bit_drops: dict[str, float]) -> tuple[TourStep, ...]:
     """The tour on one model. `two_bit_drops`: each layer's accuracy drop (fraction of 1) when only it is

@@ -1,0 +1,107 @@
+"""`python -m qcore prepare` (issue 29): what a class will ask of a model, computed ahead into a result store;
+the app then reads every tour step and lesson from that store and computes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import streamlit.testing.v1.app_test as app_test_module
+from streamlit.testing.v1 import AppTest
+
+from qcore.analysis.tables import quantize_for
+from qcore.inference.evaluate import evaluate
+from qcore.quantize.config import QuantConfig
+from tests.conftest import ROOT, run_cli
+from ui.apptest import NavigationPagesManager
+
+TOUR_STEPS = 7
+# the default report, the Outliers lesson's two targets, the walk (the notebook's net has no BatchNorm to
+# fold and no residual add: those lessons say so and compute nothing)
+LESSON_RESULTS = 4
+# what ui.cache computes a result with: none of them may run once a class is prepared
+COMPUTATIONS = (
+    "evaluate",
+    "build_report",
+    "quantize_for",
+    "layer_sensitivity",
+    "outlier_lesson",
+    "folding_walkthrough",
+    "residual_adds",
+    "explain",
+    "diagnose",
+    "bit_sweep",
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The default model's tour and lessons prepared into a store of their own, as a teacher would."""
+    store = tmp_path_factory.mktemp("prepared-store")
+    done = run_cli("prepare", "--model", "mnist-net", "--tour", "--lessons", "--store", str(store), "--json")
+    assert done.returncode == 0, done.stderr
+    return store, json.loads(done.stdout)
+
+
+@pytest.mark.slow
+def test_prepare_computes_each_result_once_and_a_second_run_reads_them_all(prepared):
+    store, summary = prepared
+    results = summary["results"]
+    assert len(results) == 1 + 1 + TOUR_STEPS + LESSON_RESULTS
+    # the lessons' default report is the tour's first step, stored by then; everything else was computed
+    assert [r["what"] for r in results if r["stored_before"]] == ["the default settings' report"]
+    assert [r["what"] for r in results[2 : 2 + TOUR_STEPS]][-1] == "tour step 7: 2-bit weights with AdaRound"
+    again = run_cli("prepare", "--model", "mnist-net", "--tour", "--lessons", "--store", str(store), "--json")
+    assert again.returncode == 0, again.stderr
+    assert all(r["stored_before"] for r in json.loads(again.stdout)["results"])
+
+
+@pytest.mark.slow
+def test_a_prepared_class_reads_every_tour_step_and_lesson_from_the_store(prepared, monkeypatch, pretrained, mnist):
+    """A fresh process's app (no result in memory) on the prepared store: every tour step applied and each
+    lesson opened shows its numbers, and nothing is computed (each computation ui.cache calls fails)."""
+    from qcore.store import ResultStore
+    from ui import cache
+
+    store, _summary = prepared
+    monkeypatch.setattr(cache, "STORE", ResultStore(store, 2**31))
+    for name, results in list(vars(cache).items()):
+        if isinstance(results, cache._Results):  # nothing this process computed before is in memory
+            monkeypatch.setattr(cache, name, cache._Results(results.kind, results.limit, results.spinner))
+    computed: list[str] = []
+    for name in COMPUTATIONS:
+        monkeypatch.setattr(cache, name, lambda *args, name=name, **kwargs: computed.append(name))
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/tour.py").run()
+    for index in range(TOUR_STEPS):
+        if index:  # the first step is the default the page opens on
+            next(b for b in at.button if b.key == f"tour_{index}").click()
+            at.run()
+        assert not at.exception and not at.error, [e.value for e in at.exception]
+        assert f"**{index + 1}." in next(m.value for m in at.markdown if "(the sidebar is here now)" in m.value)
+    measured = [m.value for m in at.markdown if m.value.startswith("Measured for this model")]
+    assert len(measured) == TOUR_STEPS
+    # the first step's number, read from the store, against the simulation evaluated here
+    accuracy = evaluate(quantize_for(pretrained, mnist, QuantConfig()), mnist.test).accuracy
+    assert f"quantized **{100 * accuracy:.2f}%**" in measured[0]
+    next(b for b in at.button if b.key == "tour_0").click()  # back to the defaults, which the lessons were prepared at
+    at.run()
+    for page in ("pages/outliers.py", "pages/one_image.py", "pages/residual.py", "pages/folding.py"):
+        at.switch_page(page).run()  # folding and residual adds: this net has neither, and the pages say so
+        assert not at.exception and not at.error, (page, [e.value for e in at.exception])
+    assert computed == []
+
+
+def test_prepare_refuses_what_it_cannot_do_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("QCORE_RESULT_STORE", raising=False)
+    no_store = run_cli("prepare", "--model", "mnist-net")
+    assert no_store.returncode == 2
+    assert no_store.stderr.strip() == (
+        "qcore: error: prepare: name the server's result store with --store or $QCORE_RESULT_STORE"
+    )
+    not_a_folder = run_cli("prepare", "--store", "/dev/null")
+    assert not_a_folder.returncode == 2 and "--store='/dev/null' is not a folder" in not_a_folder.stderr
+    bad_bits = run_cli("prepare", "--store", str(tmp_path), "--diagnose", "W4A4,W9A4")
+    assert bad_bits.returncode == 2 and "'W9A4' is not W<2-8>A<2-8>" in bad_bits.stderr
+    assert len(no_store.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
