@@ -299,9 +299,14 @@ def _matches(key: str, got: object, expected: object) -> bool:
 # kernels that sum in another order. These are what aa46c6c (the last commit before the export and this
 # table changed) printed there; every other number it printed was EXPECTED's, ONNX Runtime's W8A8 row aside
 # (1 disagreement: its U8S8 kernels saturated there, which the export's U8U8 weights since avoid).
-OTHER_CPU: dict[str, object] = {
-    "ptq mse W4A4 per-tensor": {"correct": 9823, "hash": "291aefe7e8fe73cc"},
-    "explain W4A4 image 0 before fc2": {"exact": "dc84b83075886c15", "floats": [16, 1.0894, 0.571489, 0.999935]},
+# A fourth (AMD EPYC with AVX-512, VNNI and BF16, 2026-12-07): the same walk's integers once more, at
+# 3cfa350 (which passed CI), every other number EXPECTED's.
+OTHER_CPU: dict[str, list[object]] = {
+    "ptq mse W4A4 per-tensor": [{"correct": 9823, "hash": "291aefe7e8fe73cc"}],
+    "explain W4A4 image 0 before fc2": [
+        {"exact": "dc84b83075886c15", "floats": [16, 1.0894, 0.571489, 0.999935]},
+        {"exact": "0653b8a0d3bfe79e", "floats": [16, 1.0894, 0.571489, 0.999935]},
+    ],
 }
 
 
@@ -310,7 +315,7 @@ def _check(numbers: dict[str, object], keys) -> None:
         key: (numbers[key], EXPECTED[key])
         for key in keys
         if not _matches(key, numbers[key], EXPECTED[key])
-        and not (key in OTHER_CPU and _matches(key, numbers[key], OTHER_CPU[key]))
+        and not any(_matches(key, numbers[key], other) for other in OTHER_CPU.get(key, []))
     }
     assert not mismatches, f"changed from the numbers before the model graph: {mismatches}"
 
