@@ -13,7 +13,8 @@ st.set_page_config(page_title="Quantization Lab", page_icon=FAVICON, layout="wid
 
 PAGES = {
     "Explore": [
-        st.Page("pages/model.py", title="Model", icon=":material/neurology:", default=True),
+        st.Page("pages/start.py", title="Start", icon=":material/home:", default=True),
+        st.Page("pages/model.py", title="Model", icon=":material/neurology:"),
         st.Page("pages/activations.py", title="Activations", icon=":material/show_chart:"),
         st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
         st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
@@ -34,8 +35,7 @@ PAGES = {
     ],
 }
 
-session.route_model_path()  # before st.navigation resolves the URL: /model is the Model page
-navigation = st.navigation(PAGES, expanded=True)  # all 16 pages: collapsed, it hides the last four behind "View more"
+navigation = st.navigation(PAGES, expanded=True)  # all 17 pages: collapsed, it hides the last four behind "View more"
 st.sidebar.title("Quantization Lab")
 if cache.GATE_PROBLEM or cache.STORE_PROBLEM:  # the operator's setting, not a visitor's: refuse rather than guess
     st.error("This server is misconfigured; whoever runs it must fix the setting below and restart it.")

@@ -20,6 +20,7 @@ from tests.conftest import ROOT
 from ui.apptest import NavigationPagesManager
 
 APP = str(ROOT / "app.py")
+MODEL_PAGE = "pages/model.py"
 PAGES = [
     "pages/model.py",
     "pages/activations.py",
@@ -36,7 +37,8 @@ TIMEOUT = 180
 @pytest.fixture
 def app(monkeypatch) -> AppTest:
     monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
-    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+    # the app opens on the Start page; these tests start where a user picks a model, the Model page
+    return AppTest.from_file(APP, default_timeout=TIMEOUT).switch_page(MODEL_PAGE)
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -183,7 +185,7 @@ def test_tiny_training_run_replaces_the_model(app, pretrained):
 @pytest.mark.slow
 def test_two_sessions_see_their_own_models(monkeypatch):
     monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
-    first, second = (AppTest.from_file(APP, default_timeout=TIMEOUT) for _ in range(2))
+    first, second = (AppTest.from_file(APP, default_timeout=TIMEOUT).switch_page(MODEL_PAGE) for _ in range(2))
     model_a, model_b = random_net(1), random_net(2)
     upload(first.run(), "a.pt", checkpoint_bytes(model_a))
     upload(second.run(), "b.pt", checkpoint_bytes(model_b))
@@ -210,7 +212,7 @@ def test_two_sessions_uploading_twin_models_each_see_their_own(monkeypatch, pret
             for name, model in models.items()
         }
     assert expected["net.onnx"] != expected["twin.onnx"]
-    sessions = {name: AppTest.from_file(APP, default_timeout=TIMEOUT) for name in models}
+    sessions = {name: AppTest.from_file(APP, default_timeout=TIMEOUT).switch_page(MODEL_PAGE) for name in models}
     for name in ("twin.onnx", "net.onnx"):
         at = sessions[name].run()
         # named: the twin (no ReLU after its second pool) happens to score higher on raw pixels than on the
@@ -1240,3 +1242,24 @@ def test_the_accuracy_pages_advice_comes_from_its_own_sensitivity_measurement(ap
     no_exceptions(at)
     rows = layer_sensitivity(pretrained, mnist, QuantConfig(weight_bits=3), float_eval.accuracy)
     assert any(box.value == sensitivity_advice(rows) for box in at.info)
+
+
+def test_the_app_opens_on_a_way_in_for_a_class_a_student_and_an_engineer(monkeypatch):
+    """Issue 29: the app opened on a model dropdown and a fingerprint. It opens on the Start page: what the
+    lab is, the current model, and three paths, each a link to a page of the navigation."""
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exceptions(at)
+    assert [t.value for t in at.main.title] == ["Quantization Lab"]
+    assert [h.value for h in at.main.subheader] == ["A class", "A student", "An engineer"]
+    assert "Current model: bundled mnist-net, on MNIST" in [t.value for t in at.text]
+    links = {link.proto.label: link.proto.page for link in at.get("page_link")}  # each page's URL path
+    assert links == {
+        "Choose another model, or bring your own": "model",
+        "Start the guided tour": "tour",
+        "Lesson 1: One number": "one_number",
+        "Glossary": "glossary",
+        "Upload your model": "model",
+        "Diagnose a setting": "diagnose",
+        "Run it on integers and export": "deploy",
+    }

@@ -101,7 +101,7 @@ def test_pages_slider_and_shared_url(server, browser, pretrained, mnist):
 
 # --- a shared server under attack ------------------------------------------------------------
 
-NAV_TITLES = ["Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose", "Auto"]
+NAV_TITLES = ["Start", "Model", "Activations", "Weights", "Accuracy", "Methods", "Deploy", "Diagnose", "Auto"]
 NAV_TITLES += ["One number", "One kernel", "One image on integers", "Outliers", "BatchNorm folding", "Residual adds"]
 NAV_TITLES += ["Guided tour", "Glossary"]
 
@@ -146,7 +146,7 @@ def open_first_requests(browser, base: str, links: dict[str, str]) -> None:
             "weights?weight_bits=3": "Weights",
             "deploy": "Deploy",
             "methods?act_bits=6": "Methods",
-            "?weight_bits=5": "Model",
+            "?weight_bits=5": "Quantization Lab",  # the Start page, at the root
         },
         # lessons first (issue 16: the right page under a false "Page not found" modal)
         {"tour": "Guided tour", "one_image?weight_bits=4": "One image on integers"},
@@ -221,7 +221,7 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
         "buffer": buffer.getvalue(),
     }
     page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
-    page.goto(server)
+    page.goto(f"{server}/model")
     settle(page)
     page.get_by_role("tab", name="Upload a checkpoint").click()
     page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(hostile)
@@ -250,7 +250,7 @@ def test_hostile_uploads_leave_the_uploader_and_every_other_session_working(serv
     uploader = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
     other = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
     for page in (uploader, other):
-        page.goto(server)
+        page.goto(f"{server}/model")
         settle(page)
     uploader.get_by_role("tab", name="Upload a checkpoint").click()
     inputs = uploader.locator("[data-testid='stFileUploaderDropzoneInput']")
@@ -291,7 +291,7 @@ def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
-    page.goto(server)
+    page.goto(f"{server}/model")
     settle(page)
     page.get_by_role("tab", name="Upload a checkpoint").click()
     page.get_by_text("Fashion-MNIST", exact=True).click()

@@ -87,7 +87,7 @@ def test_replicas_behind_haproxy_keep_each_browser_on_its_own_and_share_results(
         uploaded = Net()
         with chromium() as browser:
             page = browser.new_context(viewport={"width": 1400, "height": 1600}).new_page()
-            page.goto(base)
+            page.goto(f"{base}/model")
             page.wait_for_selector(IDLE, timeout=120_000)
             page.get_by_role("tab", name="Upload a checkpoint").click()
             page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(

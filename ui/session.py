@@ -15,7 +15,6 @@ from typing import NoReturn
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime.pages_manager import PagesManager
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
 from qcore.analysis.tables import Report
@@ -64,23 +63,6 @@ def stop_page() -> NoReturn:
 def plain_text(text: str, where: DeltaGenerator | None = None) -> None:
     """Show untrusted text as plain text (st.text renders no markdown or HTML), one line, shortened."""
     (where or st).text(shorten(text, 300))
-
-
-MODEL_PAGE_PATH = "model"  # the Model page's file name; Streamlit serves the default page at "/" instead
-
-
-def route_model_path() -> None:
-    """Let /model open the Model page. Streamlit serves the default page at the root and gives it no
-    other URL, so a link to /model asked for a page that does not exist: the "Page not found" modal,
-    then the root. Asked for by name before st.navigation resolves it, /model means the default page.
-    (Lesson pages sit directly in pages/ for the same modal's other cause: on a fresh server the legacy
-    pages/ mode knows only pages/*.py, and require_navigation then leaves that mode.)"""
-    context = get_script_run_ctx(suppress_warning=True)
-    if context is None:
-        return
-    manager = context.pages_manager
-    if manager.intended_page_name == MODEL_PAGE_PATH and not manager.intended_page_script_hash:
-        manager.set_script_intent("", "")  # no intent: st.navigation falls back to the default page
 
 
 def require_navigation() -> None:
