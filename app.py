@@ -10,6 +10,7 @@ from ui import cache, session
 # font server, which fails in an offline classroom and tells a third party who is in class.
 FAVICON = str(Path(__file__).parent / "ui" / "static" / "favicon.svg")
 st.set_page_config(page_title="Quantization Lab", page_icon=FAVICON, layout="wide")
+st.html(Path(__file__).parent / "ui" / "static" / "layout.css")  # every width: formulas scroll, columns stack
 
 PAGES = {
     "Explore": [
