@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The ladder, lowest rung first: a room may import its own rung and the rungs below it. docs/DESIGN.md
 # ("Layering rules") draws the same picture.
 LADDER: list[set[str]] = [
-    {"qcore", "files", "cancel", "store"},
+    {"qcore", "files", "cancel", "progress", "store"},
     {"data"},
     {"graph"},
     {"models"},

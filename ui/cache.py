@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from contextlib import nullcontext
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
 import streamlit as st
@@ -20,6 +22,7 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
+from qcore import progress
 from qcore.analysis.auto import SearchPoint, SearchResult, SearchSettings, auto_search
 from qcore.analysis.diagnose import Diagnosis, LayerDiagnosis, diagnose
 from qcore.analysis.tables import (
@@ -104,6 +107,42 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
     finally:
         if notice:
             notice[0].empty()
+
+
+PROGRESS_EVERY_S = 0.5  # a progress bar is redrawn at most this often (each redraw is a message to the browser)
+
+
+@contextmanager
+def progress_shown(where: DeltaGenerator | None = None) -> Iterator[None]:
+    """Within the block, a long computation's progress (qcore.progress: AdaRound's and block
+    reconstruction's steps) as a bar with an estimate of the time left, drawn at its first report (in
+    `where`, default the main area) and removed when the block ends. The estimate extrapolates the rate
+    since the first report."""
+    bar: list[DeltaGenerator] = []
+    first: list[tuple[float, float]] = []  # (time, fraction) of the first report
+    drawn = [0.0]
+
+    def show(fraction: float, what: str) -> None:
+        now = time.monotonic()
+        if not first:
+            first.append((now, fraction))
+        if now - drawn[0] < PROGRESS_EVERY_S:
+            return
+        drawn[0] = now
+        if not bar:
+            bar.append((where or st).empty())
+        started, at_start = first[0]
+        left = ""
+        if fraction - at_start >= 0.05:
+            left = f", about {math.ceil((now - started) / (fraction - at_start) * (1 - fraction))} s left"
+        bar[0].progress(fraction, text=f"{what + ': ' if what else ''}{100 * fraction:.0f}% done{left}")
+
+    try:
+        with progress.reporting(show):
+            yield
+    finally:
+        if bar:
+            bar[0].empty()
 
 
 _RUNS = itertools.count()
@@ -309,7 +348,7 @@ def report(
         reference = float_result(fingerprint, folder, model)  # its own turn, before taking a slot
         trained = None if qat is None else qat.trained_for(config)
         data = shared_data(folder)
-        with GATE.slot():
+        with GATE.slot(), progress_shown(where):
             if early is None or trained is not None or config.methods or config.weight_bits_budget:
                 return build_report(model, data, config, reference, qnet=trained)
             qnet = quantize_for(model, data, config)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qcore import cancel
+from qcore import cancel, progress
 from qcore.graph import ModelGraph, Op, OpKind, batch_size_for, run_float
 from qcore.quantize.quant import QParams
 
@@ -40,6 +40,7 @@ METHODS = ("equalization", "adaround", "block-reconstruction", "bias-correction"
 ROUNDING_METHODS = ("adaround", "block-reconstruction")
 EQUALIZATION_ROUNDS = 10
 ADAROUND_ITERATIONS = 1000
+PROGRESS_STEPS = 25  # a learning loop reports how far it has got every this many steps
 ADAROUND_BATCH = 128
 ADAROUND_LR = 1e-2
 ADAROUND_REG = 0.01
@@ -337,6 +338,8 @@ def adaround(
         target = _layer_apply(weight, x, layer)
     for step in range(iterations):
         cancel.checkpoint()  # per step: abandoned work stops here
+        if step % PROGRESS_STEPS == 0:
+            progress.report(step / iterations)
         batch = torch.randint(0, len(x), (min(ADAROUND_BATCH, len(x)),), generator=generator)
         output = _layer_apply(rounding.weight(), x_hat[batch], layer)
         loss = (output - target[batch]).pow(2).flatten(1).sum(dim=1).mean()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from qcore import progress
 from qcore.data import Split, calibration_batches
 from qcore.graph import GraphRun, ModelGraph, ModelGraphModule, Op, OpKind, QuantPlan, capture, model_graph, quant_plan
 from qcore.quantize.calibrate import ActivationStats, Memo, calibrate_points, mse_optimal_weight_range, tensors_digest
@@ -443,19 +444,21 @@ def apply_adaround(qnet: QuantizedNet, images: torch.Tensor) -> None:
 def _learn_adaround(qnet: QuantizedNet, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, dict[str, float]]]:
     float_inputs = capture(qnet.graph, images, "input")
     learned: dict[str, tuple[torch.Tensor, dict[str, float]]] = {}
-    for name, quant in qnet.layers.items():
-        if quant.weight_qparams is None:
-            continue
+    quantized_layers = [name for name, quant in qnet.layers.items() if quant.weight_qparams is not None]
+    for index, name in enumerate(quantized_layers):
+        quant = qnet.layers[name]
         with torch.inference_mode():
             _, _, quantized = qnet.with_layers(qnet.layers).trace(images)
-        learned[name] = adaround(
-            quant.weight,
-            quant.weight_qparams,
-            float_inputs[name],
-            quantized[name],
-            seed=qnet.config.seed,
-            layer=qnet.graph.op(name),
-        )
+        what = f"AdaRound, layer {index + 1} of {len(quantized_layers)}"  # no name from a file: shown as text
+        with progress.part(index, len(quantized_layers), what):
+            learned[name] = adaround(
+                quant.weight,
+                quant.weight_qparams,
+                float_inputs[name],
+                quantized[name],
+                seed=qnet.config.seed,
+                layer=qnet.graph.op(name),
+            )
         quant.weight_int = learned[name][0]  # the next layer learns on this layer's learned rounding
     return learned
 

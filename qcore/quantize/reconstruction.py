@@ -29,11 +29,17 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from qcore import cancel
+from qcore import cancel, progress
 from qcore.graph import GraphRun, ModelGraph, Op, batch_size_for
 from qcore.graph.blocks import Block, reconstruction_blocks
 from qcore.graph.ops import activation
-from qcore.quantize.methods import ADAROUND_LR, ADAROUND_REG, SoftRounding, rounding_regularizer_beta
+from qcore.quantize.methods import (
+    ADAROUND_LR,
+    ADAROUND_REG,
+    PROGRESS_STEPS,
+    SoftRounding,
+    rounding_regularizer_beta,
+)
 
 
 class QuantizedNet(Protocol):
@@ -261,6 +267,8 @@ def _learn_block(
     optimizer = torch.optim.Adam(groups)
     for step in range(settings.iterations):
         cancel.checkpoint()  # per step: abandoned work stops here
+        if step % PROGRESS_STEPS == 0:
+            progress.report(step / settings.iterations)
         batch = torch.randint(0, len(x_quantized), (min(settings.batch, len(x_quantized)),), generator=generator)
         x = x_quantized[batch]
         if settings.drop_probability > 0:  # QDrop: the block's input mixes the quantized and float models'
@@ -308,9 +316,12 @@ def reconstruct_blocks(
         x_quantized = current.simulation().after(qnet.graph.ops[0], images.clone())
     x_float = images
     result = Reconstruction({}, {}, {})
-    for block in reconstruction_blocks(qnet.graph):
+    blocks = reconstruction_blocks(qnet.graph)
+    for index, block in enumerate(blocks):
         target = _through(float_run, block, x_float, step)
-        soft, scales = _learn_block(current, block, x_quantized, x_float, target, settings, generator)
+        what = f"block reconstruction, block {index + 1} of {len(blocks)}"
+        with progress.part(index, len(blocks), what):
+            soft, scales = _learn_block(current, block, x_quantized, x_float, target, settings, generator)
         nearest = {name: rounding.nearest for name, rounding in soft.items()}
         for name, integers in nearest.items():
             layers[name].weight_int = integers
