@@ -1,5 +1,7 @@
 """Diagnose: which layer causes the drop, what to do about it, and where the engines part."""
 
+import time
+
 import streamlit as st
 
 from qcore.analysis.diagnose import layer_table, worst_channels
@@ -46,8 +48,15 @@ bar = st.empty()  # a progress bar, only while a diagnosis is computed (a cached
 measured = st.empty()  # and the rows measured so far, filled in layer by layer
 
 
+first_report: list[tuple[float, float]] = []  # when the diagnosis first said how far it was, and how far
+
+
 def show(done: int, total: int, what: str) -> None:
-    bar.progress(done / total, text=f"Diagnosing ({done}/{total}): {what}")
+    now = time.monotonic()
+    if not first_report:
+        first_report.append((now, done / total))
+    left = cache.time_left(first_report[0], now, done / total)
+    bar.progress(done / total, text=f"Diagnosing ({done}/{total}{left}): {what}")
 
 
 def show_rows(rows_so_far: list) -> None:

@@ -108,3 +108,11 @@ def test_the_app_draws_the_fraction_and_the_time_left_then_removes_the_bar(monke
         (0.75, "75% done, about 7 s left"),
     ]
     assert where.placed == 2 and where.removed  # one bar, placed at the first report and removed at the end
+
+
+def test_the_time_left_is_the_rate_so_far_extrapolated_once_five_percent_more_is_done():
+    from ui.cache import time_left
+
+    assert time_left((100.0, 0.1), 101.0, 0.14) == ""  # 4% since: too little to tell
+    assert time_left((100.0, 0.1), 110.0, 0.3) == ", about 35 s left"  # 0.2 in 10 s: 0.7 takes 35 s
+    assert time_left((100.0, 0.0), 103.0, 0.5) == ", about 3 s left"

@@ -109,6 +109,15 @@ def _in_turn(key: Hashable, compute: Callable[[], Result], where: DeltaGenerator
             notice[0].empty()
 
 
+def time_left(since: tuple[float, float], now: float, fraction: float) -> str:
+    """', about N s left' at the rate since `since` (a time and the fraction done then); '' until 5% more
+    of the work is done, when a rate means little."""
+    started, at_start = since
+    if fraction - at_start < 0.05:
+        return ""
+    return f", about {math.ceil((now - started) / (fraction - at_start) * (1 - fraction))} s left"
+
+
 PROGRESS_EVERY_S = 0.5  # a progress bar is redrawn at most this often (each redraw is a message to the browser)
 
 
@@ -131,10 +140,7 @@ def progress_shown(where: DeltaGenerator | None = None) -> Iterator[None]:
         drawn[0] = now
         if not bar:
             bar.append((where or st).empty())
-        started, at_start = first[0]
-        left = ""
-        if fraction - at_start >= 0.05:
-            left = f", about {math.ceil((now - started) / (fraction - at_start) * (1 - fraction))} s left"
+        left = time_left(first[0], now, fraction)
         bar[0].progress(fraction, text=f"{what + ': ' if what else ''}{100 * fraction:.0f}% done{left}")
 
     try:
