@@ -142,6 +142,10 @@ class ResultStore:
     def get(self, key: str) -> object | None:
         return self._call("cannot be read", lambda cache: cache.get(key, default=None, retry=True), None)
 
+    def has(self, key: str) -> bool:
+        """Whether a result is stored under `key`, without reading it (False while the store fails)."""
+        return self._call("cannot be read", lambda cache: key in cache, False)
+
     def put(self, key: str, value: object) -> None:
         self._call("cannot be written", lambda cache: cache.set(key, value, retry=True), None)
 

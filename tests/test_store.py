@@ -235,3 +235,12 @@ def test_a_store_setting_that_can_never_work_stops_the_server_naming_it(tmp_path
     monkeypatch.delenv("QCORE_RESULT_STORE_MB", raising=False)
     with pytest.raises(StoreConfigError, match="^QCORE_RESULT_STORE="):
         store_from_environment()
+
+
+def test_has_says_whether_a_key_is_stored_without_reading_it(tmp_path):
+    store = ResultStore(tmp_path, 64 * 1024 * 1024)
+    store.put("report:a", {"accuracy": 0.98})
+    assert store.has("report:a") and not store.has("report:b")
+    (tmp_path / "broken").write_bytes(b"")
+    broken = ResultStore(tmp_path / "broken", 64 * 1024 * 1024)  # a file where a folder should be
+    assert not broken.has("report:a") and broken.problem

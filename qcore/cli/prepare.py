@@ -94,6 +94,7 @@ class Preparation:
     def __init__(self, store: ResultStore, identity: str, model: nn.Module, data: Dataset) -> None:
         self.store, self.identity, self.model, self.data = store, identity, model, data
         self.log: list[dict[str, object]] = []
+        self.results: dict[str, object] = {}  # by key: what this run got, for the items that build on it
         self.reference: EvalResult | None = None  # the float model's, which every report is read against
 
     def key(self, kind: str, *rest: object) -> str:
@@ -105,8 +106,9 @@ class Preparation:
         found = self.store.get(key)
         stored_before = found is not None
         result = found if stored_before else self.store.compute(key, item.compute)
-        if self.store.problem or self.store.get(key) is None:  # the store computes without itself when it fails
+        if self.store.problem or not self.store.has(key):  # the store computes without itself when it fails
             raise UsageError(f"prepare: {self.store.problem or 'the result store did not keep ' + item.label}")
+        self.results[key] = result
         seconds = time.monotonic() - started
         self.log.append({"what": item.label, "kind": item.kind, "stored_before": stored_before, "seconds": seconds})
         if show:
@@ -148,9 +150,9 @@ def _lesson_items(preparation: Preparation) -> list[Item]:
         items.append(Item("BatchNorm folding lesson", "folding", (config_json,), walk))
     if any(op.kind is OpKind.ADD for op in graph.ops):
 
-        def residual() -> object:  # on the report's quantized net, as the page does: stored by the first item
-            stored = preparation.store.get(preparation.key(report.kind, *report.rest))
-            return residual_adds(stored.qnet, data)  # type: ignore[union-attr]
+        def residual() -> object:  # on the report's quantized net, as the page does: got by the first item
+            got = preparation.results[preparation.key(report.kind, *report.rest)]
+            return residual_adds(got.qnet, data)  # type: ignore[attr-defined]
 
         items.append(Item("Residual adds lesson", "residual", (config_json,), residual))
     items.append(
