@@ -1,7 +1,10 @@
 """Lesson 5: a guided tour for a class; each step sets the sidebar, and what it measures is shown live."""
 
+import time
+
 import streamlit as st
 
+from qcore.lessons.prepare import StoreFailed
 from qcore.lessons.tour import NOISE_POINTS, sensitivity_config, step_config, tour_for, within_noise
 from ui import cache, session
 from ui.lessons import lesson_links
@@ -57,3 +60,39 @@ for index, step in enumerate(steps):
                 else:
                     st.caption(f"Against step {other + 1}: {100 * (quant - before):+.2f} points.")
 st.caption("Each config is computed once per model and cached: coming back to a step is instant.")
+
+
+def offer_to_prepare() -> None:
+    """For whoever runs the server (QCORE_OPERATOR=1 on their own instance): the tour and the lessons of
+    this model computed into the shared store now, as `python -m qcore prepare` does, with progress."""
+    with st.expander("For whoever runs this server: prepare this model for a class"):
+        st.markdown(
+            "Computes every step of this tour and the lessons at their default settings into the server's "
+            "result store, so that a class opens each of them from the store instead of waiting. The same as "
+            "`python -m qcore prepare --model NAME`; what is stored already is not computed again."
+        )
+        if not st.button("Prepare the tour and the lessons", key="prepare_class"):
+            return
+        bar = st.progress(0.0, text="Starting…")
+        started = time.monotonic()
+
+        def on_done(done: int, total: int, what: str, stored_before: bool, seconds: float) -> None:
+            state = "already stored" if stored_before else f"computed in {seconds:.0f} s"
+            left = cache.time_left((started, 0.0), time.monotonic(), done / total)
+            bar.progress(done / total, text=f"{done} of {total}: {what}, {state}{left}")
+
+        try:
+            prepared = cache.prepare_for_class(entry.fingerprint, session.data_folder(), entry.model, on_done)
+        except StoreFailed as error:
+            bar.empty()
+            st.error(f"Not prepared: {error}")
+            return
+        bar.empty()
+        st.success(
+            f"Prepared: {len(prepared.log)} results in the store ({prepared.computed} computed now) "
+            f"in {prepared.seconds:.0f} s."
+        )
+
+
+if cache.operator_mode() and entry.qat is None:  # a QAT model's steps are its own grid's: not what prepare computes
+    offer_to_prepare()

@@ -93,6 +93,36 @@ def test_a_prepared_class_reads_every_tour_step_and_lesson_from_the_store(prepar
     assert computed == []
 
 
+@pytest.mark.slow
+def test_the_operator_s_button_prepares_into_the_server_s_store_and_says_what_it_did(prepared, monkeypatch):
+    """The tour page's button, shown only with QCORE_OPERATOR=1, runs the same preparation into the server's
+    store: on the class the CLI prepared, it finds every result under the app's own keys and computes none;
+    on a server without a store it says so in one line."""
+    from qcore.store import ResultStore
+    from ui import cache
+
+    store, summary = prepared
+    monkeypatch.setattr(cache, "STORE", ResultStore(store, 2**31))
+    monkeypatch.setattr(app_test_module, "PagesManager", NavigationPagesManager)
+    monkeypatch.delenv("QCORE_OPERATOR", raising=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/tour.py").run()
+    assert not [b for b in at.button if b.key == "prepare_class"]  # a class's server offers no such button
+    monkeypatch.setenv("QCORE_OPERATOR", "1")
+    at.run()
+    next(b for b in at.button if b.key == "prepare_class").click()
+    at.run()
+    results = 1 + 1 + TOUR_STEPS + LESSON_RESULTS  # float, the tour's measurement and steps, the lessons
+    assert len(summary["results"]) == results
+    assert [m.value for m in at.success] == [f"Prepared: {results} results in the store (0 computed now) in 0 s."]
+    monkeypatch.setattr(cache, "STORE", None)
+    next(b for b in at.button if b.key == "prepare_class").click()
+    at.run()
+    assert [e.value for e in at.error] == [
+        "Not prepared: this server has no result store to prepare into (set $QCORE_RESULT_STORE)"
+    ]
+
+
 def test_prepare_refuses_what_it_cannot_do_in_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("QCORE_RESULT_STORE", raising=False)
     no_store = run_cli("prepare", "--model", "mnist-net")

@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -49,12 +50,13 @@ from qcore.lessons.failures import (
     folding_walkthrough,
     residual_adds,
 )
+from qcore.lessons.prepare import ItemDone, PreparedClass, StoreFailed, prepare_class
 from qcore.lessons.steps import OutlierRow, outlier_lesson
 from qcore.lessons.walk import Walk, explain
 from qcore.models.checkpoint import load_model
 from qcore.models.onnx_import import ImportedModel, import_onnx
 from qcore.quantize.config import QuantConfig
-from qcore.store import StoreConfigError, result_key, store_from_environment
+from qcore.store import STORE_ENV, StoreConfigError, result_key, store_from_environment
 from qcore.training.qat import QatCheckpoint
 from ui.gate import Gate, GateConfigError, configure_torch_threads, default_slots, slots_from_environment
 
@@ -85,6 +87,9 @@ try:
     STORE, STORE_PROBLEM = store_from_environment(), ""
 except StoreConfigError as error:
     STORE, STORE_PROBLEM = None, str(error)
+# Set to 1 on the instance whoever runs the server uses: the tour page then offers to prepare a class.
+# Never on the class's own replicas: one click is minutes of computation on a shared machine.
+OPERATOR_ENV = "QCORE_OPERATOR"
 Result = TypeVar("Result")
 
 
@@ -387,6 +392,19 @@ def sweep(
             return bit_sweep(model, shared_data(folder), config, range(2, 9), target, on_point=on_point)
 
     return _SWEEPS.get(_folder_first(fingerprint, folder, config_json, target), folder, compute)
+
+
+def operator_mode() -> bool:
+    return os.environ.get(OPERATOR_ENV, "").strip() == "1"
+
+
+def prepare_for_class(fingerprint: str, folder: str, model: nn.Module, on_done: ItemDone) -> PreparedClass:
+    """`python -m qcore prepare --tour --lessons` for the session's model, into this server's store, in
+    one of the gate's slots."""
+    if STORE is None:
+        raise StoreFailed(f"this server has no result store to prepare into (set ${STORE_ENV})")
+    with GATE.slot():
+        return prepare_class(STORE, fingerprint, model, shared_data(folder), on_done=on_done)
 
 
 def sensitivity(fingerprint: str, config_json: str, folder: str, model: nn.Module) -> list[Sensitivity]:
