@@ -15,7 +15,7 @@ Each row: weight bytes (conv and linear weights; a float weight 4 bytes), averag
 and test accuracy, and the tool's seconds. A tool that cannot run a model gets a row that says why.
 
 The peers are not in requirements.txt (they pull in hundreds of MB): install them beside the lab,
-    python -m venv --system-site-packages .peers && .peers/bin/pip install "aimet-torch==2.42.*" "nncf==3.4.*"
+    python -m venv --system-site-packages .peers && .peers/bin/pip install -r requirements-peers.txt
 then run
     QCORE_DATA_DIR=../shared/data PYTHONPATH=. .peers/bin/python bench/bench_auto.py [--models ...]
 """

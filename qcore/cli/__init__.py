@@ -22,6 +22,7 @@ from qcore.data import DataError, data_dir
 from qcore.files import OutputPathError, shorten
 from qcore.graph import GraphError
 from qcore.models.checkpoint import CheckpointError
+from qcore.models.peers import PeersFileError
 from qcore.models.zoo import UnknownModelError
 from qcore.quantize.config import ConfigError
 
@@ -42,6 +43,7 @@ COMMANDS = (
     catalog.add_data,
     explain.add_walkthrough,
     catalog.add_models,
+    catalog.add_peers,
     export.add_export,
     prepare.add_prepare,
 )
@@ -73,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         OutputPathError,
         GraphError,
         UnknownModelError,
+        PeersFileError,
     ) as error:
         print(f"qcore: error: {shorten(error, 1000)}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qcore.cli.common import (
+    UsageError,
     add_common,
     percent,
     table,
@@ -17,7 +18,7 @@ from qcore.data import (
 from qcore.models.checkpoint import (
     load_model,
 )
-from qcore.models.zoo import ZOO
+from qcore.models.zoo import DEFAULT_MODEL, ZOO
 
 
 def add_data(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +37,34 @@ def add_models(commands: argparse._SubParsersAction) -> None:
     models_cmd = commands.add_parser("models", help="the model zoo: each model's dataset, accuracy, size and ops")
     add_common(models_cmd, model=False)
     models_cmd.set_defaults(run=cmd_models)
+
+
+def add_peers(commands: argparse._SubParsersAction) -> None:
+    """`peers`: what the tools engineers use instead measured on a zoo model, beside the lab."""
+    peers_cmd = commands.add_parser(
+        "peers",
+        help="a zoo model quantized by AIMET, Brevitas, NNCF, ONNX Runtime and torchao beside the lab "
+        "(bench/bench_peers.py's shipped result)",
+    )
+    peers_cmd.add_argument("--model", choices=list(ZOO), default=DEFAULT_MODEL, help="the zoo model")
+    peers_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    peers_cmd.set_defaults(run=cmd_peers, data_dir=None, checkpoint=None)
+
+
+def cmd_peers(args: argparse.Namespace) -> dict[str, object]:
+    from qcore.models.peers import comparison_rows, peer_comparison
+
+    comparison = peer_comparison(args.model)
+    if comparison is None:
+        raise UsageError(f"no peers result is shipped for {args.model}: run bench/bench_peers.py --ship")
+    rows = comparison_rows(comparison)
+    if not args.json:
+        print(
+            f"{args.model} (float {comparison.float_accuracy:.2f}%), each tool's best setting per column chosen on "
+            f"validation images; test accuracy (bench/bench_peers.py at {comparison.commit}):"
+        )
+        print(table(rows))
+    return {"model": args.model, "float_accuracy": comparison.float_accuracy, "commit": comparison.commit, "rows": rows}
 
 
 def cmd_data(args: argparse.Namespace) -> dict[str, object]:
