@@ -4,6 +4,8 @@ import streamlit as st
 
 from qcore.analysis.tables import block_rows
 from qcore.figures import adaround_figure, bias_shift_figure, block_reconstruction_figure, equalization_figure
+from qcore.models.peers import PeersFileError, comparison_rows, peer_comparison
+from qcore.quantize.config import QuantConfig
 from qcore.quantize.methods import average_bits
 from ui import session
 from ui.tables import table_with_csv
@@ -14,6 +16,38 @@ session.require_navigation()  # first: a deep link on a fresh server may run thi
 def adaround_row(values: dict[str, object]) -> dict[str, object]:
     """'kept' is a flag: yes/no, not 1/0."""
     return {k: ("yes" if v else "no") if k == "kept" else v for k, v in values.items()}
+
+
+def show_peers(entry: session.ModelEntry, config: QuantConfig) -> None:
+    """What the tools engineers use instead got on this zoo model: measured by bench/bench_peers.py and
+    shipped with the model, never computed here; an upload or retrained weights have no such numbers."""
+    try:
+        comparison = peer_comparison(entry.zoo) if session.is_bundled(entry) else None
+    except PeersFileError as error:
+        st.warning(f"The peers' comparison shipped with this model cannot be read: {error}", icon=None)
+        return
+    if comparison is None:
+        return
+    st.subheader("What would I get elsewhere?")
+    st.markdown(
+        "The same model quantized by AIMET, Brevitas, NNCF, ONNX Runtime's quantizer and torchao (PT2E), beside "
+        "the lab's own recipes: each tool's best setting per column, chosen on 5,000 validation images, then "
+        "measured once on the full test set. Each tool's conventions are in the benchmarks page of the docs."
+    )
+    table_with_csv(comparison_rows(comparison), "peers", "peers")
+    label = f"W{config.weight_bits}A{config.act_bits}"
+    lead = comparison.lab_lead(label) if label in comparison.bits else None
+    if lead is not None:
+        lab = comparison.best["lab"][label]
+        # the file's text (a setting's name, a commit) is shown as plain text, never as markdown
+        session.plain_text(
+            f"At the sidebar's {label}, the lab's best recipe ({lab.setting}, chosen on validation) scores "
+            f"{lab.accuracy:.2f}%, {abs(lead):.2f} points {'above' if lead >= 0 else 'below'} the best peer."
+        )
+    session.plain_text(
+        f"Measured by bench/bench_peers.py at commit {comparison.commit}, float accuracy "
+        f"{comparison.float_accuracy:.2f}%; not measured on this server."
+    )
 
 
 st.title("Methods")
@@ -30,6 +64,7 @@ st.latex(
     r"\min_{V}\ \big\| W x - \tilde W \hat x \big\|^2 + \lambda \sum_{i} \big(1 - |2h(V_i) - 1|^{\beta}\big),"
     r"\qquad \tilde W = s \cdot \mathrm{clamp}\big(\lfloor W / s \rfloor + h(V),\ q_{\min},\ q_{\max}\big)"
 )
+show_peers(entry, config)
 if not config.methods and not config.weight_bits_budget:
     st.info(
         "No method is selected. Try: weight bits 2, then add **adaround** in the sidebar and compare "

@@ -91,6 +91,16 @@ def test_every_page_renders_with_charts(app, page, request):
     assert len(at.latex) >= 1  # each page shows the formula in play
     if page not in ("pages/model.py", "pages/deploy.py", "pages/methods.py"):
         assert len(at.get("plotly_chart")) >= 2
+    if page == "pages/methods.py":  # the peers' cells shipped with the bundled model, as bench_peers.py wrote them
+        from qcore.models.peers import comparison_rows, peer_comparison
+
+        comparison = peer_comparison("mnist-net")
+        shown = next(d.value for d in at.dataframe if "Tool" in d.value.columns)
+        assert shown.to_dict("records") == comparison_rows(comparison)
+        lab = comparison.best["lab"]["W8A8"].accuracy  # the sidebar's default bits
+        peer = max(c["W8A8"].accuracy for t, c in comparison.best.items() if t != "lab" and c["W8A8"].accuracy)
+        sentence = next(t.value for t in at.text if t.value.startswith("At the sidebar's W8A8"))
+        assert f"scores {lab:.2f}%, {abs(lab - peer):.2f} points {'above' if lab >= peer else 'below'}" in sentence
 
 
 @pytest.mark.slow
@@ -898,6 +908,9 @@ def test_every_page_renders_for_a_qat_model(app, pretrained, mnist):
             assert table.set_index("layer").loc["fc1", "scale"] == pytest.approx(float(fc1.scale))
         if page == "pages/diagnose.py":
             assert any("QAT model on its trained grid" in i.value for i in at.info)
+        if page == "pages/methods.py":  # the peers measured the bundled weights, not these
+            assert not any("Tool" in d.value.columns for d in at.dataframe)
+            assert "What would I get elsewhere?" not in [h.value for h in at.subheader]
         if page == "pages/one_image.py":  # the walk is of the trained model, as the engine runs it
             engine = IntegerNet(trained.qnet)
             logits = engine.logits_int(engine.quantize_input(mnist.test.images[:1]))[0]

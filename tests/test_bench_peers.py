@@ -8,8 +8,10 @@ import json
 import pytest
 
 from bench import bench_peers
+from qcore.cli import main as cli_main
 from qcore.models import peers
-from qcore.models.peers import PeersFileError, comparison_rows, peer_comparison
+from qcore.models.peers import BITS, TOOLS, PeersFileError, comparison_rows, peer_comparison
+from qcore.models.zoo import ZOO
 
 
 def cell(validation: float, test: float) -> dict[str, object]:
@@ -70,3 +72,21 @@ def test_a_shipped_result_that_is_not_the_bench_s_is_refused_in_one_line(tmp_pat
     path.write_text(json.dumps({"model": "mnist-net", "best": [row]}))
     with pytest.raises(PeersFileError, match="percentage"):
         peer_comparison("mnist-net")
+
+
+@pytest.mark.parametrize("model", list(ZOO))
+def test_every_zoo_model_ships_a_comparison_with_every_tool_and_column(model, capsys):
+    comparison = peer_comparison(model)
+    assert comparison is not None, f"run: .peers/bin/python bench/bench_peers.py --models {model} --ship"
+    assert set(comparison.best) == set(TOOLS) and comparison.bits == tuple(BITS)
+    for tool, cells in comparison.best.items():
+        for label, shown in cells.items():
+            assert shown.accuracy is not None or shown.why, f"{tool} {label}: a blank cell"
+    # the lab runs every column; the peers' best is a real maximum over them
+    for label in BITS:
+        lab = comparison.best["lab"][label].accuracy
+        others = [c[label].accuracy for t, c in comparison.best.items() if t != "lab" and c[label].accuracy is not None]
+        assert comparison.lab_lead(label) == (None if not others else round(lab - max(others), 2))
+    assert cli_main(["peers", "--model", model]) == 0
+    printed = capsys.readouterr().out
+    assert "lab minus best peer" in printed and "AIMET" in printed

@@ -178,6 +178,11 @@ def bundled_entry(zoo: str) -> ModelEntry:
     return ModelEntry(bundled, bundled_name(zoo), bundled_identity(zoo, bundled), zoo=zoo)
 
 
+def is_bundled(entry: ModelEntry) -> bool:
+    """The entry is a zoo model with the weights it ships with (not retrained, not QAT, not an upload)."""
+    return entry.imported is None and entry.qat is None and entry.fingerprint == bundled_entry(entry.zoo).fingerprint
+
+
 def current_model() -> ModelEntry:
     """The session's model; on its first run, the bundled model the URL names (else the default)."""
     if MODEL_KEY not in st.session_state:
