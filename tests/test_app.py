@@ -1052,17 +1052,12 @@ def test_every_download_has_a_name_of_its_own():
     assert names[3].startswith("qlab_abc123_W4A8-") and names[3].endswith("_qtensors.pt")
 
 
-ZOO_WALK_PAGES = [page for page in PAGES + LESSON_PAGES if page != "pages/diagnose.py"] + [
-    "pages/folding.py",
-    "pages/residual.py",
-]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zoo", ["fashion-resnet", "fashion-mobilenet"])
 def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo, resnet_page_diagnosis):
-    """The link names the model; every page and lesson renders for it (the Diagnose page of
-    fashion-resnet shows the seeded diagnosis of 300 test images; the full one takes minutes)."""
+    """The link names the model; its own layers, classes and adds are on the pages that show them (the
+    Diagnose page of fashion-resnet shows the seeded diagnosis of 300 test images; the full one takes
+    minutes)."""
     from qcore.data import FASHION_MNIST
     from qcore.models.zoo import ZOO
 
@@ -1075,10 +1070,8 @@ def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo, resne
     floats = [c.label for c in at.sidebar.checkbox]
     layers = list(model_graph_layers(zoo))
     assert floats[-len(layers) :] == layers  # the "keep in float" boxes are the model's layers
-    for page in ZOO_WALK_PAGES:
-        at.switch_page(page).run()
-        no_exceptions(at)
-        assert not at.main.error, (page, [e.value for e in at.main.error])
+    # every page and lesson of these two models renders without an exception or an error message:
+    # test_browser's zoo walk, in chromium; here, what only the page's elements can tell
     if zoo == "fashion-resnet":  # its diagram draws the shortcut branches; its table has every layer
         at.switch_page("pages/diagnose.py").run()
         no_exceptions(at)

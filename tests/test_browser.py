@@ -506,6 +506,8 @@ def test_every_page_and_lesson_renders_for_a_zoo_model_in_a_browser(server, brow
         page.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).first.click()
         settle(page)
         assert page.locator("[data-testid='stException']").count() == 0, title
+        errors = page.locator("[data-testid='stMain'] [data-testid='stAlertContentError']")
+        assert errors.count() == 0, (title, errors.all_inner_texts())  # no page stopped with an error message
         assert f"bundled {zoo}" in page.locator("[data-testid='stSidebar']").inner_text(), title
         assert cut_off(page) == [], title
     page.context.close()
