@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit  # noqa: E402
+from bench._common import emit, float_onnx, onnx_evaluator  # noqa: E402
 from qcore.analysis.auto import SearchSettings, auto_search, choose, measure_on_test, validation_split  # noqa: E402
 from qcore.data import Dataset, Split, load_dataset  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
@@ -44,29 +42,6 @@ from qcore.models.checkpoint import load_model  # noqa: E402
 from qcore.models.zoo import ZOO, zoo_model  # noqa: E402
 from qcore.quantize.config import QuantConfig  # noqa: E402
 from qcore.quantize.qmodel import calibration_data  # noqa: E402
-
-
-def float_onnx(model: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, 1, 28, 28),), buffer, dynamo=False, opset_version=17, input_names=["input"],
-            output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
-        )  # fmt: skip
-    return buffer.getvalue()
-
-
-def onnx_accuracy(model_bytes: bytes, split: Split) -> float:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    correct = 0
-    for start in range(0, len(split), 500):
-        images = split.images[start : start + 500].numpy()
-        output = session.run(None, {session.get_inputs()[0].name: images})[0]
-        correct += int((output.argmax(1) == split.labels[start : start + 500].numpy()).sum())
-    return correct / len(split)
 
 
 def onnx_weight_sizes(model_bytes: bytes) -> tuple[int, float]:
@@ -133,7 +108,7 @@ def nncf_row(model: nn.Module, calibration: list[torch.Tensor], validation: Spli
         import onnx
     except ImportError as error:
         return {"tool": "NNCF accuracy control", "note": f"not installed ({error.name}); see this file's docstring"}
-    float_bytes = float_onnx(model)
+    float_bytes = float_onnx(model, opset=17)
     images = torch.cat(calibration)
     calibration_set = nncf.Dataset([images[i : i + 1].numpy() for i in range(len(images))], lambda x: {"input": x})
     batches = [
@@ -172,7 +147,7 @@ def nncf_row(model: nn.Module, calibration: list[torch.Tensor], validation: Spli
         "weight_bytes": weight_bytes,
         "average_weight_bits": round(bits, 3),
         "validation_accuracy": validation_accuracy,
-        "test_accuracy": onnx_accuracy(quantized_bytes, test),
+        "test_accuracy": onnx_evaluator(quantized_bytes)(test),
         "seconds": seconds,
     }
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import emit  # noqa: E402
+from bench._common import emit, float_onnx, onnx_evaluator  # noqa: E402
 from qcore.analysis.auto import validation_split  # noqa: E402
 from qcore.data import Split, load_dataset  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
@@ -81,7 +80,7 @@ class Inputs:
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench_peers_")))
 
 
-# One setting of one tool: (tool, setting, convention, run(inputs, weight_bits, act_bits) -> evaluator).
+# One setting of one tool: run(inputs, weight_bits, act_bits) quantizes and returns its evaluator.
 # The evaluator maps a split to its accuracy in [0, 1].
 Evaluator = Callable[[Split], float]
 Runner = Callable[[Inputs, int, int], Evaluator]
@@ -95,10 +94,9 @@ class Setting:
 
 
 def torch_evaluator(module: nn.Module) -> Evaluator:
-    """Accuracy of a module in eval mode (an exported PT2E module has no train mode to leave)."""
-    if not isinstance(module, torch.fx.GraphModule) or hasattr(module, "training"):
-        with contextlib.suppress(NotImplementedError):
-            module.eval()
+    """Accuracy of a module in eval mode (an exported PT2E module refuses eval(): it has no train mode)."""
+    with contextlib.suppress(NotImplementedError):
+        module.eval()
 
     def accuracy(split: Split) -> float:
         correct = 0
@@ -109,33 +107,6 @@ def torch_evaluator(module: nn.Module) -> Evaluator:
         return correct / len(split)
 
     return accuracy
-
-
-def onnx_evaluator(model_bytes: bytes) -> Evaluator:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def accuracy(split: Split) -> float:
-        correct = 0
-        for start in range(0, len(split), BATCH):
-            output = session.run(None, {name: split.images[start : start + BATCH].numpy()})[0]
-            correct += int((output.argmax(1) == split.labels[start : start + BATCH].numpy()).sum())
-        return correct / len(split)
-
-    return accuracy
-
-
-def export_float_onnx(model: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, 1, 28, 28),), buffer, dynamo=False, opset_version=21, input_names=["input"],
-            output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
-        )  # fmt: skip
-    return buffer.getvalue()
 
 
 # --- the lab -------------------------------------------------------------------------------------
@@ -392,7 +363,7 @@ def measure_model(
     test = data.test if test_images is None else data.test.subset(test_images)
     inputs = Inputs(model, calibration_data(data.train, config), validation_split(data.train, config), test)
     if set(tools) & {"NNCF", "ONNX Runtime"}:
-        inputs.float_onnx = export_float_onnx(model)
+        inputs.float_onnx = float_onnx(model, opset=21)  # ONNX Runtime's 4-bit Q/DQ types need 21
     torch.manual_seed(0)
     float_accuracy = round(100 * evaluate(model, test).accuracy, 2)
     print(f"{name}: float {float_accuracy:.2f}% on {len(test)} test images", flush=True)
