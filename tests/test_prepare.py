@@ -44,16 +44,16 @@ def prepared(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_prepare_computes_each_result_once_and_a_second_run_reads_them_all(prepared):
+def test_prepare_computes_each_result_once(prepared):
     store, summary = prepared
     results = summary["results"]
     assert len(results) == 1 + 1 + TOUR_STEPS + LESSON_RESULTS
     # the lessons' default report is the tour's first step, stored by then; everything else was computed
     assert [r["what"] for r in results if r["stored_before"]] == ["the default settings' report"]
     assert [r["what"] for r in results[2 : 2 + TOUR_STEPS]][-1] == "tour step 7: 2-bit weights with AdaRound"
-    again = run_cli("prepare", "--model", "mnist-net", "--tour", "--lessons", "--store", str(store), "--json")
-    assert again.returncode == 0, again.stderr
-    assert all(r["stored_before"] for r in json.loads(again.stdout)["results"])
+    # that a second preparation finds them all stored and computes none is the operator button's test below
+    # (the same prepare_class, in the app's process): a second CLI process here cost ~10 s and proved no more
+    assert store.is_dir() and any(store.iterdir())
 
 
 @pytest.mark.slow
