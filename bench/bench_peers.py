@@ -7,6 +7,10 @@ qcore.analysis.auto.validation_split), and the full test set. Columns W8A8, W4A8
 - lab: its default (nearest rounding), the same under the peers' conventions (min/max ranges; asymmetric
   weights, which have 4 levels at 2 bits where symmetric ones have 3), and its methods (equalization +
   AdaRound + bias correction; block reconstruction, with either weights);
+- lab (peers' conventions): the lab again under the peers' looser conventions, so that the comparison is
+  fair both ways: residual adds kept in float (their inputs at 16 bits; Brevitas and torchao leave them
+  float), alone, with Brevitas's percentile activation ranges, and with block reconstruction. Shown
+  beside the lab's row, never counted as it;
 - AIMET (aimet-torch v2 QuantizationSimModel after its BatchNorm folding, per-channel config): the
   min_max and tf_enhanced range schemes, tf_enhanced after cross-layer equalization, and its AdaRound;
 - Brevitas (brevitas_examples' PTQ, layerwise): calibration, then bias correction, then GPTQ;
@@ -21,9 +25,10 @@ The peers are this bench's dependencies, not the lab's: install them into their 
     python -m venv --system-site-packages .peers && .peers/bin/pip install -r requirements-peers.txt
 then
     QCORE_DATA_DIR=../shared/data PYTHONPATH=. .peers/bin/python bench/bench_peers.py \
-        [--models mnist-net ...] [--bits W8A8,W4A4] [--tools lab,aimet,...] [--json-out FILE] [--ship]
+        [--models mnist-net ...] [--bits W8A8,W4A4] [--tools lab,AIMET,...] [--json-out FILE] [--ship [--merge]]
 `--ship` writes each model's result beside its checkpoint (qcore/models/pretrained/<model>.peers.json),
-which the Methods page and `python -m qcore peers` read.
+which the Methods page and `python -m qcore peers` read; with `--merge`, the tools measured replace
+their own rows in the shipped result (each row keeps the commit it was measured at) and the rest stay.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from qcore.analysis.auto import validation_split  # noqa: E402
 from qcore.data import Split, load_dataset  # noqa: E402
 from qcore.inference.evaluate import evaluate  # noqa: E402
 from qcore.models.checkpoint import load_model  # noqa: E402
-from qcore.models.peers import BITS, TOOLS, peers_path  # noqa: E402
+from qcore.models.peers import BITS, LAB, LAB_UNDER_PEERS, PEERS, TOOLS, peers_path  # noqa: E402
 from qcore.models.zoo import ZOO, zoo_model  # noqa: E402
 from qcore.quantize.config import QuantConfig  # noqa: E402
 from qcore.quantize.qmodel import calibration_data, quantize_model  # noqa: E402
@@ -276,6 +281,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lab", "asymmetric weights (4 levels at 2 bits, as Brevitas's)", lab(scheme="asymmetric")),
     Setting("lab", "block reconstruction", lab(("block-reconstruction",))),
     Setting("lab", "block reconstruction, asymmetric weights", lab(("block-reconstruction",), scheme="asymmetric")),
+    Setting(LAB_UNDER_PEERS, "float adds (Brevitas's and torchao's)", lab(add_bits=16)),
+    Setting(LAB_UNDER_PEERS, "float adds, percentile ranges (Brevitas's)", lab(observer="percentile", add_bits=16)),
+    Setting(LAB_UNDER_PEERS, "float adds, block reconstruction", lab(("block-reconstruction",), add_bits=16)),
+    Setting(
+        LAB_UNDER_PEERS,
+        "float adds, block reconstruction, asymmetric weights",
+        lab(("block-reconstruction",), scheme="asymmetric", add_bits=16),
+    ),
     Setting("AIMET", "min_max", aimet("min_max")),
     Setting("AIMET", "tf_enhanced", aimet("tf_enhanced")),
     Setting("AIMET", "tf_enhanced + CLE", aimet("tf_enhanced", equalize=True)),
@@ -378,7 +391,7 @@ def measure_model(
             cell = cells[label]
             shown = f"{cell['accuracy']:6.2f}%  {cell['seconds']:6.1f} s" if "accuracy" in cell else cell["why"]
             print(f"  {setting.tool:12} {setting.name:45.45} {label}  {shown}", flush=True)
-        rows.append({"tool": setting.tool, "setting": setting.name, "cells": cells})
+        rows.append({"tool": setting.tool, "setting": setting.name, "commit": commit(), "cells": cells})
     return {
         "model": name,
         "dataset": spec.dataset,
@@ -390,6 +403,23 @@ def measure_model(
         "rows": rows,
         "best": best_rows(rows, bits),
     }
+
+
+def merged(shipped: dict[str, object], measured: dict[str, object], tools: list[str]) -> dict[str, object]:
+    """The shipped result with the measured tools' rows replaced (the others stay, with the commit they
+    were measured at) and each tool's best chosen again: re-measuring one tool need not re-run the rest.
+    Only for the same images: the test, calibration and validation counts must match."""
+    for key in ("model", "test_images", "calibration_images", "validation_images"):
+        if shipped.get(key) != measured[key]:
+            raise SystemExit(f"--merge: the shipped result's {key} is {shipped.get(key)!r}, not {measured[key]!r}")
+    kept = [row for row in shipped["rows"] if row["tool"] not in tools]  # type: ignore[union-attr]
+    for row in kept:
+        row.setdefault("commit", shipped["commit"])  # rows from before rows had their own
+    rows = kept + measured["rows"]  # type: ignore[operator]
+    rows.sort(key=lambda row: TOOLS.index(row["tool"]))  # type: ignore[arg-type]
+    bits = [label for label in BITS if all(label in row["cells"] for row in rows)]  # type: ignore[index]
+    commits = sorted({str(row["commit"]) for row in rows})
+    return {**shipped, "commit": ", ".join(commits), "rows": rows, "best": best_rows(rows, bits)}
 
 
 def commit() -> str:
@@ -427,11 +457,11 @@ def summary_table(results: list[dict[str, object]]) -> str:
         best = {row["tool"]: row["cells"] for row in result["best"]}  # type: ignore[union-attr]
         shown = []
         for label in bits:
-            lab = best["lab"][label]
+            lab = best[LAB][label]
             peers = [
                 (cells[label]["accuracy"], tool)
                 for tool, cells in best.items()
-                if tool != "lab" and "accuracy" in cells[label]
+                if tool in PEERS and "accuracy" in cells[label]
             ]
             top, tool = max(peers) if peers else (None, "")
             text = f"lab {lab['accuracy']:.2f}%"
@@ -450,6 +480,9 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, help="the first N test images only (a quick look; not shipped)")
     parser.add_argument("--ship", action="store_true", help="write each model's result beside its checkpoint")
     parser.add_argument(
+        "--merge", action="store_true", help="with --ship: replace only the measured tools' rows in the shipped result"
+    )
+    parser.add_argument(
         "--tables", action="store_true", help="measure nothing: print the docs' tables from the shipped results"
     )
     parser.add_argument("--json-out", help="also write the JSON here")
@@ -460,6 +493,8 @@ def main() -> None:
         parser.error(f"unknown: {', '.join(unknown)}")
     if args.ship and args.test_images:
         parser.error("--ship needs the full test set")
+    if args.merge and not args.ship:
+        parser.error("--merge only changes what --ship writes")
     if args.tables:
         shipped = [json.loads(peers_path(name).read_text()) for name in args.models if peers_path(name).is_file()]
         print("\n\n".join([summary_table(shipped), *(table(result) for result in shipped)]))
@@ -468,6 +503,8 @@ def main() -> None:
     for name in args.models:
         result = measure_model(name, bits, tools, args.test_images)
         print(table(result), flush=True)
+        if args.merge and peers_path(name).is_file():
+            result = merged(json.loads(peers_path(name).read_text()), result, tools)
         if args.ship:
             peers_path(name).write_text(json.dumps(result, indent=1) + "\n")
         results.append(result)

@@ -4,7 +4,7 @@ import streamlit as st
 
 from qcore.analysis.tables import block_rows
 from qcore.figures import adaround_figure, bias_shift_figure, block_reconstruction_figure, equalization_figure
-from qcore.models.peers import PeersFileError, comparison_rows, peer_comparison
+from qcore.models.peers import LAB, PeersFileError, comparison_rows, peer_comparison
 from qcore.quantize.config import QuantConfig
 from qcore.quantize.methods import average_bits
 from ui import session
@@ -32,20 +32,22 @@ def show_peers(entry: session.ModelEntry, config: QuantConfig) -> None:
     st.markdown(
         "The same model quantized by AIMET, Brevitas, NNCF, ONNX Runtime's quantizer and torchao (PT2E), beside "
         "the lab's own recipes: each tool's best setting per column, chosen on 5,000 validation images, then "
-        "measured once on the full test set. Each tool's conventions are in the benchmarks page of the docs."
+        "measured once on the full test set. Each tool's conventions are in the benchmarks page of the docs; "
+        "the row *lab (peers' conventions)* is the lab again under the peers' looser ones (residual adds kept "
+        "in float, Brevitas's percentile ranges), shown for fairness and not counted as the lab's."
     )
     table_with_csv(comparison_rows(comparison), "peers", "peers")
     label = f"W{config.weight_bits}A{config.act_bits}"
     lead = comparison.lab_lead(label) if label in comparison.bits else None
     if lead is not None:
-        lab = comparison.best["lab"][label]
+        lab = comparison.best[LAB][label]
         # the file's text (a setting's name, a commit) is shown as plain text, never as markdown
         session.plain_text(
             f"At the sidebar's {label}, the lab's best recipe ({lab.setting}, chosen on validation) scores "
             f"{lab.accuracy:.2f}%, {abs(lead):.2f} points {'above' if lead >= 0 else 'below'} the best peer."
         )
     session.plain_text(
-        f"Measured by bench/bench_peers.py at commit {comparison.commit}, float accuracy "
+        f"Measured by bench/bench_peers.py (at commit {comparison.commit}), float accuracy "
         f"{comparison.float_accuracy:.2f}%; not measured on this server."
     )
 

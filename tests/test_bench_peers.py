@@ -10,7 +10,7 @@ import pytest
 from bench import bench_peers
 from qcore.cli import main as cli_main
 from qcore.models import peers
-from qcore.models.peers import BITS, TOOLS, PeersFileError, comparison_rows, peer_comparison
+from qcore.models.peers import BITS, PEERS, TOOLS, PeersFileError, comparison_rows, peer_comparison
 from qcore.models.zoo import ZOO
 
 
@@ -29,6 +29,31 @@ def test_the_best_setting_is_chosen_on_validation_never_on_the_test_set():
     assert best["lab"]["W2A4"] == {"why": "cannot"}  # nothing measured: the reason, not a blank
     assert best["NNCF"]["W4A4"] == {"why": "INT8 only"}
     assert set(best) == {"lab", "NNCF"}  # a tool not run has no row
+
+
+def test_re_measuring_one_tool_replaces_its_rows_only_and_chooses_again():
+    def row(tool: str, setting: str, validation: float, test: float, **extra: object) -> dict[str, object]:
+        return {"tool": tool, "setting": setting, **extra, "cells": {"W4A4": cell(validation, test)}}
+
+    counts = {"model": "mnist-net", "test_images": 10000, "calibration_images": 1024, "validation_images": 5000}
+    old_rows = [
+        row("lab", "a", 90.0, 91.0),
+        row("AIMET", "x", 95.0, 94.0),
+        row("lab (peers' conventions)", "old", 99.0, 99.0),
+    ]
+    shipped = {**counts, "commit": "old1", "rows": old_rows, "best": []}
+    measured = {**counts, "rows": [row("lab (peers' conventions)", "new", 92.0, 93.0, commit="new2")]}
+    result = bench_peers.merged(shipped, measured, ["lab (peers' conventions)"])
+    assert [(r["tool"], r["setting"], r["commit"]) for r in result["rows"]] == [
+        ("lab", "a", "old1"),
+        ("lab (peers' conventions)", "new", "new2"),  # the old row is gone, in TOOLS' order
+        ("AIMET", "x", "old1"),
+    ]
+    assert result["commit"] == "new2, old1"
+    best = {r["tool"]: r["cells"]["W4A4"]["accuracy"] for r in result["best"]}
+    assert best == {"lab": 91.0, "lab (peers' conventions)": 93.0, "AIMET": 94.0}
+    with pytest.raises(SystemExit, match="test_images"):
+        bench_peers.merged(shipped, {**measured, "test_images": 1000}, ["lab"])
 
 
 def test_the_lab_rows_run_through_the_bench_and_read_back_as_the_page_reads_them(tmp_path, monkeypatch):
@@ -85,7 +110,7 @@ def test_every_zoo_model_ships_a_comparison_with_every_tool_and_column(model, ca
     # the lab runs every column; the peers' best is a real maximum over them
     for label in BITS:
         lab = comparison.best["lab"][label].accuracy
-        others = [c[label].accuracy for t, c in comparison.best.items() if t != "lab" and c[label].accuracy is not None]
+        others = [c[label].accuracy for t, c in comparison.best.items() if t in PEERS and c[label].accuracy is not None]
         assert comparison.lab_lead(label) == (None if not others else round(lab - max(others), 2))
     assert cli_main(["peers", "--model", model]) == 0
     printed = capsys.readouterr().out

@@ -12,7 +12,12 @@ from qcore.models.zoo import PRETRAINED_DIR, ZOO
 
 # Column label -> (weight bits, activation bits)
 BITS: dict[str, tuple[int, int]] = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
-TOOLS = ("lab", "AIMET", "Brevitas", "NNCF", "ONNX Runtime", "torchao")
+# The lab is run twice: under its own convention (every add's inputs quantized, the comparison's
+# row) and under the peers' looser ones (adds kept float, Brevitas's percentile ranges), so that the
+# comparison is fair both ways; only the first is compared with the peers.
+LAB, LAB_UNDER_PEERS = "lab", "lab (peers' conventions)"
+PEERS = ("AIMET", "Brevitas", "NNCF", "ONNX Runtime", "torchao")
+TOOLS = (LAB, LAB_UNDER_PEERS, *PEERS)
 MAX_PEERS_CHARS = 400_000  # a result is about 20,000 characters
 
 
@@ -39,9 +44,10 @@ class PeerComparison:
     best: dict[str, dict[str, PeerCell]]  # tool -> column -> its best cell
 
     def lab_lead(self, label: str) -> float | None:
-        """The lab's best minus the best peer's, in points (negative: a peer is ahead)."""
-        lab = self.best.get("lab", {}).get(label)
-        peers = [row[label].accuracy for tool, row in self.best.items() if tool != "lab" and label in row]
+        """The lab's best (under its own convention) minus the best peer's, in points (negative: a peer
+        is ahead)."""
+        lab = self.best.get(LAB, {}).get(label)
+        peers = [row[label].accuracy for tool, row in self.best.items() if tool in PEERS and label in row]
         measured = [value for value in peers if value is not None]
         if lab is None or lab.accuracy is None or not measured:
             return None
