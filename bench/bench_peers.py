@@ -370,6 +370,7 @@ def measure_model(
     settings: tuple[Setting, ...] = SETTINGS,
 ) -> dict[str, object]:
     spec = zoo_model(name)
+    measured_at = commit()  # one git call a model: every row of this run is of the same code
     data = load_dataset(spec.dataset, download=False)
     model = load_model(None, name).eval()
     config = QuantConfig()
@@ -391,7 +392,7 @@ def measure_model(
             cell = cells[label]
             shown = f"{cell['accuracy']:6.2f}%  {cell['seconds']:6.1f} s" if "accuracy" in cell else cell["why"]
             print(f"  {setting.tool:12} {setting.name:45.45} {label}  {shown}", flush=True)
-        rows.append({"tool": setting.tool, "setting": setting.name, "commit": commit(), "cells": cells})
+        rows.append({"tool": setting.tool, "setting": setting.name, "commit": measured_at, "cells": cells})
     return {
         "model": name,
         "dataset": spec.dataset,
@@ -399,7 +400,7 @@ def measure_model(
         "test_images": len(test),
         "calibration_images": sum(len(batch) for batch in inputs.calibration),
         "validation_images": len(inputs.validation),
-        "commit": commit(),
+        "commit": measured_at,
         "rows": rows,
         "best": best_rows(rows, bits),
     }
