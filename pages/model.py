@@ -93,7 +93,7 @@ else:
         f"its training pixels) before it reaches {layers[0]}; quantizing the input means quantizing this x."
     )
 st.subheader("Current model")
-session.plain_text(f"{entry.name} (fingerprint {entry.fingerprint})")  # an upload's name is untrusted
+session.plain_text(entry.name)  # an upload's name is untrusted; its fingerprint is in the card above
 previous = session.previous_model()
 if previous is not None:
     session.plain_text(f"Previous model: {previous.name} ({previous.fingerprint})")

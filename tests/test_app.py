@@ -18,6 +18,7 @@ from qcore.models.net import Net
 from qcore.quantize.config import QuantConfig
 from tests.conftest import ROOT
 from ui.apptest import NavigationPagesManager
+from ui.session import MODEL_KEY
 
 APP = str(ROOT / "app.py")
 MODEL_PAGE = "pages/model.py"
@@ -46,8 +47,13 @@ def metric(at: AppTest, label: str) -> str:
 
 
 def model_line(at: AppTest) -> str:
-    """The sidebar's plain-text line naming the current model and its fingerprint."""
+    """The sidebar's plain-text line naming the current model."""
     return next(t.value for t in at.sidebar.text if t.value.startswith("Model: "))
+
+
+def current_fingerprint(at: AppTest) -> str:
+    """The session's model's fingerprint, which the Model page's card shows (the first test checks that)."""
+    return at.session_state[MODEL_KEY].fingerprint
 
 
 def percent(fraction: float) -> str:
@@ -75,7 +81,11 @@ def test_opens_on_bundled_net_with_float_and_quantized_accuracy(app, pretrained,
     expected = build_report(pretrained, mnist, QuantConfig(), float_eval)
     assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
     assert metric(at, "Quantized accuracy") == percent(expected.quant_result.accuracy)
-    assert "bundled" in model_line(at) and fingerprint(pretrained) in model_line(at)
+    assert model_line(at) == "Model: bundled mnist-net" and fingerprint(pretrained) in current_fingerprint(at)
+    # issue 29: the fingerprint is the model card's, not the sidebar's
+    card = [c.value for c in at.main.caption if c.value.startswith("Fingerprint ")]
+    assert card and card[0].startswith(f"Fingerprint {current_fingerprint(at)}: ")
+    assert not any(fingerprint(pretrained) in t.value for t in at.sidebar.text)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -149,7 +159,7 @@ def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
     at = app.run()
     upload(at, "good.pt", checkpoint_bytes(good))
     no_exceptions(at)
-    assert fingerprint(good) in model_line(at)
+    assert fingerprint(good) in current_fingerprint(at)
 
     marker = tmp_path / "ran"
 
@@ -174,7 +184,7 @@ def test_uploads_valid_then_bad_files_keep_the_previous_model(app, tmp_path):
         assert any("was not loaded; the previous model is kept" in e.value for e in at.error)
         texts = [t.value for t in at.main.text]
         assert f"File: {name}" in texts and any(needle in t for t in texts)
-        assert fingerprint(good) in model_line(at)  # previous model kept
+        assert fingerprint(good) in current_fingerprint(at)  # previous model kept
     assert not marker.exists()
 
 
@@ -188,7 +198,7 @@ def test_tiny_training_run_replaces_the_model(app, pretrained):
     at.run()
     no_exceptions(at)
     assert "trained here" in model_line(at)
-    assert fingerprint(pretrained) not in model_line(at)
+    assert fingerprint(pretrained) not in current_fingerprint(at)
     assert any("It is now the current model" in s.value for s in at.success)
 
 
@@ -200,9 +210,9 @@ def test_two_sessions_see_their_own_models(monkeypatch):
     upload(first.run(), "a.pt", checkpoint_bytes(model_a))
     upload(second.run(), "b.pt", checkpoint_bytes(model_b))
     first.run()
-    assert fingerprint(model_a) in model_line(first)
-    assert fingerprint(model_b) in model_line(second)
-    assert fingerprint(model_b) not in model_line(first)
+    assert fingerprint(model_a) in current_fingerprint(first)
+    assert fingerprint(model_b) in current_fingerprint(second)
+    assert fingerprint(model_b) not in current_fingerprint(first)
 
 
 @pytest.mark.slow
@@ -229,9 +239,9 @@ def test_two_sessions_uploading_twin_models_each_see_their_own(monkeypatch, pret
         # standardized images its weights were trained on, and `auto` would rightly take raw pixels
         at.selectbox(key="qlab_onnx_scale").set_value("normalized")
         at = upload(at, name, exported(models[name]))
-        assert model_line(at).startswith(f"Model: uploaded {name} (onnx-"), model_line(at)
-    lines = {name: model_line(at.run()) for name, at in sessions.items()}
-    assert lines["net.onnx"].split("(")[1] != lines["twin.onnx"].split("(")[1]  # two identities
+        assert model_line(at) == f"Model: uploaded {name}" and current_fingerprint(at).startswith("onnx-")
+    identities = {name: current_fingerprint(at.run()) for name, at in sessions.items()}
+    assert identities["net.onnx"] != identities["twin.onnx"]  # two identities
     for name, at in sessions.items():
         no_exceptions(at)
         assert metric(at, "Float accuracy") == expected[name], name
@@ -260,7 +270,7 @@ def test_interrupted_training_reports_cancelled_and_keeps_model(app, pretrained)
     at = app.run()
     no_exceptions(at)
     assert any("cancelled after 17 steps" in w.value and "previous model is kept" in w.value for w in at.warning)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
 
 
 def test_missing_mnist_says_where_and_what_to_do(app, tmp_path, monkeypatch):
@@ -398,7 +408,7 @@ def test_upload_names_are_plain_text(app):
     upload(at, "![x](http://127.0.0.1:9/pixel.png)" + "a" * 200 + ".pt", checkpoint_bytes(good))
     no_exceptions(at)
     line = model_line(at)
-    assert fingerprint(good) in line and "…" in line and len(line) < 120
+    assert fingerprint(good) in current_fingerprint(at) and "…" in line and len(line) < 120
     assert not any("pixel.png" in text for text in markdown_texts(at))
 
 
@@ -411,7 +421,7 @@ def test_hostile_uploads_keep_the_model_and_say_why(app, pretrained, case):
     upload(at, "net.pt", make())
     no_exceptions(at)
     assert any(reason in t.value for t in at.main.text)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
     assert metric(at, "Quantized accuracy").endswith("%")  # the sidebar still computes for the kept model
 
 
@@ -423,7 +433,7 @@ def test_zip_bomb_upload_is_refused(app, pretrained):
     upload(at, "bomb.pt", zip_bomb())
     no_exceptions(at)
     assert any("would inflate to 1073.7 MB" in t.value for t in at.main.text)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
 
 
 def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable(app, monkeypatch, pretrained):
@@ -444,7 +454,7 @@ def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable
     shown = every_text(at)
     assert "Results could not be computed for this model and these settings (RuntimeError)" in shown
     assert "/srv/secret" not in shown
-    assert at.title[0].value == "Model" and fingerprint(random_net(11)) in model_line(at)
+    assert at.title[0].value == "Model" and fingerprint(random_net(11)) in current_fingerprint(at)
     at.switch_page("pages/accuracy.py").run()
     no_exceptions(at)
     assert any("could not be computed" in e.value for e in at.main.error) and "/srv/secret" not in every_text(at)
@@ -452,7 +462,7 @@ def test_a_model_that_fails_to_quantize_leaves_the_sidebar_and_model_page_usable
     next(b for b in at.button if b.label == "Use the bundled net").click()
     at.run()
     no_exceptions(at)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
     assert metric(at, "Quantized accuracy").endswith("%")
 
 
@@ -478,7 +488,7 @@ def test_training_keeps_the_previous_model_and_the_curve_and_warns_when_worse(ap
     next(b for b in at.button if b.label == "Back to the previous model").click()
     at.run()
     no_exceptions(at)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
     assert metric(at, "Float accuracy") == percent(float_eval.accuracy)
 
 
@@ -870,7 +880,7 @@ def test_qat_tab_trains_sets_the_sidebar_and_the_accuracy_page_compares_float_pt
     at.switch_page("pages/model.py").run()
     next(b for b in at.button if b.label == "Back to the previous model").click()
     at.run()
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
 
 
 @pytest.mark.slow
@@ -961,7 +971,7 @@ def test_qat_checkpoints_of_every_model_upload_and_download(app, mnist):
     assert metric(at, "Quantized accuracy") == percent(evaluate(saved.qnet, mnist.test).accuracy)
     upload(at, "small qat.pt", qat_bytes(entry.qat))  # and it uploads as what it is
     no_exceptions(at)
-    assert model_line(at).startswith("Model: uploaded QAT small qat.pt (onnx-")
+    assert model_line(at) == "Model: uploaded QAT small qat.pt" and current_fingerprint(at).startswith("onnx-")
     assert metric(at, "Quantized accuracy") == percent(evaluate(saved.qnet, mnist.test).accuracy)
 
 
@@ -1003,7 +1013,7 @@ def test_a_tampered_qat_upload_is_refused_in_plain_text_and_keeps_model_and_sett
     upload(at, "tampered.pt", buffer.getvalue())
     no_exceptions(at)  # no generic "This app has encountered an error"
     assert any(reason in t.value for t in at.main.text)
-    assert fingerprint(pretrained) in model_line(at)
+    assert fingerprint(pretrained) in current_fingerprint(at)
     assert at.select_slider(key="weight_bits").value == 5  # the settings kept, and the summary still there
     assert metric(at, "Quantized accuracy") == before
 
@@ -1064,7 +1074,7 @@ def test_every_page_renders_for_a_zoo_model_opened_from_its_link(app, zoo, resne
     app.query_params["model"] = zoo
     at = app.run()
     no_exceptions(at)
-    assert model_line(at).startswith(f"Model: bundled {zoo} ({zoo}-")
+    assert model_line(at) == f"Model: bundled {zoo}" and current_fingerprint(at).startswith(f"{zoo}-")
     assert "Dataset: Fashion-MNIST" in [c.value for c in at.sidebar.caption]
     assert at.query_params["model"] == zoo
     floats = [c.label for c in at.sidebar.checkbox]
@@ -1116,7 +1126,7 @@ def test_choosing_a_model_on_the_model_page_switches_the_dataset_and_back(app, p
     next(b for b in at.button if b.label == "Back to the previous model").click()
     at.run()
     no_exceptions(at)
-    assert fingerprint(pretrained) in model_line(at) and "model" not in at.query_params
+    assert fingerprint(pretrained) in current_fingerprint(at) and "model" not in at.query_params
 
 
 @pytest.mark.slow
@@ -1133,7 +1143,7 @@ def test_an_uploaded_onnx_model_gets_a_card_and_every_page_and_a_refused_one_kee
     at.radio(key="qlab_onnx_dataset").set_value("fashion-mnist")
     upload(at, "my_resnet.onnx", exported(resnet))
     no_exceptions(at)
-    assert model_line(at).startswith("Model: uploaded my_resnet.onnx (onnx-")
+    assert model_line(at) == "Model: uploaded my_resnet.onnx" and current_fingerprint(at).startswith("onnx-")
     assert "Dataset: Fashion-MNIST" in [c.value for c in at.sidebar.caption]
     texts = [t.value for t in at.main.text]
     assert any(t.startswith("ONNX from pytorch 2.14.1, opset 20, 23 nodes, 77,418 parameters") for t in texts)

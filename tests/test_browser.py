@@ -231,7 +231,8 @@ def test_upload_that_used_to_lock_the_session(server, browser, pretrained):
     assert page.get_by_text("File: [huge](http://evil.example).pt").count() == 1
     assert page.locator("a[href*='evil.example']").count() == 0
     assert page.locator("[data-testid='stException']").count() == 0
-    assert fingerprint(pretrained) in page.locator("[data-testid='stSidebar']").inner_text()
+    assert "Model: bundled mnist-net" in page.locator("[data-testid='stSidebar']").inner_text()
+    assert fingerprint(pretrained) in page.locator("[data-testid='stMain']").inner_text()  # the model card's
     page.get_by_role("tab", name="Bundled net").click()
     assert page.get_by_role("button", name="Use the bundled net").is_visible()
     page.screenshot(path=str(SHOTS / "refused_upload.png"), full_page=True)
@@ -263,7 +264,7 @@ def test_hostile_uploads_leave_the_uploader_and_every_other_session_working(serv
         settle(uploader)
         assert uploader.get_by_text(says, exact=False).count() == 1, name
         assert uploader.locator("[data-testid='stException']").count() == 0, name
-        assert fingerprint(pretrained) in uploader.locator("[data-testid='stSidebar']").inner_text(), name
+        assert fingerprint(pretrained) in uploader.locator("[data-testid='stMain']").inner_text(), name  # its card
         if index % 4 == 0:  # the other session, meanwhile, on a page that evaluates its model
             title = "Accuracy" if index % 8 else "Weights"
             other.locator("[data-testid='stSidebarNavLink']").filter(has_text=title).click()
@@ -275,7 +276,8 @@ def test_hostile_uploads_leave_the_uploader_and_every_other_session_working(serv
     )
     uploader.get_by_text("Your ONNX model, imported into the lab's model graph").wait_for(timeout=120_000)
     settle(uploader)
-    assert "uploaded names.onnx (onnx-" in uploader.locator("[data-testid='stSidebar']").inner_text()
+    assert "Model: uploaded names.onnx" in uploader.locator("[data-testid='stSidebar']").inner_text()
+    assert "Fingerprint onnx-" in uploader.locator("[data-testid='stMain']").inner_text()  # the card's
     assert uploader.locator("[data-testid='stException']").count() == 0
     uploader.context.close()
     other.context.close()
@@ -302,7 +304,8 @@ def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
     page.get_by_text("Your ONNX model, imported into the lab's model graph").wait_for(timeout=120_000)
     settle(page)
     sidebar = page.locator("[data-testid='stSidebar']").inner_text()
-    assert "uploaded my_resnet.onnx (onnx-" in sidebar and "Dataset: Fashion-MNIST" in sidebar
+    assert "Model: uploaded my_resnet.onnx" in sidebar and "Dataset: Fashion-MNIST" in sidebar
+    assert "Fingerprint onnx-" in page.locator("[data-testid='stMain']").inner_text()  # the card's
     assert sidebar_metric(page, "Float accuracy") == "92.22%"  # the zoo network's own accuracy
     assert page.get_by_text("Model card: the graph, its layers and what stays float").count() == 1
     page.screenshot(path=str(SHOTS / "onnx_model_card.png"), full_page=True)
@@ -319,7 +322,7 @@ def test_an_uploaded_onnx_model_in_a_real_browser(server, browser):
     page.get_by_text("The uploaded file was not loaded; the previous model is kept.").wait_for(timeout=60_000)
     settle(page)
     assert page.get_by_text("- unsupported operation Erf at node /Erf").count() == 1
-    assert "uploaded my_resnet.onnx (onnx-" in page.locator("[data-testid='stSidebar']").inner_text()
+    assert "Model: uploaded my_resnet.onnx" in page.locator("[data-testid='stSidebar']").inner_text()
     page.screenshot(path=str(SHOTS / "onnx_refused.png"), full_page=True)
     page.context.close()
 
@@ -351,7 +354,7 @@ def test_keras_and_perceptron_files_in_a_real_browser(server, browser):
         page.get_by_role("tab", name="Upload a checkpoint").click()
         inputs = page.locator("[data-testid='stFileUploaderDropzoneInput']")
         inputs.set_input_files({"name": name, "mimeType": "application/octet-stream", "buffer": data})
-        page.get_by_text(f"uploaded {name} (onnx-").wait_for(timeout=120_000)
+        page.get_by_text(f"Model: uploaded {name}").wait_for(timeout=120_000)  # the sidebar's line
         settle(page)
         main = page.locator("[data-testid='stMain']").inner_text()
         layout = "- input [N, 28, 28, 1]" if name == "keras.onnx" else "- input [N, 784]"

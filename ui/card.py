@@ -1,4 +1,5 @@
-"""The Model page's model card, for any model: its graph as a diagram, its layers, what stays float."""
+"""The Model page's model card, for any model: its fingerprint, its graph as a diagram, its layers, what stays
+float."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from ui.tables import table_with_csv
 
 def model_card(entry: session.ModelEntry) -> None:
     graph = entry.graph
+    st.caption(
+        f"Fingerprint {entry.fingerprint}: a hash of this model's operations and weights. Every result is "
+        "stored under it, so two sessions with the same model share their results and two models never do."
+    )
     with st.expander("Model card: the graph, its layers and what stays float", expanded=entry.imported is not None):
         st.plotly_chart(
             network_diagram_figure(graph_diagram(graph), None, "The model graph (hover a box for its shape and size)"),

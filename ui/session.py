@@ -351,7 +351,8 @@ def sidebar_summary(entry: ModelEntry, config: QuantConfig, sidebar: DeltaGenera
     """Current model, float vs quantized accuracy for the current config, and the config itself, in
     `sidebar` (a container in the sidebar)."""
     sidebar.divider()
-    plain_text(f"Model: {entry.name} ({entry.fingerprint})", sidebar)  # an upload's name is untrusted
+    # the name alone: the fingerprint is the model card's (issue 29: a hash is not a way in)
+    plain_text(f"Model: {entry.name}", sidebar)  # an upload's name is untrusted
     sidebar.caption(f"Dataset: {entry.dataset.title}")
     try:
         result = cache.report(entry.fingerprint, config.to_json(), data_folder(), entry.model, sidebar, entry.qat)
