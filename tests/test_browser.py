@@ -494,7 +494,8 @@ def cut_off_at_both_widths(page) -> list[str]:
 
 @pytest.mark.slow
 # fashion-net is the notebook net (walked in a browser as the bundled net) on Fashion-MNIST, which the two
-# others walk: it proved nothing more for its ~35 s. Each walks at one of the two widths a class uses.
+# others walk: it proved nothing more for its ~35 s. Each opens at one of the two widths a class uses and
+# checks every page at both.
 @pytest.mark.parametrize(("zoo", "width"), [("fashion-resnet", 1400), ("fashion-mobilenet", 800)])
 def test_every_page_and_lesson_renders_for_a_zoo_model_in_a_browser(
     server, browser, zoo, width, resnet_page_diagnosis, zoo_tour_sensitivities
@@ -526,8 +527,8 @@ def test_every_page_and_lesson_renders_for_a_zoo_model_in_a_browser(
 def test_every_page_of_the_default_model_fits_1400_and_800_px_and_lessons_link_on(server, browser):
     """Issue 29: at 800 px (the sidebar still open) formulas and tables were clipped and link labels cut
     to '...'. Every page of the navigation, the Start page first, shows all of its content at 800 and at
-    1400 px (opened at 800, the window then alternates between the two), and every
-    lesson but the last links to the next. Each is opened by the name a screen reader gives its link;
+    1400 px (opened at 800, the window then alternates between the two), and every lesson but the last
+    links to the next. Each is opened by the name a screen reader gives its link;
     each lesson draws a chart or offers a button, and is captured. (At W4A4: the lessons' numbers there
     are not the other walks'.)"""
     from ui.lessons import LESSONS as IN_ORDER
