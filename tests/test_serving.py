@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_STORE
 from tests.serving import IDLE, ROOT, chromium, free_port
 from ui.protocol import open_page, open_pages_at_once, sticky_cookie, wait_healthy
 
@@ -36,13 +37,14 @@ def _children(pid: int) -> list[int]:
 
 @contextmanager
 def serve(
-    tmp_path: Path, replicas: int = 2, env: dict[str, str] | None = None
+    tmp_path: Path, replicas: int = 2, env: dict[str, str] | None = None, store: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     log = open(tmp_path / "serve.out", "w")  # noqa: SIM115 - closed below, after the process
     process = subprocess.Popen(
-        [sys.executable, str(SERVE), str(port), "--replicas", str(replicas), "--store", str(tmp_path / "store"),
-         "--datasets", str(tmp_path / "datasets"), "--log-dir", str(tmp_path / "logs")],
+        [sys.executable, str(SERVE), str(port), "--replicas", str(replicas),
+         "--store", str(store or tmp_path / "store"), "--datasets", str(tmp_path / "datasets"),
+         "--log-dir", str(tmp_path / "logs")],
         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -59,20 +61,49 @@ def serve(
         log.close()
 
 
+def _replica_pid(serve_pid: int, logs: Path, replica: str) -> int:
+    """The pid of replica `replica` ('r0'), found by the port haproxy.cfg gives it in its command line."""
+    line = next(row for row in (logs / "haproxy.cfg").read_text().splitlines() if f"server {replica} " in row)
+    port = line.split("127.0.0.1:")[1].split()[0]
+    for pid in _children(serve_pid):
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--server.port" in arguments and arguments[arguments.index(b"--server.port") + 1] == port.encode():
+            return pid
+    raise AssertionError(f"no process serves {replica}")
+
+
+async def _kill_mid_computation(base: str, serve_pid: int, logs: Path, link: str) -> float:
+    """Ask replica r0 for a new result, kill -9 it while it computes; when it was killed."""
+    asking = asyncio.create_task(open_page(base, "accuracy", link, cookie="QLAB_REPLICA=r0"))
+    await asyncio.sleep(3)  # r0 is computing
+    assert not asking.done()
+    os.kill(_replica_pid(serve_pid, logs, "r0"), signal.SIGKILL)
+    killed = time.perf_counter()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the dead replica's websocket closes, however
+        await asking
+    return killed
+
+
 @pytest.mark.slow
-def test_replicas_behind_haproxy_keep_each_browser_on_its_own_and_share_results(tmp_path, mnist):
-    """Two replicas: sessions spread over both (each page load is sent a replica cookie), an upload
-    through the balancer is the uploading browser's model on every page (its websocket and its upload
-    reached the same replica), a result one replica computed is read from the store by the other, and
-    SIGTERM stops every process deploy/serve started."""
+def test_replicas_behind_haproxy_share_results_outlive_a_killed_one_and_stop_together(tmp_path, mnist):
+    """One deploy/serve with two replicas (each start is ~10 s of two cores, so one test walks it all):
+    - sessions spread over both (each page load is sent a replica cookie), an upload through the balancer is
+      the uploading browser's model on every page (its websocket and its upload reached the same replica),
+      and a result one replica computed is read from the store by the other;
+    - issue 35: kill -9 of the replica computing a new what-if used to stop deploy/serve and every
+      student's server, and left its lock in the store for 15 minutes. Now the server keeps serving, the
+      replica is started again, and a session asking for the same result gets it well within those 15
+      minutes: 22 s after the kill on a quiet 2-core machine, 42 s on a loaded one (CI's machines vary by
+      3x), so the bound is 2 minutes, far below the 15 minutes the old lock held the result;
+    - SIGTERM then stops every process deploy/serve started, the replaced replica among them."""
     import torch
 
     from qcore.models.checkpoint import checkpoint_bytes, fingerprint
     from qcore.models.net import Net
 
+    logs = tmp_path / "logs"
     with serve(tmp_path) as (base, process):
-        replicas = sorted(_children(process.pid))
-        assert len(replicas) == 3  # two Streamlit replicas and HAProxy
+        assert len(_children(process.pid)) == 3  # two Streamlit replicas and HAProxy
         cookies = {sticky_cookie(base) for _ in range(6)}
         assert {c.split("QLAB_REPLICA=")[1].split(";")[0] for c in cookies} == {"r0", "r1"}
         # one new link computed by one replica, then asked of both: the second is the store's answer
@@ -101,45 +132,10 @@ def test_replicas_behind_haproxy_keep_each_browser_on_its_own_and_share_results(
                 page.wait_for_selector(IDLE, timeout=120_000)
                 assert "Model: uploaded mine.pt" in page.locator("[data-testid='stSidebar']").inner_text(), title
                 assert page.locator("[data-testid='stException']").count() == 0
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    time.sleep(0.5)
-    assert not [pid for pid in replicas if Path(f"/proc/{pid}").exists()]  # every process it started is gone
 
-
-def _replica_pid(serve_pid: int, logs: Path, replica: str) -> int:
-    """The pid of replica `replica` ('r0'), found by the port haproxy.cfg gives it in its command line."""
-    line = next(row for row in (logs / "haproxy.cfg").read_text().splitlines() if f"server {replica} " in row)
-    port = line.split("127.0.0.1:")[1].split()[0]
-    for pid in _children(serve_pid):
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"--server.port" in arguments and arguments[arguments.index(b"--server.port") + 1] == port.encode():
-            return pid
-    raise AssertionError(f"no process serves {replica}")
-
-
-@pytest.mark.slow
-def test_a_replica_killed_mid_computation_is_replaced_and_its_result_still_comes(tmp_path):
-    """Issue 35: kill -9 of the replica computing a new what-if used to stop deploy/serve and every
-    student's server, and left its lock in the store for 15 minutes. Now the server keeps serving, the
-    replica is started again, and a session asking for the same result gets it well within those 15
-    minutes: 22 s after the kill on a quiet 2-core machine, 42 s on a loaded one (CI's machines vary by
-    3x), so the bound is 2 minutes, far below the 15 minutes the old lock held the result."""
-    # a report nothing else computes, several seconds alone: the residual net's float and bias-corrected
-    link = "model=fashion-resnet&weight_bits=5&act_bits=7&methods=bias-correction&seed=91"
-
-    async def kill_mid_computation(serve_pid: int) -> float:
-        asking = asyncio.create_task(open_page(base, "accuracy", link, cookie="QLAB_REPLICA=r0"))
-        await asyncio.sleep(3)  # r0 is computing
-        assert not asking.done()
-        os.kill(_replica_pid(serve_pid, tmp_path / "logs", "r0"), signal.SIGKILL)
-        killed = time.perf_counter()
-        with pytest.raises(Exception):  # noqa: B017, PT011 - the dead replica's websocket closes, however
-            await asking
-        return killed
-
-    with serve(tmp_path) as (base, process):
-        killed = asyncio.run(kill_mid_computation(process.pid))
+        # a report nothing else computes, several seconds alone: the residual net's float and bias-corrected
+        link = "model=fashion-resnet&weight_bits=5&act_bits=7&methods=bias-correction&seed=91"
+        killed = asyncio.run(_kill_mid_computation(base, process.pid, logs, link))
         again = asyncio.run(open_page(base, "accuracy", link, cookie="QLAB_REPLICA=r0"))
         waited = time.perf_counter() - killed
         assert again.exceptions == 0 and process.poll() is None
@@ -148,12 +144,19 @@ def test_a_replica_killed_mid_computation_is_replaced_and_its_result_still_comes
         while "replica 0 exited (code -9); restarting it" not in (tmp_path / "serve.out").read_text():
             assert time.monotonic() < deadline
             time.sleep(0.5)
-        replaced = _replica_pid(process.pid, tmp_path / "logs", "r0")
-        line = next(r for r in (tmp_path / "logs" / "haproxy.cfg").read_text().splitlines() if "server r0 " in r)
+        replaced = _replica_pid(process.pid, logs, "r0")
+        line = next(r for r in (logs / "haproxy.cfg").read_text().splitlines() if "server r0 " in r)
         wait_healthy("http://" + line.split()[2], [], 120)
         back = asyncio.run(open_page(base, "", "", cookie="QLAB_REPLICA=r0"))  # the replica serves again
         assert back.exceptions == 0 and Path(f"/proc/{replaced}").exists()
         print(f"the same result {waited:.1f} s after the kill")
+
+        started = sorted(_children(process.pid))
+        assert replaced in started and len(started) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    time.sleep(0.5)
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists()]  # every process it started is gone
 
 
 @pytest.mark.slow
@@ -181,12 +184,14 @@ def test_a_new_what_if_shows_a_labelled_first_answer_then_the_full_one(tmp_path)
     from qcore.quantize.config import QuantConfig
 
     data, model = load_dataset("fashion-mnist", download=False), load_model(None, "fashion-resnet")
-    qnet = quantize_for(model, data, QuantConfig(weight_bits=5, act_bits=7))
+    qnet = quantize_for(model, data, QuantConfig(act_bits=7))
     first = slice_estimate(qnet, data.test, 1000)
     full = f"{100 * evaluate(qnet, data.test).accuracy:.2f}%"
-    with serve(tmp_path, replicas=1) as (base, _process), chromium() as browser:
+    # the session's store: the page opens on fashion-resnet's defaults, which the browser walks computed
+    # (10 s here otherwise); W8A7 is asked of no other test, so it is a new what-if
+    with serve(tmp_path, replicas=1, store=Path(TEST_STORE)) as (base, _process), chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(f"{base}/accuracy?model=fashion-resnet&weight_bits=5")
+        page.goto(f"{base}/accuracy?model=fashion-resnet")
         page.wait_for_selector(IDLE, timeout=120_000)
         slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").filter(has_text="Activation bits")
         slider.locator("input[type='range']").focus()
