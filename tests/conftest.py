@@ -133,7 +133,7 @@ def w2a8_all_methods(pretrained, mnist, float_eval):
 @pytest.fixture(scope="session")
 def zoo_tour_sensitivities() -> dict[str, list]:
     """The guided tour's one-layer-at-a-time measurement (which layer 2-bit weights hurt most) of
-    fashion-resnet and fashion-mobilenet on their first 1,000 test images, seeded into the app's store
+    the three Fashion-MNIST zoo models on their first 1,000 test images, seeded into the app's store
     under the full test set's key: the tour page then opens on these rows (the full measurement took 30 s
     and 21 s of each browser walk on 2 cores). The walks check the page, test_lessons the step it
     chooses from the rows; neither needs the full set's precision. Per model: its rows."""
@@ -145,7 +145,7 @@ def zoo_tour_sensitivities() -> dict[str, list]:
     data = load_dataset("fashion-mnist", download=False)
     first = Dataset(data.train, data.test.subset(1000), data.spec)
     measured = {}
-    for zoo in ("fashion-resnet", "fashion-mobilenet"):
+    for zoo in ("fashion-resnet", "fashion-mobilenet", "fashion-net"):
         model = load_model(None, zoo)
         rows = layer_sensitivity(model, first, sensitivity_config())
         seed_app_result("sensitivity", model, data, sensitivity_config(), rows, zoo=zoo)

@@ -495,10 +495,11 @@ def cut_off_at_both_widths(page) -> list[str]:
 
 
 @pytest.mark.slow
-# fashion-net is the notebook net (walked in a browser as the bundled net) on Fashion-MNIST, which the two
-# others walk: it proved nothing more for its ~35 s. Each opens at one of the two widths a class uses and
-# checks every page at both.
-@pytest.mark.parametrize(("zoo", "width"), [("fashion-resnet", 1400), ("fashion-mobilenet", 800)])
+# Every zoo model (the bundled mnist-net is the default walk's). Each opens at one of the two widths a class
+# uses and checks every page at both.
+@pytest.mark.parametrize(
+    ("zoo", "width"), [("fashion-resnet", 1400), ("fashion-mobilenet", 800), ("fashion-net", 1400)]
+)
 def test_every_page_and_lesson_renders_for_a_zoo_model_in_a_browser(
     server, browser, zoo, width, resnet_page_diagnosis, zoo_tour_sensitivities
 ):
