@@ -23,7 +23,14 @@ from qcore.inference.evaluate import evaluate
 from qcore.inference.integer import IntegerEngineError, IntegerNet
 from qcore.inference.torch_int8 import torch_int8_model
 from qcore.quantize.config import QuantConfig
-from qcore.quantize.integer_rules import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier
+from qcore.quantize.integer_rules import (
+    INT32_MAX,
+    INT32_MIN,
+    add_int,
+    add_multipliers,
+    multiply_by_quantized_multiplier,
+    quantize_multiplier,
+)
 from qcore.quantize.qmodel import calibration_data
 
 
@@ -71,6 +78,46 @@ def test_one_rounding_keeps_what_two_roundings_lost():
     assert multiply_by_quantized_multiplier(t(6), t(m0), t(shift)).tolist() == [0]
     high = (6 * m0 + 2**30) // 2**31  # the high multiply alone
     assert high == 4 and high / 2**3 == 0.5
+
+
+def test_a_zero_point_added_inside_the_rounding_and_in_place_change_no_integer():
+    """The engine adds a grid's zero point inside the rounding (as o * 2^t on the nudge) and writes into
+    accumulators it owns: against the exact rational rounding plus the offset, for multipliers whose
+    shift is small and one so small (2^-28) that o * 2^t would leave int64 and the offset is added after;
+    a multiplier below 2^-32, whose 2^t is no int64, is refused."""
+    values = t(0, 1, -1, 6, -6, 7, 100, -100, 12345, -12345, 2**20, -(2**24), 2**31 - 1, -(2**31))
+    for real in (0.3, 0.0123, 0.07398905605077744, 1.7, 5.5e-5, 2**-28):
+        m0, shift = quantize_multiplier(real)
+        for offset in (0, 5, -128, 255):
+            expected = [rounded_once(v, m0, shift) + offset for v in values.tolist()]
+            fresh = values.clone()
+            got = multiply_by_quantized_multiplier(fresh, t(m0), t(shift), saturate=False, offset=offset)
+            assert got.tolist() == expected and fresh.tolist() == values.tolist(), (real, offset)
+            owned = values.clone()
+            got = multiply_by_quantized_multiplier(owned, t(m0), t(shift), saturate=False, in_place=True, offset=offset)
+            assert got.tolist() == expected and got.data_ptr() == owned.data_ptr(), (real, offset)
+    with pytest.raises(ValueError, match="saturation comes before the offset"):
+        multiply_by_quantized_multiplier(values, t(m0), t(shift), offset=1)
+    m0, shift = quantize_multiplier(2**-40)
+    with pytest.raises(ValueError, match="a multiplier of at least 2"):
+        multiply_by_quantized_multiplier(values, t(m0), t(shift))
+
+
+def test_the_adds_rescaling_is_tflites_left_shift_then_one_rounding():
+    """add_int takes TFLite's << 20 into its rounding shift: against ((q - z) << 20) * M0 rounded once
+    at 2^(31 - shift), in exact rational arithmetic, on every 97th of the 65,536 pairs of 8-bit values."""
+    q = torch.arange(256)
+    a, b = q.repeat_interleave(256), q.repeat(256)
+    for scales, zeros in (((0.5, 0.25), (10, 3)), ((0.0173, 0.0411), (128, 0)), ((1e-3, 1e-3), (0, 255))):
+        multipliers, _ = add_multipliers(scales)
+        fixed = [quantize_multiplier(m) for m in multipliers]
+        raw = add_int(a, b, zeros, *zip(*[(t(m0), t(shift)) for m0, shift in fixed], strict=True))
+        pairs = list(zip(a.tolist(), b.tolist(), strict=True))[::97]
+        expected = [
+            sum(rounded_once((v - z) << 20, m0, shift) for v, z, (m0, shift) in zip(pair, zeros, fixed, strict=True))
+            for pair in pairs
+        ]
+        assert raw[::97].tolist() == expected, scales
 
 
 def test_multiply_by_quantized_multiplier_saturates_to_int32():

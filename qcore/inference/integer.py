@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ def _conv_int(
     matrix product, zero padding of the reals being padding with the input's zero point; a grouped
     (depthwise) convolution is one product per group."""
     if centred is not None:
-        out = F.conv2d((x - layer.input_zero).to(centred.dtype), centred, None, stride, padding, 1, groups)
+        out = F.conv2d(x.to(centred.dtype, copy=True).sub_(layer.input_zero), centred, None, stride, padding, 1, groups)
         return out.to(torch.int64).add_(layer.bias.reshape(1, -1, 1, 1))
     out_channels, group_channels, kh, kw = layer.weight.shape
     x = _pad(x, padding, layer.input_zero)
@@ -268,7 +269,7 @@ def _linear_int(x: torch.Tensor, layer: IntegerLayer, centred: torch.Tensor | No
     """A linear layer's accumulators: given `centred` (_centred_weights), a float GEMM of x - z_x by it,
     exact; with integer kernels only, the int8 path where it applies, else int64."""
     if centred is not None:
-        out = (x - layer.input_zero).to(centred.dtype) @ centred.t()
+        out = x.to(centred.dtype, copy=True).sub_(layer.input_zero) @ centred.t()
         return out.to(torch.int64).add_(layer.bias)
     int8 = _int8_operands(x, layer)
     if int8 is None:
@@ -321,23 +322,30 @@ class Requantization:
     output_max: int
     input_zero: int = 0  # subtracted first when the source is another grid
 
-    def apply(self, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, channel_dim: int = 1, owned: bool = False) -> torch.Tensor:
+        """`x` on this grid; `owned`: x is the caller's to overwrite (fresh accumulators nothing else reads)."""
         multiplier, shift = self.multiplier, self.shift
         if self.repeat > 1:
             multiplier, shift = multiplier.repeat_interleave(self.repeat), shift.repeat_interleave(self.repeat)
         shape = [1] * x.ndim
         if multiplier.numel() > 1:
             shape[channel_dim] = -1
-        values = x.to(torch.int64) - self.input_zero if self.input_zero else x
+        values = x.to(torch.int64) - self.input_zero if self.input_zero else x  # a new tensor when subtracted
+        owned = owned or bool(self.input_zero)
         # TFLite saturates x * M to int32 before adding the zero point; the clamp after it does the same
         # wherever its range lies inside int32 shifted by the zero point (every grid's does)
         saturated_by_clamp = INT32_MIN + self.output_zero <= self.output_min and self.output_max <= (
             INT32_MAX + self.output_zero
         )
-        scaled = multiply_by_quantized_multiplier(
-            values, multiplier.reshape(shape), shift.reshape(shape), saturate=not saturated_by_clamp
-        )
-        return scaled.add_(self.output_zero).clamp_(self.output_min, self.output_max)
+        multiplier, shift = multiplier.reshape(shape), shift.reshape(shape)
+        if saturated_by_clamp:  # the zero point is added inside the rounding (one pass over memory fewer)
+            scaled = multiply_by_quantized_multiplier(
+                values, multiplier, shift, saturate=False, in_place=owned, offset=self.output_zero
+            )
+        else:
+            scaled = multiply_by_quantized_multiplier(values, multiplier, shift, in_place=owned)
+            scaled.add_(self.output_zero)
+        return scaled.clamp_(self.output_min, self.output_max)
 
 
 class IntegerNet:
@@ -524,6 +532,12 @@ class IntegerNet:
         )
 
     # --- running ----------------------------------------------------------------------------------
+    @cached_property
+    def _last_use(self) -> dict[str, int]:
+        """The index of the last op that reads each value (as GraphRun keeps it): _walk frees it there.
+        A property, as a LoadedIntegerNet (rebuilt from a file) sets its graph without this __init__."""
+        return {name: index for index, op in enumerate(self.graph.ops) for name in op.inputs}
+
     def quantize_input(self, images: torch.Tensor) -> torch.Tensor:
         """The only float step: real images to the input's integers (int64)."""
         from qcore.quantize.quant import quantize
@@ -586,18 +600,24 @@ class IntegerNet:
         accumulators, pooled where a max-pool came first), and `feed` replaces a point's integers by
         given ones before anything reads them (the diagnosis feeds the simulation's own)."""
         values: dict[str, torch.Tensor] = {}
-        for op in self.graph.ops:
+        for index, op in enumerate(self.graph.ops):
             value = x if op.kind is OpKind.INPUT else self._compute(op, [values[name] for name in op.inputs])
             requant = self._requant.get(op.name)
             if requant is not None:
                 if before is not None:
                     before[op.name] = value
-                value = requant.apply(value)
+                # a layer's or an add's accumulators are new tensors that only this requantization reads
+                # (unless `before` keeps them): it writes into them instead of into new memory
+                fresh = before is None and (op.is_layer or op.kind is OpKind.ADD)
+                value = requant.apply(value, owned=fresh)
             if keep is not None:
                 keep[op.name] = value
             if feed is not None and op.name in feed:
                 value = feed[op.name]
             values[op.name] = value
+            for name in op.inputs:  # a value nothing later reads is freed, so its memory is reused while warm
+                if self._last_use[name] == index and name != self.graph.output:
+                    values.pop(name, None)
         out = values[self.graph.output]
         if self._output_point is not None:
             return out - int(self.points[self._output_point].zero_point)

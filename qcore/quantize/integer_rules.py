@@ -31,20 +31,41 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
 
 
 def multiply_by_quantized_multiplier(
-    x: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor, saturate: bool = True
+    x: torch.Tensor,
+    multiplier: torch.Tensor,
+    shift: torch.Tensor,
+    saturate: bool = True,
+    in_place: bool = False,
+    offset: int = 0,
 ) -> torch.Tensor:
     """TFLite's single-rounding MultiplyByQuantizedMultiplier: x * M0 * 2^(shift - 31) rounded once,
     half up (toward +infinity), on int32 values held in int64, saturated to int32 (a caller that clamps
-    to a narrower range next passes `saturate=False`). The product of an int32 and an M0 < 2^31 fits
-    63 bits, so nothing is lost before the one rounding. One new tensor, updated in place: on a
-    ResNet's activations these passes over memory are most of the integer engine's time."""
+    to a narrower range next passes `saturate=False`), plus `offset` (a zero point; only unsaturated,
+    as TFLite saturates before adding it). The product of an int32 and an M0 < 2^31 fits 63 bits, so
+    nothing is lost before the one rounding. One new tensor, updated in place, or with `in_place` an
+    int64 `x` itself (the caller's own, which nothing else reads): on a ResNet's activations these
+    passes over memory are most of the integer engine's time, so the offset rides on the rounding's
+    nudge where it fits: ((p + n) >> t) + o equals (p + n + o * 2^t) >> t exactly."""
     total_shift = 31 - shift.to(torch.int64)
     if bool((total_shift < 1).any()):
         raise ValueError("shift must be at most 30 (a multiplier below 2^30)")
+    if bool((total_shift > 62).any()):  # 2^t and its half must be int64 values
+        raise ValueError("shift must be at least -31 (a multiplier of at least 2^-32)")
+    if offset and saturate:
+        raise ValueError("saturation comes before the offset: add it to the saturated result")
     nudge = torch.tensor(1, dtype=torch.int64) << (total_shift - 1)
-    product = x.to(torch.int64) * multiplier.to(torch.int64)
+    # |p| < 2^62; the offset's multiple of 2^t must keep p + nudge inside int64 (2^63)
+    folded = bool(offset) and int(total_shift.max()) + abs(offset).bit_length() <= 61
+    if folded:
+        nudge = nudge + (torch.tensor(offset, dtype=torch.int64) << total_shift)
+    if in_place and x.dtype == torch.int64:
+        product = x.mul_(multiplier.to(torch.int64))
+    else:
+        product = x.to(torch.int64) * multiplier.to(torch.int64)
     product.add_(nudge).bitwise_right_shift_(total_shift)
-    return product.clamp_(INT32_MIN, INT32_MAX) if saturate else product
+    if saturate:
+        return product.clamp_(INT32_MIN, INT32_MAX)
+    return product.add_(offset) if offset and not folded else product
 
 
 def average_pool_int(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
@@ -78,9 +99,15 @@ def add_int(
     shifts: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """The raw sum of TFLite's int8 ADD: ((q_i - z_i) << 20) times each input's multiplier, summed;
-    requantized to the output's scale and zero point afterwards, like any accumulator."""
+    requantized to the output's scale and zero point afterwards, like any accumulator.
+    The left shift is taken into the rounding shift instead: ((d << 20) M + 2^(t - 1)) >> t equals
+    (d M + 2^(t - 21)) >> (t - 20) exactly (both sides are the same number over a power of two; an ADD's
+    multiplier is at most 1/2, so t = 31 - shift >= 31), and nothing here can reach int32's bounds
+    (|d| < 2^16 times 2^20 times at most 1/2). One pass over memory fewer, the same integers."""
     scaled = [
-        multiply_by_quantized_multiplier((q.to(torch.int64) - zero) << ADD_LEFT_SHIFT, multiplier, shift)
+        multiply_by_quantized_multiplier(
+            q.to(torch.int64) - zero, multiplier, shift + ADD_LEFT_SHIFT, saturate=False, in_place=True
+        )
         for q, zero, multiplier, shift in zip((a, b), zeros, multipliers, shifts, strict=True)
     ]
-    return scaled[0] + scaled[1]
+    return scaled[0].add_(scaled[1])
