@@ -1224,6 +1224,7 @@ def test_auto_page_searches_shows_the_choice_on_the_test_set_and_applies_it(app,
         assert at.query_params[name] == value
 
 
+@pytest.mark.slow
 def test_every_lesson_links_the_one_before_the_one_after_and_the_glossary(app):
     from ui.lessons import GLOSSARY, LESSONS
 

@@ -144,6 +144,7 @@ def test_onnx_runtime_logs_nothing_of_its_own():
     assert session.get_session_options().log_severity_level == 4
 
 
+@pytest.mark.slow
 def test_an_abandoned_import_stops_within_a_batch(mnist):
     """Issue 35: closing the tab during an upload's import kept a core busy for minutes. The import checks
     for cancellation at every node and every batch of its arrival check (batches bounded by the memory

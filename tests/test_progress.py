@@ -57,6 +57,7 @@ def test_block_reconstruction_reports_each_blocks_steps_in_order(small):
     assert [fraction for fraction, _ in seen] == pytest.approx([0, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6])
 
 
+@pytest.mark.slow
 def test_adaround_reports_each_layers_steps_through_quantization(small, monkeypatch):
     model, images = small
     monkeypatch.setattr(qmodel, "ADAROUNDS", Memo(entries=8))  # learned here, not remembered from another test

@@ -79,6 +79,7 @@ def test_the_blocks_walk_composes_to_the_float_model(mnist):
         assert torch.allclose(torch.log_softmax(x, dim=1), model(images), atol=1e-4)  # the blocks end before it
 
 
+@pytest.mark.slow
 def test_reconstruction_beats_nearest_and_adaround_on_every_block(small):
     model, images, config = small
     nearest = block_errors(quantize_model(model, config, [images]), images)
@@ -97,6 +98,7 @@ def test_reconstruction_beats_nearest_and_adaround_on_every_block(small):
     assert reconstructed["conv1+conv2"] < adaround["conv1+conv2"]
 
 
+@pytest.mark.slow
 def test_reconstruction_is_reproducible_and_the_engine_runs_it(small, mnist, monkeypatch):
     model, images, config = small
     qnet = quantize_model(model, config.with_changes(act_bits=8), [images])

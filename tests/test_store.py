@@ -61,6 +61,7 @@ def test_the_data_id_holds_no_path_and_follows_the_files_content(mnist, tmp_path
     assert again.test.content_hash != again.train.content_hash
 
 
+@pytest.mark.slow
 def test_two_processes_asking_for_one_new_result_compute_it_once(tmp_path):
     log = tmp_path / "log"
     context = multiprocessing.get_context("spawn")  # fresh interpreters, as two replicas are
