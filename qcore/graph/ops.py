@@ -213,6 +213,11 @@ class ModelGraph:
         for op in self.ops:
             for name in dict.fromkeys(op.inputs):  # x + x reads x once as far as consumers go
                 self._consumers[name].append(op)
+        last_read = {name: index for index, op in enumerate(self.ops) for name in op.inputs}
+        self._freed_after: list[tuple[str, ...]] = [
+            tuple(n for n in dict.fromkeys(op.inputs) if last_read[n] == index and n != self.output)
+            for index, op in enumerate(self.ops)
+        ]
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -221,6 +226,11 @@ class ModelGraph:
 
     def op(self, name: str) -> Op:
         return self.by_name[name]
+
+    def freed_after(self, index: int) -> tuple[str, ...]:
+        """The values op `index` is the last to read (never the output): a walk over the ops drops them
+        there, so their memory is reused while warm (the simulation's and the integer engine's walks)."""
+        return self._freed_after[index]
 
     def digest(self) -> str:
         """A content hash of everything that decides the graph's outputs: each op's name, kind, inputs,

@@ -34,8 +34,6 @@ class GraphRun:
 
     def __init__(self, graph: ModelGraph) -> None:
         self.graph = graph
-        # the index of the last op that reads each value, so a value is dropped once nothing needs it
-        self._last_use = {name: index for index, op in enumerate(graph.ops) for name in op.inputs}
 
     # --- hooks -----------------------------------------------------------------------------------
     def weight(self, op: Op) -> torch.Tensor:
@@ -113,9 +111,8 @@ class GraphRun:
     def _step(self, index: int, op: Op, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Op `index`'s value (before `after`), dropping the values nothing after it reads."""
         value = self.compute(op, [values[name] for name in op.inputs])
-        for name in op.inputs:
-            if self._last_use[name] == index and name != self.graph.output:
-                del values[name]
+        for name in self.graph.freed_after(index):
+            del values[name]
         return value
 
     def run(self, x: torch.Tensor, log_probs: bool = True) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -532,12 +531,6 @@ class IntegerNet:
         )
 
     # --- running ----------------------------------------------------------------------------------
-    @cached_property
-    def _last_use(self) -> dict[str, int]:
-        """The index of the last op that reads each value (as GraphRun keeps it): _walk frees it there.
-        A property, as a LoadedIntegerNet (rebuilt from a file) sets its graph without this __init__."""
-        return {name: index for index, op in enumerate(self.graph.ops) for name in op.inputs}
-
     def quantize_input(self, images: torch.Tensor) -> torch.Tensor:
         """The only float step: real images to the input's integers (int64)."""
         from qcore.quantize.quant import quantize
@@ -615,9 +608,8 @@ class IntegerNet:
             if feed is not None and op.name in feed:
                 value = feed[op.name]
             values[op.name] = value
-            for name in op.inputs:  # a value nothing later reads is freed, so its memory is reused while warm
-                if self._last_use[name] == index and name != self.graph.output:
-                    values.pop(name, None)
+            for name in self.graph.freed_after(index):
+                del values[name]
         out = values[self.graph.output]
         if self._output_point is not None:
             return out - int(self.points[self._output_point].zero_point)
