@@ -61,10 +61,15 @@ def serve(
         log.close()
 
 
-def _replica_pid(serve_pid: int, logs: Path, replica: str) -> int:
-    """The pid of replica `replica` ('r0'), found by the port haproxy.cfg gives it in its command line."""
+def _replica_address(logs: Path, replica: str) -> str:
+    """Where replica `replica` ('r0') listens, as haproxy.cfg names it: '127.0.0.1:PORT'."""
     line = next(row for row in (logs / "haproxy.cfg").read_text().splitlines() if f"server {replica} " in row)
-    port = line.split("127.0.0.1:")[1].split()[0]
+    return line.split()[2]
+
+
+def _replica_pid(serve_pid: int, logs: Path, replica: str) -> int:
+    """The pid of replica `replica`, found by the port haproxy.cfg gives it in its command line."""
+    port = _replica_address(logs, replica).split(":")[1]
     for pid in _children(serve_pid):
         arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"--server.port" in arguments and arguments[arguments.index(b"--server.port") + 1] == port.encode():
@@ -145,8 +150,7 @@ def test_replicas_behind_haproxy_share_results_outlive_a_killed_one_and_stop_tog
             assert time.monotonic() < deadline
             time.sleep(0.5)
         replaced = _replica_pid(process.pid, logs, "r0")
-        line = next(r for r in (logs / "haproxy.cfg").read_text().splitlines() if "server r0 " in r)
-        wait_healthy("http://" + line.split()[2], [], 120)
+        wait_healthy("http://" + _replica_address(logs, "r0"), [], 120)
         back = asyncio.run(open_page(base, "", "", cookie="QLAB_REPLICA=r0"))  # the replica serves again
         assert back.exceptions == 0 and Path(f"/proc/{replaced}").exists()
         print(f"the same result {waited:.1f} s after the kill")
